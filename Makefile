@@ -1,0 +1,64 @@
+# fincast: every set-up step is here. `make train` and `make test` create .venv and install on first use.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIPELINE ?= pipelines/price_equities.yaml
+ARGS ?=
+PORT ?= 5000
+PYTEST_ARGS ?=
+
+.PHONY: help install train train-price train-crypto data ui test test-slow lint bench clean distclean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
+		{ echo "fincast needs Python >= 3.11; '$(PY)' is missing or older. Try: make PY=python3.12 ..." >&2; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# constraints.txt pins every package (torch 2.13.0: the CPU build here, no CUDA downloads; mlflow 3.17.2)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install fincast with pinned dependencies (idempotent)
+
+train: $(STAMP)  ## train the default pipeline (PIPELINE=..., ARGS="--set key=value ...")
+	$(BIN)/fincast train $(PIPELINE) $(ARGS)
+
+train-price: $(STAMP)  ## train on equities (pipelines/price_equities.yaml: SPY)
+	$(BIN)/fincast train pipelines/price_equities.yaml $(ARGS)
+
+train-crypto: $(STAMP)  ## train on crypto (pipelines/price_crypto.yaml: BTC-USD, ETH-USD)
+	$(BIN)/fincast train pipelines/price_crypto.yaml $(ARGS)
+
+data: $(STAMP)  ## fetch or refresh the data cache of PIPELINE only
+	$(BIN)/fincast data $(PIPELINE) $(ARGS)
+
+ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(PORT) over the project's store
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
+		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(PORT)
+
+test: $(STAMP)  ## fast offline test suite (no network, no GPU; a few minutes on 2 cores)
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## slower end-to-end tests (CLI runs into temporary MLflow stores)
+	$(BIN)/python -m pytest -m slow -q $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff, and the import-linter contract for the package layers
+	$(BIN)/ruff check fincast tests bench
+	$(BIN)/lint-imports
+
+bench: $(STAMP)  ## benchmarks in bench/ (print ratios measured in one run)
+	$(BIN)/python bench/logging_overhead.py
+
+clean:  ## remove caches and generated reports (keeps .venv, the data cache and the MLflow store)
+	rm -rf .pytest_cache .ruff_cache .hypothesis .import_linter_cache build dist *.egg-info
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
+	find reports -mindepth 1 -not -name .gitkeep -delete 2>/dev/null || true
+
+distclean: clean  ## also remove .venv, the data cache and the MLflow store (mlflow.db, mlartifacts/)
+	rm -rf $(VENV) mlflow.db mlartifacts mlruns
+	find data -mindepth 1 -not -name .gitkeep -delete 2>/dev/null || true

@@ -1,0 +1,165 @@
+"""Command line (layer L4): ``fincast train|data|keys``. Heavy imports (torch, mlflow) happen inside the
+commands, so ``--help`` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from fincast import config as config_mod
+from fincast.config import FincastError
+
+EXAMPLES = """examples:
+  fincast train pipelines/price_equities.yaml
+  fincast train pipelines/price_crypto.yaml --set data.source=csv --set data.path=../shared/data/crypto
+  fincast train pipelines/price_crypto.yaml --set data.source=synthetic --set clip.method=none
+  fincast train pipelines/price_equities.yaml --set data.tickers=[SPY,QQQ] --set train.lr=3e-3
+  fincast data pipelines/price_equities.yaml
+  fincast keys
+"""
+
+SET_HELP = ("override a config key, repeatable: --set train.lr=3e-3 --set data.tickers=[BTC-USD,ETH-USD]; "
+            "run `fincast keys` for every key")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fincast",
+        description="Train LSTM forecasters on market data with configurable gradient clipping, tracked in MLflow.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fincast {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train", help="train one model from a pipeline spec and log it to MLflow",
+        description="Load data, build features, train an LSTM with the configured gradient clipping, evaluate it "
+                    "on the test split beside the naive (zero-return) and ridge baselines, and log params, "
+                    "per-step metrics, artifacts and the model to MLflow. Prints the run id and a summary. "
+                    "Exit status: 0 when the run finished (a diverged run is a recorded result, not a failure), "
+                    "2 for bad config or data, 130 when interrupted.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("pipeline", help="pipeline spec (YAML), e.g. pipelines/price_equities.yaml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings, summary only (for CI)")
+
+    d = sub.add_parser(
+        "data", help="fetch or refresh the data cache only (no training)",
+        description="Fetch the pipeline's tickers into the cache (yfinance source), or check the CSV/synthetic "
+                    "source, and print what each ticker holds. For yfinance the missing tail is fetched even when "
+                    "the cache is fresh, unless --no-refresh.")
+    d.add_argument("pipeline", help="pipeline spec (YAML)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    d.add_argument("--no-refresh", action="store_true", help="use a fresh cache as is (no network call)")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("keys", help="list every config key with its default and meaning",
+                   description="List every pipeline config key, its default and what it does.")
+    return p
+
+
+def _version() -> str:
+    import fincast
+
+    return fincast.__version__
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    root = logging.getLogger("fincast")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.ERROR if quiet else logging.INFO)
+    root.propagate = False
+    for noisy in ("mlflow", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.pipeline, args.overrides)  # all config errors before any work
+    from fincast import pipeline  # torch + mlflow
+
+    t0 = time.perf_counter()
+    out = pipeline.train(cfg, progress=_progress(args.quiet))
+    print(format_summary(out, time.perf_counter() - t0))
+    return 0
+
+
+def format_summary(out, seconds: float) -> str:
+    f = out.fit
+    status = (f"DIVERGED at step {f.diverged_step}: {f.diverged_reason}" if f.diverged
+              else f"finished ({f.stop_reason.replace('_', ' ')})")
+    lines = [
+        f"run {out.run_id}  {out.run_name}",
+        f"  experiment {out.experiment!r} in {out.tracking_uri}",
+        f"  {status}: {f.steps} steps, {f.epochs} epochs, best val loss {f.best_val_loss:.4g} (epoch {f.best_epoch}), "
+        f"{f.step_ms:.2f} ms/step on {out.device} ({out.precision}), {seconds:.1f} s in all",
+        f"  test set: {out.samples['test']} samples (train {out.samples['train']}, val {out.samples['val']})",
+        "",
+        f"  {'model':<16}{'RMSE':>10}{'MAE':>10}{'dir. acc':>10}",
+    ]
+    names = {"test": "LSTM", "baseline_naive": "naive (zero)", "baseline_ridge": "ridge"}
+    for key in ("test", "baseline_naive", "baseline_ridge"):
+        m = out.metrics.get(key)
+        if m is None:
+            lines.append(f"  {names[key]:<16}{'(no finite epoch)':>30}")
+            continue
+        lines.append(f"  {names[key]:<16}{m['rmse']:>10.5f}{m['mae']:>10.5f}{m['directional_accuracy']:>10.3f}")
+    if "test" in out.metrics:
+        rel = out.metrics["test"]["rmse"] / out.metrics["baseline_naive"]["rmse"] - 1
+        lines.append(f"  LSTM RMSE vs naive: {100 * rel:+.2f}% ({'better' if rel < 0 else 'not better'})")
+    lines += ["", "  look: make ui  (MLflow UI at http://127.0.0.1:5000; PORT=... to change)"]
+    if out.warnings:
+        lines.append(f"  data warnings: {len(out.warnings)} (see data_warnings.txt in the run's artifacts)")
+    return "\n".join(lines)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.pipeline, args.overrides)
+    from fincast import pipeline
+
+    prices = pipeline.load_data(cfg, progress=_progress(args.quiet), refresh=not args.no_refresh)
+    print(f"source {prices.source}, fingerprint {prices.fingerprint}, network calls {prices.network_calls}")
+    for t, f in prices.frames.items():
+        print(f"  {t:<10} {len(f):>6} bars  {f.index[0]:%Y-%m-%d} .. {f.index[-1]:%Y-%m-%d}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    rows = config_mod.describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    for key, default, text in rows:
+        print(f"{key:<{width}}  {default:<14}  {text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return {"train": cmd_train, "data": cmd_data, "keys": cmd_keys}[args.command](args)
+    except FincastError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Typed, immutable pipeline configuration (layer L0: imports nothing from fincast).
+
+A pipeline spec is a YAML file in ``pipelines/``. It is loaded into frozen dataclasses, and every key
+is checked before any work starts: unknown keys (with the closest valid key for a typo), wrong types
+and out-of-range values each produce one line naming the key, the value and what is allowed.
+``--set key=value`` overrides are applied to the raw mapping first, so they go through the same
+checks. ``to_dict`` gives the resolved config back as plain YAML-able data; it is saved with each run
+and can be loaded again as a pipeline spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class FincastError(Exception):
+    """An error the user can fix (bad config, bad data, unreachable source). Printed without traceback."""
+
+
+class ConfigError(FincastError):
+    pass
+
+
+def _opt(default: Any = dataclasses.MISSING, help: str = "", **checks: Any) -> Any:
+    """A config field: default, one-line help, and optional checks (ge, gt, le, lt, allowed)."""
+    meta = {"help": help, **checks}
+    if isinstance(default, tuple | list):
+        value = tuple(default)
+        return field(default_factory=lambda: value, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["yfinance", "csv", "synthetic"] = _opt(
+        "yfinance", "where prices come from: yfinance (cached in cache_dir), csv (one file per ticker in path), synthetic")
+    tickers: tuple[str, ...] = _opt(("SPY",), "Yahoo tickers; one model is trained on all of them", min_len=1)
+    interval: Literal["1d"] = _opt("1d", "bar interval (daily only for now)")
+    start: dt.date | None = _opt(dt.date(2005, 1, 1), "first date used (inclusive); null = all history")
+    end: dt.date | None = _opt(None, "last date used (inclusive); null = up to the latest bar")
+    path: str | None = _opt(None, "csv source: directory with one <TICKER>.csv per ticker")
+    cache_dir: str = _opt("data", "yfinance source: directory of the parquet cache")
+    price: Literal["adj_close", "close"] = _opt(
+        "adj_close", "price used for returns: adj_close (splits and dividends) or close")
+    timeout_s: float = _opt(20.0, "yfinance source: bound on the total wait for Yahoo, in seconds", gt=0, le=600)
+    retries: int = _opt(3, "yfinance source: attempts per ticker for transient and rate-limit errors", ge=1, le=10)
+    refresh_after_hours: float = _opt(
+        12.0, "yfinance source: cached data younger than this is used without any network call", ge=0)
+    max_fill_gap: int = _opt(
+        3, "repair: runs of at most this many missing days are forward-filled (with a warning); longer runs are errors", ge=0, le=30)
+    seed: int = _opt(0, "synthetic source: random seed", ge=0)
+    calendar: Literal["auto", "equity", "crypto"] = _opt(
+        "auto", "synthetic source: trading calendar; auto = crypto for *-USD tickers, equity otherwise")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    lookback: int = _opt(30, "days of features in each input window", ge=1, le=2000)
+    horizon: int = _opt(1, "forecast horizon h: the target is the log return over the next h bars", ge=1, le=250)
+    vol_windows: tuple[int, ...] = _opt((5, 21), "realized-volatility windows in bars", min_len=0, item_ge=2)
+    volume: bool = _opt(True, "include the volume feature (log volume relative to its 21-bar mean)")
+    val_start: dt.date | None = _opt(None, "first target date of the validation split; null = from val_frac")
+    test_start: dt.date | None = _opt(None, "first target date of the test split; null = from test_frac")
+    val_frac: float = _opt(0.15, "share of sample dates in validation (when val_start is null)", gt=0, lt=1)
+    test_frac: float = _opt(0.15, "share of sample dates in test (when test_start is null)", gt=0, lt=1)
+    scale_target: bool = _opt(True, "train on targets divided by each ticker's training std (metrics stay in log-return units)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    type: Literal["lstm"] = _opt("lstm", "model family")
+    hidden_size: int = _opt(32, "LSTM hidden units", ge=1, le=4096)
+    num_layers: int = _opt(1, "stacked LSTM layers", ge=1, le=16)
+    dropout: float = _opt(0.0, "dropout between LSTM layers and before the head", ge=0, lt=1)
+    layer_norm: bool = _opt(False, "LayerNorm on the last hidden state before the head")
+    ridge_alpha: float = _opt(1.0, "L2 penalty of the ridge-regression baseline", ge=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: Literal["auto", "cpu", "cuda", "mps"] = _opt("auto", "auto = cuda > mps > cpu")
+    seed: int = _opt(0, "seed for weights, shuffling and dropout", ge=0)
+    epochs: int = _opt(30, "maximum epochs", ge=1, le=100000)
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps (null = no limit)", ge=1)
+    batch_size: int = _opt(64, "samples per step", ge=1, le=1_000_000)
+    lr: float = _opt(1e-3, "peak learning rate", gt=0, le=10)
+    optimizer: Literal["adamw", "adam", "rmsprop", "sgd"] = _opt("adamw", "optimizer")
+    weight_decay: float = _opt(0.0, "weight decay", ge=0)
+    momentum: float = _opt(0.9, "momentum (sgd, rmsprop)", ge=0, lt=1)
+    schedule: Literal["none", "cosine", "step"] = _opt("none", "learning-rate schedule after warmup")
+    warmup_steps: int = _opt(0, "linear warmup from 0 to lr over this many steps", ge=0)
+    step_size: int = _opt(10, "step schedule: epochs between decays", ge=1)
+    gamma: float = _opt(0.5, "step schedule: decay factor", gt=0, le=1)
+    min_lr_ratio: float = _opt(0.0, "cosine schedule: final lr as a share of lr", ge=0, le=1)
+    patience: int | None = _opt(10, "early stopping: epochs without val-loss improvement (null = off)", ge=1)
+    min_delta: float = _opt(0.0, "early stopping: improvement smaller than this does not count", ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = _opt(
+        "fp32", "fp32, or CUDA autocast: bf16, or fp16 with a GradScaler (gradients unscaled before clipping)")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    method: Literal["none", "value", "norm"] = _opt(
+        "norm", "none; value (clamp each element to [-value, value]); norm (rescale all gradients together to max_norm)")
+    max_norm: float = _opt(1.0, "norm: threshold on the norm of all gradients together", gt=0)
+    norm_type: float = _opt(2.0, "norm: 1, 2 or inf", allowed=(1.0, 2.0, math.inf))
+    value: float = _opt(1.0, "value: clamp bound", gt=0)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = _opt(None, "MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
+    experiment: str | None = _opt(None, "MLflow experiment; null = the pipeline name")
+    artifact_dir: str = _opt("mlartifacts", "artifact folder for new experiments on a local SQLite store")
+    run_name: str | None = _opt(None, "MLflow run name; null = e.g. lstm-SPY-norm1.0-lr1e-3-s0")
+    log_every: int = _opt(50, "per-step metrics are sent to MLflow in batches of this many steps", ge=1, le=10000)
+    log_model: bool = _opt(True, "log the trained model with mlflow.pytorch (signature and input example)")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = _opt("fincast", "pipeline name; also the default MLflow experiment")
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and checking
+# ---------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class _Bad(Exception):
+    """One key's problem; collected into a ConfigError."""
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if tp is dt.date:
+        return "a date YYYY-MM-DD"
+    return {float: "a number", int: "an integer", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"null", "none", "~"}):
+            if type(None) in args:
+                return None
+            raise _Bad(f"expected {_describe(tp)}")
+        for arg in args:
+            if arg is type(None):
+                continue
+            return _coerce(value, arg)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        if isinstance(value, str) and value.strip().lower() in allowed:
+            return value.strip().lower()
+        raise _Bad(f"expected {_describe(tp)}")
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise _Bad(f"expected {_describe(tp)}")
+        return tuple(_coerce(v, item) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str | int) and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise _Bad("expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Bad("expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise _Bad("expected an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Bad("expected a number")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads 3e-3 (no dot) as a string: accept it here
+                return float(value.strip().lower().replace("_", ""))
+            except ValueError:
+                pass
+        raise _Bad("expected a number")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise _Bad("expected a string")
+    if tp is dt.date:
+        if isinstance(value, dt.datetime):
+            return value.date()
+        if isinstance(value, dt.date):
+            return value
+        if isinstance(value, str):
+            try:
+                return dt.date.fromisoformat(value.strip())
+            except ValueError:
+                pass
+        raise _Bad("expected a date YYYY-MM-DD")
+    raise TypeError(f"unsupported config type {tp!r}")  # a bug in this module, not user input
+
+
+def _check_range(value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, tuple) else None
+    if values is not None:
+        if len(values) < meta.get("min_len", 0):
+            raise _Bad(f"needs at least {meta['min_len']} item(s)")
+        if "item_ge" in meta:
+            for v in values:
+                if v < meta["item_ge"]:
+                    raise _Bad(f"every item must be >= {meta['item_ge']} (got {v})")
+        return
+    if "allowed" in meta and value not in meta["allowed"]:
+        raise _Bad("allowed: " + ", ".join(_fmt(a) for a in meta["allowed"]))
+    for key, op, text in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
+                          ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
+        if key in meta and not op(float(value), float(meta[key])):
+            raise _Bad(f"must be {text} {_fmt(meta[key])}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:g}"
+    if isinstance(v, dt.date):
+        return v.isoformat()
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or '<top level>'}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            errors.append(f"{prefix}{key}: unknown key{hint}; valid keys here: {', '.join(names)}")
+            continue
+        f = next(f for f in dataclasses.fields(cls) if f.name == key)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.", errors)
+            continue
+        try:
+            coerced = _coerce(value, tp)
+            _check_range(coerced, dict(f.metadata))
+            kwargs[key] = coerced
+        except _Bad as exc:
+            errors.append(f"{prefix}{key} = {value!r}: {exc}")
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: PipelineConfig, errors: list[str]) -> None:
+    f = cfg.features
+    if f.val_start is None and f.test_start is None and f.val_frac + f.test_frac >= 0.9:
+        errors.append(f"features.val_frac + features.test_frac = {f.val_frac + f.test_frac:g}: must be < 0.9 "
+                      "to leave data for training")
+    if f.val_start and f.test_start and not f.val_start < f.test_start:
+        errors.append(f"features.val_start = {f.val_start}: must be before features.test_start = {f.test_start}")
+    d = cfg.data
+    if d.start and d.end and not d.start < d.end:
+        errors.append(f"data.end = {d.end}: must be after data.start = {d.start}")
+    if d.source == "csv" and not d.path:
+        errors.append("data.path: required when data.source = 'csv' (a directory with one <TICKER>.csv per ticker)")
+    if len(set(d.tickers)) != len(d.tickers):
+        errors.append(f"data.tickers = {list(d.tickers)}: duplicate tickers")
+
+
+def from_dict(raw: Any, source: str = "<config>") -> PipelineConfig:
+    """Build and check a PipelineConfig; raise ConfigError listing every problem found."""
+    errors: list[str] = []
+    cfg = _build(PipelineConfig, raw, "", errors)
+    if not errors:
+        _cross_checks(cfg, errors)
+    if errors:
+        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-3' -> (['train', 'lr'], '3e-3' parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.lr=3e-3")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected a dotted key such as train.lr")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of raw with each 'a.b.c=value' set; the result is checked by from_dict."""
+    out = _deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: '{'.'.join(path[: i + 1])}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deepcopy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deepcopy(v) for v in raw]
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"pipeline spec {p}: file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"pipeline spec {p}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"pipeline spec {p}: expected a mapping at the top level")
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a pipeline spec, apply --set overrides, check everything."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    src = str(path) + (" with --set " + " ".join(overrides) if overrides else "")
+    return from_dict(raw, src)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain, YAML-safe dict of a config (dates as ISO strings, tuples as lists)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        elif isinstance(v, dt.date):
+            out[f.name] = v.isoformat()
+        else:
+            out[f.name] = v
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config key: used by `fincast keys` and the README."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = getattr(inst, f.name)
+            shown = "null" if default is None else (
+                "[" + ", ".join(map(str, default)) + "]" if isinstance(default, tuple) else _fmt(default))
+            rows.append((f"{prefix}{f.name}", shown, f.metadata.get("help", "")))
+
+    walk(PipelineConfig, "")
+    return rows

@@ -1,0 +1,77 @@
+"""CSV source: one file per ticker, as yfinance writes them.
+
+Two layouts are read:
+
+* classic (older yfinance, ``auto_adjust=False``)::
+
+    Date,Open,High,Low,Close,Adj Close,Volume
+    2020-01-02,...
+
+* the newer multi-row header of ``yf.download(...).to_csv()`` (columns in any order; ``Adj Close``
+  may be absent when auto_adjust=True, then Close is used)::
+
+    Price,Adj Close,Close,High,Low,Open,Volume
+    Ticker,SPY,SPY,SPY,SPY,SPY,SPY
+    Date,,,,,,
+    2020-01-02,...
+
+The file for ticker ``^GSPC`` may be named ``^GSPC.csv`` or ``GSPC.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+
+from fincast.data.validate import DataError
+
+
+def find_file(directory: Path, ticker: str) -> Path:
+    candidates = [directory / f"{ticker}.csv", directory / f"{ticker.lstrip('^')}.csv",
+                  directory / f"{ticker.upper()}.csv", directory / f"{ticker.lower()}.csv"]
+    for p in candidates:
+        if p.is_file():
+            return p
+    raise DataError(f"csv source: no file for {ticker} in {directory} (looked for {candidates[0].name}"
+                    f"{' or ' + candidates[1].name if candidates[1] != candidates[0] else ''})")
+
+
+def read_csv(path: Path, ticker: str) -> tuple[pd.DataFrame, dict[pd.Timestamp, int]]:
+    """Read one ticker file. Returns (frame indexed by date with the file's columns as strings,
+    date -> line number in the file). Values are left as text; ``validate`` parses them."""
+    try:
+        with open(path, newline="") as fh:
+            head = [row for _, row in zip(range(3), csv.reader(fh))]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    if not head or not head[0]:
+        raise DataError(f"{path}: empty file; expected a header Date,Open,High,Low,Close,Adj Close,Volume")
+    first = head[0][0].strip().lower()
+    multi = first == "price" and len(head) > 1 and head[1] and head[1][0].strip().lower() == "ticker"
+    if multi:
+        header_lines = 3 if len(head) > 2 and head[2] and head[2][0].strip().lower() in {"date", "datetime"} else 2
+        names = ["date"] + [c.strip() for c in head[0][1:]]
+        tick_row = [c.strip() for c in head[1][1:]]
+        if tick_row and any(t and t.upper() != ticker.upper() for t in tick_row):
+            others = sorted({t for t in tick_row if t and t.upper() != ticker.upper()})
+            raise DataError(f"{path}: header row 'Ticker' names {', '.join(others)}, expected {ticker}")
+        raw = pd.read_csv(path, skiprows=header_lines, header=None, names=names, dtype=str,
+                          keep_default_na=False)
+    else:
+        header_lines = 1
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        raw = raw.rename(columns={raw.columns[0]: "date"})
+    if raw.empty:
+        raise DataError(f"{path}: no data rows")
+    dates = pd.to_datetime(raw["date"].str.strip(), errors="coerce", format="mixed", utc=True)
+    if dates.isna().any():
+        i = int(dates.isna().to_numpy().argmax())
+        raise DataError(f"{path}: line {i + header_lines + 1}: unparseable date {raw['date'].iloc[i]!r} in column "
+                        "Date; expected YYYY-MM-DD")
+    index = pd.DatetimeIndex(dates).tz_localize(None).normalize()
+    frame = raw.drop(columns=["date"]).set_axis(index, axis=0)
+    frame = frame.replace({"": None, "null": None, "NaN": None, "nan": None})
+    lines = {d: i + header_lines + 1 for i, d in enumerate(index)}
+    return frame, lines

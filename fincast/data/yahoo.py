@@ -1,0 +1,161 @@
+"""yfinance adapter: the only module that imports yfinance.
+
+Facts this module is built around (yfinance 0.2.5x-1.x):
+
+* ``yf.download`` does not raise when Yahoo is unreachable or rate-limits: it logs the failure on the
+  ``yfinance`` logger and returns an EMPTY frame. We capture those log records to tell "unreachable"
+  (retry, then fail or fall back to the cache) from "no new bars in this range" (fine for an
+  incremental refresh).
+* On a half-open network a call can hang ~2 minutes despite ``timeout=``. Each call runs in a daemon
+  thread and is abandoned at a deadline shared by all tickers of one load (``data.timeout_s``).
+* Columns come back as a MultiIndex (Price, Ticker) by default, and ``auto_adjust`` now defaults to
+  True. We pass ``auto_adjust=False`` explicitly (so both Close and Adj Close arrive, as in the
+  classic CSV layout) and flatten the MultiIndex by picking the ticker's level.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import pandas as pd
+import yfinance as yf
+
+from fincast.data.validate import DataError, normalize_columns
+
+_log = logging.getLogger("yfinance")
+_log.addHandler(logging.NullHandler())  # yfinance's own stderr noise is replaced by our messages
+
+_TRANSIENT = ("rate limit", "too many requests", "timed out", "timeout", "connection", "temporar",
+              "could not resolve", "curl: (6)", "curl: (7)", "curl: (28)", "curl: (35)", "curl: (56)",
+              " 500", " 502", " 503", " 504", "dnserror", "unreachable", "reset by peer")
+
+
+class YahooError(DataError):
+    """Yahoo did not deliver data for ``tickers``; ``reason`` says what it said (or that it hung)."""
+
+    def __init__(self, tickers: list[str], reason: str, transient: bool = True):
+        self.tickers = tickers
+        self.reason = reason
+        self.transient = transient
+        super().__init__(f"Yahoo Finance gave no data for {', '.join(tickers)}: {reason}")
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.messages.append(record.getMessage())
+        except Exception:  # never let logging break a fetch
+            pass
+
+
+def is_transient(message: str) -> bool:
+    m = message.lower()
+    return any(k in m for k in _TRANSIENT)
+
+
+def normalize(raw: pd.DataFrame, ticker: str) -> pd.DataFrame:
+    """yf.download output (flat or MultiIndex columns) -> contract columns, tz-naive date index."""
+    df = raw
+    if isinstance(df.columns, pd.MultiIndex):
+        wanted = ticker.upper()
+        for level in range(df.columns.nlevels):
+            values = [str(v).upper() for v in df.columns.get_level_values(level)]
+            if wanted in values:
+                key = df.columns.get_level_values(level)[values.index(wanted)]
+                df = df.xs(key, axis=1, level=level)
+                break
+        else:
+            if df.columns.nlevels == 2 and len(set(df.columns.get_level_values(1))) == 1:
+                df = df.droplevel(1, axis=1)
+            else:
+                raise DataError(f"yfinance returned columns for other tickers than {ticker}: "
+                                f"{sorted(set(map(str, df.columns.get_level_values(-1))))}")
+    df = normalize_columns(df, f"yfinance {ticker}")
+    idx = pd.DatetimeIndex(df.index)
+    if idx.tz is not None:
+        idx = idx.tz_localize(None)
+    df = df.set_axis(idx.normalize().rename("date"), axis=0)
+    return df.dropna(how="all")
+
+
+def _call_with_deadline(fn: Callable[[], pd.DataFrame], seconds: float) -> tuple[str, object]:
+    """Run fn in a daemon thread; ('ok', frame) | ('error', exc) | ('timeout', None)."""
+    box: queue.Queue = queue.Queue(maxsize=1)
+
+    def target() -> None:
+        try:
+            box.put(("ok", fn()))
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            box.put(("error", exc))
+
+    threading.Thread(target=target, name="fincast-yfinance", daemon=True).start()
+    try:
+        return box.get(timeout=max(seconds, 0.0))
+    except queue.Empty:
+        return ("timeout", None)
+
+
+def fetch(ticker: str, start: dt.date | None, end: dt.date | None, *, interval: str = "1d",
+          deadline: float, retries: int = 3, download: Callable[..., pd.DataFrame] | None = None,
+          sleep: Callable[[float], None] = time.sleep) -> pd.DataFrame:
+    """Daily bars of one ticker from ``start`` to ``end`` (both inclusive; None = open-ended).
+
+    Returns a frame in the contract layout; it may be empty when Yahoo answered but has no bars in
+    the range (e.g. an incremental refresh on a weekend). Raises YahooError when Yahoo is unreachable,
+    rate-limits past ``retries`` attempts, does not know the ticker, or ``deadline`` (a
+    ``time.monotonic()`` value) passes.
+    """
+    download = download or yf.download
+    kwargs = dict(
+        start=start.isoformat() if start else None,
+        # yfinance's end is exclusive
+        end=(end + dt.timedelta(days=1)).isoformat() if end else None,
+        interval=interval, auto_adjust=False, actions=False, progress=False, threads=False,
+        multi_level_index=True,
+    )
+    if start is None:
+        kwargs["period"] = "max"
+    reason = "no answer"
+    for attempt in range(retries):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        capture = _Capture()
+        _log.addHandler(capture)
+        try:
+            status, value = _call_with_deadline(
+                lambda: download(ticker, timeout=max(1.0, min(10.0, remaining)), **kwargs), remaining)
+        finally:
+            _log.removeHandler(capture)
+        said = "; ".join(m.strip() for m in capture.messages if m.strip())
+        if status == "timeout":
+            raise YahooError([ticker], f"no answer within the time limit (data.timeout_s); the network may be "
+                                       f"half-open{' (' + said + ')' if said else ''}")
+        if status == "error":
+            reason = f"{type(value).__name__}: {value}"
+            transient = is_transient(reason) or "ratelimit" in type(value).__name__.lower()
+        elif value is None or (isinstance(value, pd.DataFrame) and value.empty):
+            if not said:
+                return normalize(pd.DataFrame(columns=["Open", "High", "Low", "Close", "Adj Close", "Volume"],
+                                              index=pd.DatetimeIndex([], name="Date")), ticker)
+            reason = said
+            transient = is_transient(said)
+        else:
+            return normalize(value, ticker)
+        if not transient:
+            raise YahooError([ticker], reason, transient=False)
+        if attempt + 1 < retries:
+            wait = min(2.0**attempt, max(0.0, deadline - time.monotonic() - 0.5))
+            if wait <= 0:
+                break
+            sleep(wait)
+    raise YahooError([ticker], reason)
