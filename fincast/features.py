@@ -11,10 +11,12 @@ For each ticker, on its own calendar, the feature row of bar t uses only bars up
 A sample with origin t has inputs = feature rows t-lookback+1 .. t and target = log(p[t+h] / p[t]),
 the log return over the next h bars. Its ``date`` is the last bar of the target period (t+h).
 
-Splits are by that date: train < val_start <= val < test_start <= test, so every training target
-ends before any validation target starts. Scalers (scikit-learn StandardScaler, one per ticker) are
-fit only on feature rows dated at or before the ticker's last training origin; target scales are the
-std of training targets. Nothing from validation or test reaches them.
+Splits are by that date: train < val_start <= val < test_start <= test; with h > 1 the samples whose
+target period straddles val_start or test_start are dropped (purged), so every training target ends
+before any validation target starts, and every validation target before any test target. Scalers
+(scikit-learn StandardScaler, one per ticker) are fit only on feature rows dated at or before the
+ticker's last training origin; target scales are the std of training targets. Nothing from validation
+or test reaches them.
 """
 
 from __future__ import annotations
@@ -77,7 +79,31 @@ def warmup(cfg: FeaturesConfig) -> int:
 
 def required_rows(cfg: FeaturesConfig) -> int:
     """Bars one ticker needs so that train/val/test can each hold a few samples."""
-    return warmup(cfg) + cfg.lookback + cfg.horizon + MIN_TRAIN + 2 * MIN_EVAL + 2
+    return warmup(cfg) + cfg.lookback + cfg.horizon - 1 + _min_sample_dates(cfg)
+
+
+def _min_sample_dates(cfg: FeaturesConfig) -> int:
+    """Fewest sample dates (of one ticker) for which the split leaves train, val and test at least
+    MIN_TRAIN, MIN_EVAL and MIN_EVAL samples: exact for the val_frac/test_frac split (it mirrors
+    _split_dates, and the h-1 samples purged at each boundary); explicit split dates depend on the data."""
+    h = cfg.horizon
+    base = MIN_TRAIN + 2 * (MIN_EVAL + h - 1)
+    if cfg.val_start is not None or cfg.test_start is not None or cfg.val_frac + cfg.test_frac >= 1:
+        return base
+
+    def enough(n: int) -> bool:
+        n_before = int(n * (1 - cfg.test_frac))
+        n_train = int(n_before * (1 - cfg.val_frac / (1 - cfg.test_frac)))
+        return n_train >= MIN_TRAIN and n_before - n_train - (h - 1) >= MIN_EVAL and n - n_before - (h - 1) >= MIN_EVAL
+
+    hi = base
+    while not enough(hi):
+        hi *= 2
+    lo = base
+    while lo < hi:  # the counts never shrink as n grows: bisect for the smallest n that is enough
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return hi
 
 
 def ticker_features(df: pd.DataFrame, cfg: FeaturesConfig, price: str = "adj_close") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -142,7 +168,12 @@ def build(frames: dict[str, pd.DataFrame], cfg: FeaturesConfig, price: str = "ad
         origin = feats.index.to_numpy()
         pos = np.arange(len(feats))
         valid = (pos >= L - 1) & ~np.isnan(y)
-        split_of = np.where(end < val_start.to_datetime64(), 0, np.where(end < test_start.to_datetime64(), 1, 2))
+        # first bar of each target period (the bar after the origin). A target period that straddles val_start
+        # or test_start (only when h > 1) is in no split, so target periods of different splits never overlap.
+        df = frames[ticker]
+        first = pd.Series(df.index, index=df.index).shift(-1).loc[feats.index].to_numpy()
+        v, t = val_start.to_datetime64(), test_start.to_datetime64()
+        split_of = np.select([end < v, (first >= v) & (end < t), first >= t], [0, 1, 2], default=-1)
         train_pos = pos[valid & (split_of == 0)]
         if len(train_pos) == 0:
             raise FeatureError(f"{ticker}: no training samples before {val_start:%Y-%m-%d}; use an earlier "

@@ -101,8 +101,8 @@ class Run:
 
     def log_model(self, model: Any, example: np.ndarray, prediction: np.ndarray) -> str:
         """Log a torch model with its signature and input example; returns the model URI."""
-        import mlflow.pytorch
         import torch
+        from mlflow import pytorch as mlflow_pytorch
         from mlflow.models import infer_signature
 
         signature = infer_signature(example, prediction)
@@ -110,7 +110,7 @@ class Run:
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False), warnings.catch_warnings():
             # torch.export (MLflow's default pt2 format) warns about nn.LSTM's flat weights; harmless
             warnings.filterwarnings("ignore", message=".*were assigned during export.*")
-            info = mlflow.pytorch.log_model(
+            info = mlflow_pytorch.log_model(
                 model, name="model", signature=signature, input_example=example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )

@@ -15,6 +15,7 @@ Facts this module is built around (yfinance 0.2.5x-1.x):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import queue
@@ -51,10 +52,8 @@ class _Capture(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
+        with contextlib.suppress(Exception):  # never let logging break a fetch
             self.messages.append(record.getMessage())
-        except Exception:  # never let logging break a fetch
-            pass
 
 
 def is_transient(message: str) -> bool:
@@ -79,7 +78,8 @@ def normalize(raw: pd.DataFrame, ticker: str) -> pd.DataFrame:
             else:
                 raise DataError(f"yfinance returned columns for other tickers than {ticker}: "
                                 f"{sorted(set(map(str, df.columns.get_level_values(-1))))}")
-    df = normalize_columns(df, f"yfinance {ticker}")
+    # the MultiIndex's "Price" level name would survive xs() and differ from flat and cached frames
+    df = normalize_columns(df, f"yfinance {ticker}").rename_axis(None, axis=1)
     idx = pd.DatetimeIndex(df.index)
     if idx.tz is not None:
         idx = idx.tz_localize(None)
@@ -133,7 +133,7 @@ def fetch(ticker: str, start: dt.date | None, end: dt.date | None, *, interval: 
         _log.addHandler(capture)
         try:
             status, value = _call_with_deadline(
-                lambda: download(ticker, timeout=max(1.0, min(10.0, remaining)), **kwargs), remaining)
+                lambda r=remaining: download(ticker, timeout=max(1.0, min(10.0, r)), **kwargs), remaining)
         finally:
             _log.removeHandler(capture)
         said = "; ".join(m.strip() for m in capture.messages if m.strip())

@@ -1,0 +1,231 @@
+"""The training step and loop: clipping placement, AMP unscale order, divergence, schedules, early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fincast.config import from_dict
+from fincast.features import Split
+from fincast.models import LSTMForecaster
+from fincast.training import fit, lr_factor, make_state, train_step
+
+# the optimizer spy below replaces optimizer.step, which the LR scheduler notices
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+
+
+def _cfg(**sections):
+    return from_dict(sections)
+
+
+def _batch(n=32, L=10, f=4, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, L, f, generator=g)
+    y = torch.randn(n, generator=g) * scale
+    return x, y
+
+
+def _model(seed=0, f=4, hidden=16):
+    torch.manual_seed(seed)
+    return LSTMForecaster(f, hidden)
+
+
+def _reference_grads(model, x, y):
+    """Unclipped gradients of the MSE loss, computed independently of train_step."""
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _l2(tensors):
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors))
+
+
+def _spy_on_optimizer(state):
+    """Record the gradients the optimizer sees at each step()."""
+    seen = []
+    opt = state.optimizer
+    original = opt.step
+
+    def step(*args, **kwargs):
+        seen.append([p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None])
+        return original(*args, **kwargs)
+
+    opt.step = step
+    return seen
+
+
+@pytest.mark.parametrize("max_norm", [0.01, 0.1])
+def test_optimizer_sees_clipped_gradients(max_norm):
+    cfg = _cfg(clip={"method": "norm", "max_norm": max_norm})
+    model = _model()
+    x, y = _batch(scale=5.0)
+    ref = _reference_grads(model, x, y)
+    assert _l2(ref) > max_norm  # otherwise the test proves nothing
+    state = make_state(model, cfg.train, cfg.clip, steps_per_epoch=1, device=torch.device("cpu"))
+    seen = _spy_on_optimizer(state)
+    out = train_step(model, (x, y), state)
+    assert len(seen) == 1
+    assert _l2(seen[0]) <= max_norm * (1 + 1e-5)
+    # direction preserved: seen = coef * reference
+    coef = _l2(seen[0]) / _l2(ref)
+    for s, r in zip(seen[0], ref):
+        torch.testing.assert_close(s, r * coef, rtol=1e-4, atol=1e-7)
+    assert float(out.clip.norm_pre) == pytest.approx(_l2(ref), rel=1e-5)
+    assert float(out.clip.norm_post) == pytest.approx(_l2(seen[0]), rel=1e-5)
+    assert float(out.clip.clipped) == 1.0
+
+
+def test_method_none_leaves_gradients_untouched():
+    cfg = _cfg(clip={"method": "none"})
+    model = _model()
+    x, y = _batch(scale=5.0)
+    ref = _reference_grads(model, x, y)
+    state = make_state(model, cfg.train, cfg.clip, steps_per_epoch=1, device=torch.device("cpu"))
+    seen = _spy_on_optimizer(state)
+    out = train_step(model, (x, y), state)
+    for s, r in zip(seen[0], ref):
+        assert torch.equal(s, r)
+    assert float(out.clip.norm_post) == float(out.clip.norm_pre)
+    assert float(out.clip.clipped) == 0.0
+
+
+def test_value_clipping_bounds_every_element_the_optimizer_sees():
+    cfg = _cfg(clip={"method": "value", "value": 1e-3})
+    model = _model()
+    x, y = _batch(scale=5.0)
+    state = make_state(model, cfg.train, cfg.clip, steps_per_epoch=1, device=torch.device("cpu"))
+    seen = _spy_on_optimizer(state)
+    train_step(model, (x, y), state)
+    assert max(float(g.abs().max()) for g in seen[0]) <= float(np.float32(1e-3))
+
+
+def test_amp_grad_scaler_unscales_before_clipping():
+    """With a GradScaler, clipping must see the true (unscaled) gradients: the recorded pre-clip norm is the
+    unscaled norm, and what the optimizer gets is bounded by max_norm, not max_norm * scale."""
+    cfg = _cfg(clip={"method": "norm", "max_norm": 0.05})
+    model = _model()
+    x, y = _batch(scale=5.0)
+    ref = _reference_grads(model, x, y)
+    state = make_state(model, cfg.train, cfg.clip, steps_per_epoch=1, device=torch.device("cpu"))
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    seen = _spy_on_optimizer(state)
+    out = train_step(model, (x, y), state)
+    assert float(out.clip.norm_pre) == pytest.approx(_l2(ref), rel=1e-4)  # not 4096 x larger
+    assert len(seen) == 1  # the scaler did not skip: gradients were finite
+    assert _l2(seen[0]) <= 0.05 * (1 + 1e-5)
+
+
+def test_amp_scaler_skipped_step_is_not_divergence():
+    """An fp16 overflow makes GradScaler skip the step; the loop must not call that divergence."""
+    cfg = _cfg(clip={"method": "norm"}, train={"epochs": 1, "batch_size": 8})
+    model = _model()
+    x, y = _batch(n=16, scale=100.0)  # loss ~1e4: times the scale below it overflows float32
+    split = _split(x, y)
+    # a scaler whose first scale overflows float32 gradients
+    from fincast import training
+
+    original = training.make_state
+
+    def with_scaler(*args, **kwargs):
+        state = original(*args, **kwargs)
+        state.scaler = torch.amp.GradScaler("cpu", init_scale=1e38)
+        return state
+
+    training.make_state = with_scaler
+    try:
+        result = fit(model, split, split, cfg.train, cfg.clip, device=torch.device("cpu"))
+    finally:
+        training.make_state = original
+    assert not result.diverged
+    assert not math.isfinite(result.history["norm_pre"][0])  # the overflow really happened
+
+
+def _split(x, y):
+    n = len(y)
+    dates = np.arange(n).astype("datetime64[D]")
+    return Split(x.numpy(), y.numpy(), y.numpy().astype(float), np.ones(n), dates, dates + 1,
+                 np.full(n, "T", dtype=object))
+
+
+def test_non_finite_loss_marks_divergence_at_the_exact_step():
+    cfg = _cfg(clip={"method": "none"}, train={"epochs": 3, "batch_size": 8, "seed": 1},
+               tracking={"log_every": 50})
+    model = _model()
+    x, y = _batch(n=64)
+    y[:] = y.clamp(-1, 1)
+    rows = []
+    split = _split(x, y)
+
+    def sink(batch):
+        rows.extend(batch)
+
+    # clean data trains without divergence; then one NaN target diverges the step whose batch holds it
+    result = fit(model, split, split, cfg.train, cfg.clip, device=torch.device("cpu"), sink=sink)
+    assert not result.diverged and result.steps == 24
+    bad = _split(x, y)
+    bad.y[5] = np.nan  # sample 5 lands in some batch of epoch 1
+    rows.clear()
+    result = fit(_model(), bad, split, cfg.train, cfg.clip, device=torch.device("cpu"), sink=sink)
+    assert result.diverged
+    assert result.stop_reason == "diverged"
+    assert "non-finite training loss" in result.diverged_reason
+    # the diverged step is the one whose batch held sample 5 (shuffle order from the seeded generator)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    expected_step = int((order == 5).nonzero()) // 8 + 1
+    assert result.diverged_step == expected_step
+    losses = [(s, v) for k, v, s in rows if k == "train/loss"]
+    assert max(s for s, _ in losses) == expected_step  # nothing logged after the divergence
+    assert all(math.isfinite(v) for s, v in losses if s < expected_step)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = _cfg(train={"schedule": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}).train
+    total = 110
+    assert lr_factor(0, cfg, 10, total) == pytest.approx(0.1)
+    assert lr_factor(9, cfg, 10, total) == pytest.approx(1.0)
+    assert lr_factor(10, cfg, 10, total) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, 10, total) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, cfg, 10, total) == pytest.approx(0.1)
+    step = _cfg(train={"schedule": "step", "step_size": 2, "gamma": 0.5}).train
+    assert [lr_factor(s, step, 10, 100) for s in (0, 19, 20, 40)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_early_stopping_restores_best_weights():
+    cfg = _cfg(train={"epochs": 40, "batch_size": 16, "patience": 3, "lr": 3e-2}, clip={"method": "none"})
+    x, y = _batch(n=64)
+    xv, yv = _batch(n=32, seed=1)  # validation targets unrelated to inputs: overfitting shows quickly
+    model = _model()
+    result = fit(model, _split(x, y), _split(xv, yv), cfg.train, cfg.clip, device=torch.device("cpu"))
+    assert result.stop_reason == "early_stopping"
+    assert result.epochs == result.best_epoch + 3
+    with torch.no_grad():
+        final_val = float(torch.nn.functional.mse_loss(model(xv), yv))
+    assert final_val == pytest.approx(result.best_val_loss, rel=1e-5)
+    assert result.best_val_loss == pytest.approx(min(result.val_history), rel=1e-9)
+
+
+def test_step_metrics_are_logged_for_every_step_in_batches():
+    cfg = _cfg(train={"epochs": 2, "batch_size": 16}, tracking={"log_every": 3})
+    x, y = _batch(n=64)
+    calls = []
+    fit(_model(), _split(x, y), _split(x, y), cfg.train, cfg.clip, device=torch.device("cpu"),
+        sink=lambda rows: calls.append(list(rows)), log_every=3)
+    steps = sorted(s for rows in calls for k, _, s in rows if k == "grad/norm_pre")
+    assert steps == list(range(1, 9))
+    assert len(calls) < 8  # batched: fewer sink calls than steps
+    keys = {k for rows in calls for k, _, _ in rows}
+    assert {"train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped", "lr", "val/loss", "val/rmse",
+            "val/mae", "val/directional_accuracy"} <= keys
+
+
+def test_max_steps_stops_training():
+    cfg = _cfg(train={"epochs": 10, "batch_size": 16, "max_steps": 5})
+    x, y = _batch(n=64)
+    result = fit(_model(), _split(x, y), _split(x, y), cfg.train, cfg.clip, device=torch.device("cpu"))
+    assert result.steps == 5 and result.stop_reason == "max_steps"
