@@ -64,7 +64,7 @@ def offline_hint(tickers: list[str]) -> str:
         "yfinance's layout: Date,Open,High,Low,Close,Adj Close,Volume)\n"
         "  * synthetic:  --set data.source=synthetic                 (seeded, realistic bars; offline demo)\n"
         "  * the cache:  run `make data` once while online; later runs use data/ without the network\n"
-        "  e.g.  make train-crypto ARGS=\"--set data.source=synthetic\"")
+        "  e.g.  make train ARGS=\"--set data.source=synthetic\"")
 
 
 def _slice(df: pd.DataFrame, start: dt.date | None, end: dt.date | None) -> pd.DataFrame:

@@ -19,8 +19,10 @@ import contextlib
 import datetime as dt
 import logging
 import queue
+import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import pandas as pd
@@ -30,6 +32,8 @@ from fincast.data.validate import DataError, normalize_columns
 
 _log = logging.getLogger("yfinance")
 _log.addHandler(logging.NullHandler())  # yfinance's own stderr noise is replaced by our messages
+# yfinance 1.x still uses pandas' deprecated inplace= internally; not actionable for our users
+warnings.filterwarnings("ignore", message=".*inplace keyword.*", module=r"yfinance\..*")
 
 _TRANSIENT = ("rate limit", "too many requests", "timed out", "timeout", "connection", "temporar",
               "could not resolve", "curl: (6)", "curl: (7)", "curl: (28)", "curl: (35)", "curl: (56)",
@@ -54,6 +58,17 @@ class _Capture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):  # never let logging break a fetch
             self.messages.append(record.getMessage())
+
+
+def summarize(messages: list[str]) -> str:
+    """yfinance logs the same failure several ways; keep the most telling line, without boilerplate."""
+    lines = []
+    for m in messages:
+        m = re.sub(r"\s*See https://curl\.se\S*.*$", "", m.strip()).strip().rstrip(".")
+        if m and not re.fullmatch(r"\d+ Failed downloads?:", m) and m not in lines:
+            lines.append(m)
+    network = [m for m in lines if is_transient(m)]
+    return "; ".join(network[-1:] if network else lines[-2:])
 
 
 def is_transient(message: str) -> bool:
@@ -136,7 +151,7 @@ def fetch(ticker: str, start: dt.date | None, end: dt.date | None, *, interval: 
                 lambda r=remaining: download(ticker, timeout=max(1.0, min(10.0, r)), **kwargs), remaining)
         finally:
             _log.removeHandler(capture)
-        said = "; ".join(m.strip() for m in capture.messages if m.strip())
+        said = summarize(capture.messages)
         if status == "timeout":
             raise YahooError([ticker], f"no answer within the time limit (data.timeout_s); the network may be "
                                        f"half-open{' (' + said + ')' if said else ''}")
