@@ -45,6 +45,12 @@ def _foreach_ok(grads: list[torch.Tensor]) -> bool:
     return len({(g.device, g.dtype) for g in grads}) == 1 and grads[0].device.type in ("cuda", "cpu", "mps")
 
 
+def _bound(value: float, dtype: torch.dtype) -> float:
+    """A threshold as a scalar for tensors of ``dtype``: beyond the dtype's range it is +-inf, which bounds
+    exactly the same values (torch refuses to convert an out-of-range Python float, e.g. 1e39 to float32)."""
+    return value if abs(value) <= torch.finfo(dtype).max else math.copysign(math.inf, value)
+
+
 def clip_none(grads: list[torch.Tensor]) -> ClipStats:
     pre = global_norm(grads)
     return ClipStats(pre, pre, torch.zeros_like(pre), torch.full_like(pre, math.nan))
@@ -55,12 +61,13 @@ def clip_value(grads: list[torch.Tensor], value: float) -> ClipStats:
     pre = global_norm(grads)
     changed = (global_norm(grads, math.inf) > value).float()
     if _foreach_ok(grads):
-        torch._foreach_clamp_min_(grads, -value)
-        torch._foreach_clamp_max_(grads, value)
+        bound = _bound(value, grads[0].dtype)
+        torch._foreach_clamp_min_(grads, -bound)
+        torch._foreach_clamp_max_(grads, bound)
     else:
         for g in grads:
-            g.clamp_(-value, value)
-    return ClipStats(pre, global_norm(grads), changed, torch.full_like(pre, value))
+            g.clamp_(-_bound(value, g.dtype), _bound(value, g.dtype))
+    return ClipStats(pre, global_norm(grads), changed, torch.full_like(pre, _bound(value, pre.dtype)))
 
 
 def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> ClipStats:
@@ -74,7 +81,7 @@ def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0
     else:
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
-    return ClipStats(pre, global_norm(grads), (coef < 1.0).float(), torch.full_like(pre, max_norm))
+    return ClipStats(pre, global_norm(grads), (coef < 1.0).float(), torch.full_like(pre, _bound(max_norm, pre.dtype)))
 
 
 def init_state(cfg: ClipConfig) -> Any:

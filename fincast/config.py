@@ -193,6 +193,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         item = typing.get_args(tp)[0]
         if isinstance(value, str):
             value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]  # --set features.vol_windows=10 means [10]
         if not isinstance(value, list | tuple):
             raise _Bad(f"expected {_describe(tp)}")
         return tuple(_coerce(v, item) for v in value)

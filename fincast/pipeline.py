@@ -128,7 +128,7 @@ def train(cfg: PipelineConfig, *, progress: bool = False) -> TrainOutcome:
                if result.diverged else {}),
         })
         _log_artifacts(run, cfg, fs, result, predictions, prices, name)
-        if cfg.tracking.log_model and np.isfinite(next(iter(model.parameters())).detach().cpu().numpy()).all():
+        if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
             example = fs.test.x[:2]
             with torch.no_grad():
                 prediction = model.cpu().eval()(torch.as_tensor(example)).numpy()

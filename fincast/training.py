@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,9 @@ from fincast.features import Split
 from fincast.models.metrics import forecast_metrics
 
 log = logging.getLogger("fincast.training")
+# With fp16, GradScaler skips the optimizer step on inf/NaN gradients; the schedule still advances one step
+# per attempted step, by design, so torch's "scheduler before optimizer" warning is not actionable.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 MetricSink = Callable[[list[tuple[str, float, int]]], None]
 

@@ -67,7 +67,7 @@ def test_train_end_to_end_on_synthetic_data(tmp_path, capsys):
                                [*_store(tmp_path), *FAST, "clip.max_norm=0.5", "train.lr=3e-3"])
     flat = config_mod.flatten(config_mod.to_dict(resolved))
     params = run.data.params
-    for key, value in flat.items():
+    for key in flat:
         assert key in params, key
     assert params["tracking.log_every"] == "7"
     assert float(params["train.lr"]) == 3e-3 and params["data.source"] == "synthetic"

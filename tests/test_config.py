@@ -209,6 +209,19 @@ def test_set_int_and_bool_and_literal():
     assert cfg.train.max_steps == 1000
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), ("true", True), ("Yes", True), ("on", True), ("1", True), (1, True),
+    (False, False), ("false", False), ("NO", False), (" off ", False), ("0", False), (0, False),
+])
+def test_bool_spellings(value, expected):
+    assert from_dict({"model": {"layer_norm": value}}).model.layer_norm is expected
+
+
+@pytest.mark.parametrize("text", ["truthy", 2, 0.0, "y"])
+def test_bool_rejects_other_values(text):
+    assert "model.layer_norm" in config_error({"model": {"layer_norm": text}})
+
+
 @pytest.mark.parametrize(("text", "tickers"), [
     ("data.tickers=[BTC-USD,ETH-USD]", ("BTC-USD", "ETH-USD")),
     ("data.tickers=[BTC-USD, ETH-USD]", ("BTC-USD", "ETH-USD")),
@@ -243,6 +256,12 @@ def test_set_null_and_dates():
     assert cfg.train.patience is None
     assert cfg.tracking.uri is None
     assert override("data.end=2021-06-30", "data.end=null").data.end is None  # the last --set wins
+    # null spelled as text (quoted in YAML) in an optional field
+    assert from_dict({"data": {"end": "null"}, "train": {"patience": " None "}}).data.end is None
+    assert from_dict({"train": {"patience": "~"}}).train.patience is None
+    # ... but not in a required one
+    assert "data.cache_dir = None: expected a string" in config_error({"data": {"cache_dir": None}})
+    assert "features.lookback = 'null': expected an integer" in config_error({"features": {"lookback": "null"}})
 
 
 @pytest.mark.parametrize(("text", "value"), [
@@ -269,6 +288,9 @@ def test_apply_overrides_copies_and_creates_sections():
     out = apply_overrides(raw, ["train.lr=0.5", "clip.method=none", "data.tickers=[QQQ]"])
     assert raw == {"train": {"lr": 0.1}, "data": {"tickers": ["SPY"]}}  # input untouched
     assert out == {"train": {"lr": 0.5}, "clip": {"method": "none"}, "data": {"tickers": ["QQQ"]}}
+    raw = {"features": {"vol_windows": [5, 21]}}
+    apply_overrides(raw, [])["features"]["vol_windows"].append(63)  # a deep copy: lists too
+    assert raw == {"features": {"vol_windows": [5, 21]}}
 
 
 def test_set_into_a_value_is_an_error():
@@ -459,7 +481,7 @@ def test_round_trip_of_random_valid_configs(raw):
        tickers=st.lists(_plain_ticker, min_size=1, max_size=4, unique=True))
 def test_set_text_of_random_values_gives_exactly_those_values(lr, max_norm, epochs, day, layer_norm, tickers):
     cfg = override(f"train.lr={lr!r}", f"clip.max_norm={max_norm!r}", f"train.epochs={epochs}",
-                   f"data.end={day.isoformat()}", f"data.start=null", f"model.layer_norm={str(layer_norm).lower()}",
+                   f"data.end={day.isoformat()}", "data.start=null", f"model.layer_norm={str(layer_norm).lower()}",
                    "data.tickers=" + ",".join(tickers))
     assert cfg.train.lr == lr and cfg.clip.max_norm == max_norm
     assert cfg.train.epochs == epochs and cfg.data.end == day
