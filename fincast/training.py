@@ -215,6 +215,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     yt = torch.as_tensor(train.y, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     log_threshold = clip.method != "none"
+    last_threshold = [math.nan]
     history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": []}
     val_history: list[float] = []
     buffer: list[torch.Tensor] = []
@@ -233,9 +234,11 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         for i, row in enumerate(values):
             step = first + i + 1
             loss, pre = row[0], row[1]
-            for key, v in zip(_STEP_KEYS, row):
-                if key != "grad/threshold" or log_threshold:
-                    rows.append((key, v, step))
+            for key, v in zip(_STEP_KEYS[:4], row[:4]):
+                rows.append((key, v, step))
+            if log_threshold and row[4] != last_threshold[0]:  # constant thresholds: one point, not one per step
+                rows.append(("grad/threshold", row[4], step))
+                last_threshold[0] = row[4]
             rows.append(("lr", lrs[i], step))
             history["loss"].append(loss)
             history["norm_pre"].append(pre)
