@@ -34,9 +34,6 @@ from fincast.features import Split
 from fincast.models.metrics import forecast_metrics
 
 log = logging.getLogger("fincast.training")
-# With fp16, GradScaler skips the optimizer step on inf/NaN gradients; the schedule still advances one step
-# per attempted step, by design, so torch's "scheduler before optimizer" warning is not actionable.
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 MetricSink = Callable[[list[tuple[str, float, int]]], None]
 
@@ -151,9 +148,14 @@ def train_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
     if state.scaler is not None:
         state.scaler.step(opt)  # skipped by the scaler if the gradients hold inf/nan
         state.scaler.update()
+        with warnings.catch_warnings():
+            # the schedule advances once per attempted step, by design, also when the scaler skipped one;
+            # torch's "lr_scheduler.step() before optimizer.step()" warning is not actionable here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            state.scheduler.step()
     else:
         opt.step()
-    state.scheduler.step()
+        state.scheduler.step()
     state.step += 1
     return StepOut(loss.detach(), stats, lr)
 
