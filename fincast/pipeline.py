@@ -66,10 +66,13 @@ def run_name(cfg: PipelineConfig) -> str:
 
 
 def git_commit() -> str:
+    """Commit of the fincast checkout that is running (not of the working directory), '-dirty' if modified."""
+    where = Path(fincast.__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+                             cwd=where)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5)
+                               text=True, timeout=5, cwd=where)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
