@@ -88,6 +88,9 @@ def main() -> None:
         print(f"{m:<9}{med[m]:7.3f} ms/step  (runs: {', '.join(f'{x:.3f}' for x in t)})")
     print(f"per-call {per_call:7.3f} ms/step  (one log_metric per value, {max(20, args.steps // 10)} steps)")
     print(f"logging overhead, batched  {100 * (med['batched'] / med['plain'] - 1):+6.1f}% of step time (target < 5%)")
+    per_step_values = 5  # train/loss, grad/norm_pre, grad/norm_post, grad/clipped, lr
+    print(f"cost per stored value, batched: {1000 * (med['batched'] - med['plain']) / per_step_values:.0f} us "
+          f"({per_step_values} values per step)")
     print(f"logging overhead, per-call {100 * (per_call / med['plain'] - 1):+6.1f}% of step time")
 
 

@@ -6,9 +6,11 @@ optimizer, GradScaler, clipper config and state, early-stopping bookkeeping, liv
 :class:`RunState`, so many runs can later be stacked along a run dimension.
 
 The step never synchronises with the device: loss and clipping statistics stay tensors and are read
-in one transfer per flush (every ``tracking.log_every`` steps and at each epoch end). A non-finite
+in one transfer per drain (every ``tracking.log_every`` steps and at each epoch end). A non-finite
 loss, or a non-finite gradient norm outside fp16 loss scaling, marks the run diverged at the exact step
-it happened; the loop stops at that flush and reports it, never with a traceback.
+it happened; the loop stops at that drain and reports it, never with a traceback. Rows reach the
+metric sink (MLflow) once ``log_every`` steps are pending, validation rows included: one database
+transaction per ``log_every`` steps, not one per epoch end.
 """
 
 from __future__ import annotations
@@ -220,28 +222,32 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     last_threshold = [math.nan]
     history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": []}
     val_history: list[float] = []
-    buffer: list[torch.Tensor] = []
+    buffer: list[torch.Tensor] = []  # per-step statistics, still on the device
     lrs: list[float] = []
+    pending: list[tuple[str, float, int]] = []  # rows read back, not yet sent
+    pending_steps = 0
     diverged: tuple[int, str] | None = None
     stop_reason = "epochs"
     train_seconds = 0.0
 
-    def flush() -> None:
-        nonlocal diverged
+    def drain() -> None:
+        """Read the buffered statistics back (one device sync) and check them for divergence. Rows go to
+        the sink once ``log_every`` steps are pending: each sink call is a database transaction."""
+        nonlocal diverged, pending_steps
         if not buffer:
             return
-        values = torch.stack(buffer).cpu().numpy().astype(np.float64)  # the one device sync per flush
+        values = torch.stack(buffer).cpu().numpy().astype(np.float64)
         first = state.step - len(buffer)
-        rows: list[tuple[str, float, int]] = []
         for i, row in enumerate(values):
             step = first + i + 1
             loss, pre = row[0], row[1]
             for key, v in zip(_STEP_KEYS[:4], row[:4]):
-                rows.append((key, v, step))
+                pending.append((key, v, step))
             if log_threshold and row[4] != last_threshold[0]:  # constant thresholds: one point, not one per step
-                rows.append(("grad/threshold", row[4], step))
+                pending.append(("grad/threshold", row[4], step))
                 last_threshold[0] = row[4]
-            rows.append(("lr", lrs[i], step))
+            pending.append(("lr", lrs[i], step))
+            pending_steps += 1
             history["loss"].append(loss)
             history["norm_pre"].append(pre)
             history["norm_post"].append(row[2])
@@ -251,12 +257,20 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
                 diverged = (step, f"non-finite gradient norm ({pre})")
             if diverged:
                 break
-        sink(rows)
         buffer.clear()
         lrs.clear()
+        if pending_steps >= log_every:
+            send()
         if progress_bar is not None and len(history["loss"]):
             progress_bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", gnorm=f"{history['norm_pre'][-1]:.3g}",
                                      refresh=False)
+
+    def send() -> None:
+        nonlocal pending_steps
+        if pending:
+            sink(list(pending))
+        pending.clear()
+        pending_steps = 0
 
     progress_bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress, leave=False)
     model.train()
@@ -271,12 +285,12 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
                                        out.clip.threshold.float()]))
             lrs.append(out.lr)
             if len(buffer) >= log_every:
-                flush()
+                drain()
                 if diverged:
                     break
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 break
-        flush()
+        drain()
         train_seconds += time.perf_counter() - t0
         if diverged:
             stop_reason = "diverged"
@@ -284,8 +298,8 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
 
         val_loss, val_metrics, _ = evaluate(model, val, device)
         val_history.append(val_loss)
-        sink([("val/loss", val_loss, state.step), *((f"val/{k}", v, state.step) for k, v in val_metrics.items()),
-              ("epoch", epoch + 1, state.step)])
+        pending.extend([("val/loss", val_loss, state.step),
+                        *((f"val/{k}", v, state.step) for k, v in val_metrics.items()), ("epoch", epoch + 1, state.step)])
         progress_bar.update(1)
         if not math.isfinite(val_loss):
             diverged = (state.step, f"non-finite validation loss ({val_loss})")
@@ -302,6 +316,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         if cfg.patience is not None and state.bad_epochs >= cfg.patience:
             stop_reason = "early_stopping"
             break
+    send()
     progress_bar.close()
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)

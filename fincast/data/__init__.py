@@ -154,6 +154,8 @@ def load_prices(cfg: DataConfig, *, min_rows: int = 1, refresh: bool = False, pr
                 download: Callable | None = None, now: dt.datetime | None = None) -> Prices:
     """Load, slice and validate the bars of every ticker in ``cfg.tickers``."""
     now = now or dt.datetime.now(dt.UTC)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.UTC)
     counter = [0]
     warnings: list[str] = []
     raw: dict[str, tuple[pd.DataFrame, str, Callable | None]] = {}
