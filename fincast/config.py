@@ -109,6 +109,8 @@ class TrainConfig:
     min_lr_ratio: float = _opt(0.0, "cosine schedule: final lr as a share of lr", ge=0, le=1)
     patience: int | None = _opt(10, "early stopping: epochs without val-loss improvement (null = off)", ge=1)
     min_delta: float = _opt(0.0, "early stopping: improvement smaller than this does not count", ge=0)
+    threads: int | None = _opt(
+        None, "CPU threads for torch; null = all cores, less one for the metric writer process", ge=1, le=1024)
     precision: Literal["fp32", "bf16", "fp16"] = _opt(
         "fp32", "fp32, or CUDA autocast: bf16, or fp16 with a GradScaler (gradients unscaled before clipping)")
 
@@ -129,6 +131,8 @@ class TrackingConfig:
     artifact_dir: str = _opt("mlartifacts", "artifact folder for new experiments on a local SQLite store")
     run_name: str | None = _opt(None, "MLflow run name; null = e.g. lstm-SPY-norm1.0-lr1e-3-s0")
     log_every: int = _opt(50, "per-step metrics are sent to MLflow in batches of this many steps", ge=1, le=10000)
+    metrics_writer: Literal["process", "inline"] = _opt(
+        "process", "process: a writer process stores metrics while training goes on; inline: the trainer does")
     log_model: bool = _opt(True, "log the trained model with mlflow.pytorch (signature and input example)")
 
 

@@ -8,6 +8,7 @@ beside the baselines, then artifacts (resolved config, curves, predictions, mode
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -84,10 +85,29 @@ def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = Fa
 
 def train(cfg: PipelineConfig, *, progress: bool = False) -> TrainOutcome:
     """Run one training pipeline end to end; returns what the CLI summarises."""
+    writer = tracking.MetricWriter.maybe(cfg.tracking)  # opens the store in the background while data loads
+    try:
+        return _train(cfg, writer, progress=progress)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _threads(cfg: PipelineConfig, writer: tracking.MetricWriter | None, device: torch.device) -> int:
+    """torch CPU threads: train.threads, else every core, less one for the metric writer (the default
+    model is as fast on one thread as on two, and idle OpenMP threads spin and starve the writer)."""
+    if cfg.train.threads is not None:
+        return cfg.train.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - (1 if writer is not None and device.type == "cpu" else 0))
+
+
+def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool) -> TrainOutcome:
     prices = load_data(cfg, progress=progress)
     fs = features.build(prices.frames, cfg.features, price=cfg.data.price)
 
     device = resolve_device(cfg.train.device)
+    torch.set_num_threads(_threads(cfg, writer, device))
     precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, len(fs.names)).to(device)
@@ -102,10 +122,11 @@ def train(cfg: PipelineConfig, *, progress: bool = False) -> TrainOutcome:
         "fincast.tickers": ",".join(cfg.data.tickers),
         "fincast.device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
         "fincast.precision": precision,
+        "fincast.threads": torch.get_num_threads(),
         "fincast.clip": clip_label(cfg.clip),
         "fincast.pipeline": cfg.name,
     }
-    run = tracking.start_run(cfg.tracking, experiment, name, tags)
+    run = tracking.start_run(cfg.tracking, experiment, name, tags, writer=writer)
     try:
         run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
         run.log_params({

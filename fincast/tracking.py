@@ -7,12 +7,20 @@ A team points ``MLFLOW_TRACKING_URI`` at an MLflow server instead; nothing else 
 Everything goes through an explicit ``MlflowClient`` and run id (no fluent active-run state), and
 metrics are sent in batches (``log_batch``): one call per flush instead of one per value, because a
 single ``log_metric`` costs milliseconds on SQLite, as much as a training step of a small model.
+
+Even batched, MLflow's ORM spends ~100 us of Python per stored value, a third of a small model's step.
+So by default (``tracking.metrics_writer: process``) a :class:`MetricWriter` process stores the batches:
+it is started before the data loads, so its imports are done when training begins, and the trainer
+only enqueues tuples. (MLflow's async logging thread was measured too and was slower:
+it shares the trainer's GIL.) ``Run.end()`` waits until every metric is stored and raises if one failed.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
+import queue
 import tempfile
 import time
 import warnings
@@ -66,10 +74,11 @@ def _experiment_id(client: MlflowClient, name: str, uri: str, artifact_dir: str)
 class Run:
     """One MLflow run, written through an explicit client."""
 
-    def __init__(self, client: MlflowClient, run_id: str, uri: str):
+    def __init__(self, client: MlflowClient, run_id: str, uri: str, writer: MetricWriter | None = None):
         self.client = client
         self.run_id = run_id
         self.uri = uri
+        self.writer = writer
 
     # -- values ------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -83,11 +92,19 @@ class Run:
             self.client.log_batch(self.run_id, tags=items[i:i + _MAX_TAGS])
 
     def log_metrics(self, rows: Iterable[tuple[str, float, int]]) -> None:
-        """rows of (key, value, step), sent in as few calls as MLflow allows."""
+        """rows of (key, value, step), sent in as few calls as MLflow allows (through the writer process
+        when the run has one: then this returns at once and ``flush()`` waits for them)."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(s)) for k, v, s in rows]
-        for i in range(0, len(items), _MAX_METRICS):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _MAX_METRICS])
+        rows = [(k, float(v), int(s)) for k, v, s in rows]
+        if self.writer is not None:
+            self.writer.put(self.run_id, rows, now)
+        else:
+            _log_rows(self.client, self.run_id, rows, now)
+
+    def flush(self) -> None:
+        """Wait until every metric sent so far is stored."""
+        if self.writer is not None:
+            self.writer.flush()
 
     # -- files -------------------------------------------------------------------------------
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -117,19 +134,183 @@ class Run:
         return info.model_uri
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        try:
+            self.flush()
+        finally:
+            self.client.set_terminated(self.run_id, status)
 
     @property
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
 
 
-def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, Any] | None = None) -> Run:
+def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, Any] | None = None,
+              writer: MetricWriter | None = None) -> Run:
     uri = resolve_uri(cfg)
+    if writer is not None:
+        writer.ready()
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, experiment, uri, cfg.artifact_dir)
     run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
-    return Run(client, run.info.run_id, uri)
+    return Run(client, run.info.run_id, uri, writer)
+
+
+def _log_rows(client: MlflowClient, run_id: str, rows: list[tuple[str, float, int]], now: int) -> None:
+    items = [Metric(k, v, now, s) for k, v, s in rows]
+    for i in range(0, len(items), _MAX_METRICS):
+        client.log_batch(run_id, metrics=items[i:i + _MAX_METRICS])
+
+
+class WriterError(RuntimeError):
+    pass
+
+
+_CONTEXT: Any = None
+
+
+def _context() -> Any:
+    """forkserver with this module preloaded: a writer starts without re-importing mlflow in each process,
+    and nothing is forked from a trainer whose torch threads are running."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = mp.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["fincast.tracking"])
+    return _CONTEXT
+
+
+class MetricWriter:
+    """A child process that owns an MlflowClient and stores the metric batches it is sent, in order.
+
+    Start it early (``MetricWriter(uri)`` returns at once, its imports happen in the background), hand it
+    to ``start_run`` (which has it open the store), and ``close()`` it when done. One writer can serve
+    several runs in turn."""
+
+    def __init__(self, uri: str):
+        ctx = _context()
+        self._inbox = ctx.Queue()
+        self._outbox = ctx.Queue()
+        self._proc = ctx.Process(target=_writer_main, args=(uri, self._inbox, self._outbox, os.getpid()),
+                                 name="fincast-metric-writer", daemon=True)
+        self._proc.start()
+        self._closed = False
+        self._ready = False
+
+    @classmethod
+    def maybe(cls, cfg: TrackingConfig) -> MetricWriter | None:
+        """A writer when ``tracking.metrics_writer == 'process'`` and processes can be started, else None."""
+        if cfg.metrics_writer != "process" or "forkserver" not in mp.get_all_start_methods():
+            return None
+        return cls(resolve_uri(cfg))
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def ready(self) -> None:
+        """Wait until the child has opened the store. Until then nobody else may touch a new SQLite store:
+        two processes creating its tables at once collide in MLflow's migrations."""
+        if not self._ready:
+            self._inbox.put(("open", None, None, 0))
+            self._wait("ready")
+            self._ready = True
+
+    def put(self, run_id: str, rows: list[tuple[str, float, int]], now: int) -> None:
+        if self._closed:
+            raise WriterError("the metric writer is closed")
+        self._inbox.put(("rows", run_id, rows, now))
+
+    def _wait(self, what: str, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                kind, detail = self._outbox.get(timeout=1.0)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise WriterError(f"the metric writer process died (exit code {self._proc.exitcode})") from None
+                if time.monotonic() > deadline:
+                    raise WriterError(f"the metric writer did not {what} within {timeout:.0f} s") from None
+                continue
+            if kind == "error":
+                raise WriterError(f"storing metrics in MLflow failed: {detail}")
+            if kind == what:
+                return
+
+    def flush(self) -> None:
+        """Wait until everything put so far is stored; raise WriterError if anything failed."""
+        if self._closed:
+            return
+        self._inbox.put(("flush", None, None, 0))
+        self._wait("flush")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self._proc.is_alive():
+                return
+            self._inbox.put(("close", None, None, 0))
+            self._wait("close", timeout=60.0)
+        finally:
+            self._closed = True
+            self._proc.join(timeout=10)
+            if self._proc.is_alive():
+                self._proc.terminate()
+
+
+def _alive(pid: int) -> bool:
+    """Whether the trainer still runs (under forkserver the writer's parent is the server, not the trainer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
+    while True:  # the store is opened only when asked: a run that fails before tracking leaves no store
+        try:
+            kind, *_ = inbox.get(timeout=2.0)
+        except queue.Empty:
+            if not _alive(parent):
+                return
+            continue
+        if kind != "open":
+            outbox.put((kind, None))
+            if kind == "close":
+                return
+            continue
+        break
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # open (and on first use create) the store now
+    except Exception as exc:
+        outbox.put(("error", f"cannot open the MLflow store {uri}: {type(exc).__name__}: {exc}"))
+        return
+    outbox.put(("ready", None))
+    failure = None
+    while True:
+        try:
+            kind, run_id, rows, now = inbox.get(timeout=2.0)
+        except queue.Empty:
+            if not _alive(parent):  # the trainer is gone: nothing more will come
+                return
+            continue
+        if kind == "rows":
+            if failure is None:
+                try:
+                    _log_rows(client, run_id, rows, now)
+                except Exception as exc:  # reported at the trainer's next flush or close
+                    failure = f"{type(exc).__name__}: {exc}"
+            continue
+        if failure is not None:
+            outbox.put(("error", failure))
+            failure = None
+        else:
+            outbox.put((kind, None))
+        if kind == "close":
+            return
 
 
 def get_run(run_id: str, cfg: TrackingConfig) -> Any:

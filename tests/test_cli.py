@@ -145,7 +145,7 @@ def test_clip_none_logs_post_equal_to_pre(tmp_path, capsys):
     from fincast import tracking
 
     code, out, err = _train(tmp_path, capsys, *FAST, "clip.method=none", "tracking.log_model=false",
-                            "train.epochs=1")
+                            "train.epochs=1", "tracking.metrics_writer=inline")
     assert code == 0, err
     run_id = _run_id(out)
     cfg_t = _tracking(tmp_path)

@@ -1,0 +1,108 @@
+"""MLflow tracking: the metric writer process stores everything in order, reports failures, and never
+outlives its trainer; the inline path stores the same."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fincast import tracking
+from fincast.config import TrackingConfig
+
+
+def _cfg(tmp_path, writer="process"):
+    return TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_dir=str(tmp_path / "art"),
+                          metrics_writer=writer)
+
+
+@pytest.mark.parametrize("mode", ["process", "inline"])
+def test_every_metric_is_stored_in_order(tmp_path, mode):
+    cfg = _cfg(tmp_path, mode)
+    writer = tracking.MetricWriter.maybe(cfg)
+    assert (writer is not None) == (mode == "process")
+    try:
+        run = tracking.start_run(cfg, "exp", "r", writer=writer)
+        sent = []
+        for chunk in range(5):
+            rows = [("train/loss", 1.0 / (s + 1), s) for s in range(chunk * 300, (chunk + 1) * 300)]
+            sent += rows
+            run.log_metrics(rows)  # 1500 values: more than one log_batch allows (1000)
+        run.end()
+    finally:
+        if writer is not None:
+            writer.close()
+    stored = tracking.metric_history(run.run_id, "train/loss", cfg)
+    assert stored == [(s, v) for _, v, s in sent]
+    assert tracking.get_run(run.run_id, cfg).info.status == "FINISHED"
+
+
+def test_one_writer_serves_runs_in_turn(tmp_path):
+    cfg = _cfg(tmp_path)
+    writer = tracking.MetricWriter(tracking.resolve_uri(cfg))
+    try:
+        ids = []
+        for i in range(2):
+            run = tracking.start_run(cfg, "exp", f"r{i}", writer=writer)
+            run.log_metrics([("m", float(i), 1)])
+            run.end()
+            ids.append(run.run_id)
+    finally:
+        writer.close()
+    assert [tracking.metric_history(r, "m", cfg) for r in ids] == [[(1, 0.0)], [(1, 1.0)]]
+
+
+def test_a_failed_write_is_reported_and_the_run_still_ends(tmp_path):
+    cfg = _cfg(tmp_path)
+    writer = tracking.MetricWriter(tracking.resolve_uri(cfg))
+    try:
+        run = tracking.start_run(cfg, "exp", "r", writer=writer)
+        run.log_metrics([("bad key!?", 1.0, 1)])  # MLflow rejects this name
+        with pytest.raises(tracking.WriterError, match="bad key"):
+            run.end("FINISHED")
+        assert tracking.get_run(run.run_id, cfg).info.status == "FINISHED"
+        run2 = tracking.start_run(cfg, "exp", "r2", writer=writer)  # the writer goes on serving
+        run2.log_metrics([("ok", 2.0, 1)])
+        run2.end()
+        assert tracking.metric_history(run2.run_id, "ok", cfg) == [(1, 2.0)]
+    finally:
+        writer.close()
+
+
+def test_writer_does_not_touch_the_store_until_asked(tmp_path):
+    writer = tracking.MetricWriter(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    time.sleep(1.0)
+    writer.close()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_writer_exits_when_its_trainer_is_killed(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from fincast import tracking
+        w = tracking.MetricWriter("sqlite:///{tmp_path / 'mlflow.db'}")
+        w.ready()
+        print(w.pid, flush=True)
+        time.sleep(60)
+    """)
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        writer_pid = int(trainer.stdout.readline())
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(writer_pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        pytest.fail(f"writer {writer_pid} still runs 15 s after its trainer was killed")
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
