@@ -34,7 +34,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fincast.config import TrackingConfig
+from fincast.config import FincastError, TrackingConfig
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import; keep its chatter out
 
@@ -148,6 +148,8 @@ def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[st
               writer: MetricWriter | None = None) -> Run:
     uri = resolve_uri(cfg)
     if writer is not None:
+        if writer.uri != uri:
+            raise ValueError(f"the metric writer stores into {writer.uri}, the run is tracked in {uri}")
         writer.ready()
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, experiment, uri, cfg.artifact_dir)
@@ -161,8 +163,8 @@ def _log_rows(client: MlflowClient, run_id: str, rows: list[tuple[str, float, in
         client.log_batch(run_id, metrics=items[i:i + _MAX_METRICS])
 
 
-class WriterError(RuntimeError):
-    pass
+class WriterError(FincastError):
+    """The metric writer could not open the store or store a value."""
 
 
 _CONTEXT: Any = None
@@ -186,6 +188,7 @@ class MetricWriter:
     several runs in turn."""
 
     def __init__(self, uri: str):
+        self.uri = uri
         ctx = _context()
         self._inbox = ctx.Queue()
         self._outbox = ctx.Queue()
