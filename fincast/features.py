@@ -140,7 +140,11 @@ def _split_dates(ends: list[np.ndarray], cfg: FeaturesConfig) -> tuple[pd.Timest
         val = pd.Timestamp(cfg.val_start)
     else:
         before = dates[dates < test.to_datetime64()]
-        val = pd.Timestamp(before[int(len(before) * (1 - cfg.val_frac / (1 - cfg.test_frac)))]) if len(before) else test
+        if cfg.test_start:  # test_frac does not apply: validation is the last val_frac of all sample dates
+            k = len(before) - int(n * cfg.val_frac)
+        else:
+            k = int(len(before) * (1 - cfg.val_frac / (1 - cfg.test_frac)))
+        val = pd.Timestamp(before[min(max(k, 0), len(before) - 1)]) if len(before) else test
     return val, test
 
 

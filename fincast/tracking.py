@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import tempfile
 import time
 import warnings
@@ -36,6 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from fincast.config import FincastError, TrackingConfig
 
+log = logging.getLogger("fincast.tracking")
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import; keep its chatter out
 
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
@@ -134,10 +136,13 @@ class Run:
         return info.model_uri
 
     def end(self, status: str = "FINISHED") -> None:
+        """Wait for every metric, then close the run; a run whose metrics could not be stored is FAILED."""
         try:
             self.flush()
-        finally:
-            self.client.set_terminated(self.run_id, status)
+        except BaseException:
+            self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status)
+            raise
+        self.client.set_terminated(self.run_id, status)
 
     @property
     def artifact_uri(self) -> str:
@@ -150,10 +155,17 @@ def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[st
     if writer is not None:
         if writer.uri != uri:
             raise ValueError(f"the metric writer stores into {writer.uri}, the run is tracked in {uri}")
-        writer.ready()
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = _experiment_id(client, experiment, uri, cfg.artifact_dir)
-    run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
+        try:
+            writer.ready()
+        except WriterError as exc:
+            log.warning("%s; logging metrics from the training process instead", exc)
+            writer = None
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = _experiment_id(client, experiment, uri, cfg.artifact_dir)
+        run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
+    except MlflowException as exc:
+        raise TrackingError(f"cannot start an MLflow run in {uri}: {exc}") from None
     return Run(client, run.info.run_id, uri, writer)
 
 
@@ -163,7 +175,11 @@ def _log_rows(client: MlflowClient, run_id: str, rows: list[tuple[str, float, in
         client.log_batch(run_id, metrics=items[i:i + _MAX_METRICS])
 
 
-class WriterError(FincastError):
+class TrackingError(FincastError):
+    """The tracking store cannot be used (unreachable server, unreadable database, ...)."""
+
+
+class WriterError(TrackingError):
     """The metric writer could not open the store or store a value."""
 
 
@@ -220,6 +236,9 @@ class MetricWriter:
     def put(self, run_id: str, rows: list[tuple[str, float, int]], now: int) -> None:
         if self._closed:
             raise WriterError("the metric writer is closed")
+        if not self._proc.is_alive():  # never queue into a dead process: its pipe fills and exit would hang
+            raise WriterError(f"the metric writer process died (exit code {self._proc.exitcode}); "
+                              "metrics since its last flush are lost")
         self._inbox.put(("rows", run_id, rows, now))
 
     def _wait(self, what: str, timeout: float = 600.0) -> None:
@@ -229,7 +248,10 @@ class MetricWriter:
                 kind, detail = self._outbox.get(timeout=1.0)
             except queue.Empty:
                 if not self._proc.is_alive():
-                    raise WriterError(f"the metric writer process died (exit code {self._proc.exitcode})") from None
+                    raise WriterError(
+                        f"the metric writer process died (exit code {self._proc.exitcode}). If fincast runs from "
+                        "your own script, guard it with `if __name__ == '__main__':` (the writer process imports "
+                        "the main module), or set tracking.metrics_writer=inline") from None
                 if time.monotonic() > deadline:
                     raise WriterError(f"the metric writer did not {what} within {timeout:.0f} s") from None
                 continue
@@ -250,11 +272,12 @@ class MetricWriter:
             return
         try:
             if not self._proc.is_alive():
-                return
+                return  # (the finally below still releases the queue)
             self._inbox.put(("close", None, None, 0))
             self._wait("close", timeout=60.0)
         finally:
             self._closed = True
+            self._inbox.cancel_join_thread()  # nothing left to deliver; a dead reader must not block exit
             self._proc.join(timeout=10)
             if self._proc.is_alive():
                 self._proc.terminate()
@@ -272,6 +295,8 @@ def _alive(pid: int) -> bool:
 
 
 def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
+    # Ctrl-C reaches the whole process group; the trainer handles it and still flushes through us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:  # the store is opened only when asked: a run that fails before tracking leaves no store
         try:
             kind, *_ = inbox.get(timeout=2.0)

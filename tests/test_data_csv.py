@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fincast.config import from_dict
-from fincast.data import COLUMNS, DataError, load_prices, synthetic
+from fincast.data import COLUMNS, DataError, csvsource, load_prices, synthetic
 
 YAHOO_NAMES = {"open": "Open", "high": "High", "low": "Low", "close": "Close", "adj_close": "Adj Close",
                "volume": "Volume"}
@@ -213,7 +213,7 @@ def test_shared_crypto_files_load():
     assert not eth.isna().any().any() and not btc.isna().any().any()
     for d in holes:
         prev = eth.index[eth.index.get_loc(d) - 1]
-        assert eth.at[d, "volume"] == 0.0
+        assert eth.at[d, "volume"] == eth.at[prev, "volume"]  # the whole last good bar, volume included
         assert eth.at[d, "close"] == eth.at[prev, "close"]
     warnings = [w for w in prices.warnings if "ETH-USD" in w]
     assert len(warnings) == 1 and "forward-filled 4 bar(s)" in warnings[0]
@@ -221,3 +221,16 @@ def test_shared_crypto_files_load():
         assert f"{d:%Y-%m-%d}" in warnings[0]
     assert not any("BTC-USD" in w for w in prices.warnings)
     assert (btc.index.day_of_week >= 5).any()  # crypto trades on weekends
+
+
+def test_timestamps_with_utc_offsets_keep_their_local_calendar_day(tmp_path):
+    """Ticker.history().to_csv() writes exchange-local timestamps; a European Monday at 00:00+01:00 is
+    Monday, not Sunday in UTC."""
+    rows = ["Date,Open,High,Low,Close,Adj Close,Volume"]
+    days = pd.bdate_range("2020-01-06", periods=30)
+    for i, d in enumerate(days):
+        rows.append(f"{d:%Y-%m-%d} 00:00:00+01:00,{10 + i},{11 + i},{9 + i},{10.5 + i},{10.5 + i},100")
+    (tmp_path / "SAP.DE.csv").write_text("\n".join(rows) + "\n")
+    frame, _ = csvsource.read_csv(tmp_path / "SAP.DE.csv", "SAP.DE")
+    assert list(frame.index) == list(days)
+    assert (frame.index.day_of_week < 5).all()

@@ -180,7 +180,7 @@ def test_isolated_missing_day_is_forward_filled_with_a_warning(tmp_path, caplog)
     prev = frame.index[3]
     for col in ("open", "high", "low", "close", "adj_close"):
         assert out.at[hole, col] == pytest.approx(frame.at[prev, col], rel=1e-12)
-    assert out.at[hole, "volume"] == 0.0
+    assert out.at[hole, "volume"] == frame.at[prev, "volume"]  # carried forward too, not 0
     # the other rows are untouched
     others = out.drop(index=hole)
     np.testing.assert_allclose(others.to_numpy(), frame.drop(index=hole).to_numpy(), rtol=1e-12)
@@ -208,7 +208,8 @@ def test_warning_counts_every_filled_bar():
     frame.loc[holes, :] = np.nan
     checked = validate(frame, "SPY", "", max_fill_gap=2)
     assert any("forward-filled 3 bar(s)" in w for w in checked.warnings)
-    assert checked.frame.loc[holes, "volume"].eq(0.0).all()
+    expected = [frame.at[frame.index[1], "volume"]] * 2 + [frame.at[frame.index[7], "volume"]]
+    assert checked.frame.loc[holes, "volume"].tolist() == expected
     assert checked.frame.at[holes[1], "close"] == frame.at[frame.index[1], "close"]
 
 

@@ -352,6 +352,20 @@ def test_old_cache_that_reaches_data_end_makes_no_download_call(tmp_path):
     assert fake.calls == [] and later.network_calls == 0
 
 
+def test_fresh_cache_fetched_with_an_earlier_end_is_not_served_for_the_latest(tmp_path):
+    """A cache written for data.end=2024-03-29 must not pass for 'up to the latest bar' an hour later."""
+    fake = FakeDownload(market(end="2024-06-28"))
+    load_prices(data_cfg(tmp_path, end="2024-03-29"), download=fake, now=T0)
+    fake.calls.clear()
+    latest = load_prices(data_cfg(tmp_path), download=fake, now=T0 + dt.timedelta(hours=1))
+    assert len(fake.calls) == 1 and fake.calls[0]["start"] == "2024-03-29"  # the tail only
+    assert latest.frames["SPY"].index[-1] == pd.Timestamp("2024-06-28")
+    # and a request within what was fetched is served from the cache
+    fake.calls.clear()
+    load_prices(data_cfg(tmp_path, end="2024-05-31"), download=fake, now=T0 + dt.timedelta(hours=2))
+    assert fake.calls == []
+
+
 def test_cache_with_later_requested_start_is_not_used(tmp_path):
     fake = FakeDownload(market())
     load_prices(data_cfg(tmp_path, start="2024-02-01"), download=fake, now=T0)

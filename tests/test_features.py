@@ -448,3 +448,13 @@ def test_feature_error_is_a_fincast_error():
     from fincast.config import FincastError
 
     assert issubclass(F.FeatureError, FincastError)
+
+
+def test_explicit_test_start_with_val_frac_takes_val_frac_of_all_dates():
+    """With features.test_start set, test_frac does not apply; validation is val_frac of all sample dates."""
+    cfg = fcfg(test_start=dt.date(2019, 1, 2), val_frac=0.2, test_frac=0.5)
+    frames = {"SPY": frame("SPY")}
+    fs = F.build(frames, cfg)
+    n_all = len(fs.train) + len(fs.val) + len(fs.test)
+    assert fs.test_start == dt.date(2019, 1, 2)
+    assert abs(len(fs.val) - 0.2 * n_all) <= 2  # not 0.2 / (1 - 0.5) of the dates before the test start

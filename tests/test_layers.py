@@ -30,6 +30,8 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            if node.module == "fincast":  # from fincast import training
+                names.update(f"fincast.{a.name}" for a in node.names)
     return names
 
 

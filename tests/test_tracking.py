@@ -65,7 +65,7 @@ def test_a_failed_write_is_reported_and_the_run_still_ends(tmp_path):
         run.log_metrics([("bad key!?", 1.0, 1)])  # MLflow rejects this name
         with pytest.raises(tracking.WriterError, match="bad key"):
             run.end("FINISHED")
-        assert tracking.get_run(run.run_id, cfg).info.status == "FINISHED"
+        assert tracking.get_run(run.run_id, cfg).info.status == "FAILED"  # not a clean run with holes
         run2 = tracking.start_run(cfg, "exp", "r2", writer=writer)  # the writer goes on serving
         run2.log_metrics([("ok", 2.0, 1)])
         run2.end()
@@ -106,3 +106,27 @@ def test_writer_exits_when_its_trainer_is_killed(tmp_path):
     finally:
         if trainer.poll() is None:
             trainer.kill()
+
+
+def test_a_dead_writer_is_reported_and_does_not_hang_the_trainer(tmp_path):
+    """If the writer dies (e.g. the OOM killer), the next put fails clearly and the trainer still exits."""
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from fincast import tracking
+        from fincast.config import TrackingConfig
+        cfg = TrackingConfig(uri="sqlite:///{tmp_path / 'mlflow.db'}", artifact_dir="{tmp_path / 'art'}")
+        w = tracking.MetricWriter(tracking.resolve_uri(cfg))
+        run = tracking.start_run(cfg, "exp", "r", writer=w)
+        os.kill(w.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        try:
+            for i in range(200):
+                run.log_metrics([("m", 1.0, s) for s in range(i * 500, (i + 1) * 500)])
+        except tracking.WriterError as exc:
+            print("raised:", exc)
+        w.close()
+        print("closed")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "raised: the metric writer process died" in r.stdout and "closed" in r.stdout

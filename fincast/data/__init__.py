@@ -108,7 +108,9 @@ def _from_yahoo(cfg: DataConfig, *, refresh: bool, progress: bool, download, now
         entry = cache.read(path)
         if entry is not None and entry.covers_start(cfg.start) and not refresh:
             fresh = (now - entry.fetched_at) < dt.timedelta(hours=cfg.refresh_after_hours)
-            if fresh or (cfg.end is not None and entry.last_date >= cfg.end):
+            # fresh only counts if that fetch reached as far as this request (a cache fetched with an earlier
+            # data.end must not pass for "up to the latest bar")
+            if (fresh and entry.covers_end(cfg.end)) or (cfg.end is not None and entry.last_date >= cfg.end):
                 frames[ticker] = entry.frame
                 continue
         try:
@@ -130,8 +132,11 @@ def _from_yahoo(cfg: DataConfig, *, refresh: bool, progress: bool, download, now
                 requested = cfg.start
         except yahoo.YahooError as exc:
             if entry is not None and not entry.frame.empty:
+                first = entry.frame.index[0].date()
+                later = (f", first date {first:%Y-%m-%d} (after data.start {cfg.start:%Y-%m-%d})"
+                         if cfg.start is not None and first > cfg.start and not entry.covers_start(cfg.start) else "")
                 warnings.append(f"{ticker}: {exc.reason}; using the cache in {path}, last date "
-                                f"{entry.last_date:%Y-%m-%d} (fetched {entry.fetched_at:%Y-%m-%d %H:%M} UTC)")
+                                f"{entry.last_date:%Y-%m-%d}{later} (fetched {entry.fetched_at:%Y-%m-%d %H:%M} UTC)")
                 frames[ticker] = entry.frame
             else:
                 failed[ticker] = exc.reason
@@ -140,7 +145,7 @@ def _from_yahoo(cfg: DataConfig, *, refresh: bool, progress: bool, download, now
             failed[ticker] = "Yahoo answered with no bars for this range (unknown or delisted ticker?)"
             continue
         full = full[~full.index.duplicated(keep="last")].sort_index()
-        cache.write(path, full, fetched_at=now, requested_start=requested)
+        cache.write(path, full, fetched_at=now, requested_start=requested, requested_end=cfg.end)
         frames[ticker] = full
     if failed:
         reasons = "\n".join(f"  {t}: {r}" for t, r in failed.items())

@@ -27,10 +27,17 @@ class CacheEntry:
     frame: pd.DataFrame
     fetched_at: dt.datetime  # UTC
     requested_start: dt.date | None  # None = full history was asked for
+    requested_end: dt.date | None = None  # None = up to the latest bar at fetched_at
 
     @property
     def last_date(self) -> dt.date:
         return self.frame.index[-1].date()
+
+    def covers_end(self, end: dt.date | None) -> bool:
+        """Whether the fetch behind this cache reached as far as ``end`` (None = the latest bar)."""
+        if self.requested_end is None:
+            return True
+        return end is not None and end <= self.requested_end
 
     def covers_start(self, start: dt.date | None) -> bool:
         if self.requested_start is None:
@@ -55,12 +62,13 @@ def read(path: Path) -> CacheEntry | None:
     if frame.empty or "fetched_at" not in meta:
         return None
     frame.index = pd.DatetimeIndex(frame.index, name="date")
-    start = meta.get("requested_start")
+    start, end = meta.get("requested_start"), meta.get("requested_end")
     return CacheEntry(frame, dt.datetime.fromisoformat(meta["fetched_at"]),
-                      dt.date.fromisoformat(start) if start else None)
+                      dt.date.fromisoformat(start) if start else None, dt.date.fromisoformat(end) if end else None)
 
 
-def write(path: Path, frame: pd.DataFrame, *, fetched_at: dt.datetime, requested_start: dt.date | None) -> None:
+def write(path: Path, frame: pd.DataFrame, *, fetched_at: dt.datetime, requested_start: dt.date | None,
+          requested_end: dt.date | None = None) -> None:
     """Atomically replace ``path`` with ``frame`` and its metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(frame, preserve_index=True)
@@ -68,6 +76,7 @@ def write(path: Path, frame: pd.DataFrame, *, fetched_at: dt.datetime, requested
     meta[_META_KEY] = json.dumps({
         "fetched_at": fetched_at.isoformat(),
         "requested_start": requested_start.isoformat() if requested_start else None,
+        "requested_end": requested_end.isoformat() if requested_end else None,
     }).encode()
     table = table.replace_schema_metadata(meta)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

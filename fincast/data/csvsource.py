@@ -65,12 +65,21 @@ def read_csv(path: Path, ticker: str) -> tuple[pd.DataFrame, dict[pd.Timestamp, 
         raw = raw.rename(columns={raw.columns[0]: "date"})
     if raw.empty:
         raise DataError(f"{path}: no data rows")
-    dates = pd.to_datetime(raw["date"].str.strip(), errors="coerce", format="mixed", utc=True)
+    text = raw["date"].str.strip()
+    if text.str.match(r"^\d{4}-\d{2}-\d{2}").all():
+        # the bar's own calendar day, whatever time or UTC offset follows (2020-01-06 00:00:00+01:00 is the
+        # Monday 6 January of a European exchange, not Sunday the 5th in UTC)
+        dates = pd.to_datetime(text.str.slice(0, 10), errors="coerce", format="%Y-%m-%d")
+    else:
+        dates = pd.to_datetime(text, errors="coerce", format="mixed")
     if dates.isna().any():
         i = int(dates.isna().to_numpy().argmax())
         raise DataError(f"{path}: line {i + header_lines + 1}: unparseable date {raw['date'].iloc[i]!r} in column "
                         "Date; expected YYYY-MM-DD")
-    index = pd.DatetimeIndex(dates).tz_localize(None).normalize()
+    index = pd.DatetimeIndex(dates)
+    if index.tz is not None:
+        index = index.tz_localize(None)  # local wall time, not UTC
+    index = index.normalize()
     frame = raw.drop(columns=["date"]).set_axis(index, axis=0)
     frame = frame.replace({"": None, "null": None, "NaN": None, "nan": None})
     lines = {d: i + header_lines + 1 for i, d in enumerate(index)}

@@ -7,7 +7,8 @@ column, except these documented repairs (each reported as a warning with a count
 
 * unsorted dates are sorted;
 * a run of at most ``max_fill_gap`` consecutive bars with missing values (Yahoo's crypto holes, e.g.
-  ETH-USD 2020-10-12/13) is forward-filled: prices from the last good bar, volume 0;
+  ETH-USD 2020-10-12/13) is forward-filled from the last good bar, volume included (a volume of 0
+  would be a -25 sigma outlier of the volume feature);
 * a missing ``adj_close`` column is taken from ``close`` (yfinance with auto_adjust=True).
 
 Calendars are never aligned across tickers: each ticker keeps its own bars, so mixing crypto
@@ -135,8 +136,7 @@ def validate(df: pd.DataFrame, ticker: str, where: str, *, max_fill_gap: int = 3
                 f"{label}: {n} consecutive bars with missing values from {at(df.index[start])} "
                 f"(column {col}); at most data.max_fill_gap = {max_fill_gap} are forward-filled")
         filled = df.index[missing_rows]
-        df[list(PRICE_COLUMNS)] = df[list(PRICE_COLUMNS)].ffill()
-        df["volume"] = df["volume"].fillna(0.0)
+        df[list(COLUMNS)] = df[list(COLUMNS)].ffill()
         warnings.append(f"{label}: forward-filled {len(filled)} bar(s) with missing values: {_fmt_dates(filled)}")
 
     prices = df[list(PRICE_COLUMNS)].to_numpy()
