@@ -52,9 +52,6 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def take(self, idx: np.ndarray) -> Split:
-        return Split(*(getattr(self, f)[idx] for f in Split.__dataclass_fields__))
-
 
 @dataclass
 class FeatureSet:

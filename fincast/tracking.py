@@ -294,22 +294,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _receive(inbox: Any, parent: int) -> tuple | None:
+    """The next message, or None once the trainer is gone (nothing more will come)."""
+    while True:
+        try:
+            return inbox.get(timeout=2.0)
+        except queue.Empty:
+            if not _alive(parent):
+                return None
+
+
 def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the trainer handles it and still flushes through us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:  # the store is opened only when asked: a run that fails before tracking leaves no store
-        try:
-            kind, *_ = inbox.get(timeout=2.0)
-        except queue.Empty:
-            if not _alive(parent):
-                return
-            continue
-        if kind != "open":
-            outbox.put((kind, None))
-            if kind == "close":
-                return
-            continue
-        break
+        message = _receive(inbox, parent)
+        if message is None:
+            return
+        if message[0] == "open":
+            break
+        outbox.put((message[0], None))
+        if message[0] == "close":
+            return
     try:
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # open (and on first use create) the store now
@@ -318,13 +324,8 @@ def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
         return
     outbox.put(("ready", None))
     failure = None
-    while True:
-        try:
-            kind, run_id, rows, now = inbox.get(timeout=2.0)
-        except queue.Empty:
-            if not _alive(parent):  # the trainer is gone: nothing more will come
-                return
-            continue
+    while (message := _receive(inbox, parent)) is not None:
+        kind, run_id, rows, now = message
         if kind == "rows":
             if failure is None:
                 try:
@@ -332,11 +333,8 @@ def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
                 except Exception as exc:  # reported at the trainer's next flush or close
                     failure = f"{type(exc).__name__}: {exc}"
             continue
-        if failure is not None:
-            outbox.put(("error", failure))
-            failure = None
-        else:
-            outbox.put((kind, None))
+        outbox.put(("error", failure) if failure is not None else (kind, None))
+        failure = None
         if kind == "close":
             return
 

@@ -201,7 +201,7 @@ class FitResult:
         return self.diverged_step is not None
 
 
-_STEP_KEYS = ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/threshold")
+_STEP_KEYS = ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped")  # then the threshold
 
 
 def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip: ClipConfig, *,
@@ -219,7 +219,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     yt = torch.as_tensor(train.y, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     log_threshold = clip.method != "none"
-    last_threshold = [math.nan]
+    last_threshold = math.nan
     history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": []}
     val_history: list[float] = []
     buffer: list[torch.Tensor] = []  # per-step statistics, still on the device
@@ -233,7 +233,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     def drain() -> None:
         """Read the buffered statistics back (one device sync) and check them for divergence. Rows go to
         the sink once ``log_every`` steps are pending: each sink call is a database transaction."""
-        nonlocal diverged, pending_steps
+        nonlocal diverged, pending_steps, last_threshold
         if not buffer:
             return
         values = torch.stack(buffer).cpu().numpy().astype(np.float64)
@@ -241,11 +241,10 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         for i, row in enumerate(values):
             step = first + i + 1
             loss, pre = row[0], row[1]
-            for key, v in zip(_STEP_KEYS[:4], row[:4]):
-                pending.append((key, v, step))
-            if log_threshold and row[4] != last_threshold[0]:  # constant thresholds: one point, not one per step
+            pending.extend((key, v, step) for key, v in zip(_STEP_KEYS, row))
+            if log_threshold and row[4] != last_threshold:  # constant thresholds: one point, not one per step
                 pending.append(("grad/threshold", row[4], step))
-                last_threshold[0] = row[4]
+                last_threshold = row[4]
             pending.append(("lr", lrs[i], step))
             pending_steps += 1
             history["loss"].append(loss)

@@ -106,7 +106,8 @@ def _from_yahoo(cfg: DataConfig, *, refresh: bool, progress: bool, download, now
         bar.set_postfix_str(ticker)
         path = cache.path_for(cfg.cache_dir, ticker, cfg.interval)
         entry = cache.read(path)
-        if entry is not None and entry.covers_start(cfg.start) and not refresh:
+        extendable = entry is not None and entry.covers_start(cfg.start)  # holds the requested start
+        if extendable and not refresh:
             fresh = (now - entry.fetched_at) < dt.timedelta(hours=cfg.refresh_after_hours)
             # fresh only counts if that fetch reached as far as this request (a cache fetched with an earlier
             # data.end must not pass for "up to the latest bar")
@@ -114,7 +115,7 @@ def _from_yahoo(cfg: DataConfig, *, refresh: bool, progress: bool, download, now
                 frames[ticker] = entry.frame
                 continue
         try:
-            if entry is not None and entry.covers_start(cfg.start):
+            if extendable:
                 tail = fetch(entry.last_date)
                 old = entry.frame
                 overlap = old.index[-1]
