@@ -1,4 +1,5 @@
-"""Command line (layer L4): ``fincast train|data|keys``. Heavy imports (torch, mlflow) happen inside the
+"""Command line (layer L4): ``fincast train|resume|data|keys``, also as ``python -m fincast`` (what torchrun
+launches). Heavy imports (torch, mlflow) happen inside the
 commands, so ``--help`` answers at once."""
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ EXAMPLES = """examples:
   fincast train pipelines/price_crypto.yaml --set data.source=csv --set data.path=../shared/data/crypto
   fincast train pipelines/price_crypto.yaml --set data.source=synthetic --set clip.method=none
   fincast train pipelines/price_equities.yaml --set data.tickers=[SPY,QQQ] --set train.lr=3e-3
+  fincast train pipelines/price_equities.yaml --set clip.method=zclip --set clip.zclip.z_thresh=3
+  fincast resume 3f2a...c9 --set train.epochs=60
+  torchrun --nproc_per_node=2 -m fincast train pipelines/price_equities.yaml
   fincast data pipelines/price_equities.yaml
   fincast keys
 """
@@ -44,6 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("pipeline", help="pipeline spec (YAML), e.g. pipelines/price_equities.yaml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings, summary only (for CI)")
+
+    r = sub.add_parser(
+        "resume", help="continue a run from its last checkpoint, into the same MLflow run",
+        description="Continue a run exactly where its last checkpoint left it (saved at each epoch end, and every "
+                    "train.checkpoint_every steps, in train.checkpoint_dir/<run id>.pt): same data (checked), "
+                    "weights, optimizer, learning-rate schedule, GradScaler, clipper state (AutoClip history, "
+                    "ZClip EMAs), data order and RNG. Metrics continue in the same MLflow run. Only "
+                    "train.epochs, train.max_steps, train.patience, train.threads, train.checkpoint_every and "
+                    "tracking.log_every may be changed with --set.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("run_id", help="the MLflow run id printed by `fincast train`")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set train.epochs=60 to train longer")
+    r.add_argument("--checkpoint-dir", default="checkpoints", help="where the checkpoint is (default: checkpoints)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings, summary only")
 
     d = sub.add_parser(
         "data", help="fetch or refresh the data cache only (no training)",
@@ -92,7 +111,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = pipeline.train(cfg, progress=_progress(args.quiet))
-    print(format_summary(out, time.perf_counter() - t0))
+    if out is not None:  # under torchrun, rank 0 reports
+        print(format_summary(out, time.perf_counter() - t0))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from fincast import pipeline
+
+    t0 = time.perf_counter()
+    out = pipeline.resume(args.run_id, args.overrides, checkpoint_dir=args.checkpoint_dir,
+                          progress=_progress(args.quiet))
+    if out is not None:
+        print(format_summary(out, time.perf_counter() - t0))
     return 0
 
 
@@ -152,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return {"train": cmd_train, "data": cmd_data, "keys": cmd_keys}[args.command](args)
+        return {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "keys": cmd_keys}[args.command](args)
     except FincastError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

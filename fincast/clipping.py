@@ -1,29 +1,40 @@
-"""Gradient clipping (layer L1): a family of small clippers with one signature.
+"""Gradient clipping (layer L1): a family of small clippers with one record of statistics.
 
-Each clipper takes the list of gradient tensors (``p.grad`` of every parameter that has one), clips
-them in place, and returns a :class:`ClipStats` of 0-d tensors on the gradients' device: the global L2
-norm before and after, whether clipping changed anything, and the threshold in force. Nothing here
-calls ``.item()``, so a training step never waits for the GPU; the loop reads the statistics in
-batches when it logs.
+Methods (``clip.method``; settings in ``clip.<method>``):
 
-``clip_gradients(grads, cfg, state)`` dispatches on ``clip.method`` and threads an explicit per-run
-state through (``None`` for the stateless methods here; stateful methods such as AutoClip keep their
-history in it), so a study can hold one state per run.
+* ``none``: nothing is changed; the statistics are still recorded.
+* ``value``: clamp every element to [-value, value] (direction not kept).
+* ``norm``: rescale so the p-norm is at most ``max_norm`` (direction kept), over all gradients together
+  (``scope: global``, as ``torch.nn.utils.clip_grad_norm_``), per layer, or per tensor (Keras ``clipnorm``).
+* ``autoclip`` (Seetharaman et al. 2020): global L2 clipping at the ``percentile``-th percentile of the
+  history of global L2 norms, the current step's norm included (so step 1 is never clipped).
+* ``agc`` (Brock et al. 2021): unit-wise, clip unit i when ||G_i|| > clip_factor * max(||W_i||, eps).
+* ``zclip`` (Kumar et al. 2025): z-score of the global L2 norm against EMAs of its mean and variance.
 
-Where it sits in a step: after ``backward()`` (and ``GradScaler.unscale_``), before ``optimizer.step()``.
+Every clipper returns a :class:`ClipStats` of 0-d tensors on the gradients' device, whatever the method:
+global L2 norm before and after, whether anything changed, the fraction of units (elements, tensors,
+layers) clipped, and the threshold in force. Nothing here calls ``.item()`` or branches on a device
+value, so a training step never waits for the GPU; the loop reads the statistics in batches.
+
+Stateful methods keep an explicit :class:`ClipState` (``init_state``), threaded through
+``clip_gradients(params, cfg, state)`` and saved with checkpoints (``state_dict``/``load_state_dict``),
+so a study can hold one state per run and a resumed run continues exactly.
+
+Where it sits in a step: after ``backward()`` (and ``GradScaler.unscale_``; under DDP after the
+all-reduce, so every rank clips identically), before ``optimizer.step()``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+import re
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from fincast.config import ClipConfig
 
-EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + EPS)
 
 
 @dataclass
@@ -31,18 +42,77 @@ class ClipStats:
     norm_pre: torch.Tensor  # global L2 norm before clipping
     norm_post: torch.Tensor  # global L2 norm of what the optimizer sees
     clipped: torch.Tensor  # 1.0 if clipping changed the gradients, else 0.0
-    threshold: torch.Tensor  # the bound in force (nan for none)
+    clip_fraction: torch.Tensor  # share of units clipped: elements (value), layers/tensors (norm), units (agc)
+    threshold: torch.Tensor  # the bound in force (nan where there is none)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: how parameters group into layers (per-layer norms, AGC's output layer, monitoring)
+# ---------------------------------------------------------------------------------------------
+
+_RNN_PARAM = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_l(\d+)(_reverse)?$")
+
+
+def layer_name(param_name: str) -> str:
+    """'lstm.weight_ih_l1' -> 'lstm.l1'; 'head.weight' -> 'head'; 'w' -> 'w' (a parameter of the root)."""
+    module, _, leaf = param_name.rpartition(".")
+    m = _RNN_PARAM.match(leaf)
+    if m:  # one nn.LSTM/GRU module holds every stacked layer: split them
+        return f"{module}.l{m.group(1)}{m.group(2) or ''}".lstrip(".")
+    return module or leaf
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per gradient tensor: its parameter name and layer; layers are contiguous runs in parameter order."""
+
+    names: tuple[str, ...]
+    layers: tuple[str, ...]  # layer names, in order
+    spans: tuple[tuple[int, int], ...]  # tensors [a, b) of each layer
+    output: str  # the output layer: the last one registered (the model's head)
+
+    @classmethod
+    def of(cls, named: list[tuple[str, torch.Tensor]]) -> Layout:
+        names = tuple(n for n, _ in named)
+        layers: list[str] = []
+        spans: list[list[int]] = []
+        for i, n in enumerate(names):
+            lay = layer_name(n)
+            if layers and layers[-1] == lay:
+                spans[-1][1] = i + 1
+            else:
+                layers.append(lay)
+                spans.append([i, i + 1])
+        return cls(names, tuple(layers), tuple((a, b) for a, b in spans), layers[-1] if layers else "")
+
+    def layer_index(self) -> list[int]:
+        return [j for j, (a, b) in enumerate(self.spans) for _ in range(a, b)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _foreach_ok(grads: list[torch.Tensor]) -> bool:
+    return len({(g.device, g.dtype) for g in grads}) == 1 and grads[0].device.type in ("cuda", "cpu", "mps")
+
+
+def tensor_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Norm of each tensor, stacked (float32)."""
+    if _foreach_ok(grads):
+        norms = torch._foreach_norm(grads, norm_type)
+    else:
+        norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+    device = grads[0].device
+    return torch.stack([n.to(device, torch.float32) for n in norms])
 
 
 def global_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """Norm of all gradients together, as if concatenated into one vector (0-d tensor, float32)."""
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=_foreach_ok(grads)).float()
-
-
-def _foreach_ok(grads: list[torch.Tensor]) -> bool:
-    return len({(g.device, g.dtype) for g in grads}) == 1 and grads[0].device.type in ("cuda", "cpu", "mps")
+    return torch.linalg.vector_norm(tensor_norms(grads, norm_type), norm_type)
 
 
 def _bound(value: float, dtype: torch.dtype) -> float:
@@ -51,15 +121,52 @@ def _bound(value: float, dtype: torch.dtype) -> float:
     return value if abs(value) <= torch.finfo(dtype).max else math.copysign(math.inf, value)
 
 
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), _bound(value, torch.float32), dtype=torch.float32, device=like.device)
+
+
+def _scale(grads: list[torch.Tensor], coefs: list[torch.Tensor] | torch.Tensor) -> None:
+    """grads[i] *= coef (one coefficient for all, or one per tensor), in place, in each grad's dtype."""
+    if isinstance(coefs, torch.Tensor):
+        coefs = [coefs] * len(grads)
+    if _foreach_ok(grads):
+        torch._foreach_mul_(grads, [c.to(grads[0].dtype) for c in coefs])
+    else:
+        for g, c in zip(grads, coefs):
+            g.mul_(c.to(g.device, g.dtype))
+
+
+def _stats(pre: torch.Tensor, post: torch.Tensor, clipped: torch.Tensor, fraction: torch.Tensor,
+           threshold: torch.Tensor) -> ClipStats:
+    return ClipStats(pre, post, clipped.float(), fraction.float(), threshold.float())
+
+
+def schedule_factor(step: int, kind: str, start: float, steps: int) -> float:
+    """Threshold multiplier at step ``step`` (0-based): from ``start`` to 1 over ``steps``, then 1."""
+    if kind == "constant":
+        return 1.0
+    t = min(step / steps, 1.0)
+    if kind == "linear":
+        return start + (1.0 - start) * t
+    return 1.0 + (start - 1.0) * 0.5 * (1.0 + math.cos(math.pi * t))  # cosine
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateless clippers (one list of gradients in, clipped in place, statistics out)
+# ---------------------------------------------------------------------------------------------
+
+
 def clip_none(grads: list[torch.Tensor]) -> ClipStats:
     pre = global_norm(grads)
-    return ClipStats(pre, pre, torch.zeros_like(pre), torch.full_like(pre, math.nan))
+    zero = torch.zeros_like(pre)
+    return _stats(pre, pre, zero, zero, torch.full_like(pre, math.nan))
 
 
 def clip_value(grads: list[torch.Tensor], value: float) -> ClipStats:
-    """Clamp every element to [-value, value]. Direction is not preserved."""
+    """Clamp every element to [-value, value]. Direction is not kept."""
     pre = global_norm(grads)
-    changed = (global_norm(grads, math.inf) > value).float()
+    flat = torch.cat([g.detach().reshape(-1) for g in grads])
+    over = (flat.abs() > value).sum()
     if _foreach_ok(grads):
         bound = _bound(value, grads[0].dtype)
         torch._foreach_clamp_min_(grads, -bound)
@@ -67,33 +174,219 @@ def clip_value(grads: list[torch.Tensor], value: float) -> ClipStats:
     else:
         for g in grads:
             g.clamp_(-_bound(value, g.dtype), _bound(value, g.dtype))
-    return ClipStats(pre, global_norm(grads), changed, torch.full_like(pre, _bound(value, pre.dtype)))
+    return _stats(pre, global_norm(grads), over > 0, over / max(flat.numel(), 1), _scalar(value, pre))
 
 
-def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> ClipStats:
-    """Rescale all gradients together so their ``norm_type`` norm is at most ``max_norm`` (direction kept),
-    as ``torch.nn.utils.clip_grad_norm_``."""
-    pre = global_norm(grads)
-    total = pre if norm_type == 2.0 else global_norm(grads, norm_type)
-    coef = torch.clamp(max_norm / (total + EPS), max=1.0)
-    if _foreach_ok(grads):
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+def clip_to_norm(grads: list[torch.Tensor], threshold: torch.Tensor, pre: torch.Tensor | None = None) -> ClipStats:
+    """Rescale all gradients together so their global L2 norm is at most ``threshold`` (a 0-d tensor, so
+    data-dependent thresholds need no host sync). A nan threshold clips nothing."""
+    pre = global_norm(grads) if pre is None else pre
+    clip = pre > threshold
+    coef = torch.where(clip, threshold / (pre + EPS), torch.ones_like(pre))
+    _scale(grads, coef)
+    return _stats(pre, pre * coef, clip, clip, threshold)
+
+
+def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+              groups: list[tuple[int, int]] | None = None) -> ClipStats:
+    """Rescale gradients so the ``norm_type`` norm is at most ``max_norm``, direction kept.
+
+    ``groups=None``: one norm over all gradients (exactly ``torch.nn.utils.clip_grad_norm_``:
+    coef = min(1, max_norm / (norm + EPS))). Otherwise one norm and one coefficient per group of tensors
+    ``[a, b)``: one group per layer (``per_layer``) or per tensor (``per_param``)."""
+    norms = tensor_norms(grads, norm_type)
+    pre = torch.linalg.vector_norm(norms if norm_type == 2.0 else tensor_norms(grads), 2.0)
+    if groups is None:
+        total = torch.linalg.vector_norm(norms, norm_type)
+        coef = torch.clamp(max_norm / (total + EPS), max=1.0)
+        _scale(grads, coef)
+        clip = coef < 1.0
+        post = pre * coef
+        return _stats(pre, post, clip, clip, _scalar(max_norm, pre))
+    if all(b - a == 1 for a, b in groups) and len(groups) == len(grads):
+        group_norms = norms
     else:
-        for g in grads:
-            g.mul_(coef.to(g.device, g.dtype))
-    return ClipStats(pre, global_norm(grads), (coef < 1.0).float(), torch.full_like(pre, _bound(max_norm, pre.dtype)))
+        group_norms = torch.stack([torch.linalg.vector_norm(norms[a:b], norm_type) for a, b in groups])
+    coefs = torch.clamp(max_norm / (group_norms + EPS), max=1.0)
+    per_tensor = [coefs[j] for j, (a, b) in enumerate(groups) for _ in range(a, b)]
+    _scale(grads, per_tensor)
+    clipped = coefs < 1.0
+    return _stats(pre, global_norm(grads), clipped.any(), clipped.float().mean(), _scalar(max_norm, pre))
 
 
-def init_state(cfg: ClipConfig) -> Any:
-    """Per-run clipper state (None for the stateless methods)."""
-    return None
+def unit_norms(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each unit of a tensor: per output row (dim 0) for weights, the whole tensor for biases and
+    scalars; shaped to broadcast against ``t``."""
+    if t.dim() <= 1:
+        return torch.linalg.vector_norm(t).reshape([1] * t.dim())
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), keepdim=True)
 
 
-def clip_gradients(grads: list[torch.Tensor], cfg: ClipConfig, state: Any = None) -> tuple[ClipStats, Any]:
-    if cfg.method == "none":
-        return clip_none(grads), state
-    if cfg.method == "value":
-        return clip_value(grads, cfg.value), state
-    if cfg.method == "norm":
-        return clip_norm(grads, cfg.max_norm, cfg.norm_type), state
-    raise ValueError(f"unknown clip.method {cfg.method!r}")  # config validation makes this unreachable
+def clip_agc(grads: list[torch.Tensor], weights: list[torch.Tensor], clip_factor: float, eps: float = 1e-3,
+             skip: list[bool] | None = None) -> ClipStats:
+    """Adaptive gradient clipping, unit-wise (Brock et al. 2021): for each unit i, if
+    ||G_i|| > clip_factor * max(||W_i||, eps), rescale G_i to that bound. ``skip[k]`` leaves tensor k alone."""
+    pre = global_norm(grads)
+    skip = skip or [False] * len(grads)
+    n_clipped = torch.zeros((), device=pre.device)
+    n_units = 0
+    for g, w, s in zip(grads, weights, skip):
+        if s:
+            continue
+        gn = unit_norms(g.detach()).float()
+        bound = clip_factor * unit_norms(w.detach()).float().clamp_min(eps)
+        over = gn > bound
+        g.mul_(torch.where(over, bound / gn.clamp_min(EPS), 1.0).to(g.dtype))
+        n_clipped = n_clipped + over.sum()
+        n_units += over.numel()
+    return _stats(pre, global_norm(grads), n_clipped > 0, n_clipped / max(n_units, 1), _scalar(clip_factor, pre))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateful clippers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipState:
+    """Everything a run's clipper carries between steps. ``step`` counts calls (a host int: schedules and
+    warmups need no device sync); the tensors live on the gradients' device."""
+
+    step: int = 0
+    layout: Layout | None = field(default=None, compare=False)  # derived from the model, not saved
+    history: torch.Tensor | None = None  # autoclip: ring buffer of global L2 norms, nan = empty/non-finite
+    warm: torch.Tensor | None = None  # zclip: norms of the warmup steps
+    mean: torch.Tensor | None = None  # zclip: EMA of the (clipped) norm
+    var: torch.Tensor | None = None  # zclip: EMA of its variance
+
+
+def init_state(cfg: ClipConfig, named_params: list[tuple[str, torch.Tensor]] | None = None) -> ClipState:
+    """A fresh per-run state. ``named_params`` (``model.named_parameters()``) gives per-layer scopes and
+    AGC their layers; the stateless methods need nothing else."""
+    return ClipState(layout=Layout.of(list(named_params)) if named_params is not None else None)
+
+
+def state_dict(state: ClipState) -> dict:
+    return {f.name: getattr(state, f.name) for f in fields(state) if f.name != "layout"}
+
+
+def load_state_dict(state: ClipState, saved: dict) -> ClipState:
+    for key, value in saved.items():
+        setattr(state, key, value)
+    return state
+
+
+def autoclip_step(grads: list[torch.Tensor], percentile: float, window: int, state: ClipState) -> ClipStats:
+    """Append this step's global L2 norm to the history (the last ``window`` steps), clip at its
+    ``percentile``-th percentile (linear interpolation, as numpy.percentile). Non-finite norms are not
+    history (stored as nan, ignored by the percentile)."""
+    pre = global_norm(grads)
+    if state.history is None:
+        state.history = torch.full((window,), math.nan, device=pre.device)
+    state.history[state.step % window] = torch.where(torch.isfinite(pre), pre, math.nan)
+    filled = state.history[:min(state.step + 1, window)]
+    threshold = torch.nanquantile(filled, percentile / 100.0)
+    return clip_to_norm(grads, threshold, pre)
+
+
+def zclip_step(grads: list[torch.Tensor], cfg, state: ClipState) -> ClipStats:
+    """ZClip, following the reference implementation: the first ``warmup`` norms initialise the mean and
+    (population) variance, with only the optional ``max_norm`` cap meanwhile. Then z = (g - mean) / (std + eps);
+    when z > z_thresh the norm is clipped to mean + z_thresh^2 * std / z (``reciprocal``) or to the mean
+    (``mean``); ``max_norm`` caps it in any case. The EMAs are then updated with the clipped norm
+    (spike) or the norm itself: mean <- a*mean + (1-a)*x, then var <- a*var + (1-a)*(x - mean)^2."""
+    pre = global_norm(grads)
+    cap = _scalar(cfg.max_norm, pre) if cfg.max_norm is not None else torch.full_like(pre, math.inf)
+    finite = torch.isfinite(pre)
+    if state.step < cfg.warmup:
+        if state.warm is None:
+            state.warm = torch.full((cfg.warmup,), math.nan, device=pre.device)
+        state.warm[state.step] = torch.where(finite, pre, math.nan)
+        if state.step + 1 == cfg.warmup:
+            state.mean = torch.nanmean(state.warm)
+            state.var = torch.nanmean((state.warm - state.mean) ** 2)
+        stats = clip_to_norm(grads, cap, pre)
+        return _stats(stats.norm_pre, stats.norm_post, stats.clipped, stats.clip_fraction,
+                      torch.where(torch.isinf(cap), math.nan, cap))
+    mean, var = state.mean, state.var
+    std = var.sqrt()
+    z = (pre - mean) / (std + cfg.eps)
+    spike = z > cfg.z_thresh
+    # reciprocal: mean + z_thresh * std / (z / z_thresh), a harder cut the larger the outlier
+    spike_threshold = mean + cfg.z_thresh ** 2 * std / z if cfg.rule == "reciprocal" else mean
+    adaptive = torch.where(spike, spike_threshold, pre)  # what the EMA sees
+    effective = torch.minimum(adaptive, cap)
+    stats = clip_to_norm(grads, effective, pre)
+    boundary = torch.minimum(mean + cfg.z_thresh * (std + cfg.eps), cap)  # the norm above which a step is clipped
+    # EMA update (skipped for non-finite norms, e.g. steps an fp16 GradScaler drops; re-seeded if it broke)
+    ok = finite & torch.isfinite(adaptive)
+    new_mean = torch.where(torch.isfinite(mean), cfg.alpha * mean + (1 - cfg.alpha) * adaptive, adaptive)
+    new_var = torch.where(torch.isfinite(var), cfg.alpha * var + (1 - cfg.alpha) * (adaptive - new_mean) ** 2,
+                          torch.zeros_like(var))
+    state.mean = torch.where(ok, new_mean, mean)
+    state.var = torch.where(ok, new_var, var)
+    return _stats(stats.norm_pre, stats.norm_post, stats.clipped, stats.clip_fraction, boundary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def threshold_at(cfg: ClipConfig, step: int) -> float | None:
+    """The scheduled base threshold of value/norm/agc at step ``step`` (None for the other methods)."""
+    section = getattr(cfg, cfg.method, None)
+    base = {"value": "value", "norm": "max_norm", "agc": "clip_factor"}.get(cfg.method)
+    if base is None:
+        return None
+    factor = schedule_factor(step, section.schedule, section.schedule_start, section.schedule_steps)
+    return getattr(section, base) * factor
+
+
+def clip_gradients(params: list[torch.Tensor], cfg: ClipConfig, state: ClipState) -> tuple[ClipStats, ClipState]:
+    """Clip the ``.grad`` of ``params`` (a model's parameters, in ``named_parameters`` order) in place."""
+    used = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in used]
+    method = cfg.method
+    if not grads:
+        zero = torch.zeros(())
+        stats = _stats(zero, zero, zero, zero, torch.full((), math.nan))
+    elif method == "none":
+        stats = clip_none(grads)
+    elif method == "value":
+        stats = clip_value(grads, threshold_at(cfg, state.step))
+    elif method == "norm":
+        c = cfg.norm
+        stats = clip_norm(grads, threshold_at(cfg, state.step), c.norm_type, _groups(c.scope, params, state))
+    elif method == "agc":
+        layout = _layout(state, params)
+        skip = [cfg.agc.skip_output and layer_name(n) == layout.output
+                for n, p in zip(layout.names, params) if p.grad is not None]
+        stats = clip_agc(grads, used, threshold_at(cfg, state.step), cfg.agc.eps, skip)
+    elif method == "autoclip":
+        stats = autoclip_step(grads, cfg.autoclip.percentile, cfg.autoclip.window, state)
+    elif method == "zclip":
+        stats = zclip_step(grads, cfg.zclip, state)
+    else:  # config validation makes this unreachable
+        raise ValueError(f"unknown clip.method {method!r}")
+    state.step += 1
+    return stats, state
+
+
+def _layout(state: ClipState, params: list[torch.Tensor]) -> Layout:
+    if state.layout is None or len(state.layout.names) != len(params):
+        raise ValueError("this clip method needs the model's layers: init_state(cfg, model.named_parameters())")
+    return state.layout
+
+
+def _groups(scope: str, params: list[torch.Tensor], state: ClipState) -> list[tuple[int, int]] | None:
+    if scope == "global":
+        return None
+    n_with_grad = [p.grad is not None for p in params]
+    if scope == "per_param":
+        return [(i, i + 1) for i in range(sum(n_with_grad))]
+    layout = _layout(state, params)
+    # re-index layer spans onto the tensors that have gradients
+    index = [sum(n_with_grad[:i]) for i in range(len(params) + 1)]
+    spans = [(index[a], index[b]) for a, b in layout.spans]
+    return [(a, b) for a, b in spans if b > a]

@@ -111,17 +111,86 @@ class TrainConfig:
     min_delta: float = _opt(0.0, "early stopping: improvement smaller than this does not count", ge=0)
     threads: int | None = _opt(
         None, "CPU threads for torch; null = all cores, less one for the metric writer process", ge=1, le=1024)
+    checkpoint: bool = _opt(
+        True, "save a checkpoint at each epoch end to checkpoint_dir/<run id>.pt (for `fincast resume`)")
+    checkpoint_every: int | None = _opt(None, "also save a checkpoint every this many steps (null = epoch ends only)", ge=1)
+    checkpoint_dir: str = _opt("checkpoints", "directory of checkpoints")
     precision: Literal["fp32", "bf16", "fp16"] = _opt(
         "fp32", "fp32, or CUDA autocast: bf16, or fp16 with a GradScaler (gradients unscaled before clipping)")
 
 
 @dataclass(frozen=True)
+class _Scheduled:
+    """Threshold schedule shared by value, norm and agc: threshold(t) = base * factor(t), where factor goes
+    from ``schedule_start`` at step 0 to 1 at ``schedule_steps`` (then stays 1)."""
+    schedule: Literal["constant", "linear", "cosine"] = _opt(
+        "constant", "threshold schedule: constant, linear or cosine from schedule_start x the threshold to the threshold")
+    schedule_start: float = _opt(
+        10.0, "schedule: threshold multiplier at step 0 (> 1 = loose early, < 1 = tight early)", gt=0, le=1e6)
+    schedule_steps: int = _opt(1000, "schedule: steps over which the multiplier reaches 1", ge=1)
+
+
+@dataclass(frozen=True)
+class ValueClip(_Scheduled):
+    value: float = _opt(1.0, "clamp every gradient element to [-value, value]", gt=0)
+
+
+@dataclass(frozen=True)
+class NormClip(_Scheduled):
+    max_norm: float = _opt(1.0, "threshold on the norm (of all gradients, of each layer or of each tensor: scope)", gt=0)
+    norm_type: float = _opt(2.0, "p of the p-norm: any p >= 1, or inf", ge=1)
+    scope: Literal["global", "per_layer", "per_param"] = _opt(
+        "global", "global: one norm over all parameters (torch clip_grad_norm_); per_layer: one per layer; "
+                  "per_param: one per tensor (Keras clipnorm)")
+
+
+@dataclass(frozen=True)
+class AutoClipConfig:
+    percentile: float = _opt(10.0, "threshold = this percentile of the history of global L2 norms", ge=0, le=100)
+    window: int = _opt(10000, "history length in steps: all steps so far, up to this many", ge=1, le=1_000_000)
+
+
+@dataclass(frozen=True)
+class AGCConfig(_Scheduled):
+    clip_factor: float = _opt(0.01, "clip a unit when ||G_i|| > clip_factor * max(||W_i||, eps)", gt=0)
+    eps: float = _opt(1e-3, "floor on the weight norm of a unit (so zero-initialised units can move)", gt=0)
+    skip_output: bool = _opt(True, "leave the output layer (the model's head) unclipped, as the paper recommends")
+
+
+@dataclass(frozen=True)
+class ZClipConfig:
+    alpha: float = _opt(0.97, "EMA factor of the norm's mean and variance", gt=0, lt=1)
+    z_thresh: float = _opt(2.5, "z-score above which a step is a spike and is clipped", gt=0)
+    warmup: int = _opt(25, "steps whose norms initialise the mean and variance (no clipping meanwhile)", ge=1)
+    rule: Literal["reciprocal", "mean"] = _opt(
+        "reciprocal", "spike threshold: reciprocal = mean + z_thresh^2 * std / z (the paper's rule); mean = the EMA mean")
+    max_norm: float | None = _opt(None, "optional absolute cap on the global L2 norm, also during warmup", gt=0)
+    eps: float = _opt(1e-6, "added to the std in the z-score", gt=0)
+
+
+CLIP_METHODS = ("none", "value", "norm", "autoclip", "agc", "zclip")
+
+
+@dataclass(frozen=True)
 class ClipConfig:
-    method: Literal["none", "value", "norm"] = _opt(
-        "norm", "none; value (clamp each element to [-value, value]); norm (rescale all gradients together to max_norm)")
-    max_norm: float = _opt(1.0, "norm: threshold on the norm of all gradients together", gt=0)
-    norm_type: float = _opt(2.0, "norm: 1, 2 or inf", allowed=(1.0, 2.0, math.inf))
-    value: float = _opt(1.0, "value: clamp bound", gt=0)
+    """``method`` picks the clipper; its settings are in the section of the same name. Sections of other
+    methods may stay in a spec (a study can switch methods) and are ignored."""
+    method: Literal["none", "value", "norm", "autoclip", "agc", "zclip"] = _opt(
+        "norm", "none, value, norm, autoclip, agc or zclip; settings in clip.<method>.*")
+    value: ValueClip = field(default_factory=ValueClip)
+    norm: NormClip = field(default_factory=NormClip)
+    autoclip: AutoClipConfig = field(default_factory=AutoClipConfig)
+    agc: AGCConfig = field(default_factory=AGCConfig)
+    zclip: ZClipConfig = field(default_factory=ZClipConfig)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    every: int | None = _opt(
+        50, "log per-layer gradient norms (grad/layer/<name>) and update/weight ratios (update/ratio/<name>) "
+            "every this many steps; null = off", ge=1)
+    spike_factor: float = _opt(5.0, "a step is a gradient spike when its norm > spike_factor x the running median", gt=1)
+    spike_window: int = _opt(100, "steps in the running median of the spike detector", ge=2, le=100000)
 
 
 @dataclass(frozen=True)
@@ -144,6 +213,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -271,6 +341,8 @@ def _check_range(value: Any, meta: dict) -> None:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
     if isinstance(v, float):
         if math.isinf(v):
             return "inf"
@@ -280,6 +352,26 @@ def _fmt(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
+def fields(cls: Any) -> list[dataclasses.Field]:
+    """Dataclass fields, a class's own before inherited ones (``clip.norm.max_norm`` before its schedule)."""
+    own = cls.__dict__.get("__annotations__", {})
+    fs = dataclasses.fields(cls)
+    return [f for f in fs if f.name in own] + [f for f in fs if f.name not in own]
+
+
+def _all_keys() -> list[str]:
+    return [k for k, _, _ in describe_keys()]
+
+
+def _unknown_key_hint(prefix: str, key: str, names: list[str]) -> str:
+    same_leaf = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == str(key)]
+    nearby = [k for k in same_leaf if k.startswith(prefix)] or same_leaf
+    if nearby:
+        return f" ('{key}' is a key of {' and '.join(k.rsplit('.', 1)[0] for k in nearby)}: {', '.join(nearby)})"
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
 def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     if raw is None:
@@ -287,12 +379,11 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     if not isinstance(raw, dict):
         errors.append(f"{prefix.rstrip('.') or '<top level>'}: expected a mapping of keys, got {raw!r}")
         return cls()
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            hint = _unknown_key_hint(prefix, key, names)
             errors.append(f"{prefix}{key}: unknown key{hint}; valid keys here: {', '.join(names)}")
             continue
         f = next(f for f in dataclasses.fields(cls) if f.name == key)
@@ -401,7 +492,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
 def to_dict(cfg: Any) -> dict:
     """Plain, YAML-safe dict of a config (dates as ISO strings, tuples as lists)."""
     out = {}
-    for f in dataclasses.fields(cfg):
+    for f in fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             out[f.name] = to_dict(v)
@@ -436,7 +527,7 @@ def describe_keys() -> list[tuple[str, str, str]]:
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         inst = cls()
-        for f in dataclasses.fields(cls):
+        for f in fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue

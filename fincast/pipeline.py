@@ -7,6 +7,7 @@ beside the baselines, then artifacts (resolved config, curves, predictions, mode
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -21,11 +22,19 @@ import torch
 import fincast
 from fincast import config as config_mod
 from fincast import features, tracking
-from fincast.config import PipelineConfig
+from fincast.config import FincastError, PipelineConfig
 from fincast.data import Prices, load_prices
 from fincast.models import build_model, forecast_metrics, naive_forecast, ridge_forecast
 from fincast.reports import plots
-from fincast.training import FitResult, evaluate, fit, resolve_device, resolve_precision, seed_everything
+from fincast.training import (
+    FitResult,
+    dist_info,
+    evaluate,
+    fit,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 
 
 @dataclass
@@ -52,12 +61,26 @@ def _short(x: float) -> str:
 
 
 def clip_label(cfg: config_mod.ClipConfig) -> str:
-    if cfg.method == "norm":
-        suffix = "" if cfg.norm_type == 2 else f"-L{'inf' if math.isinf(cfg.norm_type) else f'{cfg.norm_type:g}'}"
-        return f"norm{float(cfg.max_norm)}{suffix}"
-    if cfg.method == "value":
-        return f"value{float(cfg.value)}"
-    return "none"
+    """Short name of a clipping setup for run names: norm1.0, norm0.5-L1-per_layer, value0.1-linear,
+    autoclip-p10, agc0.01, zclip-z2.5-mean, none."""
+    m = cfg.method
+    if m == "none":
+        return "none"
+    section = getattr(cfg, m)
+    if m == "norm":
+        p = section.norm_type
+        label = f"norm{float(section.max_norm)}" + ("" if p == 2 else f"-L{'inf' if math.isinf(p) else f'{p:g}'}")
+        label += "" if section.scope == "global" else f"-{section.scope}"
+    elif m == "value":
+        label = f"value{float(section.value)}"
+    elif m == "agc":
+        label = f"agc{_short(section.clip_factor)}"
+    elif m == "autoclip":
+        return f"autoclip-p{section.percentile:g}"
+    else:
+        label = f"zclip-z{section.z_thresh:g}" + ("-mean" if section.rule == "mean" else "")
+        return label + (f"-cap{section.max_norm:g}" if section.max_norm is not None else "")
+    return label + ("" if section.schedule == "constant" else f"-{section.schedule}")
 
 
 def run_name(cfg: PipelineConfig) -> str:
@@ -83,34 +106,135 @@ def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = Fa
     return load_prices(cfg.data, min_rows=features.required_rows(cfg.features), refresh=refresh, progress=progress)
 
 
-def train(cfg: PipelineConfig, *, progress: bool = False) -> TrainOutcome:
-    """Run one training pipeline end to end; returns what the CLI summarises."""
-    writer = tracking.MetricWriter.maybe(cfg.tracking)  # opens the store in the background while data loads
+def train(cfg: PipelineConfig, *, progress: bool = False) -> TrainOutcome | None:
+    """Run one training pipeline end to end; returns what the CLI summarises.
+
+    Under ``torchrun`` every rank trains its shard of each global batch (DDP); only rank 0 tracks the run,
+    writes checkpoints and returns an outcome (the others return None)."""
+    return _run(cfg, progress=progress)
+
+
+def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoint_dir: str = "checkpoints",
+           progress: bool = False) -> TrainOutcome | None:
+    """Continue a run from its checkpoint (``checkpoint_dir/<run_id>.pt``) into the same MLflow run, exactly
+    as if it had not stopped: same data (checked by fingerprint), weights, optimizer, schedule, scaler,
+    clipper state, data order and RNG. ``overrides`` may change only RESUME_KEYS (e.g. more epochs)."""
+    path = Path(checkpoint_dir) / f"{run_id}.pt"
+    saved = load_checkpoint(path)
+    raw = config_mod.apply_overrides(saved["config"], list(overrides))
+    for text in overrides:
+        key = ".".join(config_mod.parse_override(text)[0])
+        if key not in RESUME_KEYS:
+            raise config_mod.ConfigError(f"--set {text!r}: a resumed run keeps its config; only "
+                                         f"{', '.join(sorted(RESUME_KEYS))} may change")
+    cfg = config_mod.from_dict(raw, f"checkpoint {path}")
+    return _run(cfg, progress=progress, resume=saved, resume_overrides=list(overrides))
+
+
+RESUME_KEYS = {"train.epochs", "train.max_steps", "train.patience", "train.threads", "train.checkpoint_every",
+               "tracking.log_every"}
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        return _train(cfg, writer, progress=progress)
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     finally:
-        if writer is not None:
-            writer.close()
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FincastError(f"no checkpoint {path}: runs save one at each epoch end into train.checkpoint_dir "
+                           "(unless train.checkpoint=false); pass --checkpoint-dir if it is elsewhere")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file
+        raise FincastError(f"checkpoint {path} cannot be read: {exc}") from None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise FincastError(f"checkpoint {path}: not a fincast checkpoint of format {CHECKPOINT_FORMAT}")
+    return saved
 
 
 def _threads(cfg: PipelineConfig, writer: tracking.MetricWriter | None, device: torch.device) -> int:
-    """torch CPU threads: train.threads, else every core, less one for the metric writer (the default
-    model is as fast on one thread as on two, and idle OpenMP threads spin and starve the writer)."""
+    """torch CPU threads: train.threads, else this process's share of the cores, less one for the metric
+    writer (the default model is as fast on one thread as on two, and idle OpenMP threads spin and starve
+    the writer)."""
     if cfg.train.threads is not None:
         return cfg.train.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, cores - (1 if writer is not None and device.type == "cpu" else 0))
 
 
-def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool) -> TrainOutcome:
-    prices = load_data(cfg, progress=progress)
+def _init_distributed(cfg: PipelineConfig) -> bool:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on
+    CPU. Returns whether this call initialised it (and so must tear it down)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    cuda = cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def _run(cfg: PipelineConfig, *, progress: bool, resume: dict | None = None,
+         resume_overrides: list[str] | None = None) -> TrainOutcome | None:
+    owns_group = _init_distributed(cfg)
+    rank, _ = dist_info()
+    writer = tracking.MetricWriter.maybe(cfg.tracking) if rank == 0 else None  # opens the store while data loads
+    try:
+        return _train(cfg, writer, progress=progress and rank == 0, resume=resume,
+                      resume_overrides=resume_overrides or [])
+    finally:
+        if writer is not None:
+            writer.close()
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _load_for_run(cfg: PipelineConfig, rank: int, resume: dict | None, progress: bool) -> Prices:
+    """Rank 0 fetches (and caches) first, the other ranks then read the cache. A resumed run never
+    refreshes the cache: it needs exactly the data it started with."""
+    if resume is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, refresh_after_hours=math.inf))
+    distributed = torch.distributed.is_initialized()
+    prices = load_data(cfg, progress=progress) if rank == 0 else None
+    if distributed:
+        torch.distributed.barrier()
+    if prices is None:
+        prices = load_data(cfg)
+    if resume is not None and prices.fingerprint != resume["data_fingerprint"]:
+        raise FincastError(f"the data changed since the checkpoint (fingerprint {prices.fingerprint}, checkpoint "
+                           f"{resume['data_fingerprint']}); a resumed run needs exactly the data it started with")
+    return prices
+
+
+def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
+           resume_overrides: list[str]) -> TrainOutcome | None:
+    rank, world = dist_info()
+    prices = _load_for_run(cfg, rank, resume, progress)
     fs = features.build(prices.frames, cfg.features, price=cfg.data.price)
 
     device = resolve_device(cfg.train.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.set_num_threads(_threads(cfg, writer, device))
     precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, len(fs.names)).to(device)
+    if rank != 0:  # the other ranks train their shards; rank 0 tracks, checkpoints and evaluates
+        fit(model, fs.train, fs.val, cfg.train, cfg.clip, device=device, precision=precision,
+            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume)
+        return None
 
     experiment = cfg.tracking.experiment or cfg.name
     name = run_name(cfg)
@@ -123,23 +247,40 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         "fincast.device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
         "fincast.precision": precision,
         "fincast.threads": torch.get_num_threads(),
+        "fincast.world_size": world,
         "fincast.clip": clip_label(cfg.clip),
         "fincast.pipeline": cfg.name,
     }
-    run = tracking.start_run(cfg.tracking, experiment, name, tags, writer=writer)
+    if resume is not None:
+        tags["fincast.resumed_from_step"] = resume["run"]["step"]
+        if resume_overrides:
+            tags["fincast.resumed_with"] = " ".join(resume_overrides)
+    run = tracking.start_run(cfg.tracking, experiment, name, tags, writer=writer,
+                             resume_run_id=resume["run_id"] if resume is not None else None)
     try:
-        run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
-        run.log_params({
-            "data.rows": sum(len(f) for f in prices.frames.values()),
-            "data.first_date": min(f.index[0] for f in prices.frames.values()).date().isoformat(),
-            "data.last_date": max(f.index[-1] for f in prices.frames.values()).date().isoformat(),
-            "features.names": fs.names, "split.val_start": fs.val_start.isoformat(),
-            "split.test_start": fs.test_start.isoformat(), "samples.train": len(fs.train),
-            "samples.val": len(fs.val), "samples.test": len(fs.test),
-            "model.parameters": sum(p.numel() for p in model.parameters()),
-        })
+        if resume is None:
+            run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
+            run.log_params({
+                "data.rows": sum(len(f) for f in prices.frames.values()),
+                "data.first_date": min(f.index[0] for f in prices.frames.values()).date().isoformat(),
+                "data.last_date": max(f.index[-1] for f in prices.frames.values()).date().isoformat(),
+                "features.names": fs.names, "split.val_start": fs.val_start.isoformat(),
+                "split.test_start": fs.test_start.isoformat(), "samples.train": len(fs.train),
+                "samples.val": len(fs.val), "samples.test": len(fs.test),
+                "model.parameters": sum(p.numel() for p in model.parameters()),
+            })
+        checkpoint = None
+        if cfg.train.checkpoint or cfg.train.checkpoint_every:
+            path = Path(cfg.train.checkpoint_dir) / f"{run.run_id}.pt"
+            common = {"format": CHECKPOINT_FORMAT, "run_id": run.run_id, "config": config_mod.to_dict(cfg),
+                      "data_fingerprint": prices.fingerprint, "fincast_version": fincast.__version__}
+
+            def checkpoint(state: dict) -> None:
+                save_checkpoint(path, {**common, **state})
+
         result = fit(model, fs.train, fs.val, cfg.train, cfg.clip, device=device, precision=precision,
-                     log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress)
+                     log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress,
+                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume)
 
         metrics, predictions = _evaluate_test(model, fs, cfg, device, result)
         final = [(f"{m}/{k}", v, result.steps) for m, vals in metrics.items() for k, v in vals.items()]
@@ -193,11 +334,14 @@ def _log_artifacts(run, cfg, fs, result: FitResult, predictions: pd.DataFrame, p
         predictions.to_csv(d / "predictions.csv", index=False)
         steps_per_epoch = math.ceil(len(fs.train) / cfg.train.batch_size)
         val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
-        threshold = {"norm": cfg.clip.max_norm, "value": None, "none": None}[cfg.clip.method]
+        c = cfg.clip  # thresholds on the global L2 norm can be drawn against it
+        l2_global = c.method in ("autoclip", "zclip") or (c.method == "norm" and c.norm.norm_type == 2
+                                                           and c.norm.scope == "global")
+        threshold = result.history.get("threshold") if l2_global else None
         plots.training_curves(d / "training_curves.png", loss=result.history["loss"],
                               norm_pre=result.history["norm_pre"], norm_post=result.history["norm_post"],
                               val_loss=result.val_history, val_steps=val_steps,
-                              threshold=threshold if cfg.clip.norm_type == 2 else None, title=name,
+                              threshold=threshold, title=name,
                               diverged_step=result.diverged_step)
         files = ["config.yaml", "predictions.csv", "training_curves.png"]
         if prices.warnings:

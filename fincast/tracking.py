@@ -150,7 +150,8 @@ class Run:
 
 
 def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, Any] | None = None,
-              writer: MetricWriter | None = None) -> Run:
+              writer: MetricWriter | None = None, resume_run_id: str | None = None) -> Run:
+    """A new run in ``experiment``, or, with ``resume_run_id``, that run reopened (status RUNNING again)."""
     uri = resolve_uri(cfg)
     if writer is not None:
         if writer.uri != uri:
@@ -162,6 +163,11 @@ def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[st
             writer = None
     try:
         client = MlflowClient(tracking_uri=uri)
+        if resume_run_id is not None:
+            client.update_run(resume_run_id, status="RUNNING")
+            for k, v in (tags or {}).items():
+                client.set_tag(resume_run_id, k, str(v))
+            return Run(client, resume_run_id, uri, writer)
         exp_id = _experiment_id(client, experiment, uri, cfg.artifact_dir)
         run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
     except MlflowException as exc:

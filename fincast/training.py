@@ -15,23 +15,26 @@ transaction per ``log_every`` steps, not one per epoch end.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import logging
 import math
 import random
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fincast.clipping import ClipStats, clip_gradients, init_state
-from fincast.config import ClipConfig, ConfigError, TrainConfig
+from fincast.clipping import ClipState, ClipStats, Layout, clip_gradients, init_state, tensor_norms
+from fincast.clipping import load_state_dict as load_clip_state
+from fincast.clipping import state_dict as clip_state_dict
+from fincast.config import ClipConfig, ConfigError, MonitorConfig, TrainConfig
 from fincast.features import Split
 from fincast.models.metrics import forecast_metrics
 
@@ -73,14 +76,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 @dataclass
 class RunState:
-    """Everything one run owns besides its model."""
+    """Everything one run owns besides its model: optimizer, schedule, scaler, clipper and its state,
+    early-stopping and monitoring bookkeeping. Checkpoints save exactly this (``checkpoint_state``)."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     clip: ClipConfig
-    clip_state: Any = None
+    clip_state: ClipState
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     autocast_dtype: torch.dtype | None = None  # bf16 / fp16 autocast, None = fp32
+    monitor_every: int | None = None  # per-layer norms and update ratios every this many steps
     step: int = 0
     epoch: int = 0
     best_val: float = math.inf
@@ -94,6 +99,8 @@ class StepOut:
     loss: torch.Tensor  # 0-d, detached, on device
     clip: ClipStats
     lr: float
+    skipped: torch.Tensor | None = None  # fp16: 1.0 if the GradScaler skipped this step (inf/nan gradients)
+    layers: torch.Tensor | None = None  # monitor steps: per-layer grad L2 norms (pre-clip), then update/weight ratios
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -121,33 +128,51 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: in
 
 
 def make_state(model: torch.nn.Module, train: TrainConfig, clip: ClipConfig, *, steps_per_epoch: int,
-               device: torch.device, precision: str = "fp32") -> RunState:
+               device: torch.device, precision: str = "fp32", monitor_every: int | None = None) -> RunState:
     opt = make_optimizer(model, train)
     total = train.epochs * steps_per_epoch if train.max_steps is None else min(train.max_steps,
                                                                                   train.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, train, steps_per_epoch, total))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return RunState(opt, sched, clip, init_state(clip), scaler, dtype)
+    return RunState(opt, sched, clip, init_state(clip, list(model.named_parameters())), scaler, dtype, monitor_every)
 
 
-def train_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: RunState) -> StepOut:
-    """One optimizer step. Clipping sees unscaled gradients and runs before the optimizer."""
-    x, y = batch
+def _layer_norms(tensors: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+    norms = tensor_norms(tensors)
+    return torch.stack([torch.linalg.vector_norm(norms[a:b]) for a, b in layout.spans])
+
+
+def train_step(model: torch.nn.Module, batch: tuple, state: RunState) -> StepOut:
+    """One optimizer step on ``batch = (x, y)`` or ``(x, y, weight)`` (the loss is ``weight`` x the mean
+    squared error; DDP uses it to weigh unequal shards of a global batch). Clipping sees unscaled,
+    all-reduced gradients and runs before the optimizer."""
+    x, y = batch[0], batch[1]
     opt = state.optimizer
     lr = opt.param_groups[0]["lr"]
+    params = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=state.autocast_dtype or torch.float32,
                         enabled=state.autocast_dtype is not None):
         loss = F.mse_loss(model(x).float(), y)
+    if len(batch) > 2:
+        loss = loss * batch[2]
     if state.scaler is not None:
         state.scaler.scale(loss).backward()
         state.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     else:
         loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    stats, state.clip_state = clip_gradients(grads, state.clip, state.clip_state)
+    monitor = state.monitor_every is not None and (state.step + 1) % state.monitor_every == 0
+    if monitor:  # per-layer gradient norms before clipping, and the weights before the update
+        layout = state.clip_state.layout
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        layer_grad = _layer_norms(grads, layout)
+        before = [p.detach().clone() for p in params]
+    stats, state.clip_state = clip_gradients(params, state.clip, state.clip_state)
+    skipped = None
     if state.scaler is not None:
+        found = state.scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]  # what step() checks
+        skipped = torch.stack([f.to(stats.norm_pre.device) for f in found.values()]).sum().clamp(max=1.0)
         state.scaler.step(opt)  # skipped by the scaler if the gradients hold inf/nan
         state.scaler.update()
         with warnings.catch_warnings():
@@ -158,8 +183,14 @@ def train_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
     else:
         opt.step()
         state.scheduler.step()
+    layers = None
+    if monitor:
+        with torch.no_grad():
+            delta = torch._foreach_sub([p.detach() for p in params], before)
+            ratio = _layer_norms(delta, layout) / _layer_norms(before, layout).clamp_min(1e-12)
+        layers = torch.cat([layer_grad, ratio])
     state.step += 1
-    return StepOut(loss.detach(), stats, lr)
+    return StepOut(loss.detach(), stats, lr, skipped, layers)
 
 
 @torch.no_grad()
@@ -201,62 +232,156 @@ class FitResult:
         return self.diverged_step is not None
 
 
-_STEP_KEYS = ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped")  # then the threshold
+_STEP_KEYS = ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/clip_fraction")
+_THRESHOLD, _SKIPPED = 5, 6  # then the threshold and the fp16 skipped flag, per buffered row
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed is initialised (torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class SpikeCounter:
+    """Host-side running count of gradient spikes: a step whose global norm exceeds ``factor`` x the median
+    of the previous ``window`` finite norms (once at least min(window, 10) are known)."""
+
+    factor: float = 5.0
+    window: int = 100
+    recent: deque = field(default_factory=deque)
+    ordered: list[float] = field(default_factory=list)
+    count: int = 0
+
+    def see(self, norm: float) -> bool:
+        if not math.isfinite(norm):
+            return False
+        spike = False
+        if len(self.recent) >= min(self.window, 10):
+            k = len(self.ordered)
+            median = self.ordered[k // 2] if k % 2 else 0.5 * (self.ordered[k // 2 - 1] + self.ordered[k // 2])
+            spike = norm > self.factor * median
+        self.count += spike
+        self.recent.append(norm)
+        bisect.insort(self.ordered, norm)
+        if len(self.recent) > self.window:
+            self.ordered.pop(bisect.bisect_left(self.ordered, self.recent.popleft()))
+        return spike
+
+    def state(self) -> dict:
+        return {"recent": list(self.recent), "count": self.count}
+
+    def load(self, saved: dict) -> None:
+        self.recent = deque(saved["recent"])
+        self.ordered = sorted(self.recent)
+        self.count = saved["count"]
 
 
 def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip: ClipConfig, *,
         device: torch.device, precision: str = "fp32", log_every: int = 50, sink: MetricSink | None = None,
-        progress: bool = False) -> FitResult:
+        progress: bool = False, monitor: MonitorConfig | None = None,
+        checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> FitResult:
     """Train ``model`` on ``train``, validate each epoch on ``val``, early-stop, restore the best weights.
 
     ``sink`` receives metric rows (key, value, step) in batches; it is how the pipeline reaches MLflow
-    without this layer knowing about it."""
+    without this layer knowing about it. ``checkpoint`` receives the full training state (see
+    ``checkpoint_state``) at each epoch end and every ``cfg.checkpoint_every`` steps; ``resume`` is such a
+    state, from which training continues exactly as if it had never stopped.
+
+    Under torchrun (torch.distributed initialised) the model is wrapped in DDP and every global batch is
+    split across ranks; gradients are all-reduced before clipping, so every rank clips identically.
+    Only rank 0 calls ``sink`` and ``checkpoint``."""
+    monitor = monitor or MonitorConfig()
+    rank, world = dist_info()
+    if rank != 0:
+        sink, checkpoint = None, None
     sink = sink or (lambda rows: None)
     n = len(train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    state = make_state(model, cfg, clip, steps_per_epoch=steps_per_epoch, device=device, precision=precision)
+    state = make_state(model, cfg, clip, steps_per_epoch=steps_per_epoch, device=device, precision=precision,
+                       monitor_every=monitor.every)
+    layout = state.clip_state.layout
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
     xt = torch.as_tensor(train.x, device=device)
     yt = torch.as_tensor(train.y, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     log_threshold = clip.method != "none"
-    last_threshold = math.nan
-    history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": []}
+    spikes = SpikeCounter(monitor.spike_factor, monitor.spike_window)
+    counts = {"grad/spikes": 0, "grad/skipped_steps": 0}
+    last_logged: dict[str, float] = {}  # step functions (threshold, counts): logged when they change
+    history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": [], "threshold": []}
     val_history: list[float] = []
     buffer: list[torch.Tensor] = []  # per-step statistics, still on the device
+    layer_buffer: list[tuple[int, torch.Tensor]] = []
     lrs: list[float] = []
     pending: list[tuple[str, float, int]] = []  # rows read back, not yet sent
     pending_steps = 0
     diverged: tuple[int, str] | None = None
     stop_reason = "epochs"
     train_seconds = 0.0
+    start_epoch, start_batch = 0, 0
+    epoch_gen_state = gen.get_state()
+    if resume is not None:
+        load_checkpoint_state(model, state, resume)
+        r = resume["loop"]
+        start_epoch, start_batch, epoch_gen_state = r["epoch"], r["batch"], r["gen_state"]
+        history, val_history, train_seconds = r["history"], r["val_history"], r["train_seconds"]
+        spikes.load(r["spikes"])
+        counts, last_logged = r["counts"], r["last_logged"]
+
+    def log_changed(key: str, value: float, step: int) -> None:
+        if last_logged.get(key) != value and not (math.isnan(value) and math.isnan(last_logged.get(key, 0.0))):
+            pending.append((key, value, step))
+            last_logged[key] = value
 
     def drain() -> None:
         """Read the buffered statistics back (one device sync) and check them for divergence. Rows go to
         the sink once ``log_every`` steps are pending: each sink call is a database transaction."""
-        nonlocal diverged, pending_steps, last_threshold
+        nonlocal diverged, pending_steps
         if not buffer:
             return
-        values = torch.stack(buffer).cpu().numpy().astype(np.float64)
+        stacked = torch.stack(buffer)
+        if world > 1:  # the loss is per shard; norms are already identical on every rank
+            losses = stacked[:, 0].contiguous()
+            torch.distributed.all_reduce(losses)
+            stacked[:, 0] = losses / world
+        values = stacked.double().cpu().tolist()  # Python floats (they go into checkpoints too)
         first = state.step - len(buffer)
         for i, row in enumerate(values):
             step = first + i + 1
             loss, pre = row[0], row[1]
             pending.extend((key, v, step) for key, v in zip(_STEP_KEYS, row))
-            if log_threshold and row[4] != last_threshold:  # constant thresholds: one point, not one per step
-                pending.append(("grad/threshold", row[4], step))
-                last_threshold = row[4]
+            if log_threshold:  # constant thresholds: one point, not one per step
+                log_changed("grad/threshold", row[_THRESHOLD], step)
             pending.append(("lr", lrs[i], step))
+            counts["grad/spikes"] += spikes.see(pre)
+            if state.scaler is not None:
+                counts["grad/skipped_steps"] += int(row[_SKIPPED])
+            for key, value in counts.items():
+                if key != "grad/skipped_steps" or state.scaler is not None:
+                    log_changed(key, value, step)
             pending_steps += 1
             history["loss"].append(loss)
             history["norm_pre"].append(pre)
             history["norm_post"].append(row[2])
+            history["threshold"].append(row[_THRESHOLD])
             if not math.isfinite(loss):
                 diverged = (step, f"non-finite training loss ({loss})")
             elif not math.isfinite(pre) and state.scaler is None:
                 diverged = (step, f"non-finite gradient norm ({pre})")
             if diverged:
                 break
+        for step, layers in layer_buffer:
+            vals = layers.double().cpu().tolist()
+            k = len(layout.layers)
+            pending.extend((f"grad/layer/{name}", v, step) for name, v in zip(layout.layers, vals[:k]))
+            pending.extend((f"update/ratio/{name}", v, step) for name, v in zip(layout.layers, vals[k:]))
         buffer.clear()
+        layer_buffer.clear()
         lrs.clear()
         if pending_steps >= log_every:
             send()
@@ -271,17 +396,48 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         pending.clear()
         pending_steps = 0
 
-    progress_bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress, leave=False)
+    def save(epoch: int, batch: int, gen_state: torch.Tensor) -> None:
+        """Checkpoint after ``batch`` batches of ``epoch`` (everything drained and sent first, so a resumed
+        run logs from the next step on)."""
+        if checkpoint is None:
+            return
+        send()
+        checkpoint(checkpoint_state(model, state, {
+            "epoch": epoch, "batch": batch, "gen_state": gen_state, "history": history,
+            "val_history": val_history, "train_seconds": train_seconds, "spikes": spikes.state(),
+            "counts": dict(counts), "last_logged": dict(last_logged), "steps_per_epoch": steps_per_epoch,
+        }))
+
+    def shard(idx: torch.Tensor) -> tuple:
+        if world == 1:
+            return xt[idx], yt[idx]
+        local = idx[rank::world]
+        return xt[local], yt[local], len(local) * world / len(idx)
+
+    progress_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", disable=not progress,
+                        leave=False)
     model.train()
-    for epoch in range(cfg.epochs):
+    done = cfg.max_steps is not None and state.step >= cfg.max_steps
+    for epoch in range(start_epoch, cfg.epochs):
+        if done:
+            stop_reason = "max_steps"
+            break
         state.epoch = epoch
         t0 = time.perf_counter()
+        if epoch != start_epoch or resume is None:
+            epoch_gen_state = gen.get_state()
+        else:
+            gen.set_state(epoch_gen_state)
         order = torch.randperm(n, generator=gen).to(device)
-        for b in range(steps_per_epoch):
+        for b in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            out = train_step(model, (xt[idx], yt[idx]), state)
-            buffer.append(torch.stack([out.loss.float(), out.clip.norm_pre, out.clip.norm_post, out.clip.clipped,
-                                       out.clip.threshold.float()]))
+            out = train_step(net, shard(idx), state)
+            c = out.clip
+            skipped = out.skipped if out.skipped is not None else torch.zeros_like(c.norm_pre)
+            buffer.append(torch.stack([out.loss.float(), c.norm_pre, c.norm_post, c.clipped, c.clip_fraction,
+                                       c.threshold, skipped]))
+            if out.layers is not None:
+                layer_buffer.append((state.step, out.layers))
             lrs.append(out.lr)
             if len(buffer) >= log_every:
                 drain()
@@ -289,6 +445,13 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
                     break
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 break
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+                drain()
+                if diverged:
+                    break
+                train_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save(epoch, b + 1, epoch_gen_state)
         drain()
         train_seconds += time.perf_counter() - t0
         if diverged:
@@ -296,6 +459,10 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             break
 
         val_loss, val_metrics, _ = evaluate(model, val, device)
+        if world > 1:  # decide on rank 0's number everywhere, so every rank stops at the same epoch
+            v = torch.tensor([val_loss], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(v, 0)
+            val_loss = float(v.item())
         val_history.append(val_loss)
         pending.extend([("val/loss", val_loss, state.step),
                         *((f"val/{k}", v, state.step) for k, v in val_metrics.items()), ("epoch", epoch + 1, state.step)])
@@ -309,11 +476,15 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             state.best_weights = copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})
         else:
             state.bad_epochs += 1
+        stop = None
         if cfg.max_steps is not None and state.step >= cfg.max_steps:
-            stop_reason = "max_steps"
-            break
-        if cfg.patience is not None and state.bad_epochs >= cfg.patience:
-            stop_reason = "early_stopping"
+            stop = "max_steps"
+        elif cfg.patience is not None and state.bad_epochs >= cfg.patience:
+            stop = "early_stopping"
+        if cfg.checkpoint:
+            save(epoch + 1, 0, gen.get_state())
+        if stop:
+            stop_reason = stop
             break
     send()
     progress_bar.close()
@@ -325,3 +496,37 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         diverged_step=diverged[0] if diverged else None, diverged_reason=diverged[1] if diverged else None,
         history=history, val_history=val_history,
     )
+
+
+def checkpoint_state(model: torch.nn.Module, state: RunState, loop: dict) -> dict:
+    """Everything needed to continue a run exactly: weights, optimizer, schedule, scaler, clipper state,
+    early stopping, RNG and where the loop stood (plain tensors and Python values, for torch.save)."""
+    return {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(state.optimizer.state_dict()),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "clip_state": clip_state_dict(state.clip_state),
+        "run": {"step": state.step, "best_val": state.best_val, "best_epoch": state.best_epoch,
+                "bad_epochs": state.bad_epochs, "best_weights": state.best_weights},
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "loop": copy.deepcopy(loop),
+    }
+
+
+def load_checkpoint_state(model: torch.nn.Module, state: RunState, saved: dict) -> None:
+    model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.scaler is not None and saved["scaler"] is not None:
+        state.scaler.load_state_dict(saved["scaler"])
+    device = next(model.parameters()).device
+    load_clip_state(state.clip_state, {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                       for k, v in saved["clip_state"].items()})
+    run = saved["run"]
+    state.step, state.best_val, state.best_epoch = run["step"], run["best_val"], run["best_epoch"]
+    state.bad_epochs, state.best_weights = run["bad_epochs"], run["best_weights"]
+    torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])

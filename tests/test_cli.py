@@ -23,7 +23,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def _store(tmp_path: Path) -> list[str]:
-    return [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_dir={tmp_path / 'art'}"]
+    return [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_dir={tmp_path / 'art'}",
+            f"train.checkpoint_dir={tmp_path / 'ckpt'}"]
 
 
 def _run_id(stdout: str) -> str:
@@ -53,7 +54,7 @@ def test_train_end_to_end_on_synthetic_data(tmp_path, capsys):
 
     from fincast import tracking
 
-    code, out, err = _train(tmp_path, capsys, *FAST, "clip.max_norm=0.5", "train.lr=3e-3")
+    code, out, err = _train(tmp_path, capsys, *FAST, "clip.norm.max_norm=0.5", "train.lr=3e-3")
     assert code == 0, err
     run_id = _run_id(out)
     assert "naive (zero)" in out and "ridge" in out and "make ui" in out
@@ -64,7 +65,7 @@ def test_train_end_to_end_on_synthetic_data(tmp_path, capsys):
 
     # every resolved config key is a param
     resolved = config_mod.load(ROOT / "pipelines/price_crypto.yaml",
-                               [*_store(tmp_path), *FAST, "clip.max_norm=0.5", "train.lr=3e-3"])
+                               [*_store(tmp_path), *FAST, "clip.norm.max_norm=0.5", "train.lr=3e-3"])
     flat = config_mod.flatten(config_mod.to_dict(resolved))
     params = run.data.params
     for key in flat:
@@ -176,6 +177,79 @@ def test_diverged_run_is_recorded_not_a_traceback(tmp_path, capsys):
     assert all(math.isfinite(v) for s, v in loss[:-1])
 
 
+def test_stateful_clipper_run_carries_the_monitoring_metrics(tmp_path, capsys):
+    """ZClip through the CLI: per-step statistics, its adaptive threshold, per-layer norms and update ratios
+    every monitor.every steps, the spike count, and a checkpoint on disk."""
+    from fincast import tracking
+
+    code, out, err = _train(tmp_path, capsys, *FAST, "clip.method=zclip", "clip.zclip.warmup=10",
+                            "monitor.every=5", "tracking.log_model=false", "train.epochs=2")
+    assert code == 0, err
+    run_id = _run_id(out)
+    cfg_t = _tracking(tmp_path)
+    run = tracking.get_run(run_id, cfg_t)
+    assert run.info.run_name == "lstm-BTC-USD+ETH-USD-zclip-z2.5-lr1e-3-s0"
+    steps = [s for s, _ in tracking.metric_history(run_id, "train/loss", cfg_t)]
+    for key in ("grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/clip_fraction"):
+        assert [s for s, _ in tracking.metric_history(run_id, key, cfg_t)] == steps, key
+    threshold = tracking.metric_history(run_id, "grad/threshold", cfg_t)
+    post = dict(tracking.metric_history(run_id, "grad/norm_post", cfg_t))
+    after_warmup = [(s, v) for s, v in threshold if s > 10]
+    assert len(after_warmup) > 5  # adaptive: it moves
+    assert all(post[s] <= v * (1 + 1e-5) for s, v in after_warmup)
+    for layer in ("lstm.l0", "head"):
+        grad = tracking.metric_history(run_id, f"grad/layer/{layer}", cfg_t)
+        ratio = tracking.metric_history(run_id, f"update/ratio/{layer}", cfg_t)
+        assert [s for s, _ in grad] == [s for s, _ in ratio] == [s for s in steps if s % 5 == 0]
+        assert all(v > 0 for _, v in ratio)
+    assert tracking.metric_history(run_id, "grad/spikes", cfg_t)[0][0] == 1
+    assert (tmp_path / "ckpt" / f"{run_id}.pt").is_file()
+
+
+def test_resume_continues_the_same_run_as_if_never_stopped(tmp_path, capsys):
+    """Train 2 epochs, resume to 3 (`fincast resume RUN --set train.epochs=3`): the same MLflow run gets
+    steps from where it stopped, and the result equals a 3-epoch run's."""
+    from fincast import tracking
+
+    common = (*FAST, "train.schedule=none", "train.patience=null", "tracking.log_model=false",
+              "clip.method=autoclip")
+    code, out, err = _train(tmp_path, capsys, *common, "train.epochs=2")
+    assert code == 0, err
+    run_id = _run_id(out)
+    cfg_t = _tracking(tmp_path)
+    steps_before = len(tracking.metric_history(run_id, "train/loss", cfg_t))
+    code = cli.main(["resume", run_id, "--quiet", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                     "--set", "train.epochs=3"])
+    out2, err2 = capsys.readouterr()
+    assert code == 0, err2
+    assert _run_id(out2) == run_id
+    run = tracking.get_run(run_id, cfg_t)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["fincast.resumed_from_step"] == str(steps_before)
+    loss = tracking.metric_history(run_id, "train/loss", cfg_t)
+    assert [s for s, _ in loss] == list(range(1, len(loss) + 1)) and len(loss) == steps_before * 3 // 2
+    assert len(tracking.metric_history(run_id, "val/loss", cfg_t)) == 3
+
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    code, out3, err3 = _train(straight_dir, capsys, *common, "train.epochs=3")
+    assert code == 0, err3
+    straight = tracking.get_run(_run_id(out3), _tracking(straight_dir))
+    assert straight.data.metrics["test/rmse"] == run.data.metrics["test/rmse"]
+    assert tracking.metric_history(straight.info.run_id, "train/loss", _tracking(straight_dir)) == loss
+
+
+def test_resume_refuses_what_it_cannot_do(tmp_path, capsys):
+    code = cli.main(["resume", "0123abcd", "--checkpoint-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no checkpoint" in err and "0123abcd" in err
+    code, out, err = _train(tmp_path, capsys, *FAST, "train.epochs=1", "tracking.log_model=false")
+    assert code == 0, err
+    code = cli.main(["resume", _run_id(out), "--checkpoint-dir", str(tmp_path / "ckpt"), "--set", "train.lr=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.lr=1" in err and "train.epochs" in err
+
+
 def test_unreachable_yahoo_without_cache_fails_fast_and_says_what_to_do(tmp_path, capsys, monkeypatch):
     """`make train` offline with an empty cache: non-zero exit, well within 30 s, naming csv and synthetic."""
     from fincast.data import yahoo
@@ -203,7 +277,7 @@ def test_config_error_fails_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["data", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["resume", "--help"], ["data", "--help"]])
 def test_help_is_fast_and_explains(args):
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "fincast.cli", *args], capture_output=True, text=True, cwd=ROOT)

@@ -80,7 +80,7 @@ def test_every_shipped_spec_loads_with_the_values_it_states(spec):
 @pytest.mark.parametrize(("raw", "full_key", "suggestion"), [
     ({"train": {"lrr": 1e-3}}, "train.lrr", "train.lr"),
     ({"train": {"epoch": 3}}, "train.epoch", "train.epochs"),
-    ({"clip": {"max_nrom": 1.0}}, "clip.max_nrom", "clip.max_norm"),
+    ({"clip": {"norm": {"max_nrom": 1.0}}}, "clip.norm.max_nrom", "clip.norm.max_norm"),
     ({"features": {"lookbak": 10}}, "features.lookbak", "features.lookback"),
     ({"data": {"ticker": ["SPY"]}}, "data.ticker", "data.tickers"),
     ({"trian": {"lr": 1e-3}}, "trian", "train"),
@@ -128,15 +128,16 @@ def test_a_section_that_is_not_a_mapping_is_an_error():
     ("model", "layer_norm", "maybe", ["model.layer_norm = 'maybe'", "true or false"]),
     ("data", "start", "yesterday", ["data.start = 'yesterday'", "date YYYY-MM-DD"]),
     ("data", "tickers", {"a": 1}, ["data.tickers", "list"]),
-    ("clip", "method", "clamp", ["clip.method = 'clamp'", "'none'", "'value'", "'norm'"]),
+    ("clip", "method", "clamp", ["clip.method = 'clamp'", "'none'", "'value'", "'norm'", "'autoclip'", "'agc'",
+                                  "'zclip'"]),
     ("train", "optimizer", "lion", ["train.optimizer = 'lion'", "'adamw'", "'sgd'"]),
     ("name", None, ["a"], ["name = ['a']", "string"]),
     # out of range
     ("train", "lr", -1, ["train.lr = -1", "must be > 0"]),
     ("train", "lr", 0, ["train.lr = 0", "must be > 0"]),
     ("train", "lr", 11, ["train.lr = 11", "must be <= 10"]),
-    ("clip", "norm_type", 3, ["clip.norm_type = 3", "allowed: 1, 2, inf"]),
-    ("clip", "norm_type", "-inf", ["clip.norm_type = '-inf'", "allowed: 1, 2, inf"]),
+    ("clip.norm", "norm_type", 0.5, ["clip.norm.norm_type = 0.5", "must be >= 1"]),
+    ("clip.norm", "norm_type", "-inf", ["clip.norm.norm_type = '-inf'", "must be >= 1"]),
     ("features", "val_frac", 1.5, ["features.val_frac = 1.5", "must be < 1"]),
     ("features", "test_frac", 0, ["features.test_frac = 0", "must be > 0"]),
     ("train", "epochs", 0, ["train.epochs = 0", "must be >= 1"]),
@@ -146,7 +147,9 @@ def test_a_section_that_is_not_a_mapping_is_an_error():
     ("data", "tickers", [], ["data.tickers = []", "at least 1"]),
 ])
 def test_bad_value_names_key_value_and_what_is_allowed(section, key, value, fragments):
-    raw = {section: value} if key is None else {section: {key: value}}
+    raw: dict = {key: value} if key is not None else value
+    for part in reversed(section.split(".")):
+        raw = {part: raw}
     msg = config_error(raw)
     for fragment in fragments:
         assert fragment in msg, (fragment, msg)
@@ -156,12 +159,12 @@ def test_every_problem_is_reported_in_one_error():
     raw = {
         "trian": {},
         "train": {"lrr": 1, "epochs": "many", "lr": -1},
-        "clip": {"norm_type": 3},
+        "clip": {"norm": {"norm_type": 0.5}},
         "features": {"val_frac": 1.5},
         "model": {"layer_norm": "maybe"},
     }
     msg = config_error(raw)
-    expected = ["trian:", "train.lrr:", "train.epochs = 'many'", "train.lr = -1", "clip.norm_type = 3",
+    expected = ["trian:", "train.lrr:", "train.epochs = 'many'", "train.lr = -1", "clip.norm.norm_type = 0.5",
                 "features.val_frac = 1.5", "model.layer_norm = 'maybe'"]
     for fragment in expected:
         assert fragment in msg, (fragment, msg)
@@ -265,20 +268,21 @@ def test_set_null_and_dates():
 
 
 @pytest.mark.parametrize(("text", "value"), [
-    ("clip.norm_type=inf", math.inf), ("clip.norm_type=.inf", math.inf), ("clip.norm_type=Infinity", math.inf),
-    ("clip.norm_type=1", 1.0), ("clip.norm_type=2", 2.0),
+    ("clip.norm.norm_type=inf", math.inf), ("clip.norm.norm_type=.inf", math.inf),
+    ("clip.norm.norm_type=Infinity", math.inf), ("clip.norm.norm_type=1", 1.0), ("clip.norm.norm_type=2", 2.0),
+    ("clip.norm.norm_type=3", 3.0),
 ])
 def test_set_norm_type(text, value):
-    norm_type = override(text).clip.norm_type
+    norm_type = override(text).clip.norm.norm_type
     assert type(norm_type) is float and norm_type == value
 
 
 def test_set_overrides_the_spec_file_and_keeps_the_rest():
     base = load(SPECS[0])
-    cfg = load(SPECS[0], ["train.lr=3e-3", "data.tickers=[BTC-USD,ETH-USD]", "clip.norm_type=inf"])
+    cfg = load(SPECS[0], ["train.lr=3e-3", "data.tickers=[BTC-USD,ETH-USD]", "clip.norm.norm_type=inf"])
     assert cfg.train.lr == 0.003
     assert cfg.data.tickers == ("BTC-USD", "ETH-USD")
-    assert cfg.clip.norm_type == math.inf
+    assert cfg.clip.norm.norm_type == math.inf
     assert cfg.model == base.model and cfg.features == base.features
     assert dataclasses.replace(cfg.train, lr=base.train.lr) == base.train
 
@@ -300,8 +304,8 @@ def test_set_into_a_value_is_an_error():
 
 def test_overrides_go_through_the_same_checks():
     with pytest.raises(ConfigError) as info:
-        from_dict(apply_overrides({}, ["train.lr=-1", "clip.norm_type=3"]))
-    assert "train.lr = -1" in str(info.value) and "clip.norm_type = 3" in str(info.value)
+        from_dict(apply_overrides({}, ["train.lr=-1", "clip.norm.norm_type=0"]))
+    assert "train.lr = -1" in str(info.value) and "clip.norm.norm_type = 0" in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["train.lr", "train.lr 3e-3", "", "=3", "train..lr=1", ".lr=1", "train.=1"])
@@ -361,10 +365,10 @@ def test_round_trip_of_every_shipped_spec(spec, tmp_path):
 
 
 def test_round_trip_with_overrides():
-    cfg = load(SPECS[0], ["train.lr=3e-3", "data.tickers=SPY,QQQ", "data.end=2020-12-31", "clip.norm_type=inf",
+    cfg = load(SPECS[0], ["train.lr=3e-3", "data.tickers=SPY,QQQ", "data.end=2020-12-31", "clip.norm.norm_type=inf",
                           "features.val_start=2018-01-01", "features.test_start=2019-01-01", "train.max_steps=null",
                           "model.layer_norm=yes", "tracking.uri=sqlite:///x.db"])
-    assert cfg.clip.norm_type == math.inf and cfg.data.end == dt.date(2020, 12, 31)
+    assert cfg.clip.norm.norm_type == math.inf and cfg.data.end == dt.date(2020, 12, 31)
     assert roundtrip(cfg) == cfg
 
 
@@ -434,12 +438,25 @@ def valid_raw_configs(draw):
         warmup_steps=st.integers(0, 10**6), step_size=st.integers(1, 1000),
         gamma=st.floats(min_value=0, max_value=1, exclude_min=True), min_lr_ratio=st.floats(0, 1),
         patience=st.one_of(st.none(), st.integers(1, 1000)), min_delta=_nonneg,
-        precision=st.sampled_from(["fp32", "bf16", "fp16"]),
+        precision=st.sampled_from(["fp32", "bf16", "fp16"]), checkpoint=st.booleans(),
+        checkpoint_every=st.one_of(st.none(), st.integers(1, 10**6)), checkpoint_dir=_text,
     ))
+    schedule = {"schedule": st.sampled_from(["constant", "linear", "cosine"]),
+                "schedule_start": st.floats(min_value=0, max_value=1e6, exclude_min=True),
+                "schedule_steps": st.integers(1, 10**6)}
     raw["clip"] = draw(_opt(
-        method=st.sampled_from(["none", "value", "norm"]), max_norm=_pos,
-        norm_type=st.sampled_from([1.0, 2.0, math.inf]), value=_pos,
+        method=st.sampled_from(["none", "value", "norm", "autoclip", "agc", "zclip"]),
+        value=_opt(value=_pos, **schedule),
+        norm=_opt(max_norm=_pos, norm_type=st.one_of(st.sampled_from([1.0, 2.0, math.inf]), st.floats(1, 100)),
+                  scope=st.sampled_from(["global", "per_layer", "per_param"]), **schedule),
+        autoclip=_opt(percentile=st.floats(0, 100), window=st.integers(1, 10**6)),
+        agc=_opt(clip_factor=_pos, eps=_pos, skip_output=st.booleans(), **schedule),
+        zclip=_opt(alpha=_unit_open.filter(lambda a: a > 0), z_thresh=_pos, warmup=st.integers(1, 10**4),
+                   rule=st.sampled_from(["reciprocal", "mean"]), max_norm=st.one_of(st.none(), _pos), eps=_pos),
     ))
+    raw["monitor"] = draw(_opt(every=st.one_of(st.none(), st.integers(1, 10**6)),
+                               spike_factor=st.floats(min_value=1, max_value=1e6, exclude_min=True),
+                               spike_window=st.integers(2, 100000)))
     raw["tracking"] = draw(_opt(
         uri=st.one_of(st.none(), _text), experiment=st.one_of(st.none(), _text), artifact_dir=_text,
         run_name=st.one_of(st.none(), _text), log_every=st.integers(1, 10000), log_model=st.booleans(),
@@ -480,10 +497,10 @@ def test_round_trip_of_random_valid_configs(raw):
        epochs=st.integers(1, 100000), day=_dates, layer_norm=st.booleans(),
        tickers=st.lists(_plain_ticker, min_size=1, max_size=4, unique=True))
 def test_set_text_of_random_values_gives_exactly_those_values(lr, max_norm, epochs, day, layer_norm, tickers):
-    cfg = override(f"train.lr={lr!r}", f"clip.max_norm={max_norm!r}", f"train.epochs={epochs}",
+    cfg = override(f"train.lr={lr!r}", f"clip.norm.max_norm={max_norm!r}", f"train.epochs={epochs}",
                    f"data.end={day.isoformat()}", "data.start=null", f"model.layer_norm={str(layer_norm).lower()}",
                    "data.tickers=" + ",".join(tickers))
-    assert cfg.train.lr == lr and cfg.clip.max_norm == max_norm
+    assert cfg.train.lr == lr and cfg.clip.norm.max_norm == max_norm
     assert cfg.train.epochs == epochs and cfg.data.end == day
     assert cfg.model.layer_norm is layer_norm
     assert cfg.data.tickers == tuple(tickers)

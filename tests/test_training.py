@@ -62,7 +62,7 @@ def _spy_on_optimizer(state):
 
 @pytest.mark.parametrize("max_norm", [0.01, 0.1])
 def test_optimizer_sees_clipped_gradients(max_norm):
-    cfg = _cfg(clip={"method": "norm", "max_norm": max_norm})
+    cfg = _cfg(clip={"method": "norm", "norm": {"max_norm": max_norm}})
     model = _model()
     x, y = _batch(scale=5.0)
     ref = _reference_grads(model, x, y)
@@ -96,7 +96,7 @@ def test_method_none_leaves_gradients_untouched():
 
 
 def test_value_clipping_bounds_every_element_the_optimizer_sees():
-    cfg = _cfg(clip={"method": "value", "value": 1e-3})
+    cfg = _cfg(clip={"method": "value", "value": {"value": 1e-3}})
     model = _model()
     x, y = _batch(scale=5.0)
     state = make_state(model, cfg.train, cfg.clip, steps_per_epoch=1, device=torch.device("cpu"))
@@ -108,7 +108,7 @@ def test_value_clipping_bounds_every_element_the_optimizer_sees():
 def test_amp_grad_scaler_unscales_before_clipping():
     """With a GradScaler, clipping must see the true (unscaled) gradients: the recorded pre-clip norm is the
     unscaled norm, and what the optimizer gets is bounded by max_norm, not max_norm * scale."""
-    cfg = _cfg(clip={"method": "norm", "max_norm": 0.05})
+    cfg = _cfg(clip={"method": "norm", "norm": {"max_norm": 0.05}})
     model = _model()
     x, y = _batch(scale=5.0)
     ref = _reference_grads(model, x, y)
@@ -229,3 +229,186 @@ def test_max_steps_stops_training():
     x, y = _batch(n=64)
     result = fit(_model(), _split(x, y), _split(x, y), cfg.train, cfg.clip, device=torch.device("cpu"))
     assert result.steps == 5 and result.stop_reason == "max_steps"
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method through the loop; monitoring
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["none", "value", "norm", "autoclip", "agc", "zclip"])
+def test_every_method_trains_and_logs_the_same_statistics(method):
+    cfg = _cfg(train={"epochs": 2, "batch_size": 8}, clip={"method": method, "zclip": {"warmup": 3}},
+               monitor={"every": 4})
+    x, y = _batch(n=64)
+    rows = []
+    result = fit(_model(), _split(x, y), _split(x, y), cfg.train, cfg.clip, device=torch.device("cpu"),
+                 sink=rows.extend, log_every=5, monitor=cfg.monitor)
+    assert result.steps == 16 and not result.diverged
+    per_step = {k: [s for kk, _, s in rows if kk == k] for k in
+                ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/clip_fraction", "lr")}
+    for key, steps in per_step.items():
+        assert steps == list(range(1, 17)), key
+    fractions = [v for k, v, _ in rows if k == "grad/clip_fraction"]
+    assert all(0.0 <= v <= 1.0 for v in fractions)
+    thresholds = [(s, v) for k, v, s in rows if k == "grad/threshold"]
+    assert (method == "none") == (not thresholds)
+    if thresholds:
+        assert thresholds[0][0] == 1  # the threshold in force from the first step
+    layer_steps = sorted({s for k, _, s in rows if k.startswith("grad/layer/")})
+    assert layer_steps == [4, 8, 12, 16]
+    assert {k for k, _, _ in rows if k.startswith(("grad/layer/", "update/ratio/"))} == {
+        "grad/layer/lstm.l0", "grad/layer/head", "update/ratio/lstm.l0", "update/ratio/head"}
+
+
+def test_layer_norms_and_update_ratios_match_an_independent_computation():
+    cfg = _cfg(clip={"method": "norm", "norm": {"max_norm": 0.01}}, monitor={"every": 1})
+    model = _model()
+    x, y = _batch()
+    ref = _reference_grads(model, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = make_state(model, cfg.train, cfg.clip, steps_per_epoch=1, device=torch.device("cpu"), monitor_every=1)
+    out = train_step(model, (x, y), state)
+    groups = {"lstm.l0": [i for i, n in enumerate(names) if n.startswith("lstm.")],
+              "head": [i for i, n in enumerate(names) if n.startswith("head.")]}
+    after = dict(model.named_parameters())
+    expected_grad = [_l2([ref[i] for i in idx]) for idx in groups.values()]
+    expected_ratio = [_l2([after[names[i]].detach() - before[names[i]] for i in idx])
+                      / _l2([before[names[i]] for i in idx]) for idx in groups.values()]
+    got = out.layers.tolist()
+    np.testing.assert_allclose(got[:2], expected_grad, rtol=1e-5)  # pre-clip gradient norms per layer
+    np.testing.assert_allclose(got[2:], expected_ratio, rtol=1e-4)
+    assert float(out.clip.clipped) == 1.0  # so the ratios reflect the clipped update
+
+
+def test_gradient_spikes_are_counted_against_the_running_median():
+    from fincast.training import SpikeCounter
+
+    counter = SpikeCounter(factor=5.0, window=20)
+    norms = [1.0 + 0.01 * i for i in range(30)]
+    norms[15], norms[25] = 50.0, 4.0  # one spike; 4 x the median is not one
+    flags = [counter.see(v) for v in norms]
+    assert [i for i, f in enumerate(flags) if f] == [15]
+    assert counter.count == 1
+    assert not counter.see(math.inf)  # non-finite norms are skipped steps, not spikes
+    # in the loop: a batch of huge targets makes one step's norm jump
+    cfg = _cfg(train={"epochs": 1, "batch_size": 4, "lr": 1e-4}, clip={"method": "none"},
+               monitor={"spike_factor": 5.0, "spike_window": 50})
+    x, y = _batch(n=96)
+    y = y.clamp(-1, 1)
+    rows = []
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    y[order[4 * 17:4 * 18]] = 1e4  # step 18's batch
+    fit(_model(), _split(x, y), _split(x, y), cfg.train, cfg.clip, device=torch.device("cpu"), sink=rows.extend,
+        monitor=cfg.monitor)
+    spikes = [(s, v) for k, v, s in rows if k == "grad/spikes"]
+    assert spikes[0] == (1, 0) and (18, 1) in spikes and spikes[-1][1] >= 1
+
+
+def test_amp_skipped_steps_are_counted():
+    cfg = _cfg(clip={"method": "norm"}, train={"epochs": 1, "batch_size": 8})
+    model = _model()
+    x, y = _batch(n=16, scale=100.0)
+    from fincast import training
+
+    original = training.make_state
+
+    def with_scaler(*args, **kwargs):
+        state = original(*args, **kwargs)
+        state.scaler = torch.amp.GradScaler("cpu", init_scale=1e38)  # the first step overflows
+        return state
+
+    training.make_state = with_scaler
+    rows = []
+    try:
+        fit(model, _split(x, y), _split(x, y), cfg.train, cfg.clip, device=torch.device("cpu"), sink=rows.extend)
+    finally:
+        training.make_state = original
+    skipped = [(s, v) for k, v, s in rows if k == "grad/skipped_steps"]
+    assert skipped[0] == (1, 1)  # the overflowed first step
+    assert skipped[-1][1] == sum(1 for k, v, _ in rows if k == "grad/norm_pre" and not math.isfinite(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a resumed run continues exactly
+# ---------------------------------------------------------------------------------------------
+
+
+def _roundtrip(payload):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # what pipeline.load_checkpoint does
+
+
+@pytest.mark.parametrize("method", ["autoclip", "zclip", "norm"])
+def test_resume_from_any_checkpoint_continues_bit_exactly(method):
+    cfg = _cfg(train={"epochs": 3, "batch_size": 8, "checkpoint_every": 5, "patience": None},
+               clip={"method": method, "zclip": {"warmup": 4, "z_thresh": 0.5}, "autoclip": {"percentile": 30}},
+               model={"dropout": 0.2}, monitor={"every": 3})
+    x, y = _batch(n=60)
+    split = _split(x, y)
+    saved, rows = [], []
+
+    def run(model, resume=None, sink=None, checkpoint=None):
+        return fit(model, split, split, cfg.train, cfg.clip, device=torch.device("cpu"), log_every=4, sink=sink,
+                   monitor=cfg.monitor, checkpoint=checkpoint, resume=resume)
+
+    def model_with_dropout():
+        torch.manual_seed(0)
+        return LSTMForecaster(4, 16, num_layers=2, dropout=0.2)
+
+    full_model = model_with_dropout()
+    full = run(full_model, sink=rows.extend, checkpoint=lambda p: saved.append(_roundtrip(p)))
+    assert full.steps == 24
+    # mid-epoch (every 5 steps) and epoch-end (every 8 steps) checkpoints
+    points = [(c["run"]["step"], c["loop"]["batch"]) for c in saved]
+    assert (5, 5) in points and (8, 0) in points and (10, 2) in points
+    for ckpt in (saved[0], saved[1], saved[3]):
+        k = ckpt["run"]["step"]
+        resumed_rows = []
+        model = model_with_dropout()
+        torch.manual_seed(123)  # the global RNG (dropout) must come from the checkpoint, not from here
+        result = run(model, resume=ckpt, sink=resumed_rows.extend)
+        for (name, a), b in zip(full_model.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), (k, name)
+        assert result.history["loss"] == full.history["loss"]  # the whole history, as one run
+        assert result.val_history == full.val_history
+        assert result.best_epoch == full.best_epoch
+        # the resumed run logs exactly the rows the full run logged after step k
+        assert sorted(r for r in resumed_rows) == sorted(r for r in rows if r[2] > k)
+
+
+def test_distributed_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun, 2 gloo processes on CPU: each rank trains its shard of every global batch (shards of 3 and 2),
+    gradients are all-reduced before clipping (stateful AutoClip), and after several clipped steps the
+    parameters equal a one-process run's."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    sys.path.insert(0, str(here))
+    try:
+        import ddp_fit
+    finally:
+        sys.path.remove(str(here))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out = tmp_path / "ddp.pt"
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(here / "ddp_fit.py"), "autoclip",
+                           str(out)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(out, weights_only=False)
+    single = ddp_fit.run("autoclip")
+    assert ddp["steps"] == single["steps"] == 9
+    clipped = [v for k, v, _ in single["rows"] if k == "grad/clipped"]
+    assert sum(clipped) >= 3  # several steps really were clipped
+    for name, p in single["params"].items():
+        torch.testing.assert_close(ddp["params"][name], p, rtol=1e-5, atol=1e-6)
+    # rank 0 logs the global loss (the mean over both shards), not its own shard's
+    np.testing.assert_allclose(ddp["history"]["loss"], single["history"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(ddp["history"]["norm_post"], single["history"]["norm_post"], rtol=1e-4)

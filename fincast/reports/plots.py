@@ -36,10 +36,11 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def training_curves(path: str | Path, *, loss: list[float], norm_pre: list[float], norm_post: list[float],
-                    val_loss: list[float], val_steps: list[int], threshold: float | None, title: str,
+                    val_loss: list[float], val_steps: list[int], threshold: float | list[float] | None, title: str,
                     diverged_step: int | None = None) -> Path:
     """Two panels: training loss (raw and smoothed) with per-epoch validation loss; gradient norm before
-    and after clipping, with the threshold."""
+    and after clipping, with the threshold (a constant, or one value per step for scheduled and adaptive
+    thresholds)."""
     steps = np.arange(1, len(loss) + 1)
     loss_a, pre, post = (np.asarray(v, float) for v in (loss, norm_pre, norm_post))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, constrained_layout=True)
@@ -55,7 +56,9 @@ def training_curves(path: str | Path, *, loss: list[float], norm_pre: list[float
     ax1.set_title(title, fontsize=10)
     ax2.plot(steps, pre, color="C1", lw=0.7, label="grad norm before clipping")
     ax2.plot(steps, post, color="C2", lw=0.7, alpha=0.8, label="grad norm after clipping")
-    if threshold is not None and np.isfinite(threshold):
+    if isinstance(threshold, list | tuple | np.ndarray) and np.isfinite(np.asarray(threshold, float)).any():
+        ax2.plot(steps[:len(threshold)], np.asarray(threshold, float), color="k", ls="--", lw=0.8, label="threshold")
+    elif isinstance(threshold, float | int) and np.isfinite(threshold):
         ax2.axhline(threshold, color="k", ls="--", lw=0.8, label=f"threshold {threshold:g}")
     if diverged_step is not None:
         for ax in (ax1, ax2):

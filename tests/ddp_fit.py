@@ -1,0 +1,48 @@
+"""Launched by tests/test_training.py under torchrun: train a tiny model with DDP (gloo, CPU) and save
+rank 0's final parameters and clipping statistics. Also importable, to run the same fit in one process."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from fincast.config import from_dict
+from fincast.features import Split
+from fincast.models import LSTMForecaster
+from fincast.training import fit
+
+
+def data(n: int = 23, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, 3, generator=g)
+    y = torch.randn(n, generator=g) * 3
+    dates = np.arange(n).astype("datetime64[D]")
+    return Split(x.numpy(), y.numpy(), y.numpy().astype(float), np.ones(n), dates, dates + 1,
+                 np.full(n, "T", dtype=object))
+
+
+def run(method: str) -> dict:
+    """Several clipped steps over two epochs, a global batch of 5 (shards of 3 and 2 on two ranks)."""
+    clip = {"norm": {"max_norm": 0.05}, "autoclip": {"percentile": 50}}
+    cfg = from_dict({"train": {"epochs": 2, "batch_size": 5, "lr": 1e-2, "patience": None, "max_steps": 9,
+                               "seed": 3},
+                     "clip": {"method": method, **clip}, "monitor": {"every": None}})
+    torch.manual_seed(0)
+    model = LSTMForecaster(3, 4)
+    rows = []
+    split = data()
+    result = fit(model, split, split, cfg.train, cfg.clip, device=torch.device("cpu"), log_every=4,
+                 sink=rows.extend)
+    return {"params": {k: v.clone() for k, v in model.state_dict().items()}, "history": result.history,
+            "rows": rows, "steps": result.steps}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    out = run(sys.argv[1])
+    if torch.distributed.get_rank() == 0:
+        torch.save(out, sys.argv[2])
+    torch.distributed.destroy_process_group()
