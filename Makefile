@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed
 PIPELINE ?= pipelines/price_equities.yaml
 ARGS ?=
 PORT ?= 5000
+NPROC ?= 2
+RUN ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-price train-crypto data ui test test-slow lint bench clean distclean
+.PHONY: help install train train-price train-crypto train-ddp resume data ui test test-slow lint bench clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -34,6 +36,13 @@ train-price: $(STAMP)  ## train on equities (pipelines/price_equities.yaml: SPY)
 train-crypto: $(STAMP)  ## train on crypto (pipelines/price_crypto.yaml: BTC-USD, ETH-USD)
 	$(BIN)/fincast train pipelines/price_crypto.yaml $(ARGS)
 
+train-ddp: $(STAMP)  ## train PIPELINE with DDP over NPROC processes (torchrun; gloo on CPU, NCCL on GPUs)
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m fincast train $(PIPELINE) $(ARGS)
+
+resume: $(STAMP)  ## continue run RUN=<run id> from its checkpoint into the same MLflow run (ARGS="--set train.epochs=60")
+	@test -n "$(RUN)" || { echo "usage: make resume RUN=<run id printed by make train> [ARGS=\"--set train.epochs=60\"]" >&2; exit 2; }
+	$(BIN)/fincast resume $(RUN) $(ARGS)
+
 data: $(STAMP)  ## fetch or refresh the data cache of PIPELINE only
 	$(BIN)/fincast data $(PIPELINE) $(ARGS)
 
@@ -53,12 +62,13 @@ lint: $(STAMP)  ## ruff, and the import-linter contract for the package layers
 
 bench: $(STAMP)  ## benchmarks in bench/ (print ratios measured in one run)
 	$(BIN)/python bench/logging_overhead.py
+	$(BIN)/python bench/clip_overhead.py
 
 clean:  ## remove caches and generated reports (keeps .venv, the data cache and the MLflow store)
 	rm -rf .pytest_cache .ruff_cache .hypothesis .import_linter_cache build dist *.egg-info
 	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
 	find reports -mindepth 1 -not -name .gitkeep -delete 2>/dev/null || true
 
-distclean: clean  ## also remove .venv, the data cache and the MLflow store (mlflow.db, mlartifacts/)
-	rm -rf $(VENV) mlflow.db mlartifacts mlruns
+distclean: clean  ## also remove .venv, the data cache, checkpoints/ and the MLflow store (mlflow.db, mlartifacts/)
+	rm -rf $(VENV) mlflow.db mlartifacts mlruns checkpoints
 	find data -mindepth 1 -not -name .gitkeep -delete 2>/dev/null || true

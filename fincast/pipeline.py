@@ -49,6 +49,7 @@ class TrainOutcome:
     metrics: dict[str, dict[str, float]]  # model -> {rmse, mae, directional_accuracy}
     samples: dict[str, int]
     warnings: list[str] = field(default_factory=list)
+    checkpoint: str | None = None  # continue with `fincast resume <run_id>`
 
 
 def _short(x: float) -> str:
@@ -269,7 +270,7 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
                 "samples.val": len(fs.val), "samples.test": len(fs.test),
                 "model.parameters": sum(p.numel() for p in model.parameters()),
             })
-        checkpoint = None
+        checkpoint, path = None, None
         if cfg.train.checkpoint or cfg.train.checkpoint_every:
             path = Path(cfg.train.checkpoint_dir) / f"{run.run_id}.pt"
             common = {"format": CHECKPOINT_FORMAT, "run_id": run.run_id, "config": config_mod.to_dict(cfg),
@@ -307,7 +308,8 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         raise
     run.end("FINISHED")
     return TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
-                        {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)}, prices.warnings)
+                        {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)}, prices.warnings,
+                        str(path) if path is not None and path.is_file() else None)
 
 
 def _evaluate_test(model, fs: features.FeatureSet, cfg: PipelineConfig, device, result: FitResult):

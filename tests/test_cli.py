@@ -321,3 +321,64 @@ def test_train_crypto_on_real_csv(tmp_path, capsys):
     post = tracking.metric_history(run_id, "grad/norm_post", cfg_t)
     assert post and all(v <= 1.0 * (1 + 1e-5) for _, v in post)
     assert "data_warnings.txt" in tracking.list_artifacts(run_id, cfg_t)  # ETH-USD's four Yahoo holes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["value", "norm", "autoclip", "agc", "zclip"])
+def test_every_clip_method_trains_the_price_pipeline(tmp_path, capsys, method):
+    """`make train ARGS="--set clip.method=..."` for each method (synthetic SPY, 2 epochs)."""
+    from fincast import tracking
+
+    extra = {"norm": ["clip.norm.scope=per_layer", "clip.norm.schedule=cosine"],
+             "value": ["clip.value.value=0.05", "clip.value.schedule=linear"]}.get(method, [])
+    code, out, err = _train(tmp_path, capsys, "data.source=synthetic", "train.epochs=2", f"clip.method={method}",
+                            *extra, "tracking.log_model=false", pipeline="pipelines/price_equities.yaml")
+    assert code == 0, err
+    run_id = _run_id(out)
+    cfg_t = _tracking(tmp_path)
+    run = tracking.get_run(run_id, cfg_t)
+    assert run.info.status == "FINISHED" and run.data.tags["fincast.diverged"] == "false"
+    assert method in run.info.run_name
+    keys = set(run.data.metrics)
+    assert {"grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/clip_fraction", "grad/threshold",
+            "grad/spikes", "grad/layer/lstm.l0", "update/ratio/head", "test/rmse"} <= keys
+    fraction = [v for _, v in tracking.metric_history(run_id, "grad/clip_fraction", cfg_t)]
+    assert all(0 <= v <= 1 for v in fraction)
+    if method in ("norm", "value"):  # scheduled thresholds move
+        assert len(tracking.metric_history(run_id, "grad/threshold", cfg_t)) > 10
+
+
+@pytest.mark.slow
+def test_torchrun_trains_one_tracked_run_equal_to_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m fincast train ...` on CPU (gloo): one MLflow run (rank 0), and its
+    final weights equal a one-process run's with the same global batch."""
+    import shutil
+
+    import torch
+
+    from fincast import tracking
+
+    sets = [*_store(tmp_path), *FAST, "train.max_steps=12", "train.epochs=1", "tracking.log_model=false",
+            "clip.method=autoclip", "clip.autoclip.percentile=50", "train.threads=1"]
+    args = [str(ROOT / "pipelines/price_crypto.yaml"), "--quiet", *[f"--set={o}" for o in sets]]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "fincast", "train", *args],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("\nrun ") + r.stdout.startswith("run ") == 1  # only rank 0 reports
+    run_id = _run_id(r.stdout)
+    cfg_t = _tracking(tmp_path)
+    run = tracking.get_run(run_id, cfg_t)
+    assert run.data.tags["fincast.world_size"] == "2" and run.info.status == "FINISHED"
+    import mlflow
+
+    assert len(mlflow.MlflowClient(cfg_t.uri).search_runs([run.info.experiment_id])) == 1
+
+    single = subprocess.run([sys.executable, "-m", "fincast", "train", *args], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a = torch.load(tmp_path / "ckpt" / f"{run_id}.pt", weights_only=True)
+    b = torch.load(tmp_path / "ckpt" / f"{_run_id(single.stdout)}.pt", weights_only=True)
+    assert a["run"]["step"] == b["run"]["step"] == 12
+    for name, p in b["model"].items():
+        torch.testing.assert_close(a["model"][name], p, rtol=1e-4, atol=1e-6)
