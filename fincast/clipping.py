@@ -98,21 +98,40 @@ def _foreach_ok(grads: list[torch.Tensor]) -> bool:
     return len({(g.device, g.dtype) for g in grads}) == 1 and grads[0].device.type in ("cuda", "cpu", "mps")
 
 
+def _norm_dtype(grads: list[torch.Tensor]) -> torch.dtype:
+    """Norms accumulate in float32 (fp16/bf16 gradients cannot overflow it), float64 for float64 gradients."""
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+
+def _vector_pnorm(v: torch.Tensor, p: float) -> torch.Tensor:
+    """p-norm of a vector; for p other than 1, 2, inf computed as max|v| * ||v / max|v|||_p, so sum(|v|^p)
+    cannot overflow (|v| = 1e4 with p = 10 would in float32)."""
+    if p in (1.0, 2.0, math.inf):
+        return torch.linalg.vector_norm(v, p)
+    m = v.abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
+    return m * torch.linalg.vector_norm(v / m, p)
+
+
 def tensor_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """Norm of each tensor, stacked (float32)."""
-    if _foreach_ok(grads):
-        norms = torch._foreach_norm(grads, norm_type)
-    else:
-        norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+    """p-norm of each tensor, stacked (float32; float64 for float64 gradients)."""
+    dtype = _norm_dtype(grads)
     device = grads[0].device
-    return torch.stack([n.to(device, torch.float32) for n in norms])
+    if norm_type not in (1.0, 2.0, math.inf):  # scaled, as _vector_pnorm
+        peaks = tensor_norms(grads, math.inf).clamp_min(torch.finfo(dtype).tiny)
+        scaled = [g.detach().to(dtype) / m for g, m in zip(grads, peaks.unbind())]
+        return torch.stack([torch.linalg.vector_norm(x, norm_type) for x in scaled]) * peaks
+    if _foreach_ok(grads):
+        norms = torch._foreach_norm(grads, norm_type, dtype=dtype)
+    else:
+        norms = [torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in grads]
+    return torch.stack([n.to(device, dtype) for n in norms])
 
 
 def global_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """Norm of all gradients together, as if concatenated into one vector (0-d tensor, float32)."""
+    """Norm of all gradients together, as if concatenated into one vector (0-d tensor, float32 or float64)."""
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(tensor_norms(grads, norm_type), norm_type)
+    return _vector_pnorm(tensor_norms(grads, norm_type), norm_type)
 
 
 def _bound(value: float, dtype: torch.dtype) -> float:
@@ -138,7 +157,7 @@ def _scale(grads: list[torch.Tensor], coefs: list[torch.Tensor] | torch.Tensor) 
 
 def _stats(pre: torch.Tensor, post: torch.Tensor, clipped: torch.Tensor, fraction: torch.Tensor,
            threshold: torch.Tensor) -> ClipStats:
-    return ClipStats(pre, post, clipped.float(), fraction.float(), threshold.float())
+    return ClipStats(pre.float(), post.float(), clipped.float(), fraction.float(), threshold.float())
 
 
 def schedule_factor(step: int, kind: str, start: float, steps: int) -> float:
@@ -165,8 +184,11 @@ def clip_none(grads: list[torch.Tensor]) -> ClipStats:
 def clip_value(grads: list[torch.Tensor], value: float) -> ClipStats:
     """Clamp every element to [-value, value]. Direction is not kept."""
     pre = global_norm(grads)
-    flat = torch.cat([g.detach().reshape(-1) for g in grads])
-    over = (flat.abs() > value).sum()
+    n = sum(g.numel() for g in grads)
+    if len({g.dtype for g in grads}) == 1:  # one comparison over all elements
+        over = (torch.cat([g.detach().reshape(-1) for g in grads]).abs() > _bound(value, grads[0].dtype)).sum()
+    else:  # compare each tensor in its own dtype, as it is clamped
+        over = sum((g.detach().abs() > _bound(value, g.dtype)).sum() for g in grads)
     if _foreach_ok(grads):
         bound = _bound(value, grads[0].dtype)
         torch._foreach_clamp_min_(grads, -bound)
@@ -174,7 +196,7 @@ def clip_value(grads: list[torch.Tensor], value: float) -> ClipStats:
     else:
         for g in grads:
             g.clamp_(-_bound(value, g.dtype), _bound(value, g.dtype))
-    return _stats(pre, global_norm(grads), over > 0, over / max(flat.numel(), 1), _scalar(value, pre))
+    return _stats(pre, global_norm(grads), over > 0, over / max(n, 1), _scalar(value, pre))
 
 
 def clip_to_norm(grads: list[torch.Tensor], threshold: torch.Tensor, pre: torch.Tensor | None = None) -> ClipStats:
@@ -197,20 +219,20 @@ def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0
     norms = tensor_norms(grads, norm_type)
     pre = torch.linalg.vector_norm(norms if norm_type == 2.0 else tensor_norms(grads), 2.0)
     if groups is None:
-        total = torch.linalg.vector_norm(norms, norm_type)
+        total = _vector_pnorm(norms, norm_type)
         coef = torch.clamp(max_norm / (total + EPS), max=1.0)
         _scale(grads, coef)
-        clip = coef < 1.0
+        clip = (coef < 1.0) & (total > 0)  # zero gradients scaled by coef < 1 stay zero: nothing changed
         post = pre * coef
         return _stats(pre, post, clip, clip, _scalar(max_norm, pre))
     if all(b - a == 1 for a, b in groups) and len(groups) == len(grads):
         group_norms = norms
     else:
-        group_norms = torch.stack([torch.linalg.vector_norm(norms[a:b], norm_type) for a, b in groups])
+        group_norms = torch.stack([_vector_pnorm(norms[a:b], norm_type) for a, b in groups])
     coefs = torch.clamp(max_norm / (group_norms + EPS), max=1.0)
     per_tensor = [coefs[j] for j, (a, b) in enumerate(groups) for _ in range(a, b)]
     _scale(grads, per_tensor)
-    clipped = coefs < 1.0
+    clipped = (coefs < 1.0) & (group_norms > 0)
     return _stats(pre, global_norm(grads), clipped.any(), clipped.float().mean(), _scalar(max_norm, pre))
 
 
@@ -266,13 +288,18 @@ def init_state(cfg: ClipConfig, named_params: list[tuple[str, torch.Tensor]] | N
     return ClipState(layout=Layout.of(list(named_params)) if named_params is not None else None)
 
 
+def _copy(value):
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
 def state_dict(state: ClipState) -> dict:
-    return {f.name: getattr(state, f.name) for f in fields(state) if f.name != "layout"}
+    """A copy of the state (without the layout, which comes from the model), for checkpoints."""
+    return {f.name: _copy(getattr(state, f.name)) for f in fields(state) if f.name != "layout"}
 
 
 def load_state_dict(state: ClipState, saved: dict) -> ClipState:
     for key, value in saved.items():
-        setattr(state, key, value)
+        setattr(state, key, _copy(value))
     return state
 
 
