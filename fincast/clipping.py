@@ -121,6 +121,8 @@ def tensor_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
         scaled = [g.detach().to(dtype) / m for g, m in zip(grads, peaks.unbind())]
         return torch.stack([torch.linalg.vector_norm(x, norm_type) for x in scaled]) * peaks
     if _foreach_ok(grads):
+        if grads[0].dtype == dtype:  # the common case: no dtype argument, no casts (each op costs us of overhead)
+            return torch.stack(torch._foreach_norm(grads, norm_type))
         norms = torch._foreach_norm(grads, norm_type, dtype=dtype)
     else:
         norms = [torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in grads]
@@ -134,6 +136,26 @@ def global_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tens
     return _vector_pnorm(tensor_norms(grads, norm_type), norm_type)
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return x.abs() < math.inf  # torch.isfinite is four ops for floating tensors; this is two
+
+
+_CONSTANTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _const(value: float, device: torch.device) -> torch.Tensor:
+    """A cached 0-d float32 tensor for a constant statistic (a fixed threshold, 0, nan): no op per step.
+    Read-only by contract: the loop only stacks it (a copy)."""
+    key = (repr(value), device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 4096:  # a schedule makes a new threshold each step: keep the cache bounded
+            _CONSTANTS.clear()
+        v = value if math.isnan(value) else _bound(value, torch.float32)
+        t = _CONSTANTS[key] = torch.full((), v, dtype=torch.float32, device=device)
+    return t
+
+
 def _bound(value: float, dtype: torch.dtype) -> float:
     """A threshold as a scalar for tensors of ``dtype``: beyond the dtype's range it is +-inf, which bounds
     exactly the same values (torch refuses to convert an out-of-range Python float, e.g. 1e39 to float32)."""
@@ -141,11 +163,14 @@ def _bound(value: float, dtype: torch.dtype) -> float:
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((), _bound(value, torch.float32), dtype=torch.float32, device=like.device)
+    return _const(value, like.device)
 
 
 def _scale(grads: list[torch.Tensor], coefs: list[torch.Tensor] | torch.Tensor) -> None:
     """grads[i] *= coef (one coefficient for all, or one per tensor), in place, in each grad's dtype."""
+    if isinstance(coefs, torch.Tensor) and _foreach_ok(grads):
+        torch._foreach_mul_(grads, coefs.to(grads[0].dtype))  # one 0-d coefficient: a single foreach op
+        return
     if isinstance(coefs, torch.Tensor):
         coefs = [coefs] * len(grads)
     if _foreach_ok(grads):
@@ -177,8 +202,8 @@ def schedule_factor(step: int, kind: str, start: float, steps: int) -> float:
 
 def clip_none(grads: list[torch.Tensor]) -> ClipStats:
     pre = global_norm(grads)
-    zero = torch.zeros_like(pre)
-    return _stats(pre, pre, zero, zero, torch.full_like(pre, math.nan))
+    zero = _const(0.0, pre.device)
+    return _stats(pre, pre, zero, zero, _const(math.nan, pre.device))
 
 
 def clip_value(grads: list[torch.Tensor], value: float) -> ClipStats:
@@ -204,9 +229,10 @@ def clip_to_norm(grads: list[torch.Tensor], threshold: torch.Tensor, pre: torch.
     data-dependent thresholds need no host sync). A nan threshold clips nothing."""
     pre = global_norm(grads) if pre is None else pre
     clip = pre > threshold
-    coef = torch.where(clip, threshold / (pre + EPS), torch.ones_like(pre))
+    coef = torch.where(clip, threshold / (pre + EPS), 1.0)
     _scale(grads, coef)
-    return _stats(pre, pre * coef, clip, clip, threshold)
+    clipped = clip.float()
+    return _stats(pre, pre * coef, clipped, clipped, threshold)
 
 
 def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0,
@@ -217,14 +243,15 @@ def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0
     coef = min(1, max_norm / (norm + EPS))). Otherwise one norm and one coefficient per group of tensors
     ``[a, b)``: one group per layer (``per_layer``) or per tensor (``per_param``)."""
     norms = tensor_norms(grads, norm_type)
-    pre = torch.linalg.vector_norm(norms if norm_type == 2.0 else tensor_norms(grads), 2.0)
     if groups is None:
         total = _vector_pnorm(norms, norm_type)
-        coef = torch.clamp(max_norm / (total + EPS), max=1.0)
+        pre = total if norm_type == 2.0 else global_norm(grads)
+        coef = torch.clamp(max_norm / (total + EPS), max=1.0)  # as clip_grad_norm_, bit for bit
         _scale(grads, coef)
-        clip = (coef < 1.0) & (total > 0)  # zero gradients scaled by coef < 1 stay zero: nothing changed
         post = pre * coef
-        return _stats(pre, post, clip, clip, _scalar(max_norm, pre))
+        clipped = (post < pre).float()  # coef < 1 and a non-zero norm (zero gradients stay unchanged)
+        return _stats(pre, post, clipped, clipped, _scalar(max_norm, pre))
+    pre = torch.linalg.vector_norm(norms if norm_type == 2.0 else tensor_norms(grads), 2.0)
     if all(b - a == 1 for a, b in groups) and len(groups) == len(grads):
         group_norms = norms
     else:
@@ -250,18 +277,23 @@ def clip_agc(grads: list[torch.Tensor], weights: list[torch.Tensor], clip_factor
     ||G_i|| > clip_factor * max(||W_i||, eps), rescale G_i to that bound. ``skip[k]`` leaves tensor k alone."""
     pre = global_norm(grads)
     skip = skip or [False] * len(grads)
-    n_clipped = torch.zeros((), device=pre.device)
-    n_units = 0
+    overs = []
     for g, w, s in zip(grads, weights, skip):
         if s:
             continue
         gn = unit_norms(g.detach()).float()
-        bound = clip_factor * unit_norms(w.detach()).float().clamp_min(eps)
-        over = gn > bound
-        g.mul_(torch.where(over, bound / gn.clamp_min(EPS), 1.0).to(g.dtype))
-        n_clipped = n_clipped + over.sum()
-        n_units += over.numel()
-    return _stats(pre, global_norm(grads), n_clipped > 0, n_clipped / max(n_units, 1), _scalar(clip_factor, pre))
+        bound = unit_norms(w.detach()).float().clamp_min_(eps).mul_(clip_factor)
+        overs.append((gn > bound).reshape(-1))
+        # min(1, bound / ||G_i||): the rescale where over, 1 within (bound > 0, as eps, clip_factor > 0; a zero
+        # gradient gives inf -> 1, an infinite bound inf -> 1)
+        g.mul_((bound / gn).clamp_max_(1.0).to(g.dtype))
+    threshold = _scalar(clip_factor, pre)
+    if not overs:
+        zero = _const(0.0, pre.device)
+        return _stats(pre, pre, zero, zero, threshold)
+    over = torch.cat(overs)
+    n_clipped = over.sum()
+    return _stats(pre, global_norm(grads), n_clipped > 0, n_clipped / over.numel(), threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,13 +338,26 @@ def load_state_dict(state: ClipState, saved: dict) -> ClipState:
 def autoclip_step(grads: list[torch.Tensor], percentile: float, window: int, state: ClipState) -> ClipStats:
     """Append this step's global L2 norm to the history (the last ``window`` steps), clip at its
     ``percentile``-th percentile (linear interpolation, as numpy.percentile). Non-finite norms are not
-    history (stored as nan, ignored by the percentile)."""
+    history (stored as nan and left out of the percentile).
+
+    Sync-free and without a full sort per step: the k smallest entries by ``topk`` (k = the most the rank
+    can need), the rank itself from the count of non-nan entries, all on the device."""
     pre = global_norm(grads)
     if state.history is None:
         state.history = torch.full((window,), math.nan, device=pre.device)
-    state.history[state.step % window] = torch.where(torch.isfinite(pre), pre, math.nan)
-    filled = state.history[:min(state.step + 1, window)]
-    threshold = torch.nanquantile(filled, percentile / 100.0)
+    state.history[state.step % window] = torch.where(_finite(pre), pre, math.nan)
+    n = min(state.step + 1, window)
+    filled = state.history[:n]
+    q = percentile / 100.0
+    k = min(n, math.floor(q * (n - 1)) + 2)
+    smallest = torch.topk(filled, k, largest=False, sorted=True).values  # nan sorts last
+    valid = (filled == filled).sum()  # non-nan entries (nan != nan)
+    last = (valid - 1).clamp_min(0)
+    pos = q * last
+    lo = pos.floor()
+    idx = torch.minimum(torch.stack([lo, lo + 1]).long().clamp_(max=k - 1), last)
+    two = smallest.gather(0, idx)
+    threshold = torch.where(valid > 0, torch.lerp(two[0], two[1], pos - lo), math.nan)
     return clip_to_norm(grads, threshold, pre)
 
 
@@ -323,18 +368,17 @@ def zclip_step(grads: list[torch.Tensor], cfg, state: ClipState) -> ClipStats:
     (``mean``); ``max_norm`` caps it in any case. The EMAs are then updated with the clipped norm
     (spike) or the norm itself: mean <- a*mean + (1-a)*x, then var <- a*var + (1-a)*(x - mean)^2."""
     pre = global_norm(grads)
-    cap = _scalar(cfg.max_norm, pre) if cfg.max_norm is not None else torch.full_like(pre, math.inf)
-    finite = torch.isfinite(pre)
     if state.step < cfg.warmup:
         if state.warm is None:
             state.warm = torch.full((cfg.warmup,), math.nan, device=pre.device)
-        state.warm[state.step] = torch.where(finite, pre, math.nan)
+        state.warm[state.step] = torch.where(_finite(pre), pre, math.nan)
         if state.step + 1 == cfg.warmup:
             state.mean = torch.nanmean(state.warm)
             state.var = torch.nanmean((state.warm - state.mean) ** 2)
-        stats = clip_to_norm(grads, cap, pre)
-        return _stats(stats.norm_pre, stats.norm_post, stats.clipped, stats.clip_fraction,
-                      torch.where(torch.isinf(cap), math.nan, cap))
+        if cfg.max_norm is None:
+            zero = _const(0.0, pre.device)
+            return _stats(pre, pre, zero, zero, _const(math.nan, pre.device))
+        return clip_to_norm(grads, _scalar(cfg.max_norm, pre), pre)
     mean, var = state.mean, state.var
     std = var.sqrt()
     z = (pre - mean) / (std + cfg.eps)
@@ -342,14 +386,17 @@ def zclip_step(grads: list[torch.Tensor], cfg, state: ClipState) -> ClipStats:
     # reciprocal: mean + z_thresh * std / (z / z_thresh), a harder cut the larger the outlier
     spike_threshold = mean + cfg.z_thresh ** 2 * std / z if cfg.rule == "reciprocal" else mean
     adaptive = torch.where(spike, spike_threshold, pre)  # what the EMA sees
-    effective = torch.minimum(adaptive, cap)
+    boundary = mean + cfg.z_thresh * (std + cfg.eps)  # the norm above which a step is clipped
+    effective = adaptive
+    if cfg.max_norm is not None:
+        cap = _scalar(cfg.max_norm, pre)
+        effective, boundary = torch.minimum(adaptive, cap), torch.minimum(boundary, cap)
     stats = clip_to_norm(grads, effective, pre)
-    boundary = torch.minimum(mean + cfg.z_thresh * (std + cfg.eps), cap)  # the norm above which a step is clipped
-    # EMA update (skipped for non-finite norms, e.g. steps an fp16 GradScaler drops; re-seeded if it broke)
-    ok = finite & torch.isfinite(adaptive)
-    new_mean = torch.where(torch.isfinite(mean), cfg.alpha * mean + (1 - cfg.alpha) * adaptive, adaptive)
-    new_var = torch.where(torch.isfinite(var), cfg.alpha * var + (1 - cfg.alpha) * (adaptive - new_mean) ** 2,
-                          torch.zeros_like(var))
+    # EMA update, skipped for non-finite norms (e.g. steps an fp16 GradScaler drops), re-seeded if it broke
+    finite = _finite(torch.stack([adaptive, mean, var, pre]))
+    new_mean = torch.where(finite[1], cfg.alpha * mean + (1 - cfg.alpha) * adaptive, adaptive)
+    new_var = torch.where(finite[2], cfg.alpha * var + (1 - cfg.alpha) * (adaptive - new_mean) ** 2, 0.0)
+    ok = finite[0] & finite[3]
     state.mean = torch.where(ok, new_mean, mean)
     state.var = torch.where(ok, new_var, var)
     return _stats(stats.norm_pre, stats.norm_post, stats.clipped, stats.clip_fraction, boundary)
