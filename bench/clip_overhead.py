@@ -162,7 +162,7 @@ def history_len(r: Runner) -> int:
 def prefill(r: Runner) -> None:
     """Fill an autoclip history to its window with the norms seen so far, repeated (as after a long run)."""
     cs, window = r.state.clip_state, r.state.clip.autoclip.window
-    seen = cs.history[:min(cs.step, window)]
+    seen = clipping.state_dict(cs)["history"][:min(cs.step, window)]
     full = seen.repeat(math.ceil(window / seen.numel()))[:window].clone()
     clipping.load_state_dict(cs, {"history": full, "step": window})
 

@@ -26,10 +26,12 @@ all-reduce, so every rank clips identically), before ``optimizer.step()``.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from fincast.config import ClipConfig
@@ -236,21 +238,26 @@ def clip_to_norm(grads: list[torch.Tensor], threshold: torch.Tensor, pre: torch.
 
 
 def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0,
-              groups: list[tuple[int, int]] | None = None) -> ClipStats:
+              groups: list[tuple[int, int]] | None = None, host: bool | None = None) -> ClipStats:
     """Rescale gradients so the ``norm_type`` norm is at most ``max_norm``, direction kept.
 
     ``groups=None``: one norm over all gradients (exactly ``torch.nn.utils.clip_grad_norm_``:
     coef = min(1, max_norm / (norm + EPS))). Otherwise one norm and one coefficient per group of tensors
-    ``[a, b)``: one group per layer (``per_layer``) or per tensor (``per_param``)."""
+    ``[a, b)``: one group per layer (``per_layer``) or per tensor (``per_param``). ``host`` (default: on the
+    CPU) computes the global coefficient on the host, bit for bit as on the device."""
     norms = tensor_norms(grads, norm_type)
     if groups is None:
         total = _vector_pnorm(norms, norm_type)
         pre = total if norm_type == 2.0 else global_norm(grads)
+        if host if host is not None else total.device.type == "cpu":  # no sync to read on the CPU; fewer ops
+            return _clip_norm_host(grads, pre, total, max_norm)
         coef = torch.clamp(max_norm / (total + EPS), max=1.0)  # as clip_grad_norm_, bit for bit
         _scale(grads, coef)
         post = pre * coef
         clipped = (post < pre).float()  # coef < 1 and a non-zero norm (zero gradients stay unchanged)
         return _stats(pre, post, clipped, clipped, _scalar(max_norm, pre))
+    if host if host is not None else norms.device.type == "cpu":
+        return _clip_groups_host(grads, norms, norm_type, max_norm, groups)
     pre = torch.linalg.vector_norm(norms if norm_type == 2.0 else tensor_norms(grads), 2.0)
     if all(b - a == 1 for a, b in groups) and len(groups) == len(grads):
         group_norms = norms
@@ -261,6 +268,59 @@ def clip_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0
     _scale(grads, per_tensor)
     clipped = (coefs < 1.0) & (group_norms > 0)
     return _stats(pre, global_norm(grads), clipped.any(), clipped.float().mean(), _scalar(max_norm, pre))
+
+
+def _pnorm(values: list[float], p: float) -> float:
+    """p-norm of a few Python floats (per-tensor norms), scaled by the largest so large p cannot overflow."""
+    m = max(values, default=0.0)
+    if p == math.inf or not 0 < m < math.inf:
+        return m if p == math.inf else sum(v ** p for v in values) ** (1 / p)
+    return m * sum((v / m) ** p for v in values) ** (1 / p)
+
+
+def _clip_groups_host(grads: list[torch.Tensor], norms: torch.Tensor, norm_type: float, max_norm: float,
+                      groups: list[tuple[int, int]]) -> ClipStats:
+    """Per-layer / per-tensor clipping with the group norms and coefficients in Python floats (CPU): one
+    torch multiply for all tensors, instead of a dozen small ops."""
+    per = norms.tolist()
+    l2 = per if norm_type == 2.0 else tensor_norms(grads).tolist()
+    bound = _bound(max_norm, torch.float32)
+    coefs = []
+    for a, b in groups:
+        group = _pnorm(per[a:b], norm_type)
+        coefs.append(min(1.0, bound / (group + EPS)) if group > 0 else 1.0)
+    per_tensor = [coefs[j] for j, (a, b) in enumerate(groups) for _ in range(a, b)]
+    clipped = sum(c < 1.0 for c in coefs)
+    if clipped:
+        if _foreach_ok(grads):
+            torch._foreach_mul_(grads, per_tensor)
+        else:
+            for g, c in zip(grads, per_tensor):
+                g.mul_(c)
+    pre = math.sqrt(sum(v * v for v in l2))
+    post = math.sqrt(sum((v * c) ** 2 for v, c in zip(l2, per_tensor)))
+    values = torch.tensor([pre, post, float(clipped > 0), clipped / max(len(groups), 1)], dtype=torch.float32)
+    return ClipStats(*values.unbind(), _scalar(max_norm, values))
+
+
+def _clip_norm_host(grads: list[torch.Tensor], pre: torch.Tensor, total: torch.Tensor, max_norm: float) -> ClipStats:
+    """Global norm clipping with the coefficient computed on the host, in the norm's precision exactly as
+    clip_grad_norm_ computes it on the device (reciprocal(total + EPS) * max_norm, clamped at 1), so the
+    clipped gradients are bitwise torch's; the multiply is skipped when nothing is clipped."""
+    real = np.float64 if total.dtype == torch.float64 else np.float32
+    one = real(1.0)
+    coef = min(one, one / (real(total.item()) + real(EPS)) * real(_bound(max_norm, torch.float32)))
+    threshold = _scalar(max_norm, pre)
+    if coef < one and total.item() > 0:
+        if _foreach_ok(grads):
+            torch._foreach_mul_(grads, float(coef))
+        else:
+            for g in grads:
+                g.mul_(float(coef))
+        clipped = _const(1.0, pre.device)
+        return _stats(pre, pre * float(coef), clipped, clipped, threshold)
+    zero = _const(0.0, pre.device)
+    return _stats(pre, pre, zero, zero, threshold)
 
 
 def unit_norms(t: torch.Tensor) -> torch.Tensor:
@@ -312,12 +372,46 @@ class ClipState:
     warm: torch.Tensor | None = None  # zclip: norms of the warmup steps
     mean: torch.Tensor | None = None  # zclip: EMA of the (clipped) norm
     var: torch.Tensor | None = None  # zclip: EMA of its variance
+    host: HostScalars | None = field(default=None, compare=False)  # CPU: the same state as Python floats
+    host_scalars: bool | None = field(default=None, compare=False)  # None: on the CPU (the device path: False)
 
 
-def init_state(cfg: ClipConfig, named_params: list[tuple[str, torch.Tensor]] | None = None) -> ClipState:
+@dataclass
+class HostScalars:
+    """On the CPU, AutoClip's and ZClip's per-step arithmetic on a handful of scalars costs far more as torch
+    ops (microseconds of dispatch each) than as Python floats, and reading a CPU tensor costs no device
+    sync; so there the state is kept here and written back to the tensors above for checkpoints."""
+
+    ring: list[float] | None = None  # autoclip: the history ring, nan = empty/non-finite
+    ordered: list[float] | None = None  # autoclip: its finite values, sorted
+    warm: list[float] | None = None  # zclip: warmup norms so far
+    warm_size: int = 0
+    mean: float | None = None
+    var: float | None = None
+
+
+def init_state(cfg: ClipConfig, named_params: list[tuple[str, torch.Tensor]] | None = None, *,
+               host_scalars: bool | None = None) -> ClipState:
     """A fresh per-run state. ``named_params`` (``model.named_parameters()``) gives per-layer scopes and
-    AGC their layers; the stateless methods need nothing else."""
-    return ClipState(layout=Layout.of(list(named_params)) if named_params is not None else None)
+    AGC their layers; the stateless methods need nothing else. ``host_scalars``: keep AutoClip's and ZClip's
+    scalars in Python (default: when the gradients are on the CPU; False forces the sync-free device path)."""
+    return ClipState(layout=Layout.of(list(named_params)) if named_params is not None else None,
+                     host_scalars=host_scalars)
+
+
+def _on_host(state: ClipState, pre: torch.Tensor) -> bool:
+    return state.host_scalars if state.host_scalars is not None else pre.device.type == "cpu"
+
+
+def _to_device_state(state: ClipState, device: torch.device) -> None:
+    """Leaving the host path (a CPU checkpoint resumed on a GPU): the tensors become the state again."""
+    if state.host is not None:
+        state_dict(state)
+        state.host = None
+    for name in ("history", "warm", "mean", "var"):
+        value = getattr(state, name)
+        if value is not None and value.device != device:
+            setattr(state, name, value.to(device))
 
 
 def _copy(value):
@@ -326,13 +420,99 @@ def _copy(value):
 
 def state_dict(state: ClipState) -> dict:
     """A copy of the state (without the layout, which comes from the model), for checkpoints."""
-    return {f.name: _copy(getattr(state, f.name)) for f in fields(state) if f.name != "layout"}
+    h = state.host
+    if h is not None:  # write the host scalars back (float64 EMAs: a resumed run continues bit for bit)
+        if h.ring is not None:
+            state.history = torch.tensor(h.ring, dtype=torch.float32)
+        if h.warm is not None:
+            state.warm = torch.tensor(h.warm + [math.nan] * (h.warm_size - len(h.warm)), dtype=torch.float32)
+        if h.mean is not None:
+            state.mean = torch.tensor(h.mean, dtype=torch.float64)
+            state.var = torch.tensor(h.var, dtype=torch.float64)
+    return {f.name: _copy(getattr(state, f.name)) for f in fields(state) if f.name not in ("layout", "host", "host_scalars")}
 
 
 def load_state_dict(state: ClipState, saved: dict) -> ClipState:
     for key, value in saved.items():
         setattr(state, key, _copy(value))
+    state.host = None  # rebuilt from the tensors on the next step
     return state
+
+
+def _clip_host(grads: list[torch.Tensor], pre: torch.Tensor, norm: float, threshold: float,
+               shown: float | None = None) -> ClipStats:
+    """Global L2 clipping with a host-side threshold (CPU): coef = threshold / (norm + EPS) when norm >
+    threshold. ``shown`` is the threshold statistic, if not ``threshold``."""
+    shown_t = torch.tensor(threshold if shown is None else shown, dtype=torch.float32)
+    if norm > threshold:  # False for nan
+        coef = threshold / (norm + EPS)
+        if _foreach_ok(grads):
+            torch._foreach_mul_(grads, coef)
+        else:
+            for g in grads:
+                g.mul_(coef)
+        one = _const(1.0, pre.device)
+        return _stats(pre, pre * coef, one, one, shown_t)
+    zero = _const(0.0, pre.device)
+    return _stats(pre, pre, zero, zero, shown_t)
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """numpy.percentile's default (linear) on a sorted list; nan when empty."""
+    if not ordered:
+        return math.nan
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _autoclip_host(grads: list[torch.Tensor], pre: torch.Tensor, q: float, window: int,
+                   state: ClipState) -> ClipStats:
+    h = state.host = state.host or HostScalars()
+    if h.ring is None:
+        h.ring = state.history.tolist() if state.history is not None else [math.nan] * window
+        h.ordered = sorted(v for v in h.ring if v == v)
+    norm = pre.item()
+    slot = state.step % window
+    old = h.ring[slot]
+    if old == old:
+        h.ordered.pop(bisect.bisect_left(h.ordered, old))
+    h.ring[slot] = norm if math.isfinite(norm) else math.nan
+    if math.isfinite(norm):
+        bisect.insort(h.ordered, norm)
+    return _clip_host(grads, pre, norm, _percentile(h.ordered, q))
+
+
+def _zclip_host(grads: list[torch.Tensor], pre: torch.Tensor, cfg, state: ClipState) -> ClipStats:
+    h = state.host = state.host or HostScalars()
+    if h.warm is None:
+        h.warm_size = cfg.warmup
+        h.warm = state.warm[:min(state.step, cfg.warmup)].tolist() if state.warm is not None else []
+        if state.mean is not None:
+            h.mean, h.var = float(state.mean), float(state.var)
+    norm = pre.item()
+    finite = math.isfinite(norm)
+    cap = cfg.max_norm if cfg.max_norm is not None else math.inf
+    if state.step < cfg.warmup:
+        h.warm.append(norm if finite else math.nan)
+        if state.step + 1 == cfg.warmup:
+            seen = [v for v in h.warm if v == v]
+            h.mean = sum(seen) / len(seen) if seen else math.nan
+            h.var = sum((v - h.mean) ** 2 for v in seen) / len(seen) if seen else math.nan
+        return _clip_host(grads, pre, norm, cap, math.nan if math.isinf(cap) else cap)
+    mean, var = h.mean, h.var
+    std = math.sqrt(var) if var == var and var >= 0 else math.nan
+    z = (norm - mean) / (std + cfg.eps) if finite else math.nan
+    spike = z > cfg.z_thresh
+    adaptive = (mean + cfg.z_thresh ** 2 * std / z if cfg.rule == "reciprocal" else mean) if spike else norm
+    boundary = min(mean + cfg.z_thresh * (std + cfg.eps), cap)
+    stats = _clip_host(grads, pre, norm, min(adaptive, cap), boundary)
+    if finite and math.isfinite(adaptive):  # EMA update with the clipped norm; re-seeded if it broke
+        new_mean = cfg.alpha * mean + (1 - cfg.alpha) * adaptive if math.isfinite(mean) else adaptive
+        h.var = cfg.alpha * var + (1 - cfg.alpha) * (adaptive - new_mean) ** 2 if math.isfinite(var) else 0.0
+        h.mean = new_mean
+    return stats
 
 
 def autoclip_step(grads: list[torch.Tensor], percentile: float, window: int, state: ClipState) -> ClipStats:
@@ -340,9 +520,13 @@ def autoclip_step(grads: list[torch.Tensor], percentile: float, window: int, sta
     ``percentile``-th percentile (linear interpolation, as numpy.percentile). Non-finite norms are not
     history (stored as nan and left out of the percentile).
 
-    Sync-free and without a full sort per step: the k smallest entries by ``topk`` (k = the most the rank
-    can need), the rank itself from the count of non-nan entries, all on the device."""
+    On an accelerator: sync-free and without a full sort per step: the k smallest entries by ``topk`` (k =
+    the most the rank can need), the rank itself from the count of non-nan entries, all on the device. On
+    the CPU (unless ``state.host_scalars`` is False): a sorted list in Python (see :class:`HostScalars`)."""
     pre = global_norm(grads)
+    if _on_host(state, pre):
+        return _autoclip_host(grads, pre, percentile / 100.0, window, state)
+    _to_device_state(state, pre.device)
     if state.history is None:
         state.history = torch.full((window,), math.nan, device=pre.device)
     state.history[state.step % window] = torch.where(_finite(pre), pre, math.nan)
@@ -366,8 +550,13 @@ def zclip_step(grads: list[torch.Tensor], cfg, state: ClipState) -> ClipStats:
     (population) variance, with only the optional ``max_norm`` cap meanwhile. Then z = (g - mean) / (std + eps);
     when z > z_thresh the norm is clipped to mean + z_thresh^2 * std / z (``reciprocal``) or to the mean
     (``mean``); ``max_norm`` caps it in any case. The EMAs are then updated with the clipped norm
-    (spike) or the norm itself: mean <- a*mean + (1-a)*x, then var <- a*var + (1-a)*(x - mean)^2."""
+    (spike) or the norm itself: mean <- a*mean + (1-a)*x, then var <- a*var + (1-a)*(x - mean)^2.
+    On the CPU (unless ``state.host_scalars`` is False) the same arithmetic runs on Python floats
+    (:class:`HostScalars`)."""
     pre = global_norm(grads)
+    if _on_host(state, pre):
+        return _zclip_host(grads, pre, cfg, state)
+    _to_device_state(state, pre.device)
     if state.step < cfg.warmup:
         if state.warm is None:
             state.warm = torch.full((cfg.warmup,), math.nan, device=pre.device)
@@ -431,7 +620,8 @@ def clip_gradients(params: list[torch.Tensor], cfg: ClipConfig, state: ClipState
         stats = clip_value(grads, threshold_at(cfg, state.step))
     elif method == "norm":
         c = cfg.norm
-        stats = clip_norm(grads, threshold_at(cfg, state.step), c.norm_type, _groups(c.scope, params, state))
+        stats = clip_norm(grads, threshold_at(cfg, state.step), c.norm_type, _groups(c.scope, params, state),
+                          state.host_scalars)
     elif method == "agc":
         layout = _layout(state, params)
         skip = [cfg.agc.skip_output and layer_name(n) == layout.output

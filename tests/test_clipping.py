@@ -188,6 +188,16 @@ def clip_cfg(method: str, **section):
     return from_dict({"clip": raw}).clip
 
 
+def saved(state) -> dict:
+    """The clipper state as checkpointed (on the CPU the live scalars may be Python floats)."""
+    return C.state_dict(state)
+
+
+def emas(state) -> tuple[float, float]:
+    d = saved(state)
+    return float(d["mean"]), float(d["var"])
+
+
 def step(params, cfg, state):
     stats, out = C.clip_gradients(params, cfg, state)
     assert out is state
@@ -325,23 +335,26 @@ def test_value_clip_known_values():
 # ---------------------------------------------------------------------------------------------
 
 
-def _norm_run(case, max_norm, p, scope):
+HOST = st.sampled_from([None, False])  # coefficients on the host (the CPU default) or the device path
+
+
+def _norm_run(case, max_norm, p, scope, host=None):
     names, layers, grads = case
     params = params_with(grads)
     cfg = clip_cfg("norm", max_norm=max_norm, norm_type=p, scope=scope)
-    state = C.init_state(cfg, named(params, names))
+    state = C.init_state(cfg, named(params, names), host_scalars=host)
     return params, cfg, state
 
 
 @PROPS
-@given(case=lstm_grads(), max_norm=log_floats(-4, 4), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES))
-def test_norm_clip_bounds_each_group_and_keeps_its_direction(case, max_norm, p, scope):
+@given(case=lstm_grads(), max_norm=log_floats(-4, 4), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES), host=HOST)
+def test_norm_clip_bounds_each_group_and_keeps_its_direction(case, max_norm, p, scope, host):
     names, layers, grads = case
     groups = ref_groups(scope, layers)
     ratios = [max_norm / (ref_norm(grads[a:b], p) + EPS) for a, b in groups]
     assume(all(abs(r - 1) > 1e-4 for r in ratios))  # away from the boundary, where rounding decides
     coefs = [min(1.0, r) for r in ratios]
-    params, cfg, state = _norm_run(case, max_norm, p, scope)
+    params, cfg, state = _norm_run(case, max_norm, p, scope, host)
     stats = step(params, cfg, state)
     after = grads_of(params)
 
@@ -362,12 +375,12 @@ def test_norm_clip_bounds_each_group_and_keeps_its_direction(case, max_norm, p, 
 
 
 @PROPS
-@given(case=lstm_grads(), headroom=log_floats(0, 30), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES))
-def test_norm_clip_above_every_group_norm_changes_nothing(case, headroom, p, scope):
+@given(case=lstm_grads(), headroom=log_floats(0, 30), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES), host=HOST)
+def test_norm_clip_above_every_group_norm_changes_nothing(case, headroom, p, scope, host):
     names, layers, grads = case
     largest = max(ref_norm(grads[a:b], p) for a, b in ref_groups(scope, layers))
     max_norm = (largest * (1 + 1e-4) + EPS) * headroom
-    params, cfg, state = _norm_run(case, max_norm, p, scope)
+    params, cfg, state = _norm_run(case, max_norm, p, scope, host)
     stats = step(params, cfg, state)
     assert bitwise_equal(grads_of(params), grads)
     assert stats.clipped.item() == 0.0 and stats.clip_fraction.item() == 0.0
@@ -375,9 +388,9 @@ def test_norm_clip_above_every_group_norm_changes_nothing(case, headroom, p, sco
 
 
 @PROPS
-@given(case=lstm_grads(), max_norm=log_floats(-4, 4), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES))
-def test_norm_clip_twice_changes_nothing_more(case, max_norm, p, scope):
-    params, cfg, state = _norm_run(case, max_norm, p, scope)
+@given(case=lstm_grads(), max_norm=log_floats(-4, 4), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES), host=HOST)
+def test_norm_clip_twice_changes_nothing_more(case, max_norm, p, scope, host):
+    params, cfg, state = _norm_run(case, max_norm, p, scope, host)
     step(params, cfg, state)
     once = clone(grads_of(params))
     step(params, cfg, state)
@@ -388,24 +401,26 @@ def test_norm_clip_twice_changes_nothing_more(case, max_norm, p, scope):
 
 
 @PROPS
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-coefficient", "device-path"])
 @given(grads=grad_lists(dtypes=(torch.float32,)), max_norm=log_floats(-4, 4))
-def test_global_l2_norm_clip_is_torch_clip_grad_norm(grads, max_norm):
+def test_global_l2_norm_clip_is_torch_clip_grad_norm(host_scalars, grads, max_norm):
     ours, theirs = params_with(grads), params_with(grads)
     cfg = clip_cfg("norm", max_norm=max_norm)  # defaults: L2, global
-    stats = step(ours, cfg, C.init_state(cfg))
+    stats = step(ours, cfg, C.init_state(cfg, host_scalars=host_scalars))
     total = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type=2.0, foreach=True)
     for p, q in zip(ours, theirs):
-        assert ulp_close(p.grad, q.grad, 1)
+        assert bitwise_equal([p.grad], [q.grad])  # the same arithmetic, on the host or on the device
     assert ulp_close(stats.norm_pre, total, 1)
 
 
-def test_global_l2_norm_clip_is_torch_clip_grad_norm_for_float64():
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-coefficient", "device-path"])
+def test_global_l2_norm_clip_is_torch_clip_grad_norm_for_float64(host_scalars):
     g = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     ours, theirs = params_with([g]), params_with([g])
     cfg = clip_cfg("norm", max_norm=0.1)
-    step(ours, cfg, C.init_state(cfg))
+    step(ours, cfg, C.init_state(cfg, host_scalars=host_scalars))
     torch.nn.utils.clip_grad_norm_(theirs, 0.1, foreach=True)
-    assert ulp_close(ours[0].grad, theirs[0].grad, 1)
+    assert bitwise_equal([ours[0].grad], [theirs[0].grad])
 
 
 @pytest.mark.parametrize("p, value", [(10.0, 1e4), (4.5, 1e9), (3.0, 1e13)])
@@ -455,10 +470,11 @@ def test_per_layer_scope_skips_parameters_without_gradients():
 @SEQS
 @given(seq=grad_sequences(1, 12), window=st.integers(1, 8),
        percentile=st.one_of(st.sampled_from([0.0, 50.0, 100.0]), st.floats(0, 100)))
-def test_autoclip_clips_at_the_percentile_of_the_recent_norms(seq, percentile, window):
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
+def test_autoclip_clips_at_the_percentile_of_the_recent_norms(host_scalars, seq, percentile, window):
     cfg = clip_cfg("autoclip", percentile=percentile, window=window)
     params = params_with(seq[0])
-    state = C.init_state(cfg)
+    state = C.init_state(cfg, host_scalars=host_scalars)
     history = []
     for t, grads in enumerate(seq):
         set_grads(params, grads)
@@ -485,10 +501,11 @@ def test_autoclip_clips_at_the_percentile_of_the_recent_norms(seq, percentile, w
 
 @pytest.mark.parametrize("window, thresholds", [(1, [1, 8, 4, 2]), (2, [1, 1, 4, 2]), (3, [1, 1, 1, 2]),
                                                 (4, [1, 1, 1, 1]), (100, [1, 1, 1, 1])])
-def test_autoclip_window_keeps_only_the_last_norms(window, thresholds):
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
+def test_autoclip_window_keeps_only_the_last_norms(host_scalars, window, thresholds):
     cfg = clip_cfg("autoclip", percentile=0, window=window)  # percentile 0: the smallest recent norm
     params = params_with([torch.zeros(2)])
-    state = C.init_state(cfg)
+    state = C.init_state(cfg, host_scalars=host_scalars)
     for norm, thr in zip([1.0, 8.0, 4.0, 2.0], thresholds):
         set_grads(params, [torch.tensor([0.6 * norm, -0.8 * norm])])
         stats = step(params, cfg, state)
@@ -611,13 +628,14 @@ class RefZClip:
 @given(seq=grad_sequences(6, 30, spread=0.15), spikes=st.sets(st.integers(0, 29), max_size=6),
        alpha=st.floats(0.5, 0.99), z_thresh=st.floats(1.0, 3.0), warmup=st.integers(1, 5),
        rule=st.sampled_from(["reciprocal", "mean"]), cap=st.one_of(st.none(), st.floats(0.3, 5.0)))
-def test_zclip_follows_the_published_update_step_by_step(seq, spikes, alpha, z_thresh, warmup, rule, cap):
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
+def test_zclip_follows_the_published_update_step_by_step(host_scalars, seq, spikes, alpha, z_thresh, warmup, rule, cap):
     seq = [[g * 50 for g in grads] if t in spikes else grads for t, grads in enumerate(seq)]
     max_norm = None if cap is None else cap * ref_norm(seq[0])
     cfg = clip_cfg("zclip", alpha=alpha, z_thresh=z_thresh, warmup=warmup, rule=rule, max_norm=max_norm)
     ref = RefZClip(alpha, z_thresh, warmup, rule, max_norm, cfg.zclip.eps)
     params = params_with(seq[0])
-    state = C.init_state(cfg)
+    state = C.init_state(cfg, host_scalars=host_scalars)
     for t, grads in enumerate(seq):
         g = ref_norm(grads)
         bound, boundary, ambiguous = ref.step(g)
@@ -630,22 +648,24 @@ def test_zclip_follows_the_published_update_step_by_step(seq, spikes, alpha, z_t
         np.testing.assert_allclose(ref_norm(after), expected_post, rtol=1e-4)
         assert stats.clipped.item() == float(g > bound) == float(not bitwise_equal(after, grads))
         if t < warmup:
-            assert (state.mean is None) == (t < warmup - 1)  # set once the warmup norms are all in
+            assert (saved(state)["mean"] is None) == (t < warmup - 1)  # set once the warmup norms are all in
             if max_norm is None:  # warmup: nothing is clipped, no threshold
                 assert bitwise_equal(after, grads) and math.isnan(stats.threshold.item())
         else:
             np.testing.assert_allclose(stats.threshold.item(), boundary, rtol=1e-4)
             assert ref_norm(after) <= stats.threshold.item() * (1 + RTOL)
         if t >= warmup - 1:
-            np.testing.assert_allclose(state.mean.item(), ref.mean, rtol=1e-4)
-            assert abs(math.sqrt(state.var.item()) - math.sqrt(ref.var)) <= 1e-4 * (ref.mean + math.sqrt(ref.var))
+            mean, var = float(saved(state)["mean"]), float(saved(state)["var"])
+            np.testing.assert_allclose(mean, ref.mean, rtol=1e-4)
+            assert abs(math.sqrt(var) - math.sqrt(ref.var)) <= 1e-4 * (ref.mean + math.sqrt(ref.var))
 
 
-def test_zclip_clips_an_injected_spike_to_the_reciprocal_bound():
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
+def test_zclip_clips_an_injected_spike_to_the_reciprocal_bound(host_scalars):
     """Hand-checked: warmup norms 1, 2, 3 -> mean 2, var 2/3; a norm of 100 is a spike."""
     cfg = clip_cfg("zclip", warmup=3, z_thresh=2.0, alpha=0.9)
     params = params_with([torch.zeros(2)])
-    state = C.init_state(cfg)
+    state = C.init_state(cfg, host_scalars=host_scalars)
     for n in (1.0, 2.0, 3.0, 100.0):
         set_grads(params, [torch.tensor([0.6 * n, 0.8 * n])])
         stats = step(params, cfg, state)
@@ -654,7 +674,7 @@ def test_zclip_clips_an_injected_spike_to_the_reciprocal_bound():
     clip = 2 + 2 * std / (z / 2)
     assert ref_norm(grads_of(params)) == pytest.approx(100 * clip / (100 + EPS), rel=1e-5)
     assert stats.threshold.item() == pytest.approx(2 + 2 * (std + 1e-6), rel=1e-6)
-    assert state.mean.item() == pytest.approx(0.9 * 2 + 0.1 * clip, rel=1e-6)
+    assert float(saved(state)["mean"]) == pytest.approx(0.9 * 2 + 0.1 * clip, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,42 +770,46 @@ def test_statistics_are_the_same_record_for_every_method(method, seq, data):
             assert not changed and math.isnan(stats.threshold.item())
 
 
-def test_autoclip_history_skips_a_non_finite_norm():
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
+def test_autoclip_history_skips_a_non_finite_norm(host_scalars):
     cfg = clip_cfg("autoclip", percentile=50, window=10)
     params = params_with([torch.zeros(2)])
-    state = C.init_state(cfg)
+    state = C.init_state(cfg, host_scalars=host_scalars)
     for n in (1.0, 3.0, math.inf, 2.0):
         set_grads(params, [torch.tensor([n, 0.0])])
         stats = step(params, cfg, state)
-    assert math.isnan(state.history[2].item())
-    assert torch.equal(state.history[[0, 1, 3]], torch.tensor([1.0, 3.0, 2.0]))
+    history = saved(state)["history"]
+    assert math.isnan(history[2].item())
+    assert torch.equal(history[[0, 1, 3]], torch.tensor([1.0, 3.0, 2.0]))
     assert stats.threshold.item() == pytest.approx(float(np.percentile([1.0, 3.0, 2.0], 50)))
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_zclip_emas_survive_a_non_finite_norm(bad):
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
+def test_zclip_emas_survive_a_non_finite_norm(host_scalars, bad):
     params = params_with([torch.zeros(2)])
     cfg_clean, cfg_dirty = clip_cfg("zclip", warmup=3, z_thresh=2.0), clip_cfg("zclip", warmup=4, z_thresh=2.0)
-    clean, dirty = C.init_state(cfg_clean), C.init_state(cfg_dirty)
+    clean = C.init_state(cfg_clean, host_scalars=host_scalars)
+    dirty = C.init_state(cfg_dirty, host_scalars=host_scalars)
     for n in (1.0, bad, 2.0, 3.0):  # a bad norm in warmup is left out of the initial mean and variance
         set_grads(params, [torch.tensor([n, 0.0])])
         step(params, cfg_dirty, dirty)
-    assert math.isnan(dirty.warm[1].item())
-    assert dirty.mean.item() == pytest.approx(2.0) and dirty.var.item() == pytest.approx(2 / 3, rel=1e-6)
+    assert math.isnan(saved(dirty)["warm"][1].item())
+    assert float(saved(dirty)["mean"]) == pytest.approx(2.0) and float(saved(dirty)["var"]) == pytest.approx(2 / 3, rel=1e-6)
     for n in (1.0, 2.0, 3.0):
         set_grads(params, [torch.tensor([n, 0.0])])
         step(params, cfg_clean, clean)
-    assert torch.equal(dirty.mean, clean.mean) and torch.equal(dirty.var, clean.var)
+    assert emas(dirty) == emas(clean)
     for n in (2.5, bad, 1.5, bad, 9.0):  # after warmup a bad norm leaves the EMAs exactly as they were
         set_grads(params, [torch.tensor([n, 0.0])])
-        mean, var = dirty.mean.clone(), dirty.var.clone()
+        before = emas(dirty)
         step(params, cfg_dirty, dirty)
         if not math.isfinite(n):
-            assert torch.equal(dirty.mean, mean) and torch.equal(dirty.var, var)
+            assert emas(dirty) == before
         else:
             set_grads(params, [torch.tensor([n, 0.0])])
             step(params, cfg_clean, clean)
-            assert torch.equal(dirty.mean, clean.mean) and torch.equal(dirty.var, clean.var)
+            assert emas(dirty) == emas(clean)
     assert math.isfinite(dirty.mean.item()) and math.isfinite(dirty.var.item())
 
 
@@ -807,11 +831,13 @@ def stats_bitwise_equal(a: C.ClipStats, b: C.ClipStats) -> bool:
 
 @SEQS
 @given(seq=grad_sequences(4, 14, spread=1.0), k=st.integers(1, 13), spec=st.sampled_from(STATEFUL))
-def test_state_dict_round_trip_continues_bit_identically(seq, k, spec):
+@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
+def test_state_dict_round_trip_continues_bit_identically(host_scalars, seq, k, spec):
     assume(k < len(seq))
     cfg = clip_cfg(spec[0], **spec[1])
     a_params, b_params = params_with(seq[0]), params_with(seq[0])
-    a, b = C.init_state(cfg, named(a_params)), C.init_state(cfg, named(b_params))
+    a = C.init_state(cfg, named(a_params), host_scalars=host_scalars)
+    b = C.init_state(cfg, named(b_params), host_scalars=host_scalars)
     for grads in seq[:k]:
         set_grads(a_params, grads)
         set_grads(b_params, grads)
@@ -820,7 +846,7 @@ def test_state_dict_round_trip_continues_bit_identically(seq, k, spec):
     buf = io.BytesIO()
     torch.save(C.state_dict(b), buf)
     buf.seek(0)
-    b = C.load_state_dict(C.init_state(cfg, named(b_params)), torch.load(buf))
+    b = C.load_state_dict(C.init_state(cfg, named(b_params), host_scalars=host_scalars), torch.load(buf))
     assert b.step == k
     for grads in seq[k:]:
         set_grads(a_params, grads)
@@ -906,7 +932,7 @@ def test_clippers_never_read_a_tensor_back_to_python(method, monkeypatch):
     """.item(), float(), bool() on a CUDA tensor wait for the GPU; none may happen inside clip_gradients."""
     cfg = clip_cfg(method, **STAT_CFGS[method])
     params = params_with([torch.randn(3, 4), torch.randn(7) * 10], [torch.randn(3, 4), torch.randn(7)])
-    state = C.init_state(cfg, named(params))
+    state = C.init_state(cfg, named(params), host_scalars=False)  # the GPU's path, forced
 
     def sync(*_a, **_k):
         raise AssertionError("a clipper read a tensor back to Python (device sync)")
