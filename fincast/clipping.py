@@ -337,23 +337,29 @@ def clip_agc(grads: list[torch.Tensor], weights: list[torch.Tensor], clip_factor
     ||G_i|| > clip_factor * max(||W_i||, eps), rescale G_i to that bound. ``skip[k]`` leaves tensor k alone."""
     pre = global_norm(grads)
     skip = skip or [False] * len(grads)
-    overs = []
-    for g, w, s in zip(grads, weights, skip):
-        if s:
-            continue
-        gn = unit_norms(g.detach()).float()
-        bound = unit_norms(w.detach()).float().clamp_min_(eps).mul_(clip_factor)
-        overs.append((gn > bound).reshape(-1))
-        # min(1, bound / ||G_i||): the rescale where over, 1 within (bound > 0, as eps, clip_factor > 0; a zero
-        # gradient gives inf -> 1, an infinite bound inf -> 1)
-        g.mul_((bound / gn).clamp_max_(1.0).to(g.dtype))
+    pairs = [(g, w) for g, w, s in zip(grads, weights, skip) if not s]
     threshold = _scalar(clip_factor, pre)
-    if not overs:
+    if not pairs:
         zero = _const(0.0, pre.device)
         return _stats(pre, pre, zero, zero, threshold)
-    over = torch.cat(overs)
-    n_clipped = over.sum()
-    return _stats(pre, global_norm(grads), n_clipped > 0, n_clipped / over.numel(), threshold)
+    # every unit's norms in one vector, so the bound and coefficient are a few ops for all units together
+    g_units = [unit_norms(g.detach()) for g, _ in pairs]
+    w_units = [unit_norms(w.detach()) for _, w in pairs]
+    gn = torch.cat([u.reshape(-1) for u in g_units]).float()
+    bound = torch.cat([u.reshape(-1) for u in w_units]).float().clamp_min_(eps).mul_(clip_factor)
+    # min(1, bound / ||G_i||): the rescale where over, 1 within (bound > 0, as eps, clip_factor > 0; a zero
+    # gradient gives inf -> 1, an infinite bound inf -> 1)
+    coef = (bound / gn).clamp_max_(1.0)
+    coefs = [c.view(u.shape).to(g.dtype) for c, u, (g, _) in zip(coef.split([u.numel() for u in g_units]), g_units,
+                                                                   pairs)]
+    gs = [g for g, _ in pairs]
+    if _foreach_ok(gs):
+        torch._foreach_mul_(gs, coefs)
+    else:
+        for g, c in zip(gs, coefs):
+            g.mul_(c)
+    n_clipped = (gn > bound).sum()
+    return _stats(pre, global_norm(grads), n_clipped > 0, n_clipped / gn.numel(), threshold)
 
 
 # ---------------------------------------------------------------------------------------------
