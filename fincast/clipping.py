@@ -87,9 +87,6 @@ class Layout:
                 spans.append([i, i + 1])
         return cls(names, tuple(layers), tuple((a, b) for a, b in spans), layers[-1] if layers else "")
 
-    def layer_index(self) -> list[int]:
-        return [j for j, (a, b) in enumerate(self.spans) for _ in range(a, b)]
-
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
