@@ -416,6 +416,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
 
     progress_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", disable=not progress,
                         leave=False)
+    no_skip = torch.zeros((), device=device)  # the skipped flag of steps without a GradScaler
     model.train()
     done = cfg.max_steps is not None and state.step >= cfg.max_steps
     for epoch in range(start_epoch, cfg.epochs):
@@ -433,7 +434,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             out = train_step(net, shard(idx), state)
             c = out.clip
-            skipped = out.skipped if out.skipped is not None else torch.zeros_like(c.norm_pre)
+            skipped = out.skipped if out.skipped is not None else no_skip
             buffer.append(torch.stack([out.loss.float(), c.norm_pre, c.norm_post, c.clipped, c.clip_fraction,
                                        c.threshold, skipped]))
             if out.layers is not None:
