@@ -306,16 +306,17 @@ def _clip_norm_host(grads: list[torch.Tensor], pre: torch.Tensor, total: torch.T
     clipped gradients are bitwise torch's; the multiply is skipped when nothing is clipped."""
     real = np.float64 if total.dtype == torch.float64 else np.float32
     one = real(1.0)
-    coef = min(one, one / (real(total.item()) + real(EPS)) * real(_bound(max_norm, torch.float32)))
+    coef = np.minimum(one, one / (real(total.item()) + real(EPS)) * real(_bound(max_norm, torch.float32)))
     threshold = _scalar(max_norm, pre)
-    if coef < one and total.item() > 0:
+    if not coef >= one:  # also a nan coefficient (nan norm), which torch multiplies in too
         if _foreach_ok(grads):
             torch._foreach_mul_(grads, float(coef))
         else:
             for g in grads:
                 g.mul_(float(coef))
-        clipped = _const(1.0, pre.device)
-        return _stats(pre, pre * float(coef), clipped, clipped, threshold)
+        post = pre * float(coef)
+        clipped = (post < pre).float()  # as the device path: 0 for zero, inf or nan norms
+        return _stats(pre, post, clipped, clipped, threshold)
     zero = _const(0.0, pre.device)
     return _stats(pre, pre, zero, zero, threshold)
 
@@ -506,7 +507,7 @@ def _zclip_host(grads: list[torch.Tensor], pre: torch.Tensor, cfg, state: ClipSt
         return _clip_host(grads, pre, norm, cap, math.nan if math.isinf(cap) else cap)
     mean, var = h.mean, h.var
     std = math.sqrt(var) if var == var and var >= 0 else math.nan
-    z = (norm - mean) / (std + cfg.eps) if finite else math.nan
+    z = (norm - mean) / (std + cfg.eps) if norm == norm else math.nan  # inf norm: a spike, as on the device
     spike = z > cfg.z_thresh
     adaptive = (mean + cfg.z_thresh ** 2 * std / z if cfg.rule == "reciprocal" else mean) if spike else norm
     boundary = min(mean + cfg.z_thresh * (std + cfg.eps), cap)

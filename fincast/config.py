@@ -377,7 +377,11 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or '<top level>'}: expected a mapping of keys, got {raw!r}")
+        where = prefix.rstrip(".") or "<top level>"
+        first = fields(cls)[0].name
+        hint = f" (a section: set its keys, e.g. {prefix}{first}={raw!r})" if prefix and not isinstance(raw, list) else ""
+        errors.append(f"{where}: expected a mapping of keys, got {raw!r}{hint}; keys here: "
+                      f"{', '.join(f.name for f in fields(cls))}")
         return cls()
     names = [f.name for f in fields(cls)]
     kwargs: dict[str, Any] = {}

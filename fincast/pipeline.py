@@ -123,6 +123,7 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoi
     path = Path(checkpoint_dir) / f"{run_id}.pt"
     saved = load_checkpoint(path)
     raw = config_mod.apply_overrides(saved["config"], list(overrides))
+    raw["train"]["checkpoint_dir"] = str(checkpoint_dir)  # new checkpoints go beside the one resumed from
     for text in overrides:
         key = ".".join(config_mod.parse_override(text)[0])
         if key not in RESUME_KEYS:

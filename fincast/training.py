@@ -144,8 +144,8 @@ def _layer_norms(tensors: list[torch.Tensor], layout: Layout) -> torch.Tensor:
 
 
 def train_step(model: torch.nn.Module, batch: tuple, state: RunState) -> StepOut:
-    """One optimizer step on ``batch = (x, y)`` or ``(x, y, weight)`` (the loss is ``weight`` x the mean
-    squared error; DDP uses it to weigh unequal shards of a global batch). Clipping sees unscaled,
+    """One optimizer step on ``batch = (x, y)`` (mean squared error) or ``(x, y, weight)`` (the sum of squared
+    errors x ``weight``: DDP's shards of a global batch, so the all-reduced mean is the global batch's). Clipping sees unscaled,
     all-reduced gradients and runs before the optimizer."""
     x, y = batch[0], batch[1]
     opt = state.optimizer
@@ -154,9 +154,9 @@ def train_step(model: torch.nn.Module, batch: tuple, state: RunState) -> StepOut
     opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=state.autocast_dtype or torch.float32,
                         enabled=state.autocast_dtype is not None):
-        loss = F.mse_loss(model(x).float(), y)
-    if len(batch) > 2:
-        loss = loss * batch[2]
+        pred = model(x).float()
+    # a DDP shard (x, y, weight): squared errors summed, times world / global batch (0 for a dummy shard)
+    loss = F.mse_loss(pred, y, reduction="sum") * batch[2] if len(batch) > 2 else F.mse_loss(pred, y)
     if state.scaler is not None:
         state.scaler.scale(loss).backward()
         state.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
@@ -326,6 +326,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     start_epoch, start_batch = 0, 0
     epoch_gen_state = gen.get_state()
     if resume is not None:
+        resume = copy.deepcopy(resume)  # fit continues from it; the caller's copy stays as saved
         load_checkpoint_state(model, state, resume)
         r = resume["loop"]
         start_epoch, start_batch, epoch_gen_state = r["epoch"], r["batch"], r["gen_state"]
@@ -412,19 +413,24 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         if world == 1:
             return xt[idx], yt[idx]
         local = idx[rank::world]
-        return xt[local], yt[local], len(local) * world / len(idx)
+        if len(local) == 0:  # fewer samples than ranks: a zero-weight sample keeps this rank in the all-reduce
+            return xt[idx[:1]], yt[idx[:1]], 0.0
+        return xt[local], yt[local], world / len(idx)
 
     progress_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", disable=not progress,
                         leave=False)
     no_skip = torch.zeros((), device=device)  # the skipped flag of steps without a GradScaler
     model.train()
-    done = cfg.max_steps is not None and state.step >= cfg.max_steps
+    # a resumed run that had already stopped stops again (unless --set raised the limit)
+    done = ("max_steps" if cfg.max_steps is not None and state.step >= cfg.max_steps else
+            "early_stopping" if cfg.patience is not None and state.bad_epochs >= cfg.patience else None)
     for epoch in range(start_epoch, cfg.epochs):
         if done:
-            stop_reason = "max_steps"
+            stop_reason = done
             break
         state.epoch = epoch
         t0 = time.perf_counter()
+        stopped_at = steps_per_epoch  # batches done this epoch
         if epoch != start_epoch or resume is None:
             epoch_gen_state = gen.get_state()
         else:
@@ -445,6 +451,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
                 if diverged:
                     break
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                stopped_at = b + 1
                 break
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:
                 drain()
@@ -482,8 +489,11 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             stop = "max_steps"
         elif cfg.patience is not None and state.bad_epochs >= cfg.patience:
             stop = "early_stopping"
-        if cfg.checkpoint:
-            save(epoch + 1, 0, gen.get_state())
+        if cfg.checkpoint or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+            if stopped_at < steps_per_epoch:  # max_steps mid-epoch: a resume with more steps goes on from here
+                save(epoch, stopped_at, epoch_gen_state)
+            else:
+                save(epoch + 1, 0, gen.get_state())
         if stop:
             stop_reason = stop
             break
@@ -511,7 +521,7 @@ def checkpoint_state(model: torch.nn.Module, state: RunState, loop: dict) -> dic
         "run": {"step": state.step, "best_val": state.best_val, "best_epoch": state.best_epoch,
                 "bad_epochs": state.bad_epochs, "best_weights": state.best_weights},
         "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
         "loop": copy.deepcopy(loop),
     }
 
@@ -520,6 +530,9 @@ def load_checkpoint_state(model: torch.nn.Module, state: RunState, saved: dict) 
     model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
+    sched = state.scheduler  # the lr of the next step from this run's schedule (resume may change epochs)
+    for group, base, factor in zip(state.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(sched.last_epoch)
     if state.scaler is not None and saved["scaler"] is not None:
         state.scaler.load_state_dict(saved["scaler"])
     device = next(model.parameters()).device
@@ -530,4 +543,4 @@ def load_checkpoint_state(model: torch.nn.Module, state: RunState, saved: dict) 
     state.bad_epochs, state.best_weights = run["bad_epochs"], run["best_weights"]
     torch.set_rng_state(saved["rng"]["torch"])
     if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])

@@ -525,3 +525,17 @@ def test_describe_keys_defaults_are_the_real_defaults():
     default = PipelineConfig()
     for key, shown, _ in describe_keys():
         assert override(f"{key}={shown}") == default, (key, shown)
+
+
+@pytest.mark.parametrize("raw, fragments", [
+    ({"clip": {"value": 0.5}}, ["clip.value: expected a mapping", "clip.value.value=0.5"]),
+    ({"clip": {"norm": 2}}, ["clip.norm: expected a mapping", "clip.norm.max_norm=2", "norm_type"]),
+    ({"clip": {"norm": {"percentile": 5}}}, ["clip.norm.percentile: unknown key", "clip.autoclip.percentile"]),
+    ({"clip": {"max_norm": 1.0}}, ["clip.max_norm: unknown key", "clip.norm.max_norm", "clip.zclip.max_norm"]),
+    ({"clip": {"autoclip": {"percentile": 101}}}, ["clip.autoclip.percentile = 101", "<= 100"]),
+    ({"clip": {"norm": {"scope": "layer"}}}, ["clip.norm.scope = 'layer'", "'global'", "'per_layer'", "'per_param'"]),
+])
+def test_clip_sections_point_to_the_right_key(raw, fragments):
+    msg = config_error(raw)
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)

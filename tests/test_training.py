@@ -383,7 +383,8 @@ def test_resume_from_any_checkpoint_continues_bit_exactly(method):
 
 
 def test_distributed_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path):
-    """torchrun, 2 gloo processes on CPU: each rank trains its shard of every global batch (shards of 3 and 2),
+    """torchrun, 2 gloo processes on CPU: each rank trains its shard of every global batch (shards of 3 and 2,
+    and 1 and none for each epoch's last batch of one sample),
     gradients are all-reduced before clipping (stateful AutoClip), and after several clipped steps the
     parameters equal a one-process run's."""
     import shutil
@@ -404,7 +405,7 @@ def test_distributed_data_parallel_matches_one_process_with_the_same_global_batc
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out, weights_only=False)
     single = ddp_fit.run("autoclip")
-    assert ddp["steps"] == single["steps"] == 9
+    assert ddp["steps"] == single["steps"] == 9  # 5 batches per epoch: step 5 is the one-sample batch
     clipped = [v for k, v, _ in single["rows"] if k == "grad/clipped"]
     assert sum(clipped) >= 3  # several steps really were clipped
     for name, p in single["params"].items():
@@ -412,3 +413,61 @@ def test_distributed_data_parallel_matches_one_process_with_the_same_global_batc
     # rank 0 logs the global loss (the mean over both shards), not its own shard's
     np.testing.assert_allclose(ddp["history"]["loss"], single["history"]["loss"], rtol=1e-5)
     np.testing.assert_allclose(ddp["history"]["norm_post"], single["history"]["norm_post"], rtol=1e-4)
+
+
+def _ckpt_run(cfg, split, resume=None, saved=None, model_seed=0):
+    model = _model(model_seed)
+    result = fit(model, split, split, cfg.train, cfg.clip, device=torch.device("cpu"), monitor=cfg.monitor,
+                 checkpoint=(lambda p: saved.append(_roundtrip(p))) if saved is not None else None, resume=resume)
+    return model, result
+
+
+def test_max_steps_mid_epoch_resumes_where_it_stopped():
+    x, y = _batch(n=40)
+    split = _split(x, y)
+    base = {"epochs": 3, "batch_size": 8, "patience": None}  # 5 steps per epoch, no lr schedule
+    saved = []
+    _, short = _ckpt_run(_cfg(train={**base, "max_steps": 7}), split, saved=saved)
+    assert short.steps == 7 and (saved[-1]["loop"]["epoch"], saved[-1]["loop"]["batch"]) == (1, 2)
+    longer = _cfg(train={**base, "max_steps": 10})
+    _, resumed = _ckpt_run(longer, split, resume=saved[-1])
+    _, straight = _ckpt_run(longer, split)
+    assert resumed.steps == 10
+    assert resumed.history["loss"] == straight.history["loss"]  # the epoch's rest, not a skipped epoch
+
+
+def test_checkpoint_every_alone_also_saves_at_epoch_ends_and_resume_after_early_stop_stops():
+    x, y = _batch(n=40)
+    split = _split(x, y)
+    saved = []
+    cfg = _cfg(train={"epochs": 2, "batch_size": 8, "checkpoint": False, "checkpoint_every": 5})
+    _ckpt_run(cfg, split, saved=saved)
+    assert [c["run"]["step"] for c in saved] == [5, 10]
+    xv, yv = _batch(n=32, seed=1)
+    stop_cfg = _cfg(train={"epochs": 40, "batch_size": 16, "patience": 2, "lr": 3e-2}, clip={"method": "none"})
+    saved = []
+    model = _model()
+    first = fit(model, _split(x, y), _split(xv, yv), stop_cfg.train, stop_cfg.clip, device=torch.device("cpu"),
+                checkpoint=lambda p: saved.append(_roundtrip(p)))
+    assert first.stop_reason == "early_stopping"
+    again = fit(_model(), _split(x, y), _split(xv, yv), stop_cfg.train, stop_cfg.clip, device=torch.device("cpu"),
+                resume=saved[-1])
+    assert again.stop_reason == "early_stopping" and again.steps == first.steps  # no extra epoch
+
+
+def test_resume_leaves_the_checkpoint_as_saved_and_follows_a_changed_schedule():
+    x, y = _batch(n=40)
+    split = _split(x, y)
+    cfg = _cfg(train={"epochs": 2, "batch_size": 8, "schedule": "cosine", "patience": None})
+    saved = []
+    _ckpt_run(cfg, split, saved=saved)
+    ckpt = saved[-1]
+    before = _roundtrip(ckpt)
+    longer = _cfg(train={"epochs": 4, "batch_size": 8, "schedule": "cosine", "patience": None})
+    rows = []
+    fit(_model(), split, split, longer.train, longer.clip, device=torch.device("cpu"), resume=ckpt, sink=rows.extend)
+    lrs = dict((s, v) for k, v, s in rows if k == "lr")
+    assert lrs[11] == pytest.approx(1e-3 * lr_factor(10, longer.train, 5, 20))  # the new schedule from step 11
+    assert ckpt["loop"]["history"] == before["loop"]["history"]
+    for k, v in before["optimizer"]["state"][0].items():  # Adam moments untouched
+        assert torch.equal(ckpt["optimizer"]["state"][0][k], v)
