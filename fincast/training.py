@@ -303,6 +303,8 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
                        monitor_every=monitor.every)
     layout = state.clip_state.layout
     net = model
+    if world > 1 and resume is None:  # each rank its own dropout masks (weights come from rank 0 via DDP)
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
@@ -399,11 +401,13 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
 
     def save(epoch: int, batch: int, gen_state: torch.Tensor) -> None:
         """Checkpoint after ``batch`` batches of ``epoch`` (everything drained and sent first, so a resumed
-        run logs from the next step on)."""
+        run logs from the next step on). Under DDP every rank comes here (the same steps), so each rank's
+        RNG state can be gathered; rank 0 writes."""
+        rng = _rng_states(world)
         if checkpoint is None:
             return
         send()
-        checkpoint(checkpoint_state(model, state, {
+        checkpoint(checkpoint_state(model, state, rng, {
             "epoch": epoch, "batch": batch, "gen_state": gen_state, "history": history,
             "val_history": val_history, "train_seconds": train_seconds, "spikes": spikes.state(),
             "counts": dict(counts), "last_logged": dict(last_logged), "steps_per_epoch": steps_per_epoch,
@@ -509,7 +513,21 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     )
 
 
-def checkpoint_state(model: torch.nn.Module, state: RunState, loop: dict) -> dict:
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _rng_states(world: int) -> list[dict]:
+    """Every rank's RNG state (dropout), in rank order: a collective when distributed."""
+    if world == 1:
+        return [_rng_state()]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, _rng_state())
+    return states
+
+
+def checkpoint_state(model: torch.nn.Module, state: RunState, rng: list[dict], loop: dict) -> dict:
     """Everything needed to continue a run exactly: weights, optimizer, schedule, scaler, clipper state,
     early stopping, RNG and where the loop stood (plain tensors and Python values, for torch.save)."""
     return {
@@ -520,8 +538,7 @@ def checkpoint_state(model: torch.nn.Module, state: RunState, loop: dict) -> dic
         "clip_state": clip_state_dict(state.clip_state),
         "run": {"step": state.step, "best_val": state.best_val, "best_epoch": state.best_epoch,
                 "bad_epochs": state.bad_epochs, "best_weights": state.best_weights},
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+        "rng": rng,  # one per rank
         "loop": copy.deepcopy(loop),
     }
 
@@ -541,6 +558,9 @@ def load_checkpoint_state(model: torch.nn.Module, state: RunState, saved: dict) 
     run = saved["run"]
     state.step, state.best_val, state.best_epoch = run["step"], run["best_val"], run["best_epoch"]
     state.bad_epochs, state.best_weights = run["bad_epochs"], run["best_weights"]
-    torch.set_rng_state(saved["rng"]["torch"])
-    if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    rank, world = dist_info()
+    rngs = saved["rng"]
+    rng = rngs[rank] if len(rngs) == world else rngs[0]  # another world size: rank 0's state everywhere
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"].cpu())

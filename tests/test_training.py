@@ -406,6 +406,7 @@ def test_distributed_data_parallel_matches_one_process_with_the_same_global_batc
     ddp = torch.load(out, weights_only=False)
     single = ddp_fit.run("autoclip")
     assert ddp["steps"] == single["steps"] == 9  # 5 batches per epoch: step 5 is the one-sample batch
+    assert ddp["resume_exact"]  # and under DDP, with dropout, a resumed run ends where the whole run did
     clipped = [v for k, v, _ in single["rows"] if k == "grad/clipped"]
     assert sum(clipped) >= 3  # several steps really were clipped
     for name, p in single["params"].items():
