@@ -152,7 +152,7 @@ def format_summary(out, seconds: float) -> str:
         rel = out.metrics["test"]["rmse"] / out.metrics["baseline_naive"]["rmse"] - 1
         lines.append(f"  LSTM RMSE vs naive: {100 * rel:+.2f}% ({'better' if rel < 0 else 'not better'})")
     lines += ["", "  look: make ui  (MLflow UI at http://127.0.0.1:5000; PORT=... to change)"]
-    if getattr(out, "checkpoint", None):
+    if out.checkpoint:
         where = Path(out.checkpoint).parent
         flag = "" if where == Path("checkpoints") else f" --checkpoint-dir {where}"
         lines.append(f"  checkpoint {out.checkpoint}: continue with  fincast resume {out.run_id}{flag}")

@@ -165,18 +165,19 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return _const(value, like.device)
 
 
-def _scale(grads: list[torch.Tensor], coefs: list[torch.Tensor] | torch.Tensor) -> None:
-    """grads[i] *= coef (one coefficient for all, or one per tensor), in place, in each grad's dtype."""
-    if isinstance(coefs, torch.Tensor) and _foreach_ok(grads):
-        torch._foreach_mul_(grads, coefs.to(grads[0].dtype))  # one 0-d coefficient: a single foreach op
-        return
-    if isinstance(coefs, torch.Tensor):
-        coefs = [coefs] * len(grads)
+def _scale(grads: list[torch.Tensor], coefs: torch.Tensor | float | list) -> None:
+    """grads[i] *= coef, in place, in each grad's dtype: one coefficient for all (a 0-d tensor or a float) or
+    one per tensor (tensors that broadcast against it, or floats); a single foreach op where it can."""
     if _foreach_ok(grads):
-        torch._foreach_mul_(grads, [c.to(grads[0].dtype) for c in coefs])
-    else:
-        for g, c in zip(grads, coefs):
-            g.mul_(c.to(g.device, g.dtype))
+        dtype = grads[0].dtype
+        if isinstance(coefs, torch.Tensor):
+            coefs = coefs.to(dtype)
+        elif isinstance(coefs, list):
+            coefs = [c.to(dtype) if isinstance(c, torch.Tensor) else c for c in coefs]
+        torch._foreach_mul_(grads, coefs)
+        return
+    for g, c in zip(grads, coefs if isinstance(coefs, list) else [coefs] * len(grads)):
+        g.mul_(c.to(g.device, g.dtype) if isinstance(c, torch.Tensor) else c)
 
 
 def _stats(pre: torch.Tensor, post: torch.Tensor, clipped: torch.Tensor, fraction: torch.Tensor,
@@ -289,11 +290,7 @@ def _clip_groups_host(grads: list[torch.Tensor], norms: torch.Tensor, norm_type:
     per_tensor = [coefs[j] for j, (a, b) in enumerate(groups) for _ in range(a, b)]
     clipped = sum(c < 1.0 for c in coefs)
     if clipped:
-        if _foreach_ok(grads):
-            torch._foreach_mul_(grads, per_tensor)
-        else:
-            for g, c in zip(grads, per_tensor):
-                g.mul_(c)
+        _scale(grads, per_tensor)
     pre = math.sqrt(sum(v * v for v in l2))
     post = math.sqrt(sum((v * c) ** 2 for v, c in zip(l2, per_tensor)))
     values = torch.tensor([pre, post, float(clipped > 0), clipped / max(len(groups), 1)], dtype=torch.float32)
@@ -309,11 +306,7 @@ def _clip_norm_host(grads: list[torch.Tensor], pre: torch.Tensor, total: torch.T
     coef = np.minimum(one, one / (real(total.item()) + real(EPS)) * real(_bound(max_norm, torch.float32)))
     threshold = _scalar(max_norm, pre)
     if not coef >= one:  # also a nan coefficient (nan norm), which torch multiplies in too
-        if _foreach_ok(grads):
-            torch._foreach_mul_(grads, float(coef))
-        else:
-            for g in grads:
-                g.mul_(float(coef))
+        _scale(grads, float(coef))
         post = pre * float(coef)
         clipped = (post < pre).float()  # as the device path: 0 for zero, inf or nan norms
         return _stats(pre, post, clipped, clipped, threshold)
@@ -348,14 +341,8 @@ def clip_agc(grads: list[torch.Tensor], weights: list[torch.Tensor], clip_factor
     # min(1, bound / ||G_i||): the rescale where over, 1 within (bound > 0, as eps, clip_factor > 0; a zero
     # gradient gives inf -> 1, an infinite bound inf -> 1)
     coef = (bound / gn).clamp_max_(1.0)
-    coefs = [c.view(u.shape).to(g.dtype) for c, u, (g, _) in zip(coef.split([u.numel() for u in g_units]), g_units,
-                                                                   pairs)]
-    gs = [g for g, _ in pairs]
-    if _foreach_ok(gs):
-        torch._foreach_mul_(gs, coefs)
-    else:
-        for g, c in zip(gs, coefs):
-            g.mul_(c)
+    coefs = [c.view(u.shape) for c, u in zip(coef.split([u.numel() for u in g_units]), g_units)]
+    _scale([g for g, _ in pairs], coefs)
     n_clipped = (gn > bound).sum()
     return _stats(pre, global_norm(grads), n_clipped > 0, n_clipped / gn.numel(), threshold)
 
@@ -450,11 +437,7 @@ def _clip_host(grads: list[torch.Tensor], pre: torch.Tensor, norm: float, thresh
     shown_t = torch.tensor(threshold if shown is None else shown, dtype=torch.float32)
     if norm > threshold:  # False for nan
         coef = threshold / (norm + EPS)
-        if _foreach_ok(grads):
-            torch._foreach_mul_(grads, coef)
-        else:
-            for g in grads:
-                g.mul_(coef)
+        _scale(grads, coef)
         one = _const(1.0, pre.device)
         return _stats(pre, pre * coef, one, one, shown_t)
     zero = _const(0.0, pre.device)
