@@ -9,9 +9,11 @@ ARGS ?=
 PORT ?= 5000
 NPROC ?= 2
 RUN ?=
+STUDY ?= pipelines/stability_crypto.yaml
+STUDY_NAME ?= $(basename $(notdir $(STUDY)))
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-price train-crypto train-ddp resume data ui test test-slow lint bench clean distclean
+.PHONY: help install train train-price train-crypto train-ddp resume data stability report ui test test-slow lint bench clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -46,6 +48,12 @@ resume: $(STAMP)  ## continue run RUN=<run id> from its checkpoint into the same
 data: $(STAMP)  ## fetch or refresh the data cache of PIPELINE only
 	$(BIN)/fincast data $(PIPELINE) $(ARGS)
 
+stability: $(STAMP)  ## run the stability study STUDY (default BTC-USD; ARGS="--set data.source=csv --set data.path=DIR")
+	$(BIN)/fincast study $(STUDY) $(ARGS)
+
+report: $(STAMP)  ## stability report of study STUDY_NAME from MLflow -> reports/stability/<name>/index.html
+	$(BIN)/fincast report stability --study $(STUDY_NAME)
+
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(PORT) over the project's store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(PORT)
@@ -63,6 +71,8 @@ lint: $(STAMP)  ## ruff, and the import-linter contract for the package layers
 bench: $(STAMP)  ## benchmarks in bench/ (print ratios measured in one run)
 	$(BIN)/python bench/logging_overhead.py
 	$(BIN)/python bench/clip_overhead.py
+	$(BIN)/python bench/study_efficiency.py
+	$(BIN)/python bench/report_speed.py
 
 clean:  ## remove caches and generated reports (keeps .venv, the data cache and the MLflow store)
 	rm -rf .pytest_cache .ruff_cache .hypothesis .import_linter_cache build dist *.egg-info

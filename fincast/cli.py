@@ -1,4 +1,4 @@
-"""Command line (layer L4): ``fincast train|resume|data|keys``, also as ``python -m fincast`` (what torchrun
+"""Command line (layer L4): ``fincast train|resume|data|study|report|keys``, also as ``python -m fincast`` (what torchrun
 launches). Heavy imports (torch, mlflow) happen inside the
 commands, so ``--help`` answers at once."""
 
@@ -21,9 +21,20 @@ EXAMPLES = """examples:
   fincast train pipelines/price_equities.yaml --set data.tickers=[SPY,QQQ] --set train.lr=3e-3
   fincast train pipelines/price_equities.yaml --set clip.method=zclip --set clip.zclip.z_thresh=3
   fincast resume 3f2a...c9 --set train.epochs=60
+  fincast train pipelines/price_equities.yaml --resume 3f2a...c9
   torchrun --nproc_per_node=2 -m fincast train pipelines/price_equities.yaml
   fincast data pipelines/price_equities.yaml
+  fincast study pipelines/stability_crypto.yaml --set data.source=synthetic
+  fincast report stability --study stability_crypto
   fincast keys
+"""
+
+STUDY_EXAMPLES = """examples:
+  fincast study pipelines/stability_crypto.yaml --set data.source=synthetic
+  fincast study pipelines/stability_crypto.yaml --set data.source=csv --set data.path=../shared/data/crypto
+  fincast study pipelines/stability_equities.yaml --set matrix.seeds=3 --set study.workers=2
+  fincast study pipelines/stability_crypto.yaml --dry-run
+  fincast report stability --study stability_crypto
 """
 
 SET_HELP = ("override a config key, repeatable: --set train.lr=3e-3 --set data.tickers=[BTC-USD,ETH-USD]; "
@@ -48,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("pipeline", help="pipeline spec (YAML), e.g. pipelines/price_equities.yaml")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    t.add_argument("--resume", metavar="RUN_ID", default=None,
+                   help="continue this run from its last checkpoint instead of starting a new one; the spec with "
+                        "its --set overrides must resolve to the run's config (only train.epochs, max_steps, "
+                        "patience, threads, checkpoint_every and tracking.log_every may differ)")
+    t.add_argument("--checkpoint-dir", default=None,
+                   help="with --resume: where the checkpoint is (default: the spec's train.checkpoint_dir)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings, summary only (for CI)")
 
     r = sub.add_parser(
@@ -74,6 +91,38 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     d.add_argument("--no-refresh", action="store_true", help="use a fresh cache as is (no network call)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    st = sub.add_parser(
+        "study", help="run a stability study: clip configs x learning rates x seeds, in parallel workers",
+        description="Expand a study spec (pipelines/stability_*.yaml: a base pipeline, a matrix of clip configs, "
+                    "learning rates, seeds and optional axes) and train every run in study.workers parallel "
+                    "processes, each an MLflow child run of one parent run named after the study. Rerunning the "
+                    "same command skips finished runs (matched by a hash of their resolved config) and redoes "
+                    "killed or failed ones. A diverged run is a result, not a failure. Exit status: 0 when every "
+                    "run finished, 1 when some failed (rerun to retry them), 2 for bad specs or data.",
+        epilog=STUDY_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("spec", help="study spec (YAML), e.g. pipelines/stability_crypto.yaml")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="study.*/matrix.* keys change the study (--set matrix.seeds=3, --set 'matrix.lr=[0.1,1]', "
+                         "--set study.workers=2); any other key is a pipeline key set for every run "
+                         "(--set data.source=synthetic)")
+    st.add_argument("--dry-run", action="store_true", help="list the runs the spec expands to, and stop")
+    st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    rp = sub.add_parser(
+        "report", help="write a report from MLflow (stability: clipped vs unclipped runs of a study)",
+        description="Build a report from what is stored in MLflow only (so it works against a remote tracking "
+                    "server too). `report stability --study NAME` writes reports/stability/NAME/index.html "
+                    "(self-contained), its PNGs, summary.csv and summary.json, and logs them to the study's "
+                    "parent run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("kind", choices=["stability"], help="which report")
+    rp.add_argument("--study", required=True, help="the study's name (its spec's `name`, e.g. stability_crypto)")
+    rp.add_argument("--tracking-uri", default=None,
+                    help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    rp.add_argument("--out", default="reports", help="reports directory (default: reports)")
+    rp.add_argument("-q", "--quiet", action="store_true", help="print only the report's path")
 
     sub.add_parser("keys", help="list every config key with its default and meaning",
                    description="List every pipeline config key, its default and what it does.")
@@ -111,7 +160,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fincast import pipeline  # torch + mlflow
 
     t0 = time.perf_counter()
-    out = pipeline.train(cfg, progress=_progress(args.quiet))
+    if args.resume:
+        out = pipeline.resume_spec(cfg, args.resume, checkpoint_dir=args.checkpoint_dir or cfg.train.checkpoint_dir,
+                                   progress=_progress(args.quiet))
+    else:
+        out = pipeline.train(cfg, progress=_progress(args.quiet))
     if out is not None:  # under torchrun, rank 0 reports
         print(format_summary(out, time.perf_counter() - t0))
     return 0
@@ -172,6 +225,45 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from fincast import study as study_mod
+
+    spec = study_mod.load(args.spec, args.overrides)  # every spec error before any work
+    cells = spec.cells
+    print(f"study {spec.name}: {len(spec.jobs)} runs = {len(cells)} cells x "
+          f"{len(spec.jobs) // max(1, len(cells))} seeds")
+    if args.dry_run:
+        for job in spec.jobs:
+            print(f"  {job.cfg.tracking.run_name:<40} {job.hash}")
+        return 0
+    out = study_mod.run(spec, progress=_progress(args.quiet))
+    print(f"parent run {out.parent_run_id}  (experiment {out.experiment!r} in {out.tracking_uri})")
+    print(f"  {out.finished} runs trained now ({out.diverged} diverged), {out.skipped} finished before, "
+          f"{len(out.failed)} failed; {out.seconds:.0f} s")
+    for name, error in out.failed[:10]:
+        print(f"  FAILED {name}: {error}")
+    if out.failed:
+        print("  rerun the same command to retry the failed runs (finished ones are kept)")
+        return 1
+    print(f"  next: fincast report stability --study {out.name}   (or: make report STUDY_NAME={out.name})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fincast.reports import stability
+
+    t0 = time.perf_counter()
+    rep = stability.build(args.study, tracking_uri=args.tracking_uri, out_dir=Path(args.out) / "stability")
+    if not args.quiet:
+        print(rep.verdict_text)
+        print()
+        print(f"report {rep.index}  ({rep.runs} runs, {time.perf_counter() - t0:.1f} s)")
+        print(f"  logged to the study's parent run {rep.parent_run_id}")
+    else:
+        print(rep.index)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     rows = config_mod.describe_keys()
     width = max(len(k) for k, _, _ in rows)
@@ -188,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "keys": cmd_keys}[args.command](args)
+        return {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "study": cmd_study, "report": cmd_report,
+                "keys": cmd_keys}[args.command](args)
     except FincastError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,12 +10,16 @@ and can be loaded again as a pipeline spec.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import difflib
 import math
+import os
+import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +33,32 @@ class FincastError(Exception):
 
 class ConfigError(FincastError):
     pass
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[typing.BinaryIO]:
+    """A binary file handle whose content replaces ``path`` only when the block succeeds: readers see the old
+    or the new file, never a half-written one (a crash leaves the old one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report or cache file is an ordinary file
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    with atomic_file(path) as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def _opt(default: Any = dataclasses.MISSING, help: str = "", **checks: Any) -> Any:
@@ -215,6 +245,21 @@ class PipelineConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """The ``study:`` section of a study spec (pipelines/stability_*.yaml): how the runs are executed and
+    judged. The grid itself is the spec's ``matrix``."""
+    workers: int | None = _opt(None, "parallel worker processes; null = one per CPU core", ge=1, le=256)
+    threads: int | None = _opt(None, "torch CPU threads per worker; null = cores / workers (at least 1)", ge=1, le=1024)
+    divergence_factor: float = _opt(
+        3.0, "a run also counts as diverged when its final validation loss exceeds this multiple of the zero "
+             "forecast's validation loss (non-finite loss always counts)", gt=1)
+    loss_target: float | None = _opt(
+        None, "steps-to-target: the validation loss to reach (training units); null = the zero forecast's")
+    confidence: float = _opt(0.95, "confidence level of the intervals in the report", gt=0.5, lt=1)
+    bootstrap: int = _opt(10000, "bootstrap resamples for the confidence intervals", ge=100, le=1_000_000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +463,12 @@ def _cross_checks(cfg: PipelineConfig, errors: list[str]) -> None:
         errors.append("data.path: required when data.source = 'csv' (a directory with one <TICKER>.csv per ticker)")
     if len(set(d.tickers)) != len(d.tickers):
         errors.append(f"data.tickers = {list(d.tickers)}: duplicate tickers")
+
+
+def build_section(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    """Check one mapping against a config dataclass (e.g. a study spec's ``study:`` section), appending one
+    line per problem to ``errors``; returns the built (or default) instance."""
+    return _build(cls, raw, prefix, errors)
 
 
 def from_dict(raw: Any, source: str = "<config>") -> PipelineConfig:

@@ -52,7 +52,7 @@ class TrainOutcome:
     checkpoint: str | None = None  # continue with `fincast resume <run_id>`
 
 
-def _short(x: float) -> str:
+def short_float(x: float) -> str:
     """1e-3 -> '1e-3', 0.01 -> '0.01', 3e-4 -> '3e-4'."""
     if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
         mant, exp = f"{x:.2e}".split("e")
@@ -75,7 +75,7 @@ def clip_label(cfg: config_mod.ClipConfig) -> str:
     elif m == "value":
         label = f"value{float(section.value)}"
     elif m == "agc":
-        label = f"agc{_short(section.clip_factor)}"
+        label = f"agc{short_float(section.clip_factor)}"
     elif m == "autoclip":
         return f"autoclip-p{section.percentile:g}"
     else:
@@ -87,7 +87,7 @@ def clip_label(cfg: config_mod.ClipConfig) -> str:
 def run_name(cfg: PipelineConfig) -> str:
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    return f"{cfg.model.type}-{'+'.join(cfg.data.tickers)}-{clip_label(cfg.clip)}-lr{_short(cfg.train.lr)}-s{cfg.train.seed}"
+    return f"{cfg.model.type}-{'+'.join(cfg.data.tickers)}-{clip_label(cfg.clip)}-lr{short_float(cfg.train.lr)}-s{cfg.train.seed}"
 
 
 def git_commit() -> str:
@@ -107,12 +107,17 @@ def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = Fa
     return load_prices(cfg.data, min_rows=features.required_rows(cfg.features), refresh=refresh, progress=progress)
 
 
-def train(cfg: PipelineConfig, *, progress: bool = False) -> TrainOutcome | None:
+def train(cfg: PipelineConfig, *, progress: bool = False, tags: dict[str, str] | None = None,
+          parent_run_id: str | None = None) -> TrainOutcome | None:
     """Run one training pipeline end to end; returns what the CLI summarises.
 
+    ``tags`` are added to the run's tags; ``parent_run_id`` makes it a child run (a study's runs).
     Under ``torchrun`` every rank trains its shard of each global batch (DDP); only rank 0 tracks the run,
     writes checkpoints and returns an outcome (the others return None)."""
-    return _run(cfg, progress=progress)
+    extra = dict(tags or {})
+    if parent_run_id is not None:
+        extra["mlflow.parentRunId"] = parent_run_id
+    return _run(cfg, progress=progress, extra_tags=extra)
 
 
 def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoint_dir: str = "checkpoints",
@@ -133,6 +138,29 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoi
     return _run(cfg, progress=progress, resume=saved, resume_overrides=list(overrides))
 
 
+def resume_spec(cfg: PipelineConfig, run_id: str, *, checkpoint_dir: str = "checkpoints",
+                progress: bool = False) -> TrainOutcome | None:
+    """``fincast train SPEC --resume RUN_ID``: continue the run from its checkpoint, provided the spec (with
+    its --set overrides) resolves to the run's config; only RESUME_KEYS may differ (e.g. more epochs)."""
+    saved = load_checkpoint(Path(checkpoint_dir) / f"{run_id}.pt")
+    then = config_mod.flatten(saved["config"])
+    now = config_mod.flatten(config_mod.to_dict(cfg))
+    ignore = RESUME_KEYS | {"train.checkpoint_dir"}
+    changed = [k for k in sorted(set(then) | set(now)) if k not in ignore and then.get(k) != now.get(k)]
+    if changed:
+        raise config_mod.ConfigError(
+            f"--resume {run_id}: the spec does not match the run's config; a resumed run keeps its config "
+            f"(only {', '.join(sorted(RESUME_KEYS))} may change). Differences: "
+            + "; ".join(f"{k}: run {then.get(k)!r}, spec {now.get(k)!r}" for k in changed[:8])
+            + (f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""))
+    overrides = [f"{k}={_yaml_scalar(now[k])}" for k in sorted(RESUME_KEYS) if then.get(k) != now.get(k)]
+    return resume(run_id, overrides, checkpoint_dir=checkpoint_dir, progress=progress)
+
+
+def _yaml_scalar(value) -> str:
+    return "null" if value is None else str(value)
+
+
 RESUME_KEYS = {"train.epochs", "train.max_steps", "train.patience", "train.threads", "train.checkpoint_every",
                "tracking.log_every"}
 CHECKPOINT_FORMAT = 1
@@ -140,16 +168,8 @@ CHECKPOINT_FORMAT = 1
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with config_mod.atomic_file(path) as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -189,13 +209,13 @@ def _init_distributed(cfg: PipelineConfig) -> bool:
 
 
 def _run(cfg: PipelineConfig, *, progress: bool, resume: dict | None = None,
-         resume_overrides: list[str] | None = None) -> TrainOutcome | None:
+         resume_overrides: list[str] | None = None, extra_tags: dict[str, str] | None = None) -> TrainOutcome | None:
     owns_group = _init_distributed(cfg)
     rank, _ = dist_info()
     writer = tracking.MetricWriter.maybe(cfg.tracking) if rank == 0 else None  # opens the store while data loads
     try:
         return _train(cfg, writer, progress=progress and rank == 0, resume=resume,
-                      resume_overrides=resume_overrides or [])
+                      resume_overrides=resume_overrides or [], extra_tags=extra_tags or {})
     finally:
         if writer is not None:
             writer.close()
@@ -221,7 +241,7 @@ def _load_for_run(cfg: PipelineConfig, rank: int, resume: dict | None, progress:
 
 
 def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
-           resume_overrides: list[str]) -> TrainOutcome | None:
+           resume_overrides: list[str], extra_tags: dict[str, str]) -> TrainOutcome | None:
     rank, world = dist_info()
     prices = _load_for_run(cfg, rank, resume, progress)
     fs = features.build(prices.frames, cfg.features, price=cfg.data.price)
@@ -252,6 +272,7 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         "fincast.world_size": world,
         "fincast.clip": clip_label(cfg.clip),
         "fincast.pipeline": cfg.name,
+        **extra_tags,
     }
     if resume is not None:
         tags["fincast.resumed_from_step"] = resume["run"]["step"]
@@ -286,7 +307,11 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
 
         metrics, predictions = _evaluate_test(model, fs, cfg, device, result)
         final = [(f"{m}/{k}", v, result.steps) for m, vals in metrics.items() for k, v in vals.items()]
-        final += [("time/step_ms", result.step_ms, result.steps), ("best_val_loss", result.best_val_loss, result.steps)]
+        final += [("time/step_ms", result.step_ms, result.steps), ("best_val_loss", result.best_val_loss, result.steps),
+                  # the zero forecast's validation loss (same units as val/loss), and the share of steps clipped
+                  ("baseline_naive/val_loss", float(np.mean(np.square(fs.val.y, dtype=np.float64))), result.steps),
+                  ("grad/clip_rate", float(np.mean(result.history["clipped"])) if result.steps else math.nan,
+                   result.steps)]
         run.log_metrics([(k, v, s) for k, v, s in final if math.isfinite(v)])
         run.set_tags({
             "fincast.diverged": str(result.diverged).lower(),

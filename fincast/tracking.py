@@ -18,6 +18,7 @@ it shares the trainer's GIL.) ``Run.end()`` waits until every metric is stored a
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -29,8 +30,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import numpy as np
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars in reports and tests
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -363,3 +366,130 @@ def list_artifacts(run_id: str, cfg: TrackingConfig, path: str | None = None) ->
 def _param_str(v: Any) -> str:
     s = str(v) if not isinstance(v, list | tuple) else "[" + ", ".join(map(str, v)) + "]"
     return s if len(s) <= _PARAM_LEN else s[: _PARAM_LEN - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies: a parent run and its child runs, found by tags
+# ---------------------------------------------------------------------------------------------
+
+STUDY_TAG, ROLE_TAG, HASH_TAG = "fincast.study", "fincast.study_role", "fincast.config_hash"
+
+
+def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+class StudyStore:
+    """A study's runs in MLflow: one parent run (tag ``fincast.study_role=parent``) and its child runs (tags
+    ``fincast.study=<name>``, ``fincast.config_hash``, ``mlflow.parentRunId``). The experiment is the study's
+    name."""
+
+    def __init__(self, cfg: TrackingConfig, study: str, *, create: bool = True):
+        self.cfg, self.study, self.uri = cfg, study, resolve_uri(cfg)
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            if create:
+                self.experiment_id = _experiment_id(self.client, study, self.uri, cfg.artifact_dir)
+            else:
+                exp = self.client.get_experiment_by_name(study)
+                if exp is None or exp.lifecycle_stage == "deleted":
+                    names = [e.name for e in self.client.search_experiments(max_results=200)]
+                    raise TrackingError(f"no study {study!r} in {self.uri} (experiments there: "
+                                        f"{', '.join(names) or 'none'}); run `fincast study SPEC` first, or point "
+                                        "--tracking-uri / MLFLOW_TRACKING_URI at the store it ran against")
+                self.experiment_id = exp.experiment_id
+        except MlflowException as exc:
+            raise TrackingError(f"cannot open the MLflow store {self.uri}: {exc}") from None
+
+    def runs(self, role: str) -> list[Any]:
+        """Active runs of this study with the given role, oldest first."""
+        return _search_all(self.client, [self.experiment_id],
+                           f"tags.`{STUDY_TAG}` = '{self.study}' and tags.`{ROLE_TAG}` = '{role}'")
+
+    def parent_run(self, params: dict[str, Any] | None = None) -> Run:
+        """The study's parent run, reopened (status RUNNING) when it exists, else created with ``params``."""
+        parents = self.runs("parent")
+        if parents:
+            run_id = parents[-1].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return Run(self.client, run_id, self.uri)
+        run = self.client.create_run(self.experiment_id, run_name=f"study {self.study}",
+                                     tags={STUDY_TAG: self.study, ROLE_TAG: "parent"})
+        parent = Run(self.client, run.info.run_id, self.uri)
+        if params:
+            parent.log_params(params)
+        return parent
+
+    def finished_hashes(self) -> set[str]:
+        """Config hashes of finished child runs. Should a hash have finished twice, the older run is deleted:
+        every run of a study appears exactly once."""
+        latest: dict[str, str] = {}
+        for r in self.runs("child"):
+            if r.info.status == "FINISHED":
+                h = r.data.tags.get(HASH_TAG, "")
+                if h in latest:
+                    self.client.delete_run(latest[h])
+                latest[h] = r.info.run_id
+        return set(latest)
+
+    def delete_leftovers(self, keep: set[str]) -> int:
+        """Delete child runs that did not finish (killed or failed attempts, to be redone)."""
+        gone = 0
+        for r in self.runs("child"):
+            if r.info.status != "FINISHED" or r.data.tags.get(HASH_TAG) not in keep:
+                self.client.delete_run(r.info.run_id)
+                gone += 1
+        if gone:
+            log.info("study %s: deleted %d unfinished run(s) of an earlier attempt; they are redone", self.study, gone)
+        return gone
+
+    def download(self, run_id: str, path: str, dst: str | Path) -> Path | None:
+        """An artifact of a run into ``dst``, or None when the run has none by that name."""
+        try:
+            return Path(self.client.download_artifacts(run_id, path, str(dst)))
+        except (MlflowException, OSError):
+            return None
+
+
+def metric_histories(uri: str, run_ids: list[str], keys: list[str]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """{key: {run_id: (steps, values)}} for many runs at once, steps ascending (a step logged twice, e.g. by a
+    resumed run, keeps its latest value). On a database store this is one query per 500 runs; on other stores
+    (an MLflow server) it falls back to one call per run and key, in parallel threads."""
+    out: dict[str, dict[str, list[tuple[int, int, float]]]] = {k: {} for k in keys}
+    client = MlflowClient(tracking_uri=uri)
+    store = client._tracking_client.store
+    if hasattr(store, "ManagedSessionMaker"):  # SQLAlchemy store (SQLite, PostgreSQL, MySQL): bulk query
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+
+        with store.ManagedSessionMaker() as session:
+            for i in range(0, len(run_ids), 500):
+                q = session.query(SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.timestamp,
+                                  SqlMetric.value, SqlMetric.is_nan).filter(
+                    SqlMetric.run_uuid.in_(run_ids[i:i + 500]), SqlMetric.key.in_(keys))
+                for run_id, key, step, ts, value, is_nan in q.yield_per(50_000):
+                    out[key].setdefault(run_id, []).append((step, ts, math.nan if is_nan else value))
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pairs = [(r, k) for r in run_ids for k in keys]
+        with ThreadPoolExecutor(16) as pool:
+            for (r, k), hist in zip(pairs, pool.map(lambda p: client.get_metric_history(*p), pairs)):
+                if hist:
+                    out[k][r] = [(m.step, m.timestamp, m.value) for m in hist]
+    result: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for key, per_run in out.items():
+        result[key] = {}
+        for run_id, rows in per_run.items():
+            rows.sort()  # by step, then timestamp: the last row of a step is its latest value
+            steps = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            values = np.fromiter((r[2] for r in rows), np.float64, len(rows))
+            last = np.append(steps[1:] != steps[:-1], True)
+            result[key][run_id] = (steps[last], values[last])
+    return result

@@ -224,7 +224,7 @@ class FitResult:
     step_ms: float
     diverged_step: int | None = None
     diverged_reason: str | None = None
-    history: dict[str, list[float]] = field(default_factory=dict)  # per step: loss, norm_pre, norm_post
+    history: dict[str, list[float]] = field(default_factory=dict)  # per step: loss, norm_pre, norm_post, threshold, clipped
     val_history: list[float] = field(default_factory=list)
 
     @property
@@ -315,7 +315,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     spikes = SpikeCounter(monitor.spike_factor, monitor.spike_window)
     counts = {"grad/spikes": 0, "grad/skipped_steps": 0}
     last_logged: dict[str, float] = {}  # step functions (threshold, counts): logged when they change
-    history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": [], "threshold": []}
+    history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": [], "threshold": [], "clipped": []}
     val_history: list[float] = []
     buffer: list[torch.Tensor] = []  # per-step statistics, still on the device
     layer_buffer: list[tuple[int, torch.Tensor]] = []
@@ -333,6 +333,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         r = resume["loop"]
         start_epoch, start_batch, epoch_gen_state = r["epoch"], r["batch"], r["gen_state"]
         history, val_history, train_seconds = r["history"], r["val_history"], r["train_seconds"]
+        history.setdefault("clipped", [])
         spikes.load(r["spikes"])
         counts, last_logged = r["counts"], r["last_logged"]
 
@@ -372,6 +373,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             history["norm_pre"].append(pre)
             history["norm_post"].append(row[2])
             history["threshold"].append(row[_THRESHOLD])
+            history["clipped"].append(row[3])
             if not math.isfinite(loss):
                 diverged = (step, f"non-finite training loss ({loss})")
             elif not math.isfinite(pre) and state.scaler is None:

@@ -33,8 +33,9 @@ def _run_id(stdout: str) -> str:
     return first.split()[1]
 
 
-def _train(tmp_path, capsys, *overrides, pipeline="pipelines/price_crypto.yaml"):
-    args = ["train", str(ROOT / pipeline), "--quiet", *[f"--set={o}" for o in (*_store(tmp_path), *overrides)]]
+def _train(tmp_path, capsys, *overrides, pipeline="pipelines/price_crypto.yaml", extra=()):
+    args = ["train", str(ROOT / pipeline), "--quiet", *[f"--set={o}" for o in (*_store(tmp_path), *overrides)],
+            *extra]
     code = cli.main(args)
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -248,6 +249,57 @@ def test_resume_refuses_what_it_cannot_do(tmp_path, capsys):
     code = cli.main(["resume", _run_id(out), "--checkpoint-dir", str(tmp_path / "ckpt"), "--set", "train.lr=1"])
     err = capsys.readouterr().err
     assert code == 2 and "train.lr=1" in err and "train.epochs" in err
+
+
+def test_train_resume_after_a_kill_reaches_the_uninterrupted_result(tmp_path, capsys, monkeypatch):
+    """A run killed right after a mid-run checkpoint, continued with `fincast train SPEC --resume RUN`, ends
+    with exactly the metrics of an uninterrupted run with the same seed (cosine schedule, zclip state, data
+    order and RNG all restored). A spec that resolves to another config is refused."""
+    from fincast import pipeline, tracking
+
+    class Killed(BaseException):
+        pass
+
+    saves = []
+    real_save = pipeline.save_checkpoint
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        saves.append(payload["run"]["step"])
+        if len(saves) == 3:
+            raise Killed
+
+    common = (*FAST, "train.epochs=4", "train.patience=null", "tracking.log_model=false", "clip.method=zclip",
+              "train.seed=3", "train.checkpoint_every=10")
+    monkeypatch.setattr(pipeline, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        _train(tmp_path, capsys, *common)
+    monkeypatch.setattr(pipeline, "save_checkpoint", real_save)
+    cfg_t = _tracking(tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    (killed,) = MlflowClient(cfg_t.uri).search_runs(["1"])
+    assert killed.info.status == "KILLED" and saves[-1] > 0, saves
+    run_id = killed.info.run_id
+
+    code, _, err = _train(tmp_path, capsys, *common, "train.lr=0.5", extra=["--resume", run_id])
+    assert code == 2 and "train.lr" in err and "--resume" in err
+    code, out, err = _train(tmp_path, capsys, *common, extra=["--resume", run_id])
+    assert code == 0, err
+    assert _run_id(out) == run_id
+    resumed = tracking.get_run(run_id, cfg_t)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["fincast.resumed_from_step"] == str(saves[-1])
+
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    code, out3, err3 = _train(straight_dir, capsys, *common)
+    assert code == 0, err3
+    straight = tracking.get_run(_run_id(out3), _tracking(straight_dir))
+    for key in ("test/rmse", "best_val_loss", "val/loss", "train/loss", "grad/norm_pre"):
+        assert resumed.data.metrics[key] == straight.data.metrics[key], key
+    assert (tracking.metric_history(run_id, "train/loss", cfg_t)
+            == tracking.metric_history(straight.info.run_id, "train/loss", _tracking(straight_dir)))
 
 
 def test_unreachable_yahoo_without_cache_fails_fast_and_says_what_to_do(tmp_path, capsys, monkeypatch):

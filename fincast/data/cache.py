@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from fincast.config import atomic_file
 
 _META_KEY = b"fincast.cache"
 
@@ -79,13 +79,5 @@ def write(path: Path, frame: pd.DataFrame, *, fetched_at: dt.datetime, requested
         "requested_end": requested_end.isoformat() if requested_end else None,
     }).encode()
     table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        pq.write_table(table, fh)

@@ -1,0 +1,412 @@
+"""The stability report (layer L3): did clipping make training more stable here, and at what cost?
+
+Reads MLflow only: the study's parent run (its plan and settings) and its finished child runs (tags, final
+metrics, and per-step histories fetched in bulk), so it works for studies run against a remote server.
+Writes ``<out>/<study>/index.html`` (self-contained, images inlined), the PNGs, ``summary.csv`` (one row per
+cell) and ``summary.json`` (verdicts, statistics, cells, runs), and logs them to the parent run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fincast import tracking
+from fincast.config import FincastError, TrackingConfig, atomic_write
+from fincast.reports import plots, stats
+
+CONTROL = "none"
+STEP_KEYS = ["train/loss", "grad/norm_pre", "grad/threshold", "val/loss"]
+
+
+@dataclass
+class Report:
+    index: Path
+    runs: int
+    parent_run_id: str
+    verdict_text: str
+
+
+@dataclass
+class Settings:
+    divergence_factor: float = 3.0
+    loss_target: float | None = None
+    confidence: float = 0.95
+    bootstrap: int = 10000
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _metric(run, key: str) -> float:
+    v = run.data.metrics.get(key)
+    return math.nan if v is None else float(v)
+
+
+def runs_frame(children: list[Any], settings: Settings) -> pd.DataFrame:
+    """One row per finished child run: its cell, seed and final numbers, and whether it diverged (non-finite
+    training, or a final validation loss above divergence_factor x the zero forecast's)."""
+    rows = []
+    for r in children:
+        t = r.data.tags
+        final_val, naive_val = _metric(r, "val/loss"), _metric(r, "baseline_naive/val_loss")
+        nonfinite = t.get("fincast.diverged") == "true"
+        exploded = math.isfinite(final_val) and math.isfinite(naive_val) and \
+            final_val > settings.divergence_factor * naive_val
+        rows.append({
+            "run_id": r.info.run_id, "run_name": r.info.run_name, "cell": t.get("fincast.cell"),
+            "group": t.get("fincast.group"), "clip": t.get("fincast.study_clip"),
+            "lr": float(t.get("fincast.study_lr", "nan")), "seed": int(t.get("fincast.seed", -1)),
+            "hash": t.get(tracking.HASH_TAG), "diverged": bool(nonfinite or exploded or not math.isfinite(final_val)),
+            "diverged_how": ("non-finite " + t.get("fincast.diverged_reason", "")) if nonfinite else
+                            (f"val loss > {settings.divergence_factor:g} x zero forecast" if exploded else ""),
+            "final_val_loss": final_val, "best_val_loss": _metric(r, "best_val_loss"), "naive_val_loss": naive_val,
+            "test_rmse": _metric(r, "test/rmse"), "naive_rmse": _metric(r, "baseline_naive/rmse"),
+            "ridge_rmse": _metric(r, "baseline_ridge/rmse"),
+            "test_dir_acc": _metric(r, "test/directional_accuracy"), "step_ms": _metric(r, "time/step_ms"),
+            "clip_rate": _metric(r, "grad/clip_rate"), "spikes": _metric(r, "grad/spikes"),
+            "start_time": r.info.start_time,
+        })
+    return pd.DataFrame(rows)
+
+
+def _settings(parent) -> Settings:
+    p = parent.data.params
+    s = Settings()
+    for name in ("divergence_factor", "confidence"):
+        if f"study.{name}" in p:
+            setattr(s, name, float(p[f"study.{name}"]))
+    if p.get("study.bootstrap"):
+        s.bootstrap = int(p["study.bootstrap"])
+    if p.get("study.loss_target") not in (None, "None", "null"):
+        s.loss_target = float(p["study.loss_target"])
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def _q(values: pd.Series, q: float) -> float:
+    v = values[np.isfinite(values)]
+    return float(np.percentile(v, q)) if len(v) else math.nan
+
+
+def steps_to_target(steps: np.ndarray, values: np.ndarray, target: float) -> float:
+    """First step at which the (validation) loss is at or below ``target``; nan if never."""
+    hit = np.nonzero(np.isfinite(values) & (values <= target))[0]
+    return float(steps[hit[0]]) if len(hit) else math.nan
+
+
+def cell_table(runs: pd.DataFrame, groups: list[str], clips: list[str]) -> pd.DataFrame:
+    """One row per cell (group x clip config): divergence, losses (median and IQR over seeds), test metrics
+    beside the zero forecast, steps to the loss target, clip rate, time per step relative to `none`."""
+    rows = []
+    for g in groups:
+        in_group = runs[runs["group"] == g]
+        none_ms = in_group.loc[in_group["clip"] == CONTROL, "step_ms"].median()
+        for c in clips:
+            r = in_group[in_group["clip"] == c]
+            if r.empty:
+                continue
+            ok = r[~r["diverged"]]
+            reached = r["steps_to_target"].notna().sum()
+            rows.append({
+                "group": g, "clip": c, "lr": r["lr"].iloc[0], "runs": len(r), "diverged": int(r["diverged"].sum()),
+                "divergence_rate": float(r["diverged"].mean()),
+                "final_val_loss_median": _q(ok["final_val_loss"], 50), "final_val_loss_q25": _q(ok["final_val_loss"], 25),
+                "final_val_loss_q75": _q(ok["final_val_loss"], 75),
+                "best_val_loss_median": _q(ok["best_val_loss"], 50), "best_val_loss_q25": _q(ok["best_val_loss"], 25),
+                "best_val_loss_q75": _q(ok["best_val_loss"], 75),
+                "test_rmse_median": _q(r["test_rmse"], 50), "naive_rmse": _q(r["naive_rmse"], 50),
+                "test_rmse_vs_naive_pct": 100 * (_q(r["test_rmse"], 50) / _q(r["naive_rmse"], 50) - 1),
+                "ridge_rmse": _q(r["ridge_rmse"], 50), "test_dir_acc_median": _q(r["test_dir_acc"], 50),
+                "steps_to_target_median": _q(r["steps_to_target"], 50), "reached_target": int(reached),
+                "clip_rate_median": _q(r["clip_rate"], 50), "spikes_mean": float(r["spikes"].mean()),
+                "time_per_step_vs_none": float(r["step_ms"].median() / none_ms) if none_ms > 0 else math.nan,
+                "run_ids": " ".join(r.sort_values("seed")["run_id"]),
+            })
+    return pd.DataFrame(rows)
+
+
+def comparisons(runs: pd.DataFrame, groups: list[str], clips: list[str], settings: Settings) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for g in groups:
+        r = runs[runs["group"] == g]
+        control = {int(x.seed): (x.final_val_loss, bool(x.diverged)) for x in r[r["clip"] == CONTROL].itertuples()}
+        if not control:
+            continue
+        out[g] = []
+        for c in clips:
+            if c == CONTROL or (r["clip"] == c).sum() == 0:
+                continue
+            treated = {int(x.seed): (x.final_val_loss, bool(x.diverged)) for x in r[r["clip"] == c].itertuples()}
+            out[g].append(stats.compare(float(r["lr"].iloc[0]), c, treated, control, confidence=settings.confidence,
+                                        n_boot=settings.bootstrap))
+    return out
+
+
+def _stack(per_run: dict[str, tuple[np.ndarray, np.ndarray]], run_ids: list[str], smooth: int = 1,
+           fill: dict[str, int] | None = None, index: str = "step") -> np.ndarray:
+    """runs x steps array (nan-padded) of the given runs' histories; ``fill`` (run id -> steps of the run)
+    forward-fills step functions (metrics logged only when they change) to the end of each run;
+    ``index='position'`` stacks by order (per-epoch values)."""
+    series = [per_run.get(r) for r in run_ids]
+    if index == "position":
+        width = max((len(s[1]) for s in series if s is not None), default=0)
+        out = np.full((len(run_ids), width), np.nan)
+        for i, s in enumerate(series):
+            if s is not None:
+                out[i, :len(s[1])] = s[1]
+        return out
+    ends = [max(int(s[0][-1]), (fill or {}).get(r, 0)) for r, s in zip(run_ids, series)
+            if s is not None and len(s[0])]
+    width = max(ends, default=0)
+    out = np.full((len(run_ids), width), np.nan)
+    for i, s in enumerate(series):
+        if s is None or not len(s[0]):
+            continue
+        steps, values = s
+        if fill is not None:
+            end = max(int(steps[-1]), fill.get(run_ids[i], 0))
+            idx = np.searchsorted(steps, np.arange(1, end + 1), side="right") - 1
+            row = np.where(idx >= 0, values[np.clip(idx, 0, None)], np.nan)
+            out[i, :len(row)] = row
+        else:
+            out[i, steps[(steps >= 1) & (steps <= width)] - 1] = values[(steps >= 1) & (steps <= width)]
+        if smooth > 1:
+            row = out[i]
+            n = int(np.isfinite(row).sum())
+            if n >= smooth:
+                kernel = np.ones(smooth) / smooth
+                valid = np.isfinite(row)
+                sm = np.convolve(np.where(valid, row, 0), kernel, mode="same") / np.maximum(
+                    np.convolve(valid.astype(float), kernel, mode="same"), 1e-12)
+                out[i] = np.where(valid, sm, np.nan)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+
+def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = "reports/stability",
+          log_to_mlflow: bool = True) -> Report:
+    cfg = TrackingConfig(uri=tracking_uri)
+    store = tracking.StudyStore(cfg, study, create=False)
+    parents = store.runs("parent")
+    if not parents:
+        raise FincastError(f"study {study!r} in {store.uri} has no parent run; run `fincast study SPEC` first")
+    parent = parents[-1]
+    settings = _settings(parent)
+    children = [r for r in store.runs("child") if r.info.status == "FINISHED"]
+    with tempfile.TemporaryDirectory() as tmp:
+        plan_file = store.download(parent.info.run_id, "plan.json", tmp)
+        plan = json.loads(plan_file.read_text()) if plan_file else None
+    if plan:  # the latest spec's runs, in its order (runs of cells since dropped from the spec are left out)
+        wanted = {p["hash"] for p in plan}
+        children = [r for r in children if r.data.tags.get(tracking.HASH_TAG) in wanted]
+    if not children:
+        raise FincastError(f"study {study!r}: no finished runs yet; run (or rerun) `fincast study SPEC`")
+    runs = runs_frame(children, settings)
+    order = pd.DataFrame(plan) if plan else runs
+    groups = [g for g in dict.fromkeys(order["group"]) if g in set(runs["group"])]
+    clips = [c for c in dict.fromkeys(order["clip"]) if c in set(runs["clip"])]
+    if CONTROL in clips:
+        clips.remove(CONTROL)
+        clips.insert(0, CONTROL)
+
+    hist = tracking.metric_histories(store.uri, list(runs["run_id"]), STEP_KEYS)
+    runs["steps"] = [len(hist["train/loss"].get(r, ((), ()))[0]) for r in runs["run_id"]]
+    targets = runs["naive_val_loss"] if settings.loss_target is None else pd.Series(settings.loss_target, runs.index)
+    runs["steps_to_target"] = [steps_to_target(*hist["val/loss"].get(r, (np.array([]), np.array([]))), t)
+                               for r, t in zip(runs["run_id"], targets)]
+    cells = cell_table(runs, groups, clips)
+    comps = comparisons(runs, groups, clips, settings)
+    verdicts = {g: stats.verdict(cs, label=g) for g, cs in comps.items()}
+    expected = len(plan) if plan else len(runs)
+    missing = expected - len(runs)
+    verdict_lines = [verdicts[g] for g in groups if g in verdicts]
+    if missing:
+        verdict_lines.append(f"{missing} of the study's {expected} runs have not finished; rerun `fincast study` "
+                             "to complete it (these verdicts use the finished runs only).")
+
+    out = Path(out_dir) / study
+    out.mkdir(parents=True, exist_ok=True)
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # exploded runs reach 1e38: drawn capped, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        figures = _figures(out, runs, hist, groups, clips, cells)
+    summary = {
+        "study": study, "parent_run_id": parent.info.run_id, "tracking_uri": store.uri,
+        "experiment_id": store.experiment_id, "settings": asdict(settings), "verdict": verdicts,
+        "comparisons": {g: [asdict(c) | {"outcome": stats.outcome(c)} for c in cs] for g, cs in comps.items()},
+        "cells": cells.to_dict(orient="records"), "runs": runs.drop(columns=["start_time"]).to_dict(orient="records"),
+        "missing_runs": missing,
+    }
+    atomic_write(out / "summary.json", json.dumps(_plain(summary), indent=1, allow_nan=False))
+    atomic_write(out / "summary.csv", cells.to_csv(index=False))
+    index = out / "index.html"
+    atomic_write(index, _html(study, parent, store, settings, verdict_lines, cells, comps, runs, figures, groups, out))
+    if log_to_mlflow:
+        for f in ["index.html", "summary.csv", "summary.json", *figures.values()]:
+            store.client.log_artifact(parent.info.run_id, str(out / f), "report")
+    return Report(index, len(runs), parent.info.run_id, "\n".join(verdict_lines))
+
+
+def _plain(v: Any) -> Any:
+    """JSON-safe: numpy scalars as Python values, nan/inf as null."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips: list[str],
+             cells: pd.DataFrame) -> dict[str, str]:
+    def per_cell(key: str, **kw) -> dict[str, dict[str, np.ndarray]]:
+        return {g: {c: _stack(hist[key], list(runs[(runs["group"] == g) & (runs["clip"] == c)]["run_id"]), **kw)
+                    for c in clips if ((runs["group"] == g) & (runs["clip"] == c)).any()} for g in groups}
+
+    longest = int(max(runs["steps"].max(), 1))
+    smooth = max(1, longest // 100)
+    figs = {}
+    plots.band_curves(out / "loss_curves.png", per_cell("train/loss", smooth=smooth),
+                      ylabel=f"training loss ({smooth}-step mean)", title="Training loss: median and IQR over seeds")
+    figs["loss"] = "loss_curves.png"
+    plots.band_curves(out / "val_curves.png", per_cell("val/loss", index="position"), xlabel="epoch",
+                      ylabel="validation loss", title="Validation loss per epoch: median and IQR over seeds")
+    figs["val"] = "val_curves.png"
+    thresholds = {g: {c: (np.nanmedian(a, axis=0) if a.size and np.isfinite(a).any() else None)
+                      for c, a in d.items()} for g, d in per_cell("grad/threshold", fill=dict(zip(runs["run_id"], runs["steps"]))).items()}
+    plots.band_curves(out / "grad_norms.png", per_cell("grad/norm_pre", smooth=1), thresholds=thresholds,
+                      ylabel="global L2 norm before clipping",
+                      title="Gradient norm before clipping (median, IQR) and the effective threshold (dashed)")
+    figs["norms"] = "grad_norms.png"
+    for i, g in enumerate(groups):
+        r = runs[runs["group"] == g]
+        values = {c: np.concatenate([hist["grad/norm_pre"].get(x, (None, np.array([])))[1]
+                                     for x in r[r["clip"] == c]["run_id"]] or [np.array([])]) for c in clips}
+        counts = {c: float(r.loc[r["clip"] == c, "spikes"].mean()) for c in clips}
+        name = f"grad_norm_dist_{i + 1}.png"
+        plots.distributions(out / name, values, counts, xlabel="global L2 norm before clipping (all steps, all seeds)",
+                            title=f"Gradient norm distribution at {g}")
+        figs[f"dist:{g}"] = name
+    rate = cells.pivot(index="group", columns="clip", values="divergence_rate").reindex(index=groups, columns=clips)
+    loss = cells.pivot(index="group", columns="clip", values="final_val_loss_median").reindex(index=groups,
+                                                                                              columns=clips)
+    plots.heatmaps(out / "stability_map.png", [
+        ("divergence rate", rate, {"fmt": "{:.0%}", "cmap": "Reds", "vmin": 0, "vmax": 1}),
+        ("final validation loss (median, runs that did not diverge)", loss, {"fmt": "{:.3g}", "cmap": "viridis_r"}),
+    ])
+    figs["map"] = "stability_map.png"
+    return figs
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px;
+text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}
+.verdict{background:#f6f8fa;border-left:4px solid #2a6;padding:0.6em 1em;margin:0.5em 0}code{font-size:12px}
+.helped{color:#186a2e}.hurt{color:#a11}.note{color:#555;font-size:13px}"""
+
+
+def _img(out: Path, name: str, alt: str) -> str:
+    data = base64.b64encode((out / name).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _num(v: float, fmt: str = "{:.4g}") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def _ui_link(store, run_id: str) -> str:
+    base = store.uri if store.uri.startswith("http") else "http://127.0.0.1:5000"
+    url = f"{base.rstrip('/')}/#/experiments/{store.experiment_id}/runs/{run_id}"
+    return f'<a href="{html.escape(url)}"><code>{run_id}</code></a>'
+
+
+def _html(study, parent, store, settings: Settings, verdict_lines, cells: pd.DataFrame, comps, runs: pd.DataFrame,
+          figs: dict[str, str], groups, out: Path) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Stability report: {e(study)}</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>Stability report: {e(study)}</h1>",
+             f"<p class='note'>Study parent run {_ui_link(store, parent.info.run_id)} in <code>{e(store.uri)}</code>; "
+             f"{len(runs)} finished runs. Control: <b>none</b> (unclipped). A run counts as diverged when its training "
+             f"became non-finite or its final validation loss exceeded {settings.divergence_factor:g} x the zero "
+             "forecast's. Loss comparisons pair runs by seed and use only pairs where neither run diverged.</p>",
+             "<h2>1. Verdict</h2>"]
+    parts += [f"<p class='verdict'>{e(v)}</p>" for v in verdict_lines]
+    parts.append("<h2>2. Cells</h2><p class='note'>Losses are in training units (MSE of the scaled target); "
+                 "median [IQR] over seeds that did not diverge. Steps to target: first validation at or below the "
+                 + ("zero forecast's validation loss" if settings.loss_target is None else f"loss {settings.loss_target:g}")
+                 + ". Time per step relative to <b>none</b> at the same learning rate (runs share the machine, so "
+                 "this is indicative).</p>")
+    head = ["learning rate", "clip", "diverged", "final val loss", "best val loss", "test RMSE", "vs naive",
+            "dir. acc.", "steps to target", "clipped steps", "spikes/run", "time/step vs none"]
+    parts.append("<table><tr>" + "".join(f"<th class='l'>{h}</th>" if i < 2 else f"<th>{h}</th>"
+                                         for i, h in enumerate(head)) + "</tr>")
+    for c in cells.itertuples():
+        parts.append(
+            f"<tr><td class='l'>{e(c.group)}</td><td class='l'>{e(c.clip)}</td><td>{c.diverged} of {c.runs}</td>"
+            f"<td>{_num(c.final_val_loss_median)} [{_num(c.final_val_loss_q25)}, {_num(c.final_val_loss_q75)}]</td>"
+            f"<td>{_num(c.best_val_loss_median)} [{_num(c.best_val_loss_q25)}, {_num(c.best_val_loss_q75)}]</td>"
+            f"<td>{_num(c.test_rmse_median, '{:.5f}')} (naive {_num(c.naive_rmse, '{:.5f}')})</td>"
+            f"<td>{_num(c.test_rmse_vs_naive_pct, '{:+.2f}%')}</td><td>{_num(c.test_dir_acc_median, '{:.3f}')}</td>"
+            f"<td>{_num(c.steps_to_target_median, '{:.0f}')} ({c.reached_target} of {c.runs} reached)</td>"
+            f"<td>{_num(c.clip_rate_median, '{:.1%}')}</td><td>{_num(c.spikes_mean, '{:.1f}')}</td>"
+            f"<td>{_num(c.time_per_step_vs_none, '{:.2f}x')}</td></tr>")
+    parts.append("</table>")
+    parts += ["<h2>3. Loss curves</h2>", _img(out, figs["loss"], "training loss curves"),
+              _img(out, figs["val"], "validation loss curves"),
+              "<h2>4. Gradient norms</h2>", _img(out, figs["norms"], "gradient norms over steps")]
+    parts += [_img(out, figs[f"dist:{g}"], f"gradient norm distribution at {g}") for g in groups if f"dist:{g}" in figs]
+    parts += ["<h2>5. Stability map</h2>", _img(out, figs["map"], "stability map")]
+    parts.append(f"<h2>6. Statistics against none, paired by seed</h2><p class='note'>Difference: mean over seed "
+                 f"pairs of final validation loss / unclipped - 1. CI: {100 * settings.confidence:g}% percentile "
+                 f"bootstrap ({settings.bootstrap} resamples), never narrower than the Student-t interval, so few seeds "
+                 "show as wide intervals. Wilcoxon signed-rank (exact for small n: with 5 pairs the smallest "
+                 "two-sided p is 0.0625). Fisher exact test on the divergence counts.</p>")
+    parts.append("<table><tr><th class='l'>learning rate</th><th class='l'>clip</th><th>outcome</th>"
+                 "<th>diverged (clip vs none)</th><th>Fisher p</th><th>pairs</th><th>difference</th><th>CI</th>"
+                 "<th>Wilcoxon p</th></tr>")
+    for g, cs in comps.items():
+        for c in cs:
+            o = stats.outcome(c)
+            parts.append(
+                f"<tr><td class='l'>{e(g)}</td><td class='l'>{e(c.config)}</td><td class='{o.split()[0]}'>{o}</td>"
+                f"<td>{c.diverged_treated} of {c.n_treated} vs {c.diverged_control} of {c.n_control}</td>"
+                f"<td>{stats.format_p(c.fisher_p)}</td><td>{c.n_pairs}</td><td>{_num(c.diff_pct, '{:+.2f}%')}</td>"
+                f"<td>[{_num(c.ci_low, '{:+.2f}%')}, {_num(c.ci_high, '{:+.2f}%')}]</td>"
+                f"<td>{stats.format_p(c.wilcoxon_p)}</td></tr>")
+    parts.append("</table><h2>7. Runs</h2><p class='note'>Open any run in the MLflow UI (<code>make ui</code>).</p>"
+                 "<table><tr><th class='l'>run</th><th class='l'>learning rate</th><th class='l'>clip</th><th>seed</th>"
+                 "<th>diverged</th><th>final val loss</th><th>steps</th><th class='l'>run id</th></tr>")
+    for r in runs.sort_values(["group", "clip", "seed"]).itertuples():
+        parts.append(f"<tr><td class='l'>{e(r.run_name)}</td><td class='l'>{e(r.group)}</td><td class='l'>{e(r.clip)}</td>"
+                     f"<td>{r.seed}</td><td>{e(r.diverged_how) if r.diverged else 'no'}</td>"
+                     f"<td>{_num(r.final_val_loss)}</td><td>{r.steps}</td><td class='l'>{_ui_link(store, r.run_id)}</td></tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,415 @@
+"""Stability studies (layer L4): one base pipeline trained over a grid of clip configs x learning rates x
+seeds (x optional other axes), each run an MLflow child run of one parent study run.
+
+A study spec (``pipelines/stability_*.yaml``)::
+
+    name: stability_crypto
+    base: price_crypto.yaml          # pipeline spec, relative to this file
+    set: {train.optimizer: sgd}      # overrides for every run
+    matrix:
+      clip: [none, {method: norm, norm: {max_norm: 1.0}}, autoclip]   # must include none
+      lr: [0.1, 1.0, 3.0]
+      seeds: 5                       # or a list of seeds; at least 3
+      axes: {features.lookback: [30, 60]}                             # optional
+    study: {workers: null}           # StudySettings
+
+Runs execute in warm worker processes (imports paid once per worker, torch threads = cores / workers).
+Rerunning a study skips runs that finished (matched by a hash of their resolved config) and redoes the
+others; leftovers of killed or failed attempts are deleted so every run appears exactly once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from fincast import config as config_mod
+from fincast import tracking
+from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings
+from fincast.pipeline import clip_label, short_float
+from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
+
+log = logging.getLogger("fincast.study")
+
+SPEC_KEYS = ("name", "base", "set", "matrix", "study")
+MATRIX_KEYS = ("clip", "lr", "seeds", "axes")
+MIN_SEEDS = 3
+# keys that do not change what a run computes (so they are left out of its hash)
+_UNHASHED = ("tracking.", "train.threads", "train.checkpoint", "train.checkpoint_every", "train.checkpoint_dir")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a study: a cell of the grid and a seed."""
+    cfg: PipelineConfig
+    cell: str     # e.g. "norm1.0 lr=1" (+ " features.lookback=60" per extra axis)
+    group: str    # the cell without its clip config: what the report compares within, e.g. "lr=1"
+    clip: str     # clip_label of the cell
+    lr: float
+    axes: tuple[tuple[str, Any], ...]
+    seed: int
+    hash: str
+
+    def tags(self, study: str) -> dict[str, str]:
+        return {STUDY_TAG: study, ROLE_TAG: "child", HASH_TAG: self.hash, "fincast.cell": self.cell,
+                "fincast.group": self.group, "fincast.study_clip": self.clip, "fincast.study_lr": repr(self.lr),
+                "fincast.seed": str(self.seed), "fincast.study_axes": json.dumps(dict(self.axes))}
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    raw: dict                      # the spec as resolved (after --set), saved with the parent run
+    settings: StudySettings
+    jobs: tuple[Job, ...]
+    tracking: config_mod.TrackingConfig
+
+    @property
+    def cells(self) -> list[str]:
+        return list(dict.fromkeys(j.cell for j in self.jobs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and expanding a spec
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_value(raw: dict, dotted: str, value: Any, where: str) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: Any, extra: Any) -> Any:
+    if isinstance(base, dict) and isinstance(extra, dict):
+        out = dict(base)
+        for k, v in extra.items():
+            out[k] = _merge(base.get(k), v)
+        return out
+    return extra
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
+    """Read a study spec, apply ``--set`` overrides (``study.*``/``matrix.*``/``name``/``base`` change the
+    spec; any other key is a pipeline key set for every run), check it and expand it into jobs. Every problem
+    is reported before any work starts, naming the file and key."""
+    path = Path(path)
+    raw = config_mod.read_yaml(path)
+    for text in overrides:
+        key, value = config_mod.parse_override(text)
+        if key[0] in SPEC_KEYS and key[0] != "set":
+            _set_value(raw, ".".join(key), value, f"--set {text!r}")
+        else:
+            raw.setdefault("set", {})
+            if not isinstance(raw["set"], dict):
+                raise ConfigError(f"study spec {path}: 'set' must be a mapping of pipeline keys to values")
+            raw["set"][".".join(key[1:] if key[0] == "set" else key)] = value
+    errors: list[str] = []
+    unknown = [k for k in raw if k not in SPEC_KEYS]
+    errors += [f"{k}: unknown key; a study spec has: {', '.join(SPEC_KEYS)}" for k in unknown]
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        errors.append("name: required, the study's name (also its MLflow experiment)")
+    base = raw.get("base")
+    base_path = None
+    if not isinstance(base, str):
+        errors.append("base: required, the pipeline spec the study varies (e.g. price_crypto.yaml)")
+    else:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            errors.append(f"base = {base!r}: no such pipeline spec ({base_path})")
+    common = raw.get("set") or {}
+    if not isinstance(common, dict):
+        errors.append("set: expected a mapping of pipeline keys to values, e.g. {train.optimizer: sgd}")
+        common = {}
+    matrix = raw.get("matrix")
+    if not isinstance(matrix, dict):
+        errors.append("matrix: required, a mapping with clip, lr, seeds (and optionally axes)")
+        matrix = {}
+    errors += [f"matrix.{k}: unknown key; matrix has: {', '.join(MATRIX_KEYS)}" for k in matrix
+               if k not in MATRIX_KEYS]
+    settings = config_mod.build_section(StudySettings, raw.get("study"), "study.", errors)
+
+    clips = matrix.get("clip")
+    if not isinstance(clips, list) or not clips:
+        errors.append("matrix.clip: required, a list of clip configs (e.g. none, {method: norm, norm: {max_norm: 1.0}})")
+        clips = []
+    clips = [{"method": c} if isinstance(c, str) else c for c in clips]
+    for i, c in enumerate(clips):
+        if not isinstance(c, dict):
+            errors.append(f"matrix.clip[{i}] = {c!r}: expected a method name or a clip section mapping")
+    clips = [c for c in clips if isinstance(c, dict)]
+    if clips and not any(c.get("method") == "none" for c in clips):
+        errors.append("matrix.clip: must include none (unclipped training is what every config is compared with)")
+    lrs = matrix.get("lr")
+    lrs = [lrs] if isinstance(lrs, int | float | str) else lrs
+    try:
+        lrs = [float(v) for v in lrs] if isinstance(lrs, list) and lrs else None
+    except (TypeError, ValueError):
+        lrs = None
+    if lrs is None:
+        errors.append(f"matrix.lr = {matrix.get('lr')!r}: required, a list of learning rates")
+        lrs = []
+    seeds = matrix.get("seeds", 5)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if (not isinstance(seeds, list) or not all(isinstance(s, int) and s >= 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        errors.append(f"matrix.seeds = {matrix.get('seeds')!r}: expected a count or a list of distinct seeds >= 0")
+        seeds = []
+    elif len(seeds) < MIN_SEEDS:
+        errors.append(f"matrix.seeds = {matrix.get('seeds')!r}: at least {MIN_SEEDS} seeds (a comparison over fewer "
+                      "cannot tell noise from effect)")
+    axes = matrix.get("axes") or {}
+    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+        errors.append("matrix.axes: expected a mapping of pipeline key -> list of values, e.g. "
+                      "{features.lookback: [30, 60]}")
+        axes = {}
+    for key in axes:
+        if key in ("train.lr", "train.seed") or key.startswith("clip."):
+            errors.append(f"matrix.axes.{key}: use matrix.lr, matrix.seeds or matrix.clip for this axis")
+    if errors or base_path is None:
+        raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
+
+    base_raw = config_mod.read_yaml(base_path)
+    for key, value in common.items():
+        _set_value(base_raw, str(key), value, f"{path}: set.{key}")
+    jobs: list[Job] = []
+    seen: dict[tuple, int] = {}
+    axis_items = [[(k, v) for v in vals] for k, vals in axes.items()]
+    cells = []
+    for (ci, clip), lr, combo in itertools.product(enumerate(clips), lrs, itertools.product(*axis_items)):
+        run_raw = config_mod.apply_overrides(base_raw, [])
+        run_raw["clip"] = _merge(run_raw.get("clip") or {}, clip)
+        run_raw.setdefault("train", {})["lr"] = lr
+        for k, v in combo:
+            _set_value(run_raw, k, v, f"{path}: matrix.axes.{k}")
+        where = f"{path} (matrix.clip[{ci}], lr={lr:g}" + "".join(f", {k}={v}" for k, v in combo) + ")"
+        try:
+            cfg = config_mod.from_dict(run_raw, where)
+        except ConfigError as exc:
+            errors.append(str(exc).replace("\n  ", "\n    "))
+            continue
+        label = clip_label(cfg.clip)
+        group = f"lr={short_float(lr)}" + "".join(f" {k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in combo)
+        key = (label, group)
+        if key in seen:
+            errors.append(f"matrix.clip[{ci}]: the same clip config as matrix.clip[{seen[key]}] ({label})")
+            continue
+        seen[key] = ci
+        cells.append((cfg, label, group, lr, tuple(combo)))
+    if errors:
+        raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
+    name = name.strip()
+    for seed in seeds:  # seed-major: a study stopped early has every cell for its first seeds
+        for cfg, label, group, lr, combo in cells:
+            cfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, seed=seed),
+                tracking=dataclasses.replace(cfg.tracking, experiment=name, metrics_writer="inline",
+                                             run_name=f"{label} {group} s{seed}"))
+            jobs.append(Job(cfg, f"{label} {group}", group, label, lr, combo, seed, config_hash(cfg)))
+    return Study(name, path, raw, settings, tuple(jobs), jobs[0].cfg.tracking)
+
+
+def _fmt(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """Hash of what a run computes: the resolved config without tracking, threads and checkpoint keys."""
+    flat = {k: v for k, v in config_mod.flatten(config_mod.to_dict(cfg)).items() if not k.startswith(_UNHASHED)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    parent_run_id: str
+    experiment: str
+    tracking_uri: str
+    total: int
+    skipped: int          # finished before this invocation
+    finished: int         # finished now
+    diverged: int         # of those finished now
+    failed: list[tuple[str, str]]  # (run name, error)
+    seconds: float
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _lock(study: Study):
+    """One driver per study and store at a time (a second would delete the first one's runs in progress)."""
+    key = hashlib.sha256(f"{tracking.resolve_uri(study.tracking)}|{study.name}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"fincast-study-{key}.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise FincastError(f"study {study.name!r} is already running in this store (pid {fh.read().strip()}); "
+                               "wait for it or stop it first") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+
+
+def run(study: Study, *, progress: bool = False) -> StudyOutcome:
+    """Run every job of the study not finished before, in ``study.workers`` processes."""
+    t0 = time.perf_counter()
+    from fincast import pipeline
+
+    with _lock(study):
+        # load (and cache) the data once here: a bad source fails now, with its own message, not in every worker
+        pipeline.load_data(study.jobs[0].cfg, progress=progress)
+        store = tracking.StudyStore(study.tracking, study.name)
+        parent = store.parent_run(params=_parent_params(study))
+        done = store.finished_hashes()
+        store.delete_leftovers(keep=done)
+        todo = [j for j in study.jobs if j.hash not in done]
+        skipped = len(study.jobs) - len(todo)
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = Path(tmp) / "study.yaml"
+            spec.write_text(yaml.safe_dump(study.raw, sort_keys=False))
+            plan = Path(tmp) / "plan.json"
+            plan.write_text(json.dumps([{"cell": j.cell, "group": j.group, "clip": j.clip, "lr": j.lr, "seed": j.seed,
+                                         "axes": dict(j.axes), "hash": j.hash} for j in study.jobs], indent=1))
+            parent.log_artifact(spec)
+            parent.log_artifact(plan)
+        if skipped:
+            log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
+                     len(study.jobs), len(todo))
+        workers = min(study.settings.workers or _cores(), max(1, len(todo)))
+        threads = study.settings.threads or max(1, _cores() // workers)
+        finished, diverged, failed = 0, 0, []
+        status = "FINISHED"
+        bar = tqdm(total=len(study.jobs), initial=skipped, desc=f"study {study.name}", unit="run",
+                   disable=not progress)
+        try:
+            for result in _execute(todo, parent.run_id, study.name, workers, threads):
+                bar.update(1)
+                if result["error"] is None:
+                    finished += 1
+                    diverged += int(result["diverged"])
+                else:
+                    failed.append((result["name"], result["error"]))
+                    log.warning("run %s failed: %s", result["name"], result["error"])
+                bar.set_postfix(diverged=diverged, failed=len(failed), refresh=False)
+        except BaseException:
+            status = "KILLED"
+            raise
+        finally:
+            bar.close()
+            if status == "FINISHED" and failed:
+                status = "FAILED"
+            parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": len(failed)})
+            parent.end(status)
+    return StudyOutcome(study.name, parent.run_id, study.name, parent.uri, len(study.jobs), skipped, finished,
+                        diverged, failed, time.perf_counter() - t0)
+
+
+def _parent_params(study: Study) -> dict[str, Any]:
+    jobs = study.jobs
+    return {
+        "study.base": str(study.raw.get("base")), "study.runs": len(jobs),
+        "study.clip": [c for c in dict.fromkeys(j.clip for j in jobs)],
+        "study.lr": list(dict.fromkeys(j.lr for j in jobs)), "study.seeds": list(dict.fromkeys(j.seed for j in jobs)),
+        "study.groups": list(dict.fromkeys(j.group for j in jobs)),
+        **{f"study.{f.name}": getattr(study.settings, f.name) for f in dataclasses.fields(StudySettings)},
+        **{f"set.{k}": v for k, v in (study.raw.get("set") or {}).items()},
+    }
+
+
+def _execute(jobs: list[Job], parent_id: str, study: str, workers: int, threads: int):
+    """Yield one result dict per job as runs complete; runs in this process when workers == 1."""
+    if not jobs:
+        return
+    if workers == 1:
+        _worker_init(threads, watch_parent=False)
+        for job in jobs:
+            yield _run_job(job, parent_id, study, threads)
+        return
+    ctx = mp.get_context("spawn")  # the workers' parent is this process: they die with it (see _worker_init)
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(_run_job, job, parent_id, study, threads) for job in jobs]
+        try:
+            for fut in cf.as_completed(futures):
+                try:
+                    yield fut.result()
+                except cf.process.BrokenProcessPool as exc:
+                    raise FincastError(f"a study worker process died ({exc}); rerun the study to redo the "
+                                       "unfinished runs") from None
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+
+def _worker_init(threads: int, watch_parent: bool = True) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("fincast").setLevel(logging.ERROR)  # the driver reports; per-run chatter would interleave
+    if not watch_parent:
+        return
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the driver, even on SIGKILL
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:  # elsewhere: notice the driver is gone within a second
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _run_job(job: Job, parent_id: str, study: str, threads: int) -> dict:
+    from fincast import pipeline
+
+    cfg = job.cfg
+    if cfg.train.threads is None:  # a share of the cores (the hash ignores threads)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
+    name = job.cfg.tracking.run_name
+    try:
+        out = pipeline.train(cfg, tags=job.tags(study), parent_run_id=parent_id)
+    except Exception as exc:  # the run is marked FAILED in MLflow; the study goes on
+        return {"name": name, "error": f"{type(exc).__name__}: {exc}", "diverged": False}
+    return {"name": name, "error": None, "diverged": out.fit.diverged, "run_id": out.run_id}

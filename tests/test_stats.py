@@ -1,0 +1,312 @@
+"""fincast.reports.stats against references computed in this file.
+
+Fisher's exact test and the exact Wilcoxon signed-rank test are checked against hand enumerations (math.comb,
+all 2^n sign assignments); the confidence interval against the Student-t interval written out here. Nothing
+from fincast is used to compute an expected value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from fincast.reports.stats import (
+    Comparison,
+    compare,
+    format_lr,
+    format_p,
+    outcome,
+    paired_difference_ci,
+    verdict,
+)
+
+T_975_DF2 = 4.302652729911275  # Student-t 97.5% quantile, 2 degrees of freedom
+
+
+def fisher_two_sided(a: int, n1: int, b: int, n2: int) -> float:
+    """Sum of hypergeometric probabilities of all tables (same margins) no more likely than the observed one."""
+    k, n = a + b, n1 + n2
+
+    def prob(x):
+        return math.comb(n1, x) * math.comb(n2, k - x) / math.comb(n, k)
+
+    observed = prob(a)
+    xs = range(max(0, k - n2), min(k, n1) + 1)
+    return min(1.0, sum(prob(x) for x in xs if prob(x) <= observed * (1 + 1e-9)))
+
+
+def wilcoxon_exact(d) -> float:
+    """Two-sided exact p of the signed-rank statistic, by enumerating every sign assignment of the ranks."""
+    ranks = np.argsort(np.argsort(np.abs(d))) + 1  # distinct |d| assumed
+    w_obs = ranks[np.asarray(d) > 0].sum()
+    sums = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product([0, 1], repeat=len(d))]
+    lower = sum(w <= w_obs for w in sums) / len(sums)
+    upper = sum(w >= w_obs for w in sums) / len(sums)
+    return min(1.0, 2 * min(lower, upper))
+
+
+def runs(losses, diverged=()):
+    return {s: (float(v), s in diverged) for s, v in enumerate(losses)}
+
+
+CONTROL = [1.00, 1.10, 0.95, 1.20, 1.05]
+
+
+# ---------------------------------------------------------------- Fisher exact
+
+
+@pytest.mark.parametrize("dt,nt,dc,nc", [(0, 5, 4, 5), (0, 5, 3, 5), (5, 5, 0, 5), (1, 3, 3, 3), (2, 10, 7, 8),
+                                          (1, 5, 1, 5), (0, 4, 2, 6)])
+def test_fisher_matches_hand_enumeration(dt, nt, dc, nc):
+    treated = {s: (1.0, s < dt) for s in range(nt)}
+    control = {s: (1.0, s < dc) for s in range(nc)}
+    c = compare(1e-2, "x", treated, control, n_boot=200)
+    assert (c.n_treated, c.n_control, c.diverged_treated, c.diverged_control) == (nt, nc, dt, dc)
+    assert c.fisher_p == pytest.approx(fisher_two_sided(dt, nt, dc, nc), rel=1e-9)
+
+
+def test_fisher_known_values_and_no_divergence():
+    assert fisher_two_sided(0, 5, 4, 5) == pytest.approx(0.047619, abs=1e-6)  # the reference itself: 2 * 5/105
+    assert compare(1e-2, "x", runs(CONTROL), runs(CONTROL), n_boot=200).fisher_p == 1.0
+
+
+# ---------------------------------------------------------------- Wilcoxon
+
+
+@pytest.mark.parametrize("rel", [[0.02, 0.03, 0.01, 0.05, 0.04], [0.02, -0.03, 0.011, -0.05, 0.04],
+                                 [-0.02, -0.031, -0.01, 0.05, -0.04]])
+def test_wilcoxon_exact_for_five_pairs(rel):
+    treated = [c * (1 + r) for c, r in zip(CONTROL, rel)]
+    got = compare(1e-2, "x", runs(treated), runs(CONTROL), n_boot=200).wilcoxon_p
+    assert got == pytest.approx(wilcoxon_exact(np.array(treated) - np.array(CONTROL)), rel=1e-9)
+
+
+def test_wilcoxon_all_equal_and_too_few():
+    assert compare(1e-2, "x", runs(CONTROL), runs(CONTROL), n_boot=200).wilcoxon_p == 1.0
+    assert math.isnan(compare(1e-2, "x", runs([1.0]), runs([2.0]), n_boot=200).wilcoxon_p)
+
+
+# ---------------------------------------------------------------- confidence interval
+
+
+def t_interval(d, confidence=0.95, tq=None):
+    from scipy import stats
+
+    d = np.asarray(d, dtype=float)
+    n = d.size
+    tq = tq if tq is not None else stats.t.ppf((1 + confidence) / 2, n - 1)
+    half = tq * d.std(ddof=1) / math.sqrt(n)
+    return d.mean() - half, d.mean() + half
+
+
+def test_three_pairs_never_narrower_than_t_interval():
+    t, c = [1.02, 0.97, 1.06], [1.0, 1.0, 1.0]
+    d = [2.0, -3.0, 6.0]
+    mean, low, high = paired_difference_ci(t, c, seed=1)
+    t_low, t_high = t_interval(d, tq=T_975_DF2)
+    assert mean == pytest.approx(np.mean(d))
+    assert low <= t_low + 1e-9 and high >= t_high - 1e-9
+    # with 3 pairs the bootstrap can't go beyond the data range, so the t interval is what is reported
+    assert (low, high) == pytest.approx((t_low, t_high))
+    assert high - low > max(d) - min(d)
+
+
+def test_many_pairs_bootstrap_close_to_t_interval():
+    rng = np.random.default_rng(42)
+    c = rng.uniform(0.5, 2.0, 200)
+    t = c * (1 - 0.02 + 0.01 * rng.standard_normal(200))
+    d = 100 * (t / c - 1)
+    mean, low, high = paired_difference_ci(t, c, seed=3)
+    t_low, t_high = t_interval(d)
+    assert low <= t_low + 1e-12 and high >= t_high - 1e-12
+    assert (high - low) < 1.1 * (t_high - t_low)
+    assert low < -2.0 < high and high < 0
+
+
+def test_ci_coverage_with_five_seeds():
+    """With 5 pairs the nominal 95% interval must cover the true mean about 95% of the time (bootstrap alone:
+    roughly 80-85%)."""
+    rng = np.random.default_rng(7)
+    hits, trials = 0, 300
+    for i in range(trials):
+        c = rng.uniform(0.5, 1.5, 5)
+        t = c * (1 + 0.01 * (1 + rng.standard_normal(5)))  # true mean difference +1%
+        _, low, high = paired_difference_ci(t, c, n_boot=1000, seed=i)
+        hits += low <= 1.0 <= high
+    assert hits / trials >= 0.9
+
+
+def test_ci_degenerate_sizes():
+    assert all(math.isnan(x) for x in paired_difference_ci([], []))
+    mean, low, high = paired_difference_ci([1.1], [1.0])
+    assert mean == pytest.approx(10.0) and math.isnan(low) and math.isnan(high)
+
+
+def test_deterministic_and_seed_dependent():
+    t = [c * (1 + r) for c, r in zip(CONTROL, [0.02, -0.01, 0.03, 0.0, 0.015])]
+    a = compare(1e-3, "x", runs(t), runs(CONTROL), seed=5)
+    assert a == compare(1e-3, "x", runs(t), runs(CONTROL), seed=5)
+    rng = np.random.default_rng(0)
+    c = rng.uniform(1, 2, 30)
+    t2 = c * (1 + 0.05 * rng.lognormal(0, 1.5, 30))  # skewed: the bootstrap's upper tail beats the t interval
+    assert paired_difference_ci(t2, c, seed=1) == paired_difference_ci(t2, c, seed=1)
+    assert paired_difference_ci(t2, c, seed=1) != paired_difference_ci(t2, c, seed=2)
+
+
+def test_scaling_both_losses_changes_nothing():
+    t = [c * (1 + r) for c, r in zip(CONTROL, [0.02, -0.01, 0.03, 0.004, 0.015])]
+    a = compare(1e-3, "x", runs(t), runs(CONTROL))
+    b = compare(1e-3, "x", runs(np.array(t) * 37.5), runs(np.array(CONTROL) * 37.5))
+    for field in ("diff_pct", "ci_low", "ci_high", "wilcoxon_p"):
+        assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-9)
+    assert a.diff_pct == pytest.approx(np.mean([2, -1, 3, 0.4, 1.5]))
+
+
+# ---------------------------------------------------------------- pairing by seed
+
+
+def test_pairing_by_seed_excludes_missing_diverged_and_nonfinite():
+    control = {0: (1.0, False), 1: (1.0, False), 2: (1.0, True), 3: (1.0, False), 4: (math.nan, False),
+               5: (2.0, False), 6: (1.0, False)}
+    treated = {0: (1.1, False), 1: (0.9, True), 2: (0.5, False), 3: (math.inf, False), 4: (1.0, False),
+               5: (1.8, False), 9: (5.0, False)}
+    c = compare(1e-2, "x", treated, control, n_boot=500)
+    assert c.n_pairs == 2  # seeds 0 and 5 only
+    assert c.diff_pct == pytest.approx((10.0 + -10.0) / 2)
+    assert (c.n_treated, c.n_control, c.diverged_treated, c.diverged_control) == (7, 7, 1, 1)
+
+
+def test_pairs_by_seed_not_by_position():
+    control = {10: (1.0, False), 20: (2.0, False), 30: (4.0, False)}
+    treated = {30: (4.4, False), 10: (1.1, False), 20: (2.2, False)}  # +10% each, in another order
+    c = compare(1e-2, "x", treated, control, n_boot=500)
+    assert c.diff_pct == pytest.approx(10.0)
+    assert c.ci_low == pytest.approx(10.0) and c.ci_high == pytest.approx(10.0)
+
+
+# ---------------------------------------------------------------- outcome and verdict
+
+
+def helped_by_divergence():
+    return compare(1e-2, "norm1.0", runs([0.9] * 5), runs(CONTROL, diverged={0, 1, 2, 3}))
+
+
+def test_helped_by_divergence():
+    c = helped_by_divergence()
+    assert outcome(c) == "helped"
+    text = verdict([c])
+    assert text.startswith("At lr=1e-2: unclipped training diverged in 4 of 5 seeds.")
+    assert text.count("4 of 5") == 1
+    for phrase in ("norm1.0 helped", "0 of 5", "Fisher exact p=0.048"):
+        assert phrase in text
+    assert "p=0.000" not in text
+
+
+def test_hurt_by_divergence():
+    c = compare(1e-2, "norm9", runs([0.9] * 5, diverged={0, 1, 2, 3, 4}), runs(CONTROL))
+    assert outcome(c) == "hurt"
+    assert "norm9 hurt" in verdict([c]) and "5 of 5" in verdict([c])
+
+
+def test_helped_by_loss():
+    rel = [-0.05, -0.052, -0.048, -0.051, -0.049]
+    c = compare(3e-4, "autoclip-p10", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
+    assert c.ci_high < 0 and outcome(c) == "helped"
+    text = verdict([c])
+    assert text.startswith("At lr=3e-4: unclipped training diverged in 0 of 5 seeds.")
+    for phrase in ("autoclip-p10 helped", "lower", "difference -5.0%", "95% CI [-", "Wilcoxon p=0.062", "5 pairs"):
+        assert phrase in text
+    assert "more seeds" not in text.lower()  # narrow CI and 5 pairs
+
+
+def test_hurt_by_loss():
+    rel = [0.10, 0.12, 0.09, 0.11, 0.105]
+    c = compare(0.1, "norm0.1", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
+    assert c.ci_low > 0 and outcome(c) == "hurt"
+    text = verdict([c])
+    for phrase in ("At lr=0.1:", "norm0.1 hurt", "higher", "difference +10.5%", "CI [+"):
+        assert phrase in text
+
+
+def test_no_difference_and_wide_ci_asks_for_more_seeds():
+    rel = [0.01, -0.02, 0.005, -0.003, 0.001]
+    c = compare(1.0, "norm5", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
+    assert c.ci_low < 0 < c.ci_high and outcome(c) == "no difference"
+    text = verdict([c])
+    assert "norm5 made no clear difference" in text and "CI [" in text and "5 pairs" in text
+    assert "more seeds" not in text.lower()
+    rel = [0.2, -0.15, 0.1, -0.12, 0.05]  # spread of ~15 points: the CI spans well over 10
+    wide = compare(1.0, "norm5", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
+    assert outcome(wide) == "no difference" and wide.ci_high - wide.ci_low > 10
+    assert "More seeds are needed" in verdict([wide])
+
+
+def test_nonsignificant_divergence_is_called_not_conclusive():
+    c = compare(3.0, "zclip", runs([0.9] * 5, diverged={0, 1, 2}), runs(CONTROL))
+    assert c.fisher_p == pytest.approx(fisher_two_sided(3, 5, 0, 5))  # 1/6
+    text = verdict([c])
+    assert "At lr=3:" in text
+    assert "3 of 5 vs 0 of 5 (Fisher exact p=0.17): not conclusive with this many seeds" in text
+    assert "More seeds are needed" in text  # only 2 comparable pairs
+
+
+def test_inconclusive_with_fewer_than_two_pairs():
+    c = compare(1e-2, "norm2", runs([1.0, 1.0, 1.0], diverged={1, 2}), runs([1.0, 1.1, 1.2], diverged={0}))
+    assert c.n_pairs == 0 and math.isnan(c.diff_pct) and math.isnan(c.ci_low)
+    assert outcome(c) == "inconclusive"
+    assert "too few comparable runs to tell" in verdict([c])
+    one = compare(1e-2, "norm2", runs([1.0, 1.0]), runs([1.0, 1.1], diverged={0}))
+    assert one.n_pairs == 1 and outcome(one) == "inconclusive"
+    assert "1 pair where" in verdict([one])
+
+
+def test_verdict_states_control_once_for_several_configs():
+    rel = [0.01, -0.02, 0.005, -0.003, 0.001]
+    others = [compare(1e-2, "autoclip-p10", runs([c * (1 + r) for c, r in zip(CONTROL, rel)], diverged={0, 1, 2}),
+                      runs(CONTROL, diverged={0, 1, 2, 3})), helped_by_divergence()]
+    text = verdict(others)
+    assert text.count("unclipped training") == 1 and text.count("diverged in 4 of 5 seeds") == 1
+    assert "autoclip-p10 diverged in 3 of 5 vs 4 of 5 (Fisher exact p=1): not conclusive" in text
+    assert "autoclip-p10: too few comparable runs to tell (1 pair where" in text
+    assert "norm1.0 helped" in text
+    assert verdict([]) == ""
+
+
+def test_outcome_from_hand_built_comparisons():
+    base = dict(lr=0.01, config="x", n_treated=5, n_control=5, diverged_treated=0, diverged_control=0,
+                fisher_p=1.0, n_pairs=5, diff_pct=-1.0, ci_low=-2.0, ci_high=-0.1, wilcoxon_p=0.06, confidence=0.95)
+    assert outcome(Comparison(**base)) == "helped"
+    assert outcome(Comparison(**{**base, "ci_low": 0.1, "ci_high": 2.0})) == "hurt"
+    assert outcome(Comparison(**{**base, "ci_high": 0.5})) == "no difference"
+    # significant divergence overrides the loss
+    assert outcome(Comparison(**{**base, "diverged_treated": 4, "fisher_p": 0.048})) == "hurt"
+    # alpha is respected
+    assert outcome(Comparison(**{**base, "diverged_control": 4, "fisher_p": 0.048, "ci_high": 0.5}), alpha=0.01) \
+        == "no difference"
+
+
+# ---------------------------------------------------------------- formatting
+
+
+@pytest.mark.parametrize("p,text", [(0.0476, "0.048"), (0.81, "0.81"), (0.17, "0.17"), (1e-5, "<0.001"),
+                                    (0.0, "<0.001"), (math.nan, "n/a"), (1.0, "1")])
+def test_format_p(p, text):
+    assert format_p(p) == text
+
+
+@pytest.mark.parametrize("lr,text", [(1e-2, "1e-2"), (3e-4, "3e-4"), (0.1, "0.1"), (1, "1"), (3, "3"),
+                                     (2.5e-3, "2.5e-3"), (0.3, "0.3"), (1e-5, "1e-5")])
+def test_format_lr(lr, text):
+    assert format_lr(lr) == text
+
+
+def test_no_zero_p_values_printed():
+    rng = np.random.default_rng(1)
+    c = rng.uniform(1, 2, 60)
+    big = compare(1e-2, "norm1.0", runs(c * 1.3), runs(c), n_boot=500)
+    assert big.wilcoxon_p < 0.001
+    text = verdict([big])
+    assert "Wilcoxon p<0.001" in text and "0.000" not in text

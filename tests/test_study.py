@@ -1,0 +1,276 @@
+"""Stability studies: spec expansion, resumability, and the study -> report path into a temporary MLflow store."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fincast import study as study_mod
+from fincast.config import ConfigError, TrackingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+TINY = ["data.source=synthetic", "data.start=2019-01-01", "data.end=2021-06-30", "features.lookback=8",
+        "features.vol_windows=[5]", "model.hidden_size=4", "train.epochs=2", "train.batch_size=128",
+        "train.warmup_steps=2", "tracking.log_every=20", "monitor.every=null"]
+
+
+def _spec(tmp_path: Path, **matrix) -> Path:
+    spec = {
+        "name": "tiny_study", "base": str(ROOT / "pipelines" / "price_crypto.yaml"),
+        "set": {"data.tickers": ["BTC-USD"], "train.checkpoint": False, "tracking.log_model": False},
+        "matrix": {"clip": ["none", {"method": "norm", "norm": {"max_norm": 0.5}}], "lr": [1e-2, 3.0], "seeds": 3,
+                   **matrix},
+        "study": {"workers": 1},
+    }
+    path = tmp_path / "tiny_study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _store(tmp_path: Path) -> list[str]:
+    return [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_dir={tmp_path / 'art'}"]
+
+
+def _client(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _children(tmp_path: Path, status: str | None = None) -> list:
+    from fincast import tracking
+
+    runs = tracking.StudyStore(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "tiny_study").runs("child")
+    return [r for r in runs if status is None or r.info.status == status]
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shipped_specs_expand_to_the_full_grid_of_unique_runs():
+    for name, base in (("stability_crypto", "price_crypto"), ("stability_equities", "price_equities")):
+        spec = yaml.safe_load((ROOT / "pipelines" / f"{name}.yaml").read_text())
+        s = study_mod.load(ROOT / "pipelines" / f"{name}.yaml")
+        m = spec["matrix"]
+        assert len(s.jobs) == len(m["clip"]) * len(m["lr"]) * m["seeds"]
+        assert len({j.hash for j in s.jobs}) == len(s.jobs)
+        assert len(s.cells) == len(m["clip"]) * len(m["lr"])
+        assert {j.clip for j in s.jobs} >= {"none"} and m["seeds"] >= 3
+        assert all(j.cfg.tracking.experiment == name and j.cfg.name == base for j in s.jobs)
+        assert {j.cfg.train.lr for j in s.jobs} == {float(x) for x in m["lr"]}
+
+
+def test_expansion_with_axes_and_overrides(tmp_path):
+    path = _spec(tmp_path, axes={"features.lookback": [5, 9]})
+    s = study_mod.load(path, ["data.source=synthetic", "matrix.seeds=[1,4,7,9]", "study.workers=3"])
+    assert len(s.jobs) == 2 * 2 * 2 * 4 and len(s.cells) == 8 and s.settings.workers == 3
+    assert {j.seed for j in s.jobs} == {1, 4, 7, 9}
+    assert all(j.cfg.data.source == "synthetic" for j in s.jobs)
+    by_key = {(j.clip, j.lr, dict(j.axes)["features.lookback"], j.seed): j for j in s.jobs}
+    assert len(by_key) == len(s.jobs)
+    j = by_key[("norm0.5", 3.0, 9, 7)]
+    assert (j.cfg.clip.method, j.cfg.clip.norm.max_norm, j.cfg.train.lr, j.cfg.features.lookback,
+            j.cfg.train.seed) == ("norm", 0.5, 3.0, 9, 7)
+    assert j.group == "lr=3 lookback=9" and j.cell == "norm0.5 lr=3 lookback=9"
+    # seed-major order: the first cells-many jobs cover every cell once
+    assert {x.cell for x in s.jobs[:8]} == set(s.cells)
+
+
+def test_config_hash_ignores_tracking_threads_and_checkpoints_only(tmp_path):
+    import dataclasses
+
+    job = study_mod.load(_spec(tmp_path)).jobs[0]
+    cfg = job.cfg
+    same = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name="x", uri="sqlite:///y.db"),
+                               train=dataclasses.replace(cfg.train, threads=7, checkpoint=True))
+    assert study_mod.config_hash(same) == job.hash
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size + 1))
+    assert study_mod.config_hash(other) != job.hash
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["matrix.clip=[norm]"], "must include none"),
+    (["matrix.seeds=2"], "at least 3 seeds"),
+    (["matrix.seeds=[1,1,2]"], "distinct seeds"),
+    (["matrix.lrr=[1]"], "matrix.lrr: unknown key"),
+    (["study.worker=2"], "did you mean 'study.workers'"),
+    (["base=nope.yaml"], "no such pipeline spec"),
+    (["matrix.axes={train.lr: [1, 2]}"], "use matrix.lr"),
+    (["train.batchsize=3"], "train.batchsize: unknown key"),
+    (["matrix.clip=[none, {method: norm, norm: {percentile: 5}}]"], "clip.norm.percentile: unknown key"),
+    (["matrix.clip=[none, none]"], "the same clip config as matrix.clip[0]"),
+])
+def test_bad_specs_name_the_key(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        study_mod.load(_spec(tmp_path), overrides)
+    assert expected in str(err.value) and "tiny_study.yaml" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and resuming
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rerun_after_a_kill_redoes_only_unfinished_runs_and_keeps_each_once(tmp_path, monkeypatch):
+    """Simulated kill: the 4th run is interrupted (its MLflow run ends KILLED), and a run left RUNNING by a
+    SIGKILLed worker is in the store too. The rerun keeps the 3 finished runs, deletes the leftovers and
+    trains the rest: every run of the plan present exactly once."""
+    from fincast import pipeline, tracking
+
+    s = study_mod.load(_spec(tmp_path), [*TINY, *_store(tmp_path)])
+    real_train, calls = pipeline.train, []
+
+    def train_then_die(cfg, **kw):
+        calls.append(cfg)
+        if len(calls) == 4:
+            kw["tags"] = {**kw["tags"]}
+            run = tracking.start_run(cfg.tracking, cfg.tracking.experiment, "half", kw["tags"] | {
+                "mlflow.parentRunId": kw["parent_run_id"]})
+            run.client.set_terminated(run.run_id, "KILLED")
+            raise KeyboardInterrupt
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(pipeline, "train", train_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        study_mod.run(s)
+    monkeypatch.setattr(pipeline, "train", real_train)
+    finished = _children(tmp_path, "FINISHED")
+    assert len(finished) == 3
+    kept = {r.info.run_id for r in finished}
+    # a worker killed with SIGKILL leaves its run RUNNING
+    stale = s.jobs[5]
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("tiny_study").experiment_id
+    client.create_run(exp, run_name="stale", tags=stale.tags("tiny_study"))
+    (parent,) = tracking.StudyStore(s.tracking, "tiny_study").runs("parent")
+    assert parent.info.status == "KILLED"
+
+    out = study_mod.run(s)
+    assert (out.skipped, out.finished, out.failed) == (3, len(s.jobs) - 3, [])
+    runs = _children(tmp_path)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.tags["fincast.config_hash"] for r in runs) == sorted(j.hash for j in s.jobs)
+    assert kept <= {r.info.run_id for r in runs}
+    assert all(r.data.tags["mlflow.parentRunId"] == out.parent_run_id for r in runs)
+    assert tracking.StudyStore(s.tracking, "tiny_study").runs("parent")[0].info.status == "FINISHED"
+    again = study_mod.run(s)  # nothing left to do
+    assert (again.skipped, again.finished) == (len(s.jobs), 0)
+
+
+def test_a_failing_run_does_not_stop_the_study(tmp_path, monkeypatch):
+    from fincast import pipeline
+
+    s = study_mod.load(_spec(tmp_path), [*TINY, *_store(tmp_path)])
+    real_train = pipeline.train
+
+    def sometimes_broken(cfg, **kw):
+        if cfg.train.seed == 1 and cfg.train.lr == 3.0:
+            raise RuntimeError("simulated crash")
+        return real_train(cfg, **kw)
+
+    monkeypatch.setattr(pipeline, "train", sometimes_broken)
+    out = study_mod.run(s)
+    assert out.finished == len(s.jobs) - 2 and len(out.failed) == 2
+    assert all("simulated crash" in e for _, e in out.failed)
+    monkeypatch.setattr(pipeline, "train", real_train)
+    out = study_mod.run(s)
+    assert (out.skipped, out.finished, out.failed) == (len(s.jobs) - 2, 2, [])
+
+
+def test_study_then_report_end_to_end(tmp_path, capsys):
+    """`fincast study` with 2 worker processes, then `fincast report stability`: every run is a child of the
+    parent, the report's files exist, its numbers come from the runs, and it is logged to the parent run."""
+    from fincast import cli, tracking
+
+    spec = _spec(tmp_path)
+    code = cli.main(["study", str(spec), "--quiet", *[f"--set={o}" for o in (*TINY, *_store(tmp_path))],
+                     "--set=study.workers=2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "12 runs trained now" in out.out
+    runs = _children(tmp_path, "FINISHED")
+    assert len(runs) == 12 and {r.data.tags["fincast.study_clip"] for r in runs} == {"none", "norm0.5"}
+    assert {r.data.tags["fincast.threads"] for r in runs} == {str(max(1, study_mod._cores() // 2))}
+
+    code = cli.main(["report", "stability", "--study", "tiny_study", "--tracking-uri",
+                     f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    folder = tmp_path / "reports" / "stability" / "tiny_study"
+    assert "At lr=0.01: unclipped training diverged in" in out.out and "At lr=3:" in out.out
+    summary = json.loads((folder / "summary.json").read_text())
+    assert len(summary["runs"]) == 12 and summary["missing_runs"] == 0
+    by_id = {r.info.run_id: r for r in runs}
+    for row in summary["runs"]:
+        run = by_id[row["run_id"]]
+        assert row["final_val_loss"] == pytest.approx(run.data.metrics["val/loss"])
+        assert row["steps"] == len(tracking.metric_history(row["run_id"], "train/loss", TrackingConfig(
+            uri=f"sqlite:///{tmp_path / 'mlflow.db'}")))
+    cells = {(c["group"], c["clip"]): c for c in summary["cells"]}
+    assert set(cells) == {(g, c) for g in ("lr=0.01", "lr=3") for c in ("none", "norm0.5")}
+    assert all(c["runs"] == 3 for c in cells.values())
+    html = (folder / "index.html").read_text()
+    for run_id in by_id:
+        assert run_id in html
+    assert html.count("data:image/png;base64,") >= 6 and 'src="' + "loss_curves.png" not in html
+    for f in ("summary.csv", "loss_curves.png", "grad_norms.png", "stability_map.png", "val_curves.png"):
+        assert (folder / f).stat().st_size > 0
+    parent = summary["parent_run_id"]
+    logged = tracking.list_artifacts(parent, TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "report")
+    assert {"report/index.html", "report/summary.json", "report/stability_map.png"} <= set(logged)
+
+    from browser import check_page, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("Chromium not installed: the report was not opened in a browser")
+    page = check_page(folder / "index.html")
+    assert page.images >= 6 and page.images_loaded == page.images, page.broken_images
+    assert page.console_errors == []
+
+
+@pytest.mark.slow
+def test_a_study_killed_with_sigkill_and_restarted_has_every_run_exactly_once(tmp_path):
+    """The driver is SIGKILLed mid-study (its workers die with it); the restarted study finishes, and every
+    run of the plan is present exactly once, all FINISHED."""
+    spec = _spec(tmp_path, seeds=4)
+    args = [sys.executable, "-m", "fincast", "study", str(spec), "--quiet",
+            *[f"--set={o}" for o in (*TINY, *_store(tmp_path), "train.epochs=6", "study.workers=2")]]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if (tmp_path / "mlflow.db").exists() and len(_children(tmp_path, "FINISHED")) >= 3:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(2)  # the workers notice (PR_SET_PDEATHSIG) and die
+    n_before = len(_children(tmp_path))
+    finished_before = len(_children(tmp_path, "FINISHED"))
+    assert finished_before < 16, "the study finished before it could be killed"
+    assert n_before > finished_before or finished_before >= 3
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = _children(tmp_path)
+    s = study_mod.load(spec, [*TINY, *_store(tmp_path), "train.epochs=6"])
+    assert sorted(r.data.tags["fincast.config_hash"] for r in runs) == sorted(j.hash for j in s.jobs)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # no worker of the killed driver survived to add a duplicate later
+    time.sleep(1)
+    assert len(_children(tmp_path)) == len(s.jobs)
