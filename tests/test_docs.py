@@ -24,8 +24,18 @@ def test_every_config_key_is_documented():
 
 
 def test_cli_commands_are_documented():
-    for cmd in ("fincast train", "fincast data", "fincast keys"):
+    for cmd in ("fincast train", "fincast data", "fincast keys", "fincast resume", "fincast study",
+                "fincast report stability", "--resume RUN_ID"):
         assert cmd in README
+
+
+def test_every_study_key_is_documented():
+    import dataclasses
+
+    from fincast.config import StudySettings
+
+    missing = [f.name for f in dataclasses.fields(StudySettings) if f"`study.{f.name}`" not in README]
+    assert not missing, missing
 
 
 def test_quick_start_comes_first():

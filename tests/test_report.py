@@ -1,0 +1,105 @@
+"""The stability report's numbers, from runs written straight into a temporary MLflow store (no training), so
+every expected value is known by construction."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from fincast import study as study_mod
+from fincast.config import FincastError
+from fincast.reports import stability
+
+STUDY = "fab_study"
+NAIVE_VAL = 1.0
+
+
+def _fabricate(tmp_path, table: dict[tuple[str, float], list[float | None]], *, parent: bool = True) -> str:
+    """table: (clip, lr) -> final val loss per seed (None = non-finite divergence). Returns the store URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(STUDY, artifact_location=(tmp_path / "art").as_uri())
+    if parent:
+        p = client.create_run(exp, run_name="study", tags={"fincast.study": STUDY, "fincast.study_role": "parent"})
+        client.log_param(p.info.run_id, "study.divergence_factor", 3.0)
+        client.set_terminated(p.info.run_id)
+    for (clip, lr), finals in table.items():
+        for seed, final in enumerate(finals):
+            group = f"lr={lr:g}"
+            tags = {"fincast.study": STUDY, "fincast.study_role": "child", "fincast.config_hash": f"{clip}{lr}{seed}",
+                    "fincast.cell": f"{clip} {group}", "fincast.group": group, "fincast.study_clip": clip,
+                    "fincast.study_lr": repr(lr), "fincast.seed": str(seed), "fincast.diverged": str(final is None).lower()}
+            r = client.create_run(exp, run_name=f"{clip} {group} s{seed}", tags=tags)
+            steps = 20 if final is not None else 7
+            val = [2.0, 1.5, 0.9 if final is None or final < 0.9 else final + 0.1, final if final is not None else math.nan]
+            metrics = [Metric("train/loss", 1.0 / (s + 1), 0, s) for s in range(1, steps + 1)]
+            metrics += [Metric("grad/norm_pre", 0.5 + s / 100, 0, s) for s in range(1, steps + 1)]
+            metrics += [Metric("val/loss", v, 0, 5 * (i + 1)) for i, v in enumerate(val)]
+            metrics += [Metric("baseline_naive/val_loss", NAIVE_VAL, 0, steps), Metric("time/step_ms", 2.0, 0, steps),
+                        Metric("grad/clip_rate", 0.0 if clip == "none" else 0.25, 0, steps),
+                        Metric("grad/spikes", seed, 0, steps), Metric("best_val_loss", min(v for v in val if v == v), 0, steps),
+                        Metric("test/rmse", 0.02, 0, steps), Metric("baseline_naive/rmse", 0.021, 0, steps)]
+            client.log_batch(r.info.run_id, metrics=metrics)
+            client.set_terminated(r.info.run_id)
+    return uri
+
+
+def test_report_numbers_follow_from_the_runs(tmp_path):
+    none_hi = [None, None, None, None, 50.0]  # 4 non-finite; the 5th exploded (> 3 x the zero forecast's loss)
+    clipped_hi = [0.80, 0.82, 0.79, 0.81, 0.80]
+    none_lo = [0.80, 0.90, 0.85, 0.82, 0.88]
+    clipped_lo = [0.80 * 1.01, 0.90 * 1.02, 0.85 * 0.99, 0.82 * 1.00, 0.88 * 1.01]
+    uri = _fabricate(tmp_path, {("none", 3.0): none_hi, ("norm1.0", 3.0): clipped_hi,
+                                ("none", 0.1): none_lo, ("norm1.0", 0.1): clipped_lo})
+    rep = stability.build(STUDY, tracking_uri=uri, out_dir=tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / STUDY / "summary.json").read_text())
+    cells = {(c["group"], c["clip"]): c for c in summary["cells"]}
+    assert cells[("lr=3", "none")]["diverged"] == 5 and cells[("lr=3", "norm1.0")]["diverged"] == 0
+    assert cells[("lr=0.1", "none")]["final_val_loss_median"] == pytest.approx(np.median(none_lo))
+    assert cells[("lr=0.1", "none")]["final_val_loss_q25"] == pytest.approx(np.percentile(none_lo, 25))
+    assert cells[("lr=0.1", "norm1.0")]["clip_rate_median"] == 0.25
+    assert cells[("lr=0.1", "norm1.0")]["time_per_step_vs_none"] == 1.0
+    # the zero forecast's loss (1.0) is the default target: reached at step 15 when the third validation is < 1
+    assert cells[("lr=0.1", "none")]["steps_to_target_median"] == 15
+
+    comp = {(g, c["config"]): c for g, cs in summary["comparisons"].items() for c in cs}
+    hi = comp[("lr=3", "norm1.0")]
+    assert (hi["diverged_control"], hi["diverged_treated"], hi["outcome"]) == (5, 0, "helped")
+    assert hi["fisher_p"] == pytest.approx(2 / 252)  # hypergeometric: C(5,5)C(5,0)/C(10,5), twice (two-sided)
+    lo = comp[("lr=0.1", "norm1.0")]
+    diffs = [100 * (t / c - 1) for t, c in zip(clipped_lo, none_lo)]
+    assert lo["n_pairs"] == 5 and lo["diff_pct"] == pytest.approx(np.mean(diffs))
+    assert lo["ci_low"] < np.mean(diffs) < lo["ci_high"] and lo["outcome"] == "no difference"
+    assert "At lr=3: unclipped training diverged in 5 of 5 seeds" in rep.verdict_text
+    assert "norm1.0 helped" in rep.verdict_text and "made no clear difference" in rep.verdict_text
+    html = (tmp_path / "out" / STUDY / "index.html").read_text()
+    assert "val loss &gt; 3 x zero forecast" in html  # the exploded run, named for why it counts as diverged
+
+
+def test_report_says_when_runs_are_missing_and_when_there_is_nothing(tmp_path):
+    with pytest.raises(FincastError, match="no study 'fab_study'"):
+        stability.build(STUDY, tracking_uri=f"sqlite:///{tmp_path / 'empty.db'}", out_dir=tmp_path / "out")
+    uri = _fabricate(tmp_path, {("none", 1.0): [0.8, 0.9, 0.85], ("norm1.0", 1.0): [0.8, 0.9, 0.85]}, parent=False)
+    with pytest.raises(FincastError, match="no parent run"):
+        stability.build(STUDY, tracking_uri=uri, out_dir=tmp_path / "out")
+
+
+def test_steps_to_target():
+    steps, vals = np.array([5, 10, 15]), np.array([2.0, np.nan, 0.5])
+    assert stability.steps_to_target(steps, vals, 1.0) == 15
+    assert math.isnan(stability.steps_to_target(steps, vals, 0.1))
+
+
+def test_study_jobs_write_the_tags_the_report_reads():
+    from pathlib import Path
+
+    job = study_mod.load(Path(__file__).resolve().parents[1] / "pipelines" / "stability_crypto.yaml").jobs[7]
+    tags = job.tags("s")
+    assert {"fincast.study", "fincast.study_role", "fincast.config_hash", "fincast.cell", "fincast.group",
+            "fincast.study_clip", "fincast.study_lr", "fincast.seed"} <= set(tags)
+    assert float(tags["fincast.study_lr"]) == job.cfg.train.lr and int(tags["fincast.seed"]) == job.cfg.train.seed
