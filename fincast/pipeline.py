@@ -103,6 +103,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def warm_up() -> None:
+    """Pay a process's one-off first-use costs (torch's lazy modules and kernels, matplotlib's fonts) on a
+    tiny model, so that a study worker's first run is as fast as its others."""
+    model = torch.nn.LSTM(4, 4, batch_first=True)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 4))[0].square().mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with tempfile.TemporaryDirectory() as tmp:
+        plots.training_curves(Path(tmp) / "warm.png", loss=[1.0, 0.5], norm_pre=[1.0, 2.0], norm_post=[1.0, 1.0],
+                              val_loss=[0.7], val_steps=[2], threshold=1.0, title="warm-up")
+
+
 def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = False) -> Prices:
     return load_prices(cfg.data, min_rows=features.required_rows(cfg.features), refresh=refresh, progress=progress)
 

@@ -31,6 +31,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -294,10 +295,13 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     t0 = time.perf_counter()
     from fincast import pipeline
 
-    with _lock(study):
+    workers = min(study.settings.workers or _cores(), len(study.jobs))
+    threads = study.settings.threads or max(1, _cores() // workers)
+    with _lock(study), _pool(workers, threads, tracking.resolve_uri(study.tracking)) as (pool, store_ready):
         # load (and cache) the data once here: a bad source fails now, with its own message, not in every worker
         pipeline.load_data(study.jobs[0].cfg, progress=progress)
         store = tracking.StudyStore(study.tracking, study.name)
+        store_ready()  # the workers may open the store now (two processes creating it at once collide)
         parent = store.parent_run(params=_parent_params(study))
         done = store.finished_hashes()
         store.delete_leftovers(keep=done)
@@ -314,14 +318,12 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
         if skipped:
             log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
                      len(study.jobs), len(todo))
-        workers = min(study.settings.workers or _cores(), max(1, len(todo)))
-        threads = study.settings.threads or max(1, _cores() // workers)
         finished, diverged, failed = 0, 0, []
         status = "FINISHED"
         bar = tqdm(total=len(study.jobs), initial=skipped, desc=f"study {study.name}", unit="run",
                    disable=not progress)
         try:
-            for result in _execute(todo, parent.run_id, study.name, workers, threads):
+            for result in _execute(pool, todo, parent.run_id, study.name, threads):
                 bar.update(1)
                 if result["error"] is None:
                     finished += 1
@@ -355,38 +357,75 @@ def _parent_params(study: Study) -> dict[str, Any]:
     }
 
 
-def _execute(jobs: list[Job], parent_id: str, study: str, workers: int, threads: int):
-    """Yield one result dict per job as runs complete; runs in this process when workers == 1."""
-    if not jobs:
-        return
-    if workers == 1:
+@contextlib.contextmanager
+def _pool(workers: int, threads: int, uri: str):
+    """(worker pool, store_ready): the worker processes (None: run in this process) and the function that tells
+    them the MLflow store exists. Workers start at once and open the store while this process loads the data
+    and sets up the parent run. On Linux they are forked before this process opens the store or reads any
+    data (nothing to import, no shared connections); elsewhere, or if this process runs other threads, they
+    are spawned."""
+    if workers <= 1:
         _worker_init(threads, watch_parent=False)
+        yield None, lambda: None
+        return
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
+    fork = sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
+    ctx = mp.get_context("fork" if fork else "spawn")
+    ready, opened = ctx.Event(), ctx.Value("b", 0)
+
+    def store_ready() -> None:
+        opened.value = 1
+        ready.set()
+
+    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                  initargs=(threads, True, uri, ready, opened))
+    try:
+        pool.submit(int)  # start the workers now (a fork pool starts all of them at once)
+        yield pool, store_ready
+    finally:
+        ready.set()  # workers still waiting go on (without opening the store) and exit
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _execute(pool: cf.ProcessPoolExecutor | None, jobs: list[Job], parent_id: str, study: str, threads: int):
+    """Yield one result dict per job as runs complete (in this process when there is no pool)."""
+    if pool is None:
         for job in jobs:
             yield _run_job(job, parent_id, study, threads)
         return
-    ctx = mp.get_context("spawn")  # the workers' parent is this process: they die with it (see _worker_init)
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = [pool.submit(_run_job, job, parent_id, study, threads) for job in jobs]
-        try:
-            for fut in cf.as_completed(futures):
-                try:
-                    yield fut.result()
-                except cf.process.BrokenProcessPool as exc:
-                    raise FincastError(f"a study worker process died ({exc}); rerun the study to redo the "
-                                       "unfinished runs") from None
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+    futures = [pool.submit(_run_job, job, parent_id, study, threads) for job in jobs]
+    try:
+        for fut in cf.as_completed(futures):
+            try:
+                yield fut.result()
+            except cf.process.BrokenProcessPool as exc:
+                raise FincastError(f"a study worker process died ({exc}); rerun the study to redo the "
+                                   "unfinished runs") from None
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
 
 
-def _worker_init(threads: int, watch_parent: bool = True) -> None:
+def _worker_init(threads: int, watch_parent: bool = True, uri: str | None = None, ready: Any = None,
+                 opened: Any = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
     logging.getLogger("fincast").setLevel(logging.ERROR)  # the driver reports; per-run chatter would interleave
     if not watch_parent:
         return
+    _die_with_parent()
+    if ready is not None:  # while the driver sets up, pay the first run's one-off costs
+        from fincast import pipeline
+
+        pipeline.warm_up()
+        ready.wait()
+        if opened.value:
+            tracking.open_store(uri)
+
+
+def _die_with_parent() -> None:
     parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the driver, even on SIGKILL
         import ctypes
