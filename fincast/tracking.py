@@ -486,24 +486,17 @@ def metric_histories(uri: str, run_ids: list[str], keys: list[str]) -> dict[str,
     out: dict[str, dict[str, list[tuple[int, int, float]]]] = {k: {} for k in keys}
     client = MlflowClient(tracking_uri=uri)
     store = client._tracking_client.store
-    if hasattr(store, "ManagedSessionMaker"):  # SQLAlchemy store (SQLite, PostgreSQL, MySQL): bulk query
+    if hasattr(store, "engine"):  # SQLAlchemy store (SQLite, PostgreSQL, MySQL): bulk query, plain rows
+        import sqlalchemy as sa
         from mlflow.store.tracking.dbmodels.models import SqlMetric
 
-        with store.ManagedSessionMaker() as session:
+        t = SqlMetric.__table__.c
+        with store.engine.connect() as conn:
             for i in range(0, len(run_ids), 500):
-                q = session.query(SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step, SqlMetric.timestamp,
-                                  SqlMetric.value, SqlMetric.is_nan).filter(
-                    SqlMetric.run_uuid.in_(run_ids[i:i + 500]), SqlMetric.key.in_(keys))
-                for run_id, key, step, ts, value, is_nan in q.yield_per(50_000):
+                q = (sa.select(t.run_uuid, t.key, t.step, t.timestamp, t.value, t.is_nan)
+                     .where(t.run_uuid.in_(run_ids[i:i + 500]), t.key.in_(keys)))
+                for run_id, key, step, ts, value, is_nan in conn.execute(q):
                     out[key].setdefault(run_id, []).append((step, ts, math.nan if is_nan else value))
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pairs = [(r, k) for r in run_ids for k in keys]
-        with ThreadPoolExecutor(16) as pool:
-            for (r, k), hist in zip(pairs, pool.map(lambda p: client.get_metric_history(*p), pairs)):
-                if hist:
-                    out[k][r] = [(m.step, m.timestamp, m.value) for m in hist]
     result: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for key, per_run in out.items():
         result[key] = {}

@@ -290,7 +290,8 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
     smooth = max(1, longest // 100)
     figs = {}
     plots.band_curves(out / "loss_curves.png", per_cell("train/loss", smooth=smooth),
-                      ylabel=f"training loss ({smooth}-step mean)", title="Training loss: median and IQR over seeds")
+                      ylabel=f"training loss ({smooth}-step mean)", title="Training loss: median and IQR over seeds",
+                      max_points=600)
     figs["loss"] = "loss_curves.png"
     plots.band_curves(out / "val_curves.png", per_cell("val/loss", index="position"), xlabel="epoch",
                       ylabel="validation loss", title="Validation loss per epoch: median and IQR over seeds")
@@ -298,7 +299,7 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
     thresholds = {g: {c: (np.nanmedian(a, axis=0) if a.size and np.isfinite(a).any() else None)
                       for c, a in d.items()} for g, d in per_cell("grad/threshold", fill=dict(zip(runs["run_id"], runs["steps"]))).items()}
     plots.band_curves(out / "grad_norms.png", per_cell("grad/norm_pre", smooth=1), thresholds=thresholds,
-                      ylabel="global L2 norm before clipping",
+                      ylabel="global L2 norm before clipping", max_points=600,
                       title="Gradient norm before clipping (median, IQR) and the effective threshold (dashed)")
     figs["norms"] = "grad_norms.png"
     for i, g in enumerate(groups):
