@@ -313,8 +313,10 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
             plan = Path(tmp) / "plan.json"
             plan.write_text(json.dumps([{"cell": j.cell, "group": j.group, "clip": j.clip, "lr": j.lr, "seed": j.seed,
                                          "axes": dict(j.axes), "hash": j.hash} for j in study.jobs], indent=1))
-            parent.log_artifact(spec)
-            parent.log_artifact(plan)
+            settings = Path(tmp) / "settings.json"  # what the report judges by (params keep the first run's)
+            settings.write_text(json.dumps(dataclasses.asdict(study.settings), indent=1))
+            for f in (spec, plan, settings):
+                parent.log_artifact(f)
         if skipped:
             log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
                      len(study.jobs), len(todo))

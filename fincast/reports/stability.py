@@ -82,16 +82,17 @@ def runs_frame(children: list[Any], settings: Settings) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _settings(parent) -> Settings:
-    p = parent.data.params
+def _settings(parent, saved: dict | None) -> Settings:
+    """The study's settings as of its latest invocation (settings.json), else the parent's params."""
     s = Settings()
-    for name in ("divergence_factor", "confidence"):
-        if f"study.{name}" in p:
-            setattr(s, name, float(p[f"study.{name}"]))
-    if p.get("study.bootstrap"):
-        s.bootstrap = int(p["study.bootstrap"])
-    if p.get("study.loss_target") not in (None, "None", "null"):
-        s.loss_target = float(p["study.loss_target"])
+    if saved is None:
+        p = parent.data.params
+        saved = {k[len("study."):]: v for k, v in p.items() if k.startswith("study.")}
+    for name, cast in (("divergence_factor", float), ("confidence", float), ("bootstrap", int),
+                       ("loss_target", float)):
+        value = saved.get(name)
+        if value not in (None, "None", "null"):
+            setattr(s, name, cast(value))
     return s
 
 
@@ -212,11 +213,12 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
     if not parents:
         raise FincastError(f"study {study!r} in {store.uri} has no parent run; run `fincast study SPEC` first")
     parent = parents[-1]
-    settings = _settings(parent)
     children = [r for r in store.runs("child") if r.info.status == "FINISHED"]
     with tempfile.TemporaryDirectory() as tmp:
         plan_file = store.download(parent.info.run_id, "plan.json", tmp)
         plan = json.loads(plan_file.read_text()) if plan_file else None
+        settings_file = store.download(parent.info.run_id, "settings.json", tmp)
+        settings = _settings(parent, json.loads(settings_file.read_text()) if settings_file else None)
     if plan:  # the latest spec's runs, in its order (runs of cells since dropped from the spec are left out)
         wanted = {p["hash"] for p in plan}
         children = [r for r in children if r.data.tags.get(tracking.HASH_TAG) in wanted]
