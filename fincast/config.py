@@ -502,16 +502,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     out = _deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: '{'.'.join(path[: i + 1])}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_key(out, path, value, f"--set {text!r}")
     return out
+
+
+def set_key(raw: dict, path: list[str], value: Any, where: str) -> None:
+    """Set raw[a][b][c] = value for path [a, b, c] in a raw (YAML) mapping, creating sections on the way;
+    ``where`` names the source in the error when a section on the path is a value."""
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{'.'.join(path[: i + 1])}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
 
 
 def _deepcopy(raw: Any) -> Any:

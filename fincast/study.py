@@ -95,16 +95,7 @@ class Study:
 
 
 def _set_value(raw: dict, dotted: str, value: Any, where: str) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    config_mod.set_key(raw, dotted.split("."), value, where)
 
 
 def _merge(base: Any, extra: Any) -> Any:

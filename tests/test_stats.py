@@ -288,6 +288,20 @@ def test_outcome_from_hand_built_comparisons():
         == "no difference"
 
 
+
+def test_a_loss_verdict_against_the_divergences_is_no_verdict():
+    """Losses compare only the survivors: a config that diverged more often (not significantly) is not
+    'helped' by a lower loss of its surviving seeds, nor one that diverged less often 'hurt'."""
+    base = dict(lr=3.0, config="x", n_treated=5, n_control=5, diverged_treated=3, diverged_control=0,
+                fisher_p=0.17, n_pairs=2, diff_pct=-5.0, ci_low=-6.0, ci_high=-4.0, wilcoxon_p=0.5, confidence=0.95)
+    assert outcome(Comparison(**base)) == "inconclusive"
+    assert outcome(Comparison(**{**base, "diverged_treated": 0, "diverged_control": 3, "diff_pct": 5.0,
+                                 "ci_low": 4.0, "ci_high": 6.0})) == "inconclusive"
+    assert outcome(Comparison(**{**base, "diverged_treated": 0})) == "helped"  # same direction: a verdict
+    text = verdict([Comparison(**base)])
+    assert "no verdict" in text and "opposite direction to its divergences" in text and "helped" not in text
+
+
 # ---------------------------------------------------------------- formatting
 
 
