@@ -167,6 +167,11 @@ def distributions(path: str | Path, values: dict[str, np.ndarray], counts: dict[
         for patch, i in zip(box["boxes"], rows):
             patch.set(facecolor=colors[names[i]], alpha=0.6)
         ax.set_xscale("log")
+        # from the lowest 1st percentile, at most 6 decades: exploded runs (1e30) must not hide the rest
+        lo = min(float(np.percentile(data[i], 1)) for i in rows)
+        hi = max(float(data[i].max()) for i in rows)
+        if lo > 0 and hi > 0:
+            ax.set_xlim(lo / 1.5, min(hi, lo * 1e6) * 1.5)
     else:
         ax.text(0.5, 0.5, "no positive finite values", transform=ax.transAxes, ha="center", va="center")
     ax.set_yticks(pos, [f"{nm} (n={d.size})" for nm, d in zip(names, data)])
