@@ -123,18 +123,24 @@ def main() -> None:
         print(f"warm-up run (1 epoch, also creates the single-run store): {time.perf_counter() - t0:.1f} s, "
               "not counted")
 
-        single: list[float] = []
-        cpu0 = cpu_seconds()
-        for i, job in enumerate(jobs):
-            cfg = with_store(job.cfg, single_uri, single_art, threads=threads)
-            t0 = time.perf_counter()
-            out = pipeline.train(cfg, tags=job.tags(study.name))
-            single.append(time.perf_counter() - t0)
+        def single_pass(label: str) -> list[float]:
+            times: list[float] = []
+            for i, job in enumerate(jobs):
+                cfg = with_store(job.cfg, single_uri, single_art, threads=threads)
+                t0 = time.perf_counter()
+                out = pipeline.train(cfg, tags=job.tags(study.name))
+                times.append(time.perf_counter() - t0)
+                if sys.stdout.isatty():
+                    print(f"\r  {label} single run {i + 1}/{len(jobs)}: {times[-1]:.2f} s ({out.fit.steps} steps"
+                          f"{', diverged' if out.fit.diverged else ''})        ", end="", flush=True)
             if sys.stdout.isatty():
-                print(f"\r  single run {i + 1}/{len(jobs)}: {single[-1]:.2f} s ({out.fit.steps} steps"
-                      f"{', diverged' if out.fit.diverged else ''})        ", end="", flush=True)
-        if sys.stdout.isatty():
-            print()
+                print()
+            return times
+
+        # single runs before AND after the study: this VM's speed drifts by 10-30% over minutes, and the
+        # baseline is the mean of the two passes that bracket the study
+        cpu0 = cpu_seconds()
+        single = single_pass("before")
         single_cpu = cpu_seconds() - cpu0
         single_runs = run_durations(single_uri, study.name)
 
@@ -150,6 +156,7 @@ def main() -> None:
         study_s = time.perf_counter() - t0
         study_cpu = cpu_seconds() - cpu0
         study_runs = run_durations(tracking.resolve_uri(study.tracking), study.name)
+        single_after = single_pass("after")
     finally:
         os.chdir(ROOT)
         key = hashlib.sha256(f"{tracking.resolve_uri(study.tracking)}|{study.name}".encode()).hexdigest()[:16]
@@ -159,15 +166,15 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    total = sum(single)
+    total = (sum(single) + sum(single_after)) / 2
     ideal = total / cores
     ratio = study_s / ideal
     n = len(jobs)
     print()
     print(f"runs                     {n}")
     print(f"cores / workers / threads per worker   {cores} / {workers} / {threads}")
-    print(f"single runs, sum         {total:8.1f} s  (mean {statistics.mean(single):.2f} s, min {min(single):.2f}, "
-          f"max {max(single):.2f})")
+    print(f"single runs, sum         {total:8.1f} s  (mean of the pass before the study, {sum(single):.1f} s, and "
+          f"after it, {sum(single_after):.1f} s)")
     print(f"ideal = sum / cores      {ideal:8.1f} s")
     print(f"study wall time          {study_s:8.1f} s  ({outcome.finished} finished, {outcome.diverged} diverged, "
           f"{len(outcome.failed)} failed)")
