@@ -238,7 +238,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     out = study_mod.run(spec, progress=_progress(args.quiet))
     print(f"parent run {out.parent_run_id}  (experiment {out.experiment!r} in {out.tracking_uri})")
-    print(f"  {out.finished} runs trained now ({out.diverged} diverged), {out.skipped} finished before, "
+    print(f"  {out.finished} runs trained now ({out.diverged} went non-finite), {out.skipped} finished before, "
           f"{len(out.failed)} failed; {out.seconds:.0f} s")
     for name, error in out.failed[:10]:
         print(f"  FAILED {name}: {error}")

@@ -23,11 +23,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -72,7 +72,7 @@ class Job:
     def tags(self, study: str) -> dict[str, str]:
         return {STUDY_TAG: study, ROLE_TAG: "child", HASH_TAG: self.hash, "fincast.cell": self.cell,
                 "fincast.group": self.group, "fincast.study_clip": self.clip, "fincast.study_lr": repr(self.lr),
-                "fincast.seed": str(self.seed), "fincast.study_axes": json.dumps(dict(self.axes))}
+                "fincast.seed": str(self.seed), "fincast.study_axes": json.dumps(dict(self.axes), default=str)}
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     if lrs is None:
         errors.append(f"matrix.lr = {matrix.get('lr')!r}: required, a list of learning rates")
         lrs = []
+    if lrs and len(set(lrs)) != len(lrs):
+        errors.append(f"matrix.lr = {matrix.get('lr')!r}: duplicate learning rates")
     seeds = matrix.get("seeds", 5)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = list(range(seeds))
@@ -186,12 +188,15 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     for key in axes:
         if key in ("train.lr", "train.seed") or key.startswith("clip."):
             errors.append(f"matrix.axes.{key}: use matrix.lr, matrix.seeds or matrix.clip for this axis")
+        elif key.startswith(_UNHASHED):
+            errors.append(f"matrix.axes.{key}: does not change what a run computes (tracking, threads and "
+                          "checkpoint keys), so it cannot be an axis")
     if errors or base_path is None:
         raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
 
     base_raw = config_mod.read_yaml(base_path)
-    for key, value in common.items():
-        _set_value(base_raw, str(key), value, f"{path}: set.{key}")
+    for key, value in config_mod.flatten({str(k): v for k, v in common.items()}).items():
+        _set_value(base_raw, key, value, f"{path}: set.{key}")  # nested mappings set keys, not whole sections
     jobs: list[Job] = []
     seen: dict[tuple, int] = {}
     axis_items = [[(k, v) for v in vals] for k, vals in axes.items()]
@@ -210,11 +215,13 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
             continue
         label = clip_label(cfg.clip)
         group = f"lr={short_float(lr)}" + "".join(f" {k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in combo)
-        key = (label, group)
-        if key in seen:
-            errors.append(f"matrix.clip[{ci}]: the same clip config as matrix.clip[{seen[key]}] ({label})")
+        section = json.dumps(_clip_section(cfg), sort_keys=True)
+        if (section, group) in seen:
+            errors.append(f"matrix.clip[{ci}]: the same clip config as matrix.clip[{seen[section, group]}] ({label})")
             continue
-        seen[key] = ci
+        seen[section, group] = ci
+        if any(c[1] == label and c[2] == group for c in cells):  # differs in keys the label does not show
+            label = f"{label}#{ci}"
         cells.append((cfg, label, group, lr, tuple(combo)))
     if errors:
         raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
@@ -226,7 +233,15 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
                 tracking=dataclasses.replace(cfg.tracking, experiment=name, metrics_writer="inline",
                                              run_name=f"{label} {group} s{seed}"))
             jobs.append(Job(cfg, f"{label} {group}", group, label, lr, combo, seed, config_hash(cfg)))
+    if len({j.hash for j in jobs}) != len(jobs):  # a bug guard: every run must be told apart by its hash
+        raise ConfigError(f"invalid study spec {path}: two runs resolve to the same config")
     return Study(name, path, raw, settings, tuple(jobs), jobs[0].cfg.tracking)
+
+
+def _clip_section(cfg: PipelineConfig) -> dict:
+    """What a clip config computes with: its method and that method's section."""
+    d = config_mod.to_dict(cfg.clip)
+    return {"method": d["method"], **({} if d["method"] == "none" else {d["method"]: d[d["method"]]})}
 
 
 def _fmt(v: Any) -> str:
@@ -264,9 +279,15 @@ def _cores() -> int:
 
 @contextlib.contextmanager
 def _lock(study: Study):
-    """One driver per study and store at a time (a second would delete the first one's runs in progress)."""
+    """One driver per study and store at a time on this machine (a second would delete the first one's runs in
+    progress). Drivers on several machines sharing a server store are not coordinated: run a study from one."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
     key = hashlib.sha256(f"{tracking.resolve_uri(study.tracking)}|{study.name}".encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"fincast-study-{key}.lock"
+    path = Path(tempfile.gettempdir()) / f"fincast-study-{key}-{os.getuid()}.lock"
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -289,33 +310,37 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     workers = min(study.settings.workers or _cores(), len(study.jobs))
     threads = study.settings.threads or max(1, _cores() // workers)
     with _lock(study), _pool(workers, threads, tracking.resolve_uri(study.tracking)) as (pool, store_ready):
-        # load (and cache) the data once here: a bad source fails now, with its own message, not in every worker
-        pipeline.load_data(study.jobs[0].cfg, progress=progress)
+        # load (and cache) the data once here: a bad source fails now, with its own message, not in every
+        # worker; the workers then use exactly these data (no refresh), and runs on other data are not "done"
+        fingerprint = pipeline.load_data(study.jobs[0].cfg, progress=progress).fingerprint
         store = tracking.StudyStore(study.tracking, study.name)
         store_ready()  # the workers may open the store now (two processes creating it at once collide)
         parent = store.parent_run(params=_parent_params(study))
-        done = store.finished_hashes()
-        store.delete_leftovers(keep=done)
-        todo = [j for j in study.jobs if j.hash not in done]
-        skipped = len(study.jobs) - len(todo)
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = Path(tmp) / "study.yaml"
-            spec.write_text(yaml.safe_dump(study.raw, sort_keys=False))
-            plan = Path(tmp) / "plan.json"
-            plan.write_text(json.dumps([{"cell": j.cell, "group": j.group, "clip": j.clip, "lr": j.lr, "seed": j.seed,
-                                         "axes": dict(j.axes), "hash": j.hash} for j in study.jobs], indent=1))
-            settings = Path(tmp) / "settings.json"  # what the report judges by (params keep the first run's)
-            settings.write_text(json.dumps(dataclasses.asdict(study.settings), indent=1))
-            for f in (spec, plan, settings):
-                parent.log_artifact(f)
-        if skipped:
-            log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
-                     len(study.jobs), len(todo))
         finished, diverged, failed = 0, 0, []
         status = "FINISHED"
-        bar = tqdm(total=len(study.jobs), initial=skipped, desc=f"study {study.name}", unit="run",
-                   disable=not progress)
+        bar = None
         try:
+            done = store.finished_hashes(fingerprint)
+            store.delete_leftovers(keep=done, fingerprint=fingerprint)
+            todo = [j for j in study.jobs if j.hash not in done]
+            skipped = len(study.jobs) - len(todo)
+            with tempfile.TemporaryDirectory() as tmp:
+                spec = Path(tmp) / "study.yaml"
+                spec.write_text(yaml.safe_dump(study.raw, sort_keys=False))
+                plan = Path(tmp) / "plan.json"
+                plan.write_text(json.dumps([{"cell": j.cell, "group": j.group, "clip": j.clip, "lr": j.lr, "seed": j.seed,
+                                             "axes": dict(j.axes), "hash": j.hash} for j in study.jobs], indent=1,
+                                           default=str))
+                settings = Path(tmp) / "settings.json"  # what the report judges by (params keep the first run's)
+                settings.write_text(json.dumps({**dataclasses.asdict(study.settings), "data_fingerprint": fingerprint},
+                                               indent=1))
+                for f in (spec, plan, settings):
+                    parent.log_artifact(f)
+            if skipped:
+                log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
+                         len(study.jobs), len(todo))
+            bar = tqdm(total=len(study.jobs), initial=skipped, desc=f"study {study.name}", unit="run",
+                       disable=not progress)
             for result in _execute(pool, todo, parent.run_id, study.name, threads):
                 bar.update(1)
                 if result["error"] is None:
@@ -325,11 +350,15 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
                     failed.append((result["name"], result["error"]))
                     log.warning("run %s failed: %s", result["name"], result["error"])
                 bar.set_postfix(diverged=diverged, failed=len(failed), refresh=False)
+        except Exception:
+            status = "FAILED"
+            raise
         except BaseException:
             status = "KILLED"
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             if status == "FINISHED" and failed:
                 status = "FAILED"
             parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": len(failed)})
@@ -353,17 +382,28 @@ def _parent_params(study: Study) -> dict[str, Any]:
 @contextlib.contextmanager
 def _pool(workers: int, threads: int, uri: str):
     """(worker pool, store_ready): the worker processes (None: run in this process) and the function that tells
-    them the MLflow store exists. Workers start at once and open the store while this process loads the data
-    and sets up the parent run. On Linux they are forked before this process opens the store or reads any
-    data (nothing to import, no shared connections); elsewhere, or if this process runs other threads, they
-    are spawned."""
+    them the MLflow store exists. Workers start at once and warm up while this process loads the data and sets
+    up the parent run.
+
+    On Linux, with one torch thread per worker, no other Python threads here and CUDA not initialised here,
+    the workers are forked from this process before it opens the store or reads data: they start in
+    milliseconds with everything imported. (With more torch threads a fork is unsafe if this process ever ran
+    a parallel torch op: the child's OpenMP pool would deadlock.) Otherwise they come from a forkserver that
+    imports fincast once."""
     if workers <= 1:
-        _worker_init(threads, watch_parent=False)
         yield None, lambda: None
         return
+    import torch
+
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
-    fork = sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
-    ctx = mp.get_context("fork" if fork else "spawn")
+    fork = (sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
+            and threads == 1 and not torch.cuda.is_initialized())
+    if fork:
+        ctx = mp.get_context("fork")
+    else:
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload(["fincast.pipeline"])  # (includes the metric writer's fincast.tracking)
     ready, opened = ctx.Event(), ctx.Value("b", 0)
 
     def store_ready() -> None:
@@ -371,7 +411,7 @@ def _pool(workers: int, threads: int, uri: str):
         ready.set()
 
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                  initargs=(threads, True, uri, ready, opened))
+                                  initargs=(threads, uri, ready, opened))
     try:
         pool.submit(int)  # start the workers now (a fork pool starts all of them at once)
         yield pool, store_ready
@@ -400,22 +440,19 @@ def _execute(pool: cf.ProcessPoolExecutor | None, jobs: list[Job], parent_id: st
         raise
 
 
-def _worker_init(threads: int, watch_parent: bool = True, uri: str | None = None, ready: Any = None,
-                 opened: Any = None) -> None:
+def _worker_init(threads: int, uri: str, ready: Any, opened: Any) -> None:
+    """A worker process: its share of the cores, quiet logs (the driver reports), death with the driver, and
+    the first run's one-off costs paid while the driver sets up."""
     import torch
 
     torch.set_num_threads(threads)
-    logging.getLogger("fincast").setLevel(logging.ERROR)  # the driver reports; per-run chatter would interleave
-    if not watch_parent:
-        return
+    logging.getLogger("fincast").setLevel(logging.ERROR)
     _die_with_parent()
-    if ready is not None:  # while the driver sets up, pay the first run's one-off costs
-        from fincast import pipeline
+    from fincast import pipeline
 
-        pipeline.warm_up()
-        ready.wait()
-        if opened.value:
-            tracking.open_store(uri)
+    pipeline.warm_up()
+    if ready.wait(timeout=600) and opened.value:
+        tracking.open_store(uri)
 
 
 def _die_with_parent() -> None:
@@ -436,7 +473,7 @@ def _die_with_parent() -> None:
 def _run_job(job: Job, parent_id: str, study: str, threads: int) -> dict:
     from fincast import pipeline
 
-    cfg = job.cfg
+    cfg = dataclasses.replace(job.cfg, data=dataclasses.replace(job.cfg.data, refresh_after_hours=math.inf))
     if cfg.train.threads is None:  # a share of the cores (the hash ignores threads)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
     name = job.cfg.tracking.run_name

@@ -448,27 +448,35 @@ class StudyStore:
             parent.log_params(params)
         return parent
 
-    def finished_hashes(self) -> set[str]:
-        """Config hashes of finished child runs. Should a hash have finished twice, the older run is deleted:
-        every run of a study appears exactly once."""
+    def finished_hashes(self, fingerprint: str | None = None) -> set[str]:
+        """Config hashes of finished child runs (on data with this fingerprint, when given). Should a hash have
+        finished twice, the older run is deleted: every run of a study appears exactly once."""
         latest: dict[str, str] = {}
         for r in self.runs("child"):
-            if r.info.status == "FINISHED":
+            if r.info.status == "FINISHED" and fingerprint in (None, r.data.tags.get("fincast.data_fingerprint")):
                 h = r.data.tags.get(HASH_TAG, "")
                 if h in latest:
                     self.client.delete_run(latest[h])
                 latest[h] = r.info.run_id
         return set(latest)
 
-    def delete_leftovers(self, keep: set[str]) -> int:
-        """Delete child runs that did not finish (killed or failed attempts, to be redone)."""
-        gone = 0
+    def delete_leftovers(self, keep: set[str], fingerprint: str | None = None) -> int:
+        """Delete child runs that did not finish (killed or failed attempts, to be redone), and finished runs
+        on other data than ``fingerprint`` (redone on the current data; deleted runs stay restorable in MLflow
+        until `mlflow gc`)."""
+        gone, stale = 0, 0
         for r in self.runs("child"):
-            if r.info.status != "FINISHED" or r.data.tags.get(HASH_TAG) not in keep:
+            other_data = fingerprint is not None and r.data.tags.get("fincast.data_fingerprint") != fingerprint
+            if r.info.status != "FINISHED" or r.data.tags.get(HASH_TAG) not in keep or other_data:
                 self.client.delete_run(r.info.run_id)
                 gone += 1
-        if gone:
-            log.info("study %s: deleted %d unfinished run(s) of an earlier attempt; they are redone", self.study, gone)
+                stale += int(r.info.status == "FINISHED")
+        if gone - stale:
+            log.info("study %s: deleted %d unfinished run(s) of an earlier attempt; they are redone", self.study,
+                     gone - stale)
+        if stale:
+            log.warning("study %s: the data changed since %d run(s) finished (now fingerprint %s); they are "
+                        "deleted and redone on the current data", self.study, stale, fingerprint)
         return gone
 
     def download(self, run_id: str, path: str, dst: str | Path) -> Path | None:
@@ -479,14 +487,15 @@ class StudyStore:
             return None
 
 
-def metric_histories(uri: str, run_ids: list[str], keys: list[str]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def metric_histories(uri: str, run_ids: list[str], keys: list[str],
+                     bulk: bool = True) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """{key: {run_id: (steps, values)}} for many runs at once, steps ascending (a step logged twice, e.g. by a
     resumed run, keeps its latest value). On a database store this is one query per 500 runs; on other stores
     (an MLflow server) it falls back to one call per run and key, in parallel threads."""
     out: dict[str, dict[str, list[tuple[int, int, float]]]] = {k: {} for k in keys}
     client = MlflowClient(tracking_uri=uri)
     store = client._tracking_client.store
-    if hasattr(store, "engine"):  # SQLAlchemy store (SQLite, PostgreSQL, MySQL): bulk query, plain rows
+    if bulk and hasattr(store, "engine"):  # SQLAlchemy store (SQLite, PostgreSQL, MySQL): bulk query, plain rows
         import sqlalchemy as sa
         from mlflow.store.tracking.dbmodels.models import SqlMetric
 
@@ -497,6 +506,14 @@ def metric_histories(uri: str, run_ids: list[str], keys: list[str]) -> dict[str,
                      .where(t.run_uuid.in_(run_ids[i:i + 500]), t.key.in_(keys)))
                 for run_id, key, step, ts, value, is_nan in conn.execute(q):
                     out[key].setdefault(run_id, []).append((step, ts, math.nan if is_nan else value))
+    else:  # an MLflow server: one call per run and key, in parallel
+        from concurrent.futures import ThreadPoolExecutor
+
+        pairs = [(r, k) for r in run_ids for k in keys]
+        with ThreadPoolExecutor(16) as pool:
+            for (r, k), hist in zip(pairs, pool.map(lambda p: client.get_metric_history(*p), pairs)):
+                if hist:
+                    out[k][r] = [(m.step, m.timestamp, m.value) for m in hist]
     result: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for key, per_run in out.items():
         result[key] = {}

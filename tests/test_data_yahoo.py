@@ -466,6 +466,22 @@ def _stale_load_must_fail(tmp_path, cfg, fake, exc_type):
     assert cache.read(path).last_date == dt.date(2024, 3, 4)
 
 
+def test_infinite_refresh_age_pins_the_cache(tmp_path):
+    """refresh_after_hours=inf (a resumed run, a study's workers) uses the cache as is, however old."""
+    import dataclasses
+    import math
+
+    cfg = data_cfg(tmp_path)
+    fake = FakeDownload(market(end="2024-03-04"))
+    load_prices(cfg, download=fake, now=T0)
+    calls = fake.calls if hasattr(fake, "calls") else None
+    fake.frame = market(end="2024-03-15")
+    pinned = dataclasses.replace(cfg, refresh_after_hours=math.inf)
+    prices = load_prices(pinned, download=fake, now=T0 + dt.timedelta(days=400))
+    assert prices.frames["SPY"].index[-1] == pd.Timestamp("2024-03-04") and prices.network_calls == 0
+    assert calls is None or fake.calls == calls
+
+
 def test_crash_in_rename_leaves_previous_cache_intact(tmp_path, monkeypatch):
     cfg = data_cfg(tmp_path)
     fake = FakeDownload(market(end="2024-03-04"))

@@ -74,7 +74,7 @@ def test_report_numbers_follow_from_the_runs(tmp_path):
     lo = comp[("lr=0.1", "norm1.0")]
     diffs = [100 * (t / c - 1) for t, c in zip(clipped_lo, none_lo)]
     assert lo["n_pairs"] == 5 and lo["diff_pct"] == pytest.approx(np.mean(diffs))
-    assert lo["ci_low"] < np.mean(diffs) < lo["ci_high"] and lo["outcome"] == "no difference"
+    assert lo["ci_low"] < np.mean(diffs) < lo["ci_high"] and lo["outcome"] == "no clear difference"
     assert "At lr=3: unclipped training diverged in 5 of 5 seeds" in rep.verdict_text
     assert "norm1.0 helped" in rep.verdict_text and "made no clear difference" in rep.verdict_text
     html = (tmp_path / "out" / STUDY / "index.html").read_text()
@@ -87,6 +87,25 @@ def test_report_says_when_runs_are_missing_and_when_there_is_nothing(tmp_path):
     uri = _fabricate(tmp_path, {("none", 1.0): [0.8, 0.9, 0.85], ("norm1.0", 1.0): [0.8, 0.9, 0.85]}, parent=False)
     with pytest.raises(FincastError, match="no parent run"):
         stability.build(STUDY, tracking_uri=uri, out_dir=tmp_path / "out")
+
+
+def test_metric_histories_bulk_and_per_call_paths_agree(tmp_path):
+    """The bulk SQL path (database stores) and the per-call path (MLflow servers) return the same series."""
+    from fincast import tracking
+
+    uri = _fabricate(tmp_path, {("none", 3.0): [None, 0.8, 0.9], ("norm1.0", 3.0): [0.8, 0.85, 0.9]})
+    children = [r for r in MlflowClient(uri).search_runs(["1"]) if r.data.tags.get("fincast.study_role") == "child"]
+    ids = [r.info.run_id for r in children]
+    (diverged,) = [r.info.run_id for r in children if r.data.tags["fincast.diverged"] == "true"]
+    keys = ["train/loss", "val/loss", "grad/norm_pre"]
+    bulk = tracking.metric_histories(uri, ids, keys)
+    calls = tracking.metric_histories(uri, ids, keys, bulk=False)
+    assert set(bulk["val/loss"]) == set(ids)
+    for k in keys:
+        for r in ids:
+            np.testing.assert_array_equal(bulk[k][r][0], calls[k][r][0])
+            np.testing.assert_array_equal(bulk[k][r][1], calls[k][r][1])
+    assert math.isnan(bulk["val/loss"][diverged][1][-1])  # the diverged run's nan survives both paths
 
 
 def test_steps_to_target():

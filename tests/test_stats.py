@@ -234,13 +234,13 @@ def test_hurt_by_loss():
 def test_no_difference_and_wide_ci_asks_for_more_seeds():
     rel = [0.01, -0.02, 0.005, -0.003, 0.001]
     c = compare(1.0, "norm5", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
-    assert c.ci_low < 0 < c.ci_high and outcome(c) == "no difference"
+    assert c.ci_low < 0 < c.ci_high and outcome(c) == "no clear difference"
     text = verdict([c])
     assert "norm5 made no clear difference" in text and "CI [" in text and "5 pairs" in text
     assert "more seeds" not in text.lower()
     rel = [0.2, -0.15, 0.1, -0.12, 0.05]  # spread of ~15 points: the CI spans well over 10
     wide = compare(1.0, "norm5", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
-    assert outcome(wide) == "no difference" and wide.ci_high - wide.ci_low > 10
+    assert outcome(wide) == "no clear difference" and wide.ci_high - wide.ci_low > 10
     assert "More seeds are needed" in verdict([wide])
 
 
@@ -280,12 +280,12 @@ def test_outcome_from_hand_built_comparisons():
                 fisher_p=1.0, n_pairs=5, diff_pct=-1.0, ci_low=-2.0, ci_high=-0.1, wilcoxon_p=0.06, confidence=0.95)
     assert outcome(Comparison(**base)) == "helped"
     assert outcome(Comparison(**{**base, "ci_low": 0.1, "ci_high": 2.0})) == "hurt"
-    assert outcome(Comparison(**{**base, "ci_high": 0.5})) == "no difference"
+    assert outcome(Comparison(**{**base, "ci_high": 0.5})) == "no clear difference"
     # significant divergence overrides the loss
     assert outcome(Comparison(**{**base, "diverged_treated": 4, "fisher_p": 0.048})) == "hurt"
     # alpha is respected
     assert outcome(Comparison(**{**base, "diverged_control": 4, "fisher_p": 0.048, "ci_high": 0.5}), alpha=0.01) \
-        == "no difference"
+        == "no clear difference"
 
 
 

@@ -110,11 +110,31 @@ def test_config_hash_ignores_tracking_threads_and_checkpoints_only(tmp_path):
     (["train.batchsize=3"], "train.batchsize: unknown key"),
     (["matrix.clip=[none, {method: norm, norm: {percentile: 5}}]"], "clip.norm.percentile: unknown key"),
     (["matrix.clip=[none, none]"], "the same clip config as matrix.clip[0]"),
+    (["matrix.lr=[1, 1.0]"], "duplicate learning rates"),
+    (["matrix.axes={train.threads: [1, 2]}"], "cannot be an axis"),
+    (["matrix.axes={tracking.log_every: [1, 2]}"], "cannot be an axis"),
 ])
 def test_bad_specs_name_the_key(tmp_path, overrides, expected):
     with pytest.raises(ConfigError) as err:
         study_mod.load(_spec(tmp_path), overrides)
     assert expected in str(err.value) and "tiny_study.yaml" in str(err.value)
+
+
+def test_nested_set_sets_keys_and_distinct_configs_get_distinct_labels(tmp_path):
+    spec = yaml.safe_load(_spec(tmp_path).read_text())
+    spec["set"] = {"data": {"source": "synthetic"}, "train": {"optimizer": "sgd"}}
+    spec["matrix"]["clip"] = ["none", {"method": "zclip", "zclip": {"alpha": 0.9}},
+                              {"method": "zclip", "zclip": {"alpha": 0.99}}]
+    spec["matrix"]["axes"] = {"data.start": ["2019-01-01", "2019-06-01"]}
+    path = tmp_path / "nested.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    s = study_mod.load(path)
+    cfg = s.jobs[0].cfg
+    assert cfg.data.source == "synthetic" and cfg.train.optimizer == "sgd"
+    assert cfg.data.tickers == ("BTC-USD", "ETH-USD")  # the rest of the base's data section is kept
+    labels = {j.clip for j in s.jobs}
+    assert len(labels) == 3 and {j.cfg.clip.zclip.alpha for j in s.jobs if j.clip != "none"} == {0.9, 0.99}
+    json.dumps([j.tags("x") for j in s.jobs])  # date-valued axes serialise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +206,37 @@ def test_a_failing_run_does_not_stop_the_study(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "train", real_train)
     out = study_mod.run(s)
     assert (out.skipped, out.finished, out.failed) == (len(s.jobs) - 2, 2, [])
+
+
+def test_runs_on_other_data_are_redone_not_counted_as_done(tmp_path):
+    """A CSV file that changed between two invocations (same config, other data): the rerun redoes every run
+    on the current data, removes the old ones, and the report judges only the current ones."""
+    import pandas as pd
+
+    from fincast.data import synthetic
+    from fincast.reports import stability
+
+    frame = synthetic.generate("BTC-USD", None, None, seed=3)
+    names = {"open": "Open", "high": "High", "low": "Low", "close": "Close", "adj_close": "Adj Close",
+             "volume": "Volume"}
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    frame.rename(columns=names).rename_axis("Date").to_csv(csv_dir / "BTC-USD.csv")
+    over = [*[o for o in TINY if not o.startswith("data.source")], "data.source=csv", f"data.path={csv_dir}",
+            *_store(tmp_path)]
+    s = study_mod.load(_spec(tmp_path, lr=[3.0]), over)
+    first = study_mod.run(s)
+    assert first.finished == len(s.jobs)
+    changed = frame.copy()
+    day = changed.index[changed.index.searchsorted(pd.Timestamp("2020-06-01"))]
+    changed.loc[day, ["open", "high", "low", "close", "adj_close"]] *= 1.01  # a corrected bar in the window
+    changed.rename(columns=names).rename_axis("Date").to_csv(csv_dir / "BTC-USD.csv")
+    again = study_mod.run(s)
+    assert (again.skipped, again.finished) == (0, len(s.jobs))
+    runs = _children(tmp_path)
+    assert len(runs) == len(s.jobs) and len({r.data.tags["fincast.data_fingerprint"] for r in runs}) == 1
+    rep = stability.build("tiny_study", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", out_dir=tmp_path / "r")
+    assert rep.runs == len(s.jobs)
 
 
 def test_study_then_report_end_to_end(tmp_path, capsys):

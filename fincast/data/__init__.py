@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ def _from_yahoo(cfg: DataConfig, *, refresh: bool, progress: bool, download, now
         entry = cache.read(path)
         extendable = entry is not None and entry.covers_start(cfg.start)  # holds the requested start
         if extendable and not refresh:
-            fresh = (now - entry.fetched_at) < dt.timedelta(hours=cfg.refresh_after_hours)
+            fresh = (math.isinf(cfg.refresh_after_hours)  # pinned: resumed runs, a study's workers
+                     or (now - entry.fetched_at) < dt.timedelta(hours=cfg.refresh_after_hours))
             # fresh only counts if that fetch reached as far as this request (a cache fetched with an earlier
             # data.end must not pass for "up to the latest bar")
             if (fresh and entry.covers_end(cfg.end)) or (cfg.end is not None and entry.last_date >= cfg.end):

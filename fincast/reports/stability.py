@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -218,7 +219,11 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
         plan_file = store.download(parent.info.run_id, "plan.json", tmp)
         plan = json.loads(plan_file.read_text()) if plan_file else None
         settings_file = store.download(parent.info.run_id, "settings.json", tmp)
-        settings = _settings(parent, json.loads(settings_file.read_text()) if settings_file else None)
+        saved = json.loads(settings_file.read_text()) if settings_file else None
+        settings = _settings(parent, saved)
+    fingerprint = (saved or {}).get("data_fingerprint")
+    if fingerprint:  # the data of the latest invocation (runs on other data were redone)
+        children = [r for r in children if r.data.tags.get("fincast.data_fingerprint") == fingerprint]
     if plan:  # the latest spec's runs, in its order (runs of cells since dropped from the spec are left out)
         wanted = {p["hash"] for p in plan}
         children = [r for r in children if r.data.tags.get(tracking.HASH_TAG) in wanted]
@@ -239,7 +244,10 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
                                for r, t in zip(runs["run_id"], targets)]
     cells = cell_table(runs, groups, clips)
     comps = comparisons(runs, groups, clips, settings)
-    verdicts = {g: stats.verdict(cs, label=g) for g, cs in comps.items()}
+    verdicts = {g: stats.verdict(cs, label=g) for g, cs in comps.items() if cs}
+    for g in groups:
+        if g not in comps:
+            verdicts[g] = f"At {g}: no finished unclipped (none) runs, so nothing to compare against."
     expected = len(plan) if plan else len(runs)
     missing = expected - len(runs)
     verdict_lines = [verdicts[g] for g in groups if g in verdicts]
@@ -282,6 +290,13 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _l2_global(label: str) -> bool:
+    """Whether a clip label (pipeline.clip_label) thresholds the global L2 norm: norm1.0[-linear|-cosine],
+    autoclip-*, zclip-*."""
+    return bool(re.fullmatch(r"norm[0-9.e+-]+?(-linear|-cosine)?(#\d+)?", label)) or \
+        label.startswith(("autoclip", "zclip"))
+
+
 def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips: list[str],
              cells: pd.DataFrame) -> dict[str, str]:
     def per_cell(key: str, **kw) -> dict[str, dict[str, np.ndarray]]:
@@ -298,8 +313,10 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
     plots.band_curves(out / "val_curves.png", per_cell("val/loss", index="position"), xlabel="epoch",
                       ylabel="validation loss", title="Validation loss per epoch: median and IQR over seeds")
     figs["val"] = "val_curves.png"
-    thresholds = {g: {c: (np.nanmedian(a, axis=0) if a.size and np.isfinite(a).any() else None)
-                      for c, a in d.items()} for g, d in per_cell("grad/threshold", fill=dict(zip(runs["run_id"], runs["steps"]))).items()}
+    # only thresholds on the global L2 norm belong on this axis (not value, agc, per-layer, L1 or inf clipping)
+    thresholds = {g: {c: (np.nanmedian(a, axis=0) if _l2_global(c) and a.size and np.isfinite(a).any() else None)
+                      for c, a in d.items()}
+                  for g, d in per_cell("grad/threshold", fill=dict(zip(runs["run_id"], runs["steps"]))).items()}
     plots.band_curves(out / "grad_norms.png", per_cell("grad/norm_pre", smooth=1), thresholds=thresholds,
                       ylabel="global L2 norm before clipping", max_points=600,
                       title="Gradient norm before clipping (median, IQR) and the effective threshold (dashed)")
@@ -391,7 +408,11 @@ def _html(study, parent, store, settings: Settings, verdict_lines, cells: pd.Dat
                  f"pairs of final validation loss / unclipped - 1. CI: {100 * settings.confidence:g}% percentile "
                  f"bootstrap ({settings.bootstrap} resamples), never narrower than the Student-t interval, so few seeds "
                  "show as wide intervals. Wilcoxon signed-rank (exact for small n: with 5 pairs the smallest "
-                 "two-sided p is 0.0625). Fisher exact test on the divergence counts.</p>")
+                 "two-sided p is 0.0625). Fisher exact test on the divergence counts. Outcome: divergence decides when "
+                 "Fisher p &lt; 0.05; otherwise the loss CI (below 0: helped; above: hurt; spanning 0: no clear "
+                 "difference, which is not evidence of equivalence when the interval is wide). p-values are not "
+                 f"corrected for the {sum(len(cs) for cs in comps.values())} comparisons in this table: at 5% each, "
+                 "one or two false calls among many comparisons are expected by chance.</p>")
     parts.append("<table><tr><th class='l'>learning rate</th><th class='l'>clip</th><th>outcome</th>"
                  "<th>diverged (clip vs none)</th><th>Fisher p</th><th>pairs</th><th>difference</th><th>CI</th>"
                  "<th>Wilcoxon p</th></tr>")
@@ -399,7 +420,7 @@ def _html(study, parent, store, settings: Settings, verdict_lines, cells: pd.Dat
         for c in cs:
             o = stats.outcome(c)
             parts.append(
-                f"<tr><td class='l'>{e(g)}</td><td class='l'>{e(c.config)}</td><td class='{o.split()[0]}'>{o}</td>"
+                f"<tr><td class='l'>{e(g)}</td><td class='l'>{e(c.config)}</td><td class='{o.replace(' ', '-')}'>{o}</td>"
                 f"<td>{c.diverged_treated} of {c.n_treated} vs {c.diverged_control} of {c.n_control}</td>"
                 f"<td>{stats.format_p(c.fisher_p)}</td><td>{c.n_pairs}</td><td>{_num(c.diff_pct, '{:+.2f}%')}</td>"
                 f"<td>[{_num(c.ci_low, '{:+.2f}%')}, {_num(c.ci_high, '{:+.2f}%')}]</td>"

@@ -98,7 +98,7 @@ def outcome(c: Comparison, alpha: float = 0.05) -> str:
             return "helped" if change <= 0 else "inconclusive"
         if c.ci_low > 0:
             return "hurt" if change >= 0 else "inconclusive"
-        return "no difference"
+        return "no clear difference"
     return "inconclusive"
 
 
@@ -144,6 +144,9 @@ def _sentences(c: Comparison, alpha: float) -> list[str]:
                    f"{100 * c.confidence:g}% CI [{_pct(c.ci_low)}, {_pct(c.ci_high)}], {c.n_pairs} pairs) in the "
                    "opposite direction to its divergences, and the loss compares only runs that did not diverge.")
         return out
+    if result == "inconclusive" and c.diverged_control == c.n_control and c.diverged_treated == c.n_treated:
+        out.append(f"{c.config}: every run on both sides diverged, so there is no loss to compare.")
+        return out
     if result == "inconclusive":
         pairs = f"{c.n_pairs} pair{'' if c.n_pairs == 1 else 's'}"
         out.append(f"{c.config}: too few comparable runs to tell ({pairs} where neither run diverged); "
@@ -153,7 +156,7 @@ def _sentences(c: Comparison, alpha: float) -> list[str]:
                f"Wilcoxon {_p(c.wilcoxon_p)}, {c.n_pairs} pairs")
     words = {"helped": "helped: final validation loss was lower",
              "hurt": "hurt: final validation loss was higher",
-             "no difference": "made no clear difference: final validation loss did not clearly differ"}[result]
+             "no clear difference": "made no clear difference: final validation loss did not clearly differ"}[result]
     out.append(f"{c.config} {words} ({numbers}).")
     if c.ci_high - c.ci_low > 10 or (c.n_pairs < 5 and c.ci_high - c.ci_low > 1):
         out.append("More seeds are needed to narrow that interval.")
