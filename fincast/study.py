@@ -305,8 +305,14 @@ def _lock(study: Study):
 def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     """Run every job of the study not finished before, in ``study.workers`` processes."""
     t0 = time.perf_counter()
+    import torch
+
     from fincast import pipeline
 
+    amp = sorted({j.cfg.train.precision for j in study.jobs} - {"fp32"})
+    if amp and not torch.cuda.is_available():  # they would silently train in fp32: cells that differ in name only
+        raise FincastError(f"study {study.name}: train.precision={','.join(amp)} needs CUDA, and this machine has "
+                           "none; drop that axis or run the study on a GPU machine")
     workers = min(study.settings.workers or _cores(), len(study.jobs))
     threads = study.settings.threads or max(1, _cores() // workers)
     with _lock(study), _pool(workers, threads, tracking.resolve_uri(study.tracking)) as (pool, store_ready):

@@ -188,6 +188,19 @@ def test_rerun_after_a_kill_redoes_only_unfinished_runs_and_keeps_each_once(tmp_
     assert (again.skipped, again.finished) == (len(s.jobs), 0)
 
 
+def test_an_amp_axis_without_cuda_is_refused_before_any_work(tmp_path):
+    import torch
+
+    from fincast.config import FincastError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    s = study_mod.load(_spec(tmp_path, axes={"train.precision": ["fp32", "fp16"]}), [*TINY, *_store(tmp_path)])
+    with pytest.raises(FincastError, match="needs CUDA"):
+        study_mod.run(s)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_failing_run_does_not_stop_the_study(tmp_path, monkeypatch):
     from fincast import pipeline
 
