@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import resource
 import shutil
@@ -159,8 +158,7 @@ def main() -> None:
         single_after = single_pass("after")
     finally:
         os.chdir(ROOT)
-        key = hashlib.sha256(f"{tracking.resolve_uri(study.tracking)}|{study.name}".encode()).hexdigest()[:16]
-        Path(tempfile.gettempdir(), f"fincast-study-{key}.lock").unlink(missing_ok=True)  # study.run's lock file
+        study_mod.lock_path(study).unlink(missing_ok=True)
         if args.keep:
             print(f"kept {tmp}")
         else:

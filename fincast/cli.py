@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                     "2 for bad config or data, 130 when interrupted.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("pipeline", help="pipeline spec (YAML), e.g. pipelines/price_equities.yaml")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    _add_set(t, SET_HELP)
     t.add_argument("--resume", metavar="RUN_ID", default=None,
                    help="continue this run from its last checkpoint instead of starting a new one; the spec with "
                         "its --set overrides must resolve to the run's config (only train.epochs, max_steps, "
@@ -77,8 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                     "tracking.log_every may be changed with --set.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("run_id", help="the MLflow run id printed by `fincast train`")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="e.g. --set train.epochs=60 to train longer")
+    _add_set(r, "e.g. --set train.epochs=60 to train longer")
     r.add_argument("--checkpoint-dir", default="checkpoints", help="where the checkpoint is (default: checkpoints)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings, summary only")
 
@@ -88,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                     "source, and print what each ticker holds. For yfinance the missing tail is fetched even when "
                     "the cache is fresh, unless --no-refresh.")
     d.add_argument("pipeline", help="pipeline spec (YAML)")
-    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    _add_set(d, SET_HELP)
     d.add_argument("--no-refresh", action="store_true", help="use a fresh cache as is (no network call)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -103,8 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=STUDY_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("spec", help="study spec (YAML), e.g. pipelines/stability_crypto.yaml")
-    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="study.*/matrix.* keys change the study (--set matrix.seeds=3, --set 'matrix.lr=[0.1,1]', "
+    _add_set(st, "study.*/matrix.* keys change the study (--set matrix.seeds=3, --set 'matrix.lr=[0.1,1]', "
                          "--set study.workers=2); any other key is a pipeline key set for every run "
                          "(--set data.source=synthetic)")
     st.add_argument("--dry-run", action="store_true", help="list the runs the spec expands to, and stop")
@@ -127,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("keys", help="list every config key with its default and meaning",
                    description="List every pipeline config key, its default and what it does.")
     return p
+
+
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _version() -> str:

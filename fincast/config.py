@@ -35,6 +35,15 @@ class ConfigError(FincastError):
     pass
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread exists
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[typing.BinaryIO]:
     """A binary file handle whose content replaces ``path`` only when the block succeeds: readers see the old
@@ -43,9 +52,7 @@ def atomic_file(path: str | Path) -> Iterator[typing.BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report or cache file is an ordinary file
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a report or cache file is an ordinary file
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -199,6 +206,12 @@ class ZClipConfig:
 
 
 CLIP_METHODS = ("none", "value", "norm", "autoclip", "agc", "zclip")
+
+
+def thresholds_global_l2(method: str, norm_type: float | str = 2.0, scope: str = "global") -> bool:
+    """Whether a clip method's threshold bounds the global L2 gradient norm (so it can be drawn against
+    grad/norm_pre): norm with p=2 and global scope, autoclip, zclip. Not value, agc, per-layer or other p."""
+    return method in ("autoclip", "zclip") or (method == "norm" and float(norm_type) == 2 and scope == "global")
 
 
 @dataclass(frozen=True)

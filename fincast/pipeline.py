@@ -376,8 +376,7 @@ def _log_artifacts(run, cfg, fs, result: FitResult, predictions: pd.DataFrame, p
         steps_per_epoch = math.ceil(len(fs.train) / cfg.train.batch_size)
         val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
         c = cfg.clip  # thresholds on the global L2 norm can be drawn against it
-        l2_global = c.method in ("autoclip", "zclip") or (c.method == "norm" and c.norm.norm_type == 2
-                                                           and c.norm.scope == "global")
+        l2_global = config_mod.thresholds_global_l2(c.method, c.norm.norm_type, c.norm.scope)
         threshold = result.history.get("threshold") if l2_global else None
         plots.training_curves(d / "training_curves.png", loss=result.history["loss"],
                               norm_pre=result.history["norm_pre"], norm_post=result.history["norm_post"],

@@ -94,10 +94,6 @@ class Study:
 # ---------------------------------------------------------------------------------------------
 
 
-def _set_value(raw: dict, dotted: str, value: Any, where: str) -> None:
-    config_mod.set_key(raw, dotted.split("."), value, where)
-
-
 def _merge(base: Any, extra: Any) -> Any:
     if isinstance(base, dict) and isinstance(extra, dict):
         out = dict(base)
@@ -116,7 +112,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     for text in overrides:
         key, value = config_mod.parse_override(text)
         if key[0] in SPEC_KEYS and key[0] != "set":
-            _set_value(raw, ".".join(key), value, f"--set {text!r}")
+            config_mod.set_key(raw, key, value, f"--set {text!r}")
         else:
             raw.setdefault("set", {})
             if not isinstance(raw["set"], dict):
@@ -196,7 +192,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
 
     base_raw = config_mod.read_yaml(base_path)
     for key, value in config_mod.flatten({str(k): v for k, v in common.items()}).items():
-        _set_value(base_raw, key, value, f"{path}: set.{key}")  # nested mappings set keys, not whole sections
+        config_mod.set_key(base_raw, key.split("."), value, f"{path}: set.{key}")  # nested mappings set keys, not whole sections
     jobs: list[Job] = []
     seen: dict[tuple, int] = {}
     axis_items = [[(k, v) for v in vals] for k, vals in axes.items()]
@@ -206,7 +202,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
         run_raw["clip"] = _merge(run_raw.get("clip") or {}, clip)
         run_raw.setdefault("train", {})["lr"] = lr
         for k, v in combo:
-            _set_value(run_raw, k, v, f"{path}: matrix.axes.{k}")
+            config_mod.set_key(run_raw, k.split("."), v, f"{path}: matrix.axes.{k}")
         where = f"{path} (matrix.clip[{ci}], lr={lr:g}" + "".join(f", {k}={v}" for k, v in combo) + ")"
         try:
             cfg = config_mod.from_dict(run_raw, where)
@@ -277,6 +273,12 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def lock_path(study: Study) -> Path:
+    """The lock file of a study and store, per user (left in the temp directory after the study)."""
+    key = hashlib.sha256(f"{tracking.resolve_uri(study.tracking)}|{study.name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fincast-study-{key}-{os.getuid()}.lock"
+
+
 @contextlib.contextmanager
 def _lock(study: Study):
     """One driver per study and store at a time on this machine (a second would delete the first one's runs in
@@ -286,9 +288,7 @@ def _lock(study: Study):
     except ImportError:  # Windows: no lock
         yield
         return
-    key = hashlib.sha256(f"{tracking.resolve_uri(study.tracking)}|{study.name}".encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"fincast-study-{key}-{os.getuid()}.lock"
-    with open(path, "a+") as fh:
+    with open(lock_path(study), "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -326,8 +326,7 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
         status = "FINISHED"
         bar = None
         try:
-            done = store.finished_hashes(fingerprint)
-            store.delete_leftovers(keep=done, fingerprint=fingerprint)
+            done = store.settle(fingerprint)
             todo = [j for j in study.jobs if j.hash not in done]
             skipped = len(study.jobs) - len(todo)
             with tempfile.TemporaryDirectory() as tmp:
@@ -377,7 +376,7 @@ def _parent_params(study: Study) -> dict[str, Any]:
     jobs = study.jobs
     return {
         "study.base": str(study.raw.get("base")), "study.runs": len(jobs),
-        "study.clip": [c for c in dict.fromkeys(j.clip for j in jobs)],
+        "study.clip": list(dict.fromkeys(j.clip for j in jobs)),
         "study.lr": list(dict.fromkeys(j.lr for j in jobs)), "study.seeds": list(dict.fromkeys(j.seed for j in jobs)),
         "study.groups": list(dict.fromkeys(j.group for j in jobs)),
         **{f"study.{f.name}": getattr(study.settings, f.name) for f in dataclasses.fields(StudySettings)},

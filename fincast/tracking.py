@@ -448,36 +448,32 @@ class StudyStore:
             parent.log_params(params)
         return parent
 
-    def finished_hashes(self, fingerprint: str | None = None) -> set[str]:
-        """Config hashes of finished child runs (on data with this fingerprint, when given). Should a hash have
-        finished twice, the older run is deleted: every run of a study appears exactly once."""
-        latest: dict[str, str] = {}
-        for r in self.runs("child"):
-            if r.info.status == "FINISHED" and fingerprint in (None, r.data.tags.get("fincast.data_fingerprint")):
+    def settle(self, fingerprint: str | None = None) -> set[str]:
+        """Config hashes of the finished child runs that count (on data with ``fingerprint``, when given), after
+        one pass that deletes what does not: unfinished runs (killed or failed attempts, to be redone), the older
+        of two finished runs with one hash, and finished runs on other data (redone on the current data).
+        Every run of a study then appears exactly once; deleted runs stay restorable until `mlflow gc`."""
+        latest: dict[str, Any] = {}
+        unfinished, stale = [], []
+        for r in self.runs("child"):  # oldest first
+            if r.info.status != "FINISHED":
+                unfinished.append(r.info.run_id)
+            elif fingerprint not in (None, r.data.tags.get("fincast.data_fingerprint")):
+                stale.append(r.info.run_id)
+            else:
                 h = r.data.tags.get(HASH_TAG, "")
                 if h in latest:
-                    self.client.delete_run(latest[h])
+                    unfinished.append(latest[h])
                 latest[h] = r.info.run_id
-        return set(latest)
-
-    def delete_leftovers(self, keep: set[str], fingerprint: str | None = None) -> int:
-        """Delete child runs that did not finish (killed or failed attempts, to be redone), and finished runs
-        on other data than ``fingerprint`` (redone on the current data; deleted runs stay restorable in MLflow
-        until `mlflow gc`)."""
-        gone, stale = 0, 0
-        for r in self.runs("child"):
-            other_data = fingerprint is not None and r.data.tags.get("fincast.data_fingerprint") != fingerprint
-            if r.info.status != "FINISHED" or r.data.tags.get(HASH_TAG) not in keep or other_data:
-                self.client.delete_run(r.info.run_id)
-                gone += 1
-                stale += int(r.info.status == "FINISHED")
-        if gone - stale:
-            log.info("study %s: deleted %d unfinished run(s) of an earlier attempt; they are redone", self.study,
-                     gone - stale)
+        for run_id in unfinished + stale:
+            self.client.delete_run(run_id)
+        if unfinished:
+            log.info("study %s: deleted %d unfinished or duplicate run(s) of an earlier attempt; they are redone",
+                     self.study, len(unfinished))
         if stale:
             log.warning("study %s: the data changed since %d run(s) finished (now fingerprint %s); they are "
-                        "deleted and redone on the current data", self.study, stale, fingerprint)
-        return gone
+                        "deleted and redone on the current data", self.study, len(stale), fingerprint)
+        return set(latest)
 
     def download(self, run_id: str, path: str, dst: str | Path) -> Path | None:
         """An artifact of a run into ``dst``, or None when the run has none by that name."""

@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import math
-import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fincast import tracking
-from fincast.config import FincastError, TrackingConfig, atomic_write
+from fincast.config import FincastError, TrackingConfig, atomic_write, thresholds_global_l2
 from fincast.reports import plots, stats
 
 CONTROL = "none"
@@ -61,7 +60,7 @@ def runs_frame(children: list[Any], settings: Settings) -> pd.DataFrame:
     training, or a final validation loss above divergence_factor x the zero forecast's)."""
     rows = []
     for r in children:
-        t = r.data.tags
+        t, p = r.data.tags, r.data.params
         final_val, naive_val = _metric(r, "val/loss"), _metric(r, "baseline_naive/val_loss")
         nonfinite = t.get("fincast.diverged") == "true"
         exploded = math.isfinite(final_val) and math.isfinite(naive_val) and \
@@ -78,6 +77,8 @@ def runs_frame(children: list[Any], settings: Settings) -> pd.DataFrame:
             "ridge_rmse": _metric(r, "baseline_ridge/rmse"),
             "test_dir_acc": _metric(r, "test/directional_accuracy"), "step_ms": _metric(r, "time/step_ms"),
             "clip_rate": _metric(r, "grad/clip_rate"), "spikes": _metric(r, "grad/spikes"),
+            "l2_threshold": thresholds_global_l2(p.get("clip.method", ""), p.get("clip.norm.norm_type", 2),
+                                                 p.get("clip.norm.scope", "global")),
             "start_time": r.info.start_time,
         })
     return pd.DataFrame(rows)
@@ -290,13 +291,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _l2_global(label: str) -> bool:
-    """Whether a clip label (pipeline.clip_label) thresholds the global L2 norm: norm1.0[-linear|-cosine],
-    autoclip-*, zclip-*."""
-    return bool(re.fullmatch(r"norm[0-9.e+-]+?(-linear|-cosine)?(#\d+)?", label)) or \
-        label.startswith(("autoclip", "zclip"))
-
-
 def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips: list[str],
              cells: pd.DataFrame) -> dict[str, str]:
     def per_cell(key: str, **kw) -> dict[str, dict[str, np.ndarray]]:
@@ -314,7 +308,8 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
                       ylabel="validation loss", title="Validation loss per epoch: median and IQR over seeds")
     figs["val"] = "val_curves.png"
     # only thresholds on the global L2 norm belong on this axis (not value, agc, per-layer, L1 or inf clipping)
-    thresholds = {g: {c: (np.nanmedian(a, axis=0) if _l2_global(c) and a.size and np.isfinite(a).any() else None)
+    l2 = set(runs.loc[runs["l2_threshold"], "clip"])
+    thresholds = {g: {c: (np.nanmedian(a, axis=0) if c in l2 and a.size and np.isfinite(a).any() else None)
                       for c, a in d.items()}
                   for g, d in per_cell("grad/threshold", fill=dict(zip(runs["run_id"], runs["steps"]))).items()}
     plots.band_curves(out / "grad_norms.png", per_cell("grad/norm_pre", smooth=1), thresholds=thresholds,
