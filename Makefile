@@ -10,10 +10,11 @@ PORT ?= 5000
 NPROC ?= 2
 RUN ?=
 STUDY ?= pipelines/stability_crypto.yaml
+BACKTEST ?= pipelines/backtest_crypto.yaml
 STUDY_NAME ?= $(basename $(notdir $(STUDY)))
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-price train-crypto train-ddp resume data stability report ui test test-slow lint bench clean distclean
+.PHONY: help install train train-price train-crypto train-ddp resume data stability report backtest ui test test-slow lint bench clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -54,6 +55,9 @@ stability: $(STAMP)  ## run the stability study STUDY (default BTC-USD; ARGS="--
 report: $(STAMP)  ## stability report of study STUDY_NAME from MLflow -> reports/stability/<name>/index.html
 	$(BIN)/fincast report stability --study $(STUDY_NAME)
 
+backtest: $(STAMP)  ## walk-forward backtest BACKTEST (default BTC-USD; ARGS="--set data.source=csv --set data.path=DIR") -> reports/backtest/<name>/
+	$(BIN)/fincast backtest $(BACKTEST) $(ARGS)
+
 ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(PORT) over the project's store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(PORT)
@@ -73,6 +77,7 @@ bench: $(STAMP)  ## benchmarks in bench/ (print ratios measured in one run)
 	$(BIN)/python bench/clip_overhead.py
 	$(BIN)/python bench/study_efficiency.py
 	$(BIN)/python bench/report_speed.py
+	$(BIN)/python bench/backtest_overhead.py
 
 clean:  ## remove caches and generated reports (keeps .venv, the data cache and the MLflow store)
 	rm -rf .pytest_cache .ruff_cache .hypothesis .import_linter_cache build dist *.egg-info

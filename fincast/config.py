@@ -227,6 +227,44 @@ class ClipConfig:
     zclip: ZClipConfig = field(default_factory=ZClipConfig)
 
 
+def short_float(x: float) -> str:
+    """1e-3 -> '1e-3', 0.01 -> '0.01', 3e-4 -> '3e-4'."""
+    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
+        mant, exp = f"{x:.2e}".split("e")
+        mant = mant.rstrip("0").rstrip(".")
+        return f"{mant}e{int(exp)}"
+    return f"{x:g}"
+
+
+def clip_section(cfg: ClipConfig) -> dict:
+    """What a clip config computes with: its method and that method's section (plain data)."""
+    d = to_dict(cfg)
+    return {"method": d["method"], **({} if d["method"] == "none" else {d["method"]: d[d["method"]]})}
+
+
+def clip_label(cfg: ClipConfig) -> str:
+    """Short name of a clipping setup for run names: norm1.0, norm0.5-L1-per_layer, value0.1-linear,
+    autoclip-p10, agc0.01, zclip-z2.5-mean, none."""
+    m = cfg.method
+    if m == "none":
+        return "none"
+    section = getattr(cfg, m)
+    if m == "norm":
+        p = section.norm_type
+        label = f"norm{float(section.max_norm)}" + ("" if p == 2 else f"-L{'inf' if math.isinf(p) else f'{p:g}'}")
+        label += "" if section.scope == "global" else f"-{section.scope}"
+    elif m == "value":
+        label = f"value{float(section.value)}"
+    elif m == "agc":
+        label = f"agc{short_float(section.clip_factor)}"
+    elif m == "autoclip":
+        return f"autoclip-p{section.percentile:g}"
+    else:
+        label = f"zclip-z{section.z_thresh:g}" + ("-mean" if section.rule == "mean" else "")
+        return label + (f"-cap{section.max_norm:g}" if section.max_norm is not None else "")
+    return label + ("" if section.schedule == "constant" else f"-{section.schedule}")
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     every: int | None = _opt(
@@ -249,6 +287,39 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class BacktestConfig:
+    """Walk-forward backtest (``fincast backtest``): folds, the models compared, and the trading rule."""
+    start: dt.date | None = _opt(
+        None, "first cutoff: fold 1 trains on targets known by this date and forecasts from it on; null = halfway "
+              "through the history")
+    end: dt.date | None = _opt(None, "last target date forecast; null = the end of the data")
+    window: int | Literal["expanding"] = _opt(
+        "expanding", "training data of each fold: expanding (everything up to the cutoff) or a rolling length in "
+                     "bars (trading days of the data's calendar), e.g. 756", ge=2)
+    refit_every: int = _opt(
+        21, "bars between cutoffs: each fold forecasts from the refit_every origins after its cutoff", ge=1, le=10000)
+    warm_start: bool = _opt(
+        False, "start each fold's LSTM from the previous fold's weights (which only saw earlier data)")
+    warm_epochs: int | None = _opt(
+        None, "with warm_start: maximum epochs of every fold after the first; null = train.epochs", ge=1, le=100000)
+    clips: tuple[ClipConfig, ...] | None = _opt(
+        None, "LSTMs compared, one per clip config: a method name or a clip mapping, each over the spec's clip "
+              "section; null = unclipped and the spec's clip", entries=ClipConfig)
+    ridge_tune: bool = _opt(
+        True, "choose ridge's penalty per fold (0.1 .. 1e5) on the fold's inner validation split; false = "
+              "model.ridge_alpha")
+    position: Literal["sign", "long_flat", "vol_target"] = _opt(
+        "sign", "position rule: sign (long/short one unit), long_flat (long when the forecast is positive), "
+                "vol_target (forecast strength x the leverage that targets vol_target)")
+    vol_target: float = _opt(0.15, "vol_target rule: annualised volatility aimed at", gt=0, le=5)
+    vol_window: int = _opt(21, "vol_target rule: bars of realised volatility (up to the day before)", ge=2, le=1000)
+    max_position: float = _opt(1.0, "cap on |position| in units of capital (1 = no leverage)", gt=0, le=100)
+    cost_bps: float = _opt(
+        5.0, "transaction cost in basis points per unit of turnover (|position change|)", ge=0, le=10000)
+    sharpe_window: int = _opt(126, "bars in the report's rolling Sharpe ratio", ge=10, le=5000)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = _opt("fincast", "pipeline name; also the default MLflow experiment")
     data: DataConfig = field(default_factory=DataConfig)
@@ -258,6 +329,7 @@ class PipelineConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    backtest: BacktestConfig = field(default_factory=BacktestConfig)
 
 
 @dataclass(frozen=True)
@@ -310,10 +382,13 @@ def _coerce(value: Any, tp: Any) -> Any:
             if type(None) in args:
                 return None
             raise _Bad(f"expected {_describe(tp)}")
-        for arg in args:
-            if arg is type(None):
-                continue
-            return _coerce(value, arg)
+        options = [a for a in args if a is not type(None)]
+        for i, arg in enumerate(options):  # the first type the value fits (backtest.window: 756 or expanding)
+            try:
+                return _coerce(value, arg)
+            except _Bad:
+                if i == len(options) - 1:
+                    raise _Bad(f"expected {_describe(tp)}") from None
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value in allowed:
@@ -390,6 +465,8 @@ def _check_range(value: Any, meta: dict) -> None:
                 if v < meta["item_ge"]:
                     raise _Bad(f"every item must be >= {meta['item_ge']} (got {v})")
         return
+    if isinstance(value, str):  # a word of an int-or-word key (backtest.window: expanding)
+        return
     if "allowed" in meta and value not in meta["allowed"]:
         raise _Bad("allowed: " + ", ".join(_fmt(a) for a in meta["allowed"]))
     for key, op, text in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
@@ -453,6 +530,9 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.", errors)
             continue
+        if "entries" in f.metadata:  # a list of sections (backtest.clips)
+            kwargs[key] = _build_entries(f.metadata["entries"], value, f"{prefix}{key}", errors)
+            continue
         try:
             coerced = _coerce(value, tp)
             _check_range(coerced, dict(f.metadata))
@@ -460,6 +540,48 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
         except _Bad as exc:
             errors.append(f"{prefix}{key} = {value!r}: {exc}")
     return cls(**kwargs)
+
+
+def _build_entries(cls: type, value: Any, key: str, errors: list[str]) -> tuple | None:
+    """A list of sections of type ``cls``: each item a mapping (or a bare ``method`` name)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"null", "none", "~", ""}):
+        return None
+    if isinstance(value, str | dict):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        errors.append(f"{key} = {value!r}: expected a non-empty list of method names or mappings, or null")
+        return None
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"method": item.strip()}
+        if not isinstance(item, dict):
+            errors.append(f"{key}[{i}] = {item!r}: expected a method name or a mapping")
+            continue
+        out.append(_build(cls, item, f"{key}[{i}].", errors))
+    return tuple(out)
+
+
+def _merge_sections(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge_sections(base.get(k), v) for k, v in over.items()}}
+    return _deepcopy(over)
+
+
+def _entries_over_clip(raw: Any) -> Any:
+    """backtest.clips entries are read over the spec's clip section: [none, norm] is the spec's clip settings
+    with method none, and with method norm."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("backtest"), dict):
+        return raw
+    clips = raw["backtest"].get("clips")
+    if isinstance(clips, str | dict):
+        clips = [clips]
+    if not isinstance(clips, list):
+        return raw
+    base = raw.get("clip") if isinstance(raw.get("clip"), dict) else {}
+    merged = [_merge_sections(base, {"method": c} if isinstance(c, str) else c) if isinstance(c, str | dict) else c
+              for c in clips]
+    return {**raw, "backtest": {**raw["backtest"], "clips": merged}}
 
 
 def _cross_checks(cfg: PipelineConfig, errors: list[str]) -> None:
@@ -476,6 +598,14 @@ def _cross_checks(cfg: PipelineConfig, errors: list[str]) -> None:
         errors.append("data.path: required when data.source = 'csv' (a directory with one <TICKER>.csv per ticker)")
     if len(set(d.tickers)) != len(d.tickers):
         errors.append(f"data.tickers = {list(d.tickers)}: duplicate tickers")
+    b = cfg.backtest
+    if b.start and b.end and not b.start < b.end:
+        errors.append(f"backtest.end = {b.end}: must be after backtest.start = {b.start}")
+    if b.clips:
+        sections = [repr(clip_section(c)) for c in b.clips]
+        dup = sorted({clip_label(c) for c, x in zip(b.clips, sections) if sections.count(x) > 1})
+        if dup:
+            errors.append(f"backtest.clips: the same clip config listed twice ({', '.join(dup)})")
 
 
 def build_section(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
@@ -487,7 +617,7 @@ def build_section(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
 def from_dict(raw: Any, source: str = "<config>") -> PipelineConfig:
     """Build and check a PipelineConfig; raise ConfigError listing every problem found."""
     errors: list[str] = []
-    cfg = _build(PipelineConfig, raw, "", errors)
+    cfg = _build(PipelineConfig, _entries_over_clip(raw), "", errors)
     if not errors:
         _cross_checks(cfg, errors)
     if errors:
@@ -571,7 +701,8 @@ def to_dict(cfg: Any) -> dict:
         if dataclasses.is_dataclass(v):
             out[f.name] = to_dict(v)
         elif isinstance(v, tuple):
-            out[f.name] = list(v)
+            out[f.name] = [(clip_section(x) if isinstance(x, ClipConfig) else to_dict(x)) if dataclasses.is_dataclass(x)
+                           else x for x in v]
         elif isinstance(v, dt.date):
             out[f.name] = v.isoformat()
         else:

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import fincast
 from fincast import config as config_mod
 from fincast import features, tracking
-from fincast.config import FincastError, PipelineConfig
+from fincast.config import FincastError, PipelineConfig, clip_label, short_float
 from fincast.data import Prices, load_prices
 from fincast.models import build_model, forecast_metrics, naive_forecast, ridge_forecast
 from fincast.reports import plots
@@ -31,6 +32,7 @@ from fincast.training import (
     dist_info,
     evaluate,
     fit,
+    predict,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -50,38 +52,6 @@ class TrainOutcome:
     samples: dict[str, int]
     warnings: list[str] = field(default_factory=list)
     checkpoint: str | None = None  # continue with `fincast resume <run_id>`
-
-
-def short_float(x: float) -> str:
-    """1e-3 -> '1e-3', 0.01 -> '0.01', 3e-4 -> '3e-4'."""
-    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
-        mant, exp = f"{x:.2e}".split("e")
-        mant = mant.rstrip("0").rstrip(".")
-        return f"{mant}e{int(exp)}"
-    return f"{x:g}"
-
-
-def clip_label(cfg: config_mod.ClipConfig) -> str:
-    """Short name of a clipping setup for run names: norm1.0, norm0.5-L1-per_layer, value0.1-linear,
-    autoclip-p10, agc0.01, zclip-z2.5-mean, none."""
-    m = cfg.method
-    if m == "none":
-        return "none"
-    section = getattr(cfg, m)
-    if m == "norm":
-        p = section.norm_type
-        label = f"norm{float(section.max_norm)}" + ("" if p == 2 else f"-L{'inf' if math.isinf(p) else f'{p:g}'}")
-        label += "" if section.scope == "global" else f"-{section.scope}"
-    elif m == "value":
-        label = f"value{float(section.value)}"
-    elif m == "agc":
-        label = f"agc{short_float(section.clip_factor)}"
-    elif m == "autoclip":
-        return f"autoclip-p{section.percentile:g}"
-    else:
-        label = f"zclip-z{section.z_thresh:g}" + ("-mean" if section.rule == "mean" else "")
-        return label + (f"-cap{section.max_norm:g}" if section.max_norm is not None else "")
-    return label + ("" if section.schedule == "constant" else f"-{section.schedule}")
 
 
 def run_name(cfg: PipelineConfig) -> str:
@@ -159,7 +129,8 @@ def resume_spec(cfg: PipelineConfig, run_id: str, *, checkpoint_dir: str = "chec
     then = config_mod.flatten(saved["config"])
     now = config_mod.flatten(config_mod.to_dict(cfg))
     ignore = RESUME_KEYS | {"train.checkpoint_dir"}
-    changed = [k for k in sorted(set(then) | set(now)) if k not in ignore and then.get(k) != now.get(k)]
+    changed = [k for k in sorted(set(then) | set(now))
+               if k not in ignore and not k.startswith("backtest.") and then.get(k) != now.get(k)]
     if changed:
         raise config_mod.ConfigError(
             f"--resume {run_id}: the spec does not match the run's config; a resumed run keeps its config "
@@ -389,3 +360,148 @@ def _log_artifacts(run, cfg, fs, result: FitResult, predictions: pd.DataFrame, p
             files.append("data_warnings.txt")
         for f in files:
             run.log_artifact(d / f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Walk-forward backtest: data -> folds (refit, forecast) -> evaluation -> report, into one MLflow run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BacktestOutcome:
+    run_id: str
+    experiment: str
+    tracking_uri: str
+    report: Path
+    stats: pd.DataFrame  # one row per (ticker, model), buy and hold included
+    training: pd.DataFrame  # per LSTM: divergence, clipping, time
+    folds: int
+    forecasts: int
+    device: str
+    seconds: dict[str, float]  # where the time went; "total" and "model_training" included
+    warnings: list[str] = field(default_factory=list)
+
+
+def _metric_name(text: str) -> str:
+    """'Max. Drawdown [%]' -> 'max_drawdown_pct' (MLflow metric names)."""
+    text = text.replace("[%]", "pct").replace("[x]", "x").replace("(ann.)", "ann").replace("R2", "r2")
+    return "_".join(w for w in "".join(c.lower() if c.isalnum() else " " for c in text).split())
+
+
+def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp32"):
+    """The backtest's LSTM trainer: (clip, train, val, warm-start weights, max epochs) -> FoldFit. A fresh model
+    seeded with train.seed (or the warm-start weights), trained by training.fit with early stopping on val, the
+    best epoch's weights kept."""
+    from fincast.backtest import FoldFit
+
+    monitor = dataclasses.replace(cfg.monitor, every=None)  # no per-layer monitoring inside folds
+
+    def fit_fold(clip, train: features.Split, val: features.Split, warm: dict | None, epochs: int) -> FoldFit:
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model, train.x.shape[2]).to(device)
+        if warm is not None:
+            model.load_state_dict(warm)
+        train_cfg = cfg.train if epochs == cfg.train.epochs else dataclasses.replace(cfg.train, epochs=epochs)
+        res = fit(model, train, val, train_cfg, clip, device=device, precision=precision,
+                  log_every=cfg.tracking.log_every, monitor=monitor)
+        h = res.history
+        info = {"steps": res.steps, "epochs": res.epochs, "stop_reason": res.stop_reason,
+                "best_val_loss": res.best_val_loss, "diverged": res.diverged,
+                "clip_rate": float(np.mean(h["clipped"])) if h["clipped"] else math.nan,
+                "grad_norm_median": float(np.nanmedian(h["norm_pre"])) if h["norm_pre"] else math.nan,
+                "grad_norm_max": float(np.nanmax(h["norm_pre"])) if h["norm_pre"] else math.nan}
+        usable = res.best_epoch > 0  # weights from an epoch that validated finitely
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if usable else None
+        return FoldFit(lambda x: predict(model, x, device), usable, weights, info)
+
+    return fit_fold
+
+
+def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path = "reports") -> BacktestOutcome:
+    """Walk-forward backtest of ``cfg`` (its ``backtest`` section): one MLflow run holding the configuration,
+    each fold's training outcome as metrics stepped by fold, the final statistics, the walk-forward table and
+    the report, which is also written to ``out_dir/backtest/<name>/``."""
+    from fincast import backtest as bt
+    from fincast.backtest import evaluate as bt_eval
+    from fincast.reports import backtest as report_mod
+
+    t_start = time.perf_counter()
+    prices = load_data(cfg, progress=progress)
+    t_data = time.perf_counter() - t_start
+    device = resolve_device(cfg.train.device)
+    torch.set_num_threads(_threads(cfg, None, device))
+    precision = resolve_precision(cfg.train.precision, device)
+    b = cfg.backtest
+    experiment = cfg.tracking.experiment or cfg.name
+    window = "expanding" if b.window == "expanding" else f"rolling{b.window}"
+    name = cfg.tracking.run_name or f"backtest-{'+'.join(cfg.data.tickers)}-{window}-every{b.refit_every}"
+    tags = {
+        "fincast.kind": "backtest", "fincast.version": fincast.__version__, "fincast.git_commit": git_commit(),
+        "fincast.data_source": prices.source, "fincast.data_fingerprint": prices.fingerprint,
+        "fincast.tickers": ",".join(cfg.data.tickers), "fincast.pipeline": cfg.name,
+        "fincast.device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
+        "fincast.precision": precision, "fincast.models": ",".join(bt.model_names(cfg)),
+    }
+    run = tracking.start_run(cfg.tracking, experiment, name, tags)
+    try:
+        run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
+        fold_keys = ("test_rmse", "test_rmse_vs_naive_pct", "best_val_loss", "steps", "clip_rate", "grad_norm_median",
+                     "grad_norm_max", "fit_seconds")
+        log_seconds = 0.0
+
+        def on_fold(k: int, rows: pd.DataFrame) -> None:  # folds as metrics stepped by fold number
+            nonlocal log_seconds
+            t = time.perf_counter()
+            out = [(f"fold/{r['model']}/{key}", float(r[key]), k) for r in rows.to_dict("records")
+                   for key in fold_keys if key in r and r[key] is not None and math.isfinite(float(r[key]))]
+            out += [(f"fold/{r['model']}/diverged", float(bool(r["diverged"])), k)
+                    for r in rows.to_dict("records") if isinstance(r.get("diverged"), bool | np.bool_)]
+            run.log_metrics(out)
+            log_seconds += time.perf_counter() - t
+
+        wf = bt.walk_forward(prices.frames, cfg, fit_lstm=lstm_fitter(cfg, device, precision), progress=progress,
+                             on_fold=on_fold)
+        t = time.perf_counter()
+        ev = bt_eval.evaluate(wf.forecasts, prices.frames, models=wf.models, horizon=cfg.features.horizon,
+                              rule=b.position, max_position=b.max_position, cost_bps=b.cost_bps,
+                              vol_target=b.vol_target, vol_window=b.vol_window, price=cfg.data.price)
+        t_eval = time.perf_counter() - t
+        t = time.perf_counter()
+        exp_id = tracking.get_run(run.run_id, cfg.tracking).info.experiment_id
+        ctx = report_mod.Context(
+            name=cfg.name, tickers=list(cfg.data.tickers), source=prices.source, horizon=cfg.features.horizon,
+            window=b.window, refit_every=b.refit_every, warm_start=b.warm_start, rule=b.position,
+            cost_bps=b.cost_bps, max_position=b.max_position, vol_target=b.vol_target, sharpe_window=b.sharpe_window,
+            device=f"{device} ({precision})", run_id=run.run_id, tracking_uri=run.uri, experiment_id=exp_id,
+            notes=list(prices.warnings))
+        out = Path(out_dir) / "backtest" / cfg.name
+        index = report_mod.build(out, ctx, wf.forecasts, wf.folds, ev, wf.lstms)
+        t_report = time.perf_counter() - t
+        t = time.perf_counter()
+        multi = len(ev.periods) > 1
+        final = []
+        for r in ev.stats.to_dict("records"):
+            prefix = f"{r['ticker']}/{r['model']}" if multi else r["model"]
+            final += [(f"{prefix}/{_metric_name(k)}", float(v), 0) for k, v in r.items()
+                      if k not in ("ticker", "model") and isinstance(v, float | int) and math.isfinite(v)]
+        run.log_metrics(final)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(config_mod.dump_yaml(cfg))
+            run.log_artifact(Path(tmp) / "config.yaml")
+        for f in sorted(out.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                run.log_artifact(f, "backtest")
+        log_seconds += time.perf_counter() - t
+    except Exception:
+        run.end("FAILED")
+        raise
+    except BaseException:
+        run.end("KILLED")
+        raise
+    run.end("FINISHED")
+    seconds = {"data": t_data, **wf.seconds, "evaluate": t_eval, "report": t_report, "tracking": log_seconds}
+    seconds["total"] = time.perf_counter() - t_start
+    seconds["model_training"] = wf.seconds["lstm_fit"] + wf.seconds["ridge"]
+    return BacktestOutcome(run.run_id, experiment, run.uri, index, ev.stats,
+                           report_mod.training_summary(wf.folds, wf.lstms), int(wf.folds["fold"].nunique()),
+                           len(wf.forecasts), f"{device} ({precision})", seconds, prices.warnings)

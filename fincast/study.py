@@ -44,8 +44,7 @@ from tqdm import tqdm
 
 from fincast import config as config_mod
 from fincast import tracking
-from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings
-from fincast.pipeline import clip_label, short_float
+from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, clip_label, short_float
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
 
 log = logging.getLogger("fincast.study")
@@ -54,7 +53,8 @@ SPEC_KEYS = ("name", "base", "set", "matrix", "study")
 MATRIX_KEYS = ("clip", "lr", "seeds", "axes")
 MIN_SEEDS = 3
 # keys that do not change what a run computes (so they are left out of its hash)
-_UNHASHED = ("tracking.", "train.threads", "train.checkpoint", "train.checkpoint_every", "train.checkpoint_dir")
+_UNHASHED = ("tracking.", "train.threads", "train.checkpoint", "train.checkpoint_every", "train.checkpoint_dir",
+             "backtest.")
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
             continue
         label = clip_label(cfg.clip)
         group = f"lr={short_float(lr)}" + "".join(f" {k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in combo)
-        section = json.dumps(_clip_section(cfg), sort_keys=True)
+        section = json.dumps(config_mod.clip_section(cfg.clip), sort_keys=True)
         if (section, group) in seen:
             errors.append(f"matrix.clip[{ci}]: the same clip config as matrix.clip[{seen[section, group]}] ({label})")
             continue
@@ -232,12 +232,6 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     if len({j.hash for j in jobs}) != len(jobs):  # a bug guard: every run must be told apart by its hash
         raise ConfigError(f"invalid study spec {path}: two runs resolve to the same config")
     return Study(name, path, raw, settings, tuple(jobs), jobs[0].cfg.tracking)
-
-
-def _clip_section(cfg: PipelineConfig) -> dict:
-    """What a clip config computes with: its method and that method's section."""
-    d = config_mod.to_dict(cfg.clip)
-    return {"method": d["method"], **({} if d["method"] == "none" else {d["method"]: d[d["method"]]})}
 
 
 def _fmt(v: Any) -> str:

@@ -25,7 +25,7 @@ def test_every_config_key_is_documented():
 
 def test_cli_commands_are_documented():
     for cmd in ("fincast train", "fincast data", "fincast keys", "fincast resume", "fincast study",
-                "fincast report stability", "--resume RUN_ID"):
+                "fincast report stability", "--resume RUN_ID", "fincast backtest"):
         assert cmd in README
 
 

@@ -8,7 +8,6 @@ cell) and ``summary.json`` (verdicts, statistics, cells, runs), and logs them to
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -24,6 +23,11 @@ import pandas as pd
 from fincast import tracking
 from fincast.config import FincastError, TrackingConfig, atomic_write, thresholds_global_l2
 from fincast.reports import plots, stats
+from fincast.reports.html import CSS as _CSS
+from fincast.reports.html import img as _img
+from fincast.reports.html import num as _num
+from fincast.reports.html import plain as _plain
+from fincast.reports.html import ui_link
 
 CONTROL = "none"
 STEP_KEYS = ["train/loss", "grad/norm_pre", "grad/threshold", "val/loss"]
@@ -278,19 +282,6 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
     return Report(index, len(runs), parent.info.run_id, "\n".join(verdict_lines))
 
 
-def _plain(v: Any) -> Any:
-    """JSON-safe: numpy scalars as Python values, nan/inf as null."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips: list[str],
              cells: pd.DataFrame) -> dict[str, str]:
     def per_cell(key: str, **kw) -> dict[str, dict[str, np.ndarray]]:
@@ -340,35 +331,13 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
 # HTML
 # ---------------------------------------------------------------------------------------------
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px;
-text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}
-.verdict{background:#f6f8fa;border-left:4px solid #2a6;padding:0.6em 1em;margin:0.5em 0}code{font-size:12px}
-.helped{color:#186a2e}.hurt{color:#a11}.note{color:#555;font-size:13px}"""
-
-
-def _img(out: Path, name: str, alt: str) -> str:
-    data = base64.b64encode((out / name).read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-
-
-def _num(v: float, fmt: str = "{:.4g}") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
-
-
-def _ui_link(store, run_id: str) -> str:
-    base = store.uri if store.uri.startswith("http") else "http://127.0.0.1:5000"
-    url = f"{base.rstrip('/')}/#/experiments/{store.experiment_id}/runs/{run_id}"
-    return f'<a href="{html.escape(url)}"><code>{run_id}</code></a>'
-
-
 def _html(study, parent, store, settings: Settings, verdict_lines, cells: pd.DataFrame, comps, runs: pd.DataFrame,
           figs: dict[str, str], groups, out: Path) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Stability report: {e(study)}</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>Stability report: {e(study)}</h1>",
-             f"<p class='note'>Study parent run {_ui_link(store, parent.info.run_id)} in <code>{e(store.uri)}</code>; "
+             f"<p class='note'>Study parent run {ui_link(store.uri, store.experiment_id, parent.info.run_id)} in <code>{e(store.uri)}</code>; "
              f"{len(runs)} finished runs. Control: <b>none</b> (unclipped). A run counts as diverged when its training "
              f"became non-finite or its final validation loss exceeded {settings.divergence_factor:g} x the zero "
              "forecast's. Loss comparisons pair runs by seed and use only pairs where neither run diverged.</p>",
@@ -426,6 +395,6 @@ def _html(study, parent, store, settings: Settings, verdict_lines, cells: pd.Dat
     for r in runs.sort_values(["group", "clip", "seed"]).itertuples():
         parts.append(f"<tr><td class='l'>{e(r.run_name)}</td><td class='l'>{e(r.group)}</td><td class='l'>{e(r.clip)}</td>"
                      f"<td>{r.seed}</td><td>{e(r.diverged_how) if r.diverged else 'no'}</td>"
-                     f"<td>{_num(r.final_val_loss)}</td><td>{r.steps}</td><td class='l'>{_ui_link(store, r.run_id)}</td></tr>")
+                     f"<td>{_num(r.final_val_loss)}</td><td>{r.steps}</td><td class='l'>{ui_link(store.uri, store.experiment_id, r.run_id)}</td></tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts)

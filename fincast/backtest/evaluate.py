@@ -1,0 +1,215 @@
+"""Forecast and trading evaluation of a walk-forward table: pure functions returning labelled Series.
+
+Units are in the labels (``Return [%]``). Conventions:
+
+* Forecasts are log returns over the horizon; a missing forecast (an LSTM fold that never validated
+  finitely) counts as the zero forecast, "no view", and is reported in ``Missing [%]``.
+* ``R2 OOS [%]`` is Campbell and Thompson's out-of-sample R2 against the historical mean forecast.
+* ``DM`` is the Diebold-Mariano test of squared errors against the naive (zero) forecast, with a Bartlett
+  (Newey-West) long-run variance over h-1 lags and the Harvey-Leybourne-Newbold small-sample correction
+  (Student t, T-1 degrees of freedom); a negative statistic means smaller errors than naive.
+* Trading: the position held on day t is decided from the forecast made at the close of t-1 (the origin)
+  and earns day t's simple return; a cost of ``cost_bps`` basis points is paid per unit of turnover
+  |position_t - position_{t-1}| (entering from flat on the first day included). Ratios use a zero risk-free
+  rate and annualise with the data's calendar: 365 bars a year when it trades on weekends, else 252.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+BUY_AND_HOLD = "buy_and_hold"
+
+
+def periods_per_year(dates) -> int:
+    """365 for a calendar with weekend bars (crypto), 252 for a trading-day calendar (equities)."""
+    days = pd.DatetimeIndex(dates).day_of_week
+    return 365 if (days >= 5).any() else 252
+
+
+def diebold_mariano(e_model, e_bench, horizon: int = 1) -> tuple[float, float]:
+    """(statistic, two-sided p) of the Diebold-Mariano test on squared errors (model minus benchmark)."""
+    d = np.square(np.asarray(e_model, float)) - np.square(np.asarray(e_bench, float))
+    d = d[np.isfinite(d)]
+    n = len(d)
+    if n < 3:
+        return math.nan, math.nan
+    u = d - d.mean()
+    lrv = u @ u / n
+    for k in range(1, min(horizon, n)):
+        lrv += 2 * (1 - k / horizon) * (u[k:] @ u[:-k]) / n
+    if not lrv > 0:
+        return math.nan, math.nan
+    stat = d.mean() / math.sqrt(lrv / n)
+    h = horizon
+    stat *= math.sqrt(max(n + 1 - 2 * h + h * (h - 1) / n, 0.0) / n)
+    return float(stat), float(2 * sps.t.sf(abs(stat), n - 1))
+
+
+def forecast_stats(y_true, y_pred, y_mean, *, horizon: int = 1) -> pd.Series:
+    """Out-of-sample forecast statistics of one model; ``y_mean`` is the historical-mean forecast of the same
+    samples (the benchmark of the out-of-sample R2)."""
+    y = np.asarray(y_true, float)
+    raw = np.asarray(y_pred, float)
+    missing = ~np.isfinite(raw)
+    f = np.where(missing, 0.0, raw)
+    m = np.asarray(y_mean, float)
+    e, e0 = f - y, -y
+    rmse, rmse0 = math.sqrt(np.mean(e**2)), math.sqrt(np.mean(e0**2))
+    hits = np.where(f == 0, 0.5, (np.sign(f) == np.sign(y)).astype(float))
+    denom = np.sum((y - m) ** 2)
+    dm, p = diebold_mariano(e, e0, horizon) if np.any(f != 0) else (math.nan, math.nan)
+    return pd.Series({
+        "Forecasts": float(len(y)),
+        "Missing [%]": 100 * float(np.mean(missing)) if len(y) else math.nan,
+        "RMSE": rmse,
+        "MAE": float(np.mean(np.abs(e))),
+        "RMSE vs Naive [%]": 100 * (rmse / rmse0 - 1) if rmse0 > 0 else math.nan,
+        "Directional Accuracy [%]": 100 * float(np.mean(hits)),
+        "R2 OOS [%]": 100 * (1 - np.sum(e**2) / denom) if denom > 0 else math.nan,
+        "DM Stat": dm,
+        "DM p-value": p,
+    })
+
+
+def positions(forecast, *, rule: str, max_position: float = 1.0, scale=None, vol=None, vol_target: float = 0.15,
+              periods: int = 252) -> np.ndarray:
+    """Position decided from each forecast (in units of capital, |position| <= max_position).
+
+    sign: long one unit on a positive forecast, short on a negative one, flat on zero. long_flat: long on a
+    positive forecast, else flat. vol_target: clip(forecast / scale, -1, 1) x vol_target / (vol x sqrt(periods)),
+    where ``scale`` is the typical size of the model's forecasts (the RMS of its forecasts on its training
+    inputs) and ``vol`` the daily volatility known at the forecast's origin: a typical forecast takes the
+    position whose volatility is the target. A missing forecast (NaN) or unknown volatility means flat."""
+    f = np.asarray(forecast, float)
+    f = np.where(np.isfinite(f), f, 0.0)
+    cap = float(max_position)
+    if rule == "sign":
+        pos = np.sign(f) * min(1.0, cap)
+    elif rule == "long_flat":
+        pos = (f > 0) * min(1.0, cap)
+    elif rule == "vol_target":
+        s = np.asarray(scale, float)
+        v = np.asarray(vol, float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            strength = np.clip(np.where(s > 0, f / s, 0.0), -1, 1)
+            lev = np.where(np.isfinite(v) & (v > 0), vol_target / (v * math.sqrt(periods)), 0.0)
+        pos = np.clip(strength * lev, -cap, cap)
+    else:
+        raise ValueError(f"unknown position rule {rule!r}")
+    return pos.astype(float) + 0.0  # no negative zeros
+
+
+def strategy_returns(returns, held, cost_bps: float) -> pd.DataFrame:
+    """Daily strategy returns: ``held[t]`` is the position over day t (decided before it), ``returns[t]``
+    the asset's simple return that day. Net = held x return - cost_bps/1e4 x |held[t] - held[t-1]|."""
+    r = pd.Series(returns, dtype=float)
+    pos = pd.Series(np.asarray(held, float), index=r.index)
+    turnover = (pos - pos.shift(1, fill_value=0.0)).abs()
+    gross = pos * r
+    cost = cost_bps / 1e4 * turnover
+    return pd.DataFrame({"position": pos, "asset": r, "gross": gross, "cost": cost, "net": gross - cost,
+                         "turnover": turnover})
+
+
+def trading_stats(net, position, periods: int) -> pd.Series:
+    """Statistics of a daily return series (and the positions behind it), annualised with ``periods``."""
+    r = np.asarray(net, float)
+    pos = np.asarray(position, float)
+    n = len(r)
+    if n == 0:
+        return pd.Series(dtype=float)
+    equity = np.cumprod(1 + r)
+    years = n / periods
+    total = equity[-1] - 1
+    cagr = equity[-1] ** (1 / years) - 1 if equity[-1] > 0 else -1.0
+    sd = float(np.std(r, ddof=1)) if n > 1 else math.nan
+    downside = math.sqrt(np.mean(np.minimum(r, 0) ** 2))
+    peak = np.maximum.accumulate(np.maximum(equity, 1.0))  # the starting capital is a peak too
+    mdd = float(np.min(equity / peak - 1))
+    active = pos != 0
+    return pd.Series({
+        "Days": float(n),
+        "Total Return [%]": 100 * total,
+        "CAGR [%]": 100 * cagr,
+        "Volatility (ann.) [%]": 100 * sd * math.sqrt(periods),
+        "Sharpe Ratio": np.mean(r) / sd * math.sqrt(periods) if sd > 0 else math.nan,
+        "Sortino Ratio": np.mean(r) * periods / (downside * math.sqrt(periods)) if downside > 0 else math.nan,
+        "Max. Drawdown [%]": 100 * mdd,
+        "Calmar Ratio": cagr / -mdd if mdd < 0 else math.nan,
+        "Hit Rate [%]": 100 * float(np.mean(r[active] > 0)) if active.any() else math.nan,
+        "Turnover (ann.) [x]": float(np.sum(np.abs(np.diff(pos, prepend=0.0)))) / years,
+        "Exposure [%]": 100 * float(np.mean(active)),
+        "Avg. |Position|": float(np.mean(np.abs(pos))),
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole walk-forward table
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    stats: pd.DataFrame  # one row per (ticker, model), buy and hold included: forecast and trading columns
+    daily: pd.DataFrame  # date, ticker, model, position, asset, gross, cost, net, turnover, equity
+    fold_errors: pd.DataFrame  # fold, cutoff, ticker, model, n, rmse, rmse_vs_naive_pct
+    periods: dict[str, int]  # ticker -> bars a year
+
+
+def evaluate(table: pd.DataFrame, frames: dict[str, pd.DataFrame], *, models: list[str], horizon: int,
+             rule: str, max_position: float, cost_bps: float, vol_target: float, vol_window: int,
+             price: str = "adj_close") -> Evaluation:
+    """Forecast statistics, strategy returns and trading statistics of every model, per ticker."""
+    stats_rows, daily, periods = [], [], {}
+    for ticker, tab in table.groupby("ticker", sort=True):
+        df = frames[ticker]
+        px = df[price].astype(float)
+        periods[ticker] = ppy = periods_per_year(df.index)
+        asset = px.pct_change()
+        logret = np.log(px).diff()
+        vol = logret.rolling(vol_window, min_periods=vol_window).std()  # known at each bar's close
+        nxt = pd.Series(df.index[1:].append(pd.DatetimeIndex([pd.NaT])), index=df.index)  # the bar after
+        mean_fc = tab[tab["model"] == "hist_mean"].set_index("date")["y_pred"]
+        days = None
+        for model in models:
+            t = tab[tab["model"] == model].sort_values("origin")
+            fs = forecast_stats(t["y_true"], t["y_pred"], mean_fc.reindex(t["date"]).to_numpy(), horizon=horizon)
+            origin = pd.DatetimeIndex(t["origin"])
+            pos = positions(t["y_pred"].to_numpy(), rule=rule, max_position=max_position,
+                            scale=t["pred_rms_train"].to_numpy(), vol=vol.reindex(origin).to_numpy(),
+                            vol_target=vol_target, periods=ppy)
+            held_on = pd.DatetimeIndex(nxt.reindex(origin).to_numpy())
+            keep = ~held_on.isna()
+            if days is None:  # every model has the same origins: one trading span per ticker
+                days = held_on[keep]
+                span = df.index[(df.index >= days.min()) & (df.index <= days.max())]
+            held = pd.Series(pos[keep], index=held_on[keep]).reindex(span, fill_value=0.0)
+            sr = strategy_returns(asset.reindex(span), held, cost_bps)
+            ts = trading_stats(sr["net"], sr["position"], ppy)
+            stats_rows.append(pd.concat([pd.Series({"ticker": ticker, "model": model}), fs, ts]))
+            daily.append(sr.assign(date=span, ticker=ticker, model=model, equity=(1 + sr["net"]).cumprod()))
+        bh = strategy_returns(asset.reindex(span), np.ones(len(span)), cost_bps)
+        ts = trading_stats(bh["net"], bh["position"], ppy)
+        stats_rows.append(pd.concat([pd.Series({"ticker": ticker, "model": BUY_AND_HOLD}), ts]))
+        daily.append(bh.assign(date=span, ticker=ticker, model=BUY_AND_HOLD, equity=(1 + bh["net"]).cumprod()))
+    stats = pd.DataFrame(stats_rows).reset_index(drop=True)
+    daily_frame = pd.concat(daily, ignore_index=True)
+    return Evaluation(stats, daily_frame, fold_errors(table), periods)
+
+
+def fold_errors(table: pd.DataFrame) -> pd.DataFrame:
+    """RMSE of each model in each fold (missing forecasts as zero), and relative to naive in that fold."""
+    t = table.assign(err2=(table["y_pred"].fillna(0.0) - table["y_true"]) ** 2)
+    g = t.groupby(["fold", "cutoff", "ticker", "model"], sort=True)
+    out = g["err2"].agg(["size", "mean"]).reset_index().rename(columns={"size": "n"})
+    out["rmse"] = np.sqrt(out.pop("mean"))
+    naive = out[out["model"] == "naive"].set_index(["fold", "ticker"])["rmse"]
+    ref = naive.reindex(pd.MultiIndex.from_frame(out[["fold", "ticker"]])).to_numpy()
+    out["rmse_vs_naive_pct"] = 100 * (out["rmse"].to_numpy() / ref - 1)
+    return out

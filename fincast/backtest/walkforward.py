@@ -1,0 +1,339 @@
+"""Walk-forward forecasting: refit at each cutoff on what was known by then, forecast the next bars.
+
+Features are computed once for the whole history (each feature row of bar t uses bars up to t only); what
+depends on a fold's training data, the scalers, the target scales and the models, is refit per fold from
+that fold's training part alone.
+
+Fold k has a cutoff c_k, a date of the data's calendar (the union of the tickers' bars):
+
+* training samples: targets that ended at or before c_k (and, with a rolling ``backtest.window`` of n bars,
+  origins among the last n bars up to c_k). The LSTM early-stops on the last ``features.val_frac`` of them
+  (by target date, purged for h > 1 like the pipeline's split); scalers are fit on the feature rows of the
+  remaining training inputs; ridge (its penalty chosen on that inner validation) and the historical mean
+  are fit on all of them.
+* forecasts: every sample whose origin (the last input bar, known at its close) is in [c_k, c_{k+1}), so
+  every forecast's target starts after the cutoff, and no target period of a forecast overlaps the data the
+  fold trained on.
+
+The output is one long table, one row per (date, ticker, model) with the fold's ``cutoff`` (Darts /
+statsforecast style), and one row per fold with what training did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
+from sklearn.linear_model import Ridge
+from tqdm.auto import tqdm
+
+from fincast import features
+from fincast.config import ClipConfig, FincastError, PipelineConfig, clip_label
+from fincast.features import MIN_EVAL, MIN_TRAIN, Split
+
+NAIVE, MEAN, RIDGE = "naive", "hist_mean", "ridge"
+
+
+class BacktestError(FincastError):
+    pass
+
+
+def lstm_name(clip: ClipConfig) -> str:
+    return f"lstm-{clip_label(clip)}"
+
+
+def clip_configs(cfg: PipelineConfig) -> tuple[ClipConfig, ...]:
+    """The LSTMs' clip configs: backtest.clips, else unclipped and the spec's clip (just unclipped when that
+    is none)."""
+    if cfg.backtest.clips:
+        return cfg.backtest.clips
+    none = dataclasses.replace(cfg.clip, method="none")
+    return (none,) if cfg.clip.method == "none" else (none, cfg.clip)
+
+
+def lstm_names(cfg: PipelineConfig) -> list[str]:
+    """lstm-<clip label> per clip config; distinct configs that share a label (settings the label leaves out,
+    e.g. zclip's alpha) are told apart by a suffix: lstm-zclip-z2.5, lstm-zclip-z2.5-2."""
+    names: list[str] = []
+    for c in clip_configs(cfg):
+        name, k = lstm_name(c), 2
+        while name in names:
+            name, k = f"{lstm_name(c)}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def model_names(cfg: PipelineConfig) -> list[str]:
+    return lstm_names(cfg) + [RIDGE, MEAN, NAIVE]
+
+
+@dataclass
+class TickerPanel:
+    """One ticker's features, computed once: row i is the feature row of bar ``origin[i]``."""
+    feats: np.ndarray  # (n, F) float64, unscaled
+    windows: np.ndarray  # (n - L + 1, L, F) view: windows[i] = rows i .. i+L-1
+    y: np.ndarray  # (n,) log return over the next h bars from origin[i] (NaN where unknown)
+    origin: np.ndarray  # (n,) datetime64[ns]
+    first: np.ndarray  # (n,) first bar of the target period (the bar after the origin)
+    date: np.ndarray  # (n,) last bar of the target period
+    valid: np.ndarray  # (n,) bool: a full input window and a known target
+
+
+def panels(frames: dict[str, pd.DataFrame], cfg: PipelineConfig) -> dict[str, TickerPanel]:
+    L = cfg.features.lookback
+    out = {}
+    for ticker, df in frames.items():
+        feats, target = features.ticker_features(df, cfg.features, price=cfg.data.price)
+        x = feats.to_numpy(float)
+        if len(x) < L:
+            raise BacktestError(f"{ticker}: {len(x)} complete feature rows, fewer than features.lookback = {L}")
+        y = target["y"].to_numpy(float)
+        pos = np.arange(len(x))
+        first = pd.Series(df.index, index=df.index).shift(-1).loc[feats.index].to_numpy("datetime64[ns]")
+        out[ticker] = TickerPanel(
+            feats=x, windows=sliding_window_view(x, (L, x.shape[1]))[:, 0], y=y,
+            origin=feats.index.to_numpy("datetime64[ns]"), first=first,
+            date=pd.to_datetime(target["date"]).to_numpy("datetime64[ns]"), valid=(pos >= L - 1) & ~np.isnan(y))
+    return out
+
+
+def cutoffs(panel: dict[str, TickerPanel], cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(cutoff dates, the data calendar): every refit_every-th calendar date from backtest.start on, as long as
+    a forecast from it has its target by backtest.end."""
+    calendar = np.unique(np.concatenate([p.origin[p.valid] for p in panel.values()]))
+    if len(calendar) == 0:
+        raise BacktestError("no samples: every ticker's history is shorter than warm-up + lookback + horizon")
+    b = cfg.backtest
+    start = np.datetime64(b.start, "ns") if b.start else calendar[len(calendar) // 2]
+    first = int(np.searchsorted(calendar, start))
+    last = len(calendar)
+    if b.end is not None:  # origins whose forecast targets end by backtest.end
+        end = np.datetime64(b.end, "ns")
+        ok = np.concatenate([p.origin[p.valid & (p.date <= end)] for p in panel.values()])
+        last = int(np.searchsorted(calendar, ok.max(), side="right")) if len(ok) else 0
+    cut = calendar[first:last:b.refit_every]
+    if len(cut) == 0:
+        span = f"{pd.Timestamp(calendar[0]):%Y-%m-%d} .. {pd.Timestamp(calendar[-1]):%Y-%m-%d}"
+        raise BacktestError(f"backtest.start = {b.start} leaves nothing to forecast: sample origins span {span}"
+                            + (f" and backtest.end = {b.end}" if b.end else ""))
+    return cut, calendar
+
+
+@dataclass
+class FoldData:
+    """One ticker's part of a fold: sample positions into its panel, and its scaler."""
+    train: np.ndarray  # LSTM training samples (before the inner validation)
+    val: np.ndarray  # inner validation (early stopping)
+    test: np.ndarray  # forecasts of this fold
+    mean: np.ndarray  # scaler (fit on the training inputs' feature rows)
+    std: np.ndarray
+    tscale: float  # target scale (std of the training targets, or 1)
+
+
+def _fold_split(p: TickerPanel, cutoff: np.datetime64, next_cut: np.datetime64 | None,
+                window_start: np.datetime64 | None,
+                cfg: PipelineConfig, end: np.datetime64 | None) -> FoldData | None:
+    L = cfg.features.lookback
+    known = p.valid & (p.date <= cutoff)
+    if window_start is not None:
+        known &= p.origin >= window_start
+    pos = np.flatnonzero(known)
+    test_mask = p.valid & (p.origin >= cutoff)
+    if next_cut is not None:
+        test_mask &= p.origin < next_cut
+    if end is not None:
+        test_mask &= p.date <= end
+    test = np.flatnonzero(test_mask)
+    if len(pos) == 0 or len(test) == 0:
+        return None
+    # inner validation: the last val_frac of the training target dates; purged like features.build
+    dates = np.unique(p.date[pos])
+    v = dates[min(len(dates) - 1, int(len(dates) * (1 - cfg.features.val_frac)))]
+    train = pos[p.date[pos] < v]
+    val = pos[p.first[pos] >= v]
+    if len(train) == 0:
+        return None
+    rows = slice(max(0, train[0] - L + 1), train[-1] + 1)  # the feature rows the training inputs cover
+    mean = p.feats[rows].mean(axis=0)
+    std = p.feats[rows].std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # StandardScaler's convention for constant columns
+    tscale = float(np.std(p.y[train])) if cfg.features.scale_target else 1.0
+    return FoldData(train, val, test, mean, std, tscale if tscale > 0 else 1.0)
+
+
+def _split(panel: dict[str, TickerPanel], parts: dict[str, FoldData], which: str, L: int) -> Split:
+    xs, ys, raw, scale, origin, date, ticker = [], [], [], [], [], [], []
+    for t, d in parts.items():
+        p = panel[t]
+        idx = getattr(d, which)
+        xs.append(((p.windows[idx - L + 1] - d.mean) / d.std).astype(np.float32))
+        ys.append((p.y[idx] / d.tscale).astype(np.float32))
+        raw.append(p.y[idx])
+        scale.append(np.full(len(idx), d.tscale))
+        origin.append(p.origin[idx])
+        date.append(p.date[idx])
+        ticker.append(np.full(len(idx), t, dtype=object))
+    return Split(*(np.concatenate(a) for a in (xs, ys, raw, scale, origin, date, ticker)))
+
+
+RIDGE_ALPHAS = tuple(10.0**k for k in range(-1, 6))
+
+
+def _flat(split: Split) -> np.ndarray:
+    return split.x.reshape(len(split), -1)
+
+
+def _ridge_alpha(train: Split, val: Split, cfg: PipelineConfig) -> float:
+    """Ridge's penalty for this fold: the one of RIDGE_ALPHAS with the lowest error on the fold's inner
+    validation split when fit on the rest (the split the LSTM early-stops on: nothing after the cutoff)."""
+    x, xv = _flat(train), _flat(val)
+    errors = [float(np.mean((Ridge(alpha=a).fit(x, train.y).predict(xv) - val.y) ** 2)) for a in RIDGE_ALPHAS]
+    return RIDGE_ALPHAS[int(np.argmin(errors))]
+
+
+def _concat(a: Split, b: Split) -> Split:
+    return Split(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in Split.__dataclass_fields__))
+
+
+@dataclass
+class FoldFit:
+    """What fitting one LSTM on one fold gives back (see ``LSTMFitter``)."""
+    predict: Callable[[np.ndarray], np.ndarray]  # scaled input windows (N, L, F) -> forecasts in training units
+    usable: bool  # an epoch validated finitely (else the fold's forecasts are missing)
+    weights: dict | None = None  # the trained weights, for the next fold's warm start
+    info: dict = field(default_factory=dict)  # steps, epochs, stop_reason, best_val_loss, diverged, clip_rate, ...
+
+
+# (clip config, training split, validation split, warm-start weights or None, max epochs) -> FoldFit.
+# The pipeline passes one that trains with fincast.training.fit; this layer does not train models itself.
+LSTMFitter = Callable[[ClipConfig, Split, Split, "dict | None", int], FoldFit]
+
+
+@dataclass
+class WalkForward:
+    forecasts: pd.DataFrame  # date, ticker, cutoff, model, y_true, y_pred, origin, fold, pred_rms_train
+    folds: pd.DataFrame  # one row per (fold, model): cutoff, samples, training outcome, seconds
+    models: list[str]
+    lstms: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went: features, lstm_fit, ...
+
+
+FoldCallback = Callable[[int, pd.DataFrame], None]
+
+
+def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_lstm: LSTMFitter,
+                 progress: bool = False, on_fold: FoldCallback | None = None) -> WalkForward:
+    """Run the walk-forward backtest of ``cfg`` on ``frames`` (one OHLCV frame per ticker).
+
+    ``fit_lstm`` trains one LSTM on a fold (``fincast.pipeline.lstm_fitter``). ``on_fold(k, rows)`` is called
+    after each fold with its rows of the folds table (the pipeline logs them to MLflow as stepped metrics)."""
+    seconds = dict.fromkeys(("features", "split", "lstm_fit", "lstm_predict", "ridge", "table"), 0.0)
+    t0 = time.perf_counter()
+    L = cfg.features.lookback
+    panel = panels(frames, cfg)
+    cuts, calendar = cutoffs(panel, cfg)
+    b = cfg.backtest
+    end = np.datetime64(b.end, "ns") if b.end else None
+    rolling = None if b.window == "expanding" else int(b.window)
+    clips = clip_configs(cfg)
+    lstms = lstm_names(cfg)
+    seconds["features"] += time.perf_counter() - t0
+
+    rows: list[pd.DataFrame] = []
+    fold_rows: list[dict] = []
+    previous: dict[str, dict] = {}  # warm start: each LSTM's weights after the last fold
+    bar = tqdm(total=len(cuts), desc="backtest", unit="fold", disable=not progress, leave=False)
+    for k, cutoff in enumerate(cuts):
+        t = time.perf_counter()
+        next_cut = cuts[k + 1] if k + 1 < len(cuts) else None  # the last fold forecasts to the end
+        window_start = None
+        if rolling is not None:
+            i = int(np.searchsorted(calendar, cutoff, side="right"))
+            window_start = calendar[max(0, i - rolling)]
+        parts = {tk: d for tk, p in panel.items()
+                 if (d := _fold_split(p, cutoff, next_cut, window_start, cfg, end)) is not None}
+        if not parts:
+            if k == 0:
+                raise BacktestError(
+                    f"backtest.start = {cfg.backtest.start or pd.Timestamp(cutoff).date()}: no training targets end by "
+                    f"the first cutoff {pd.Timestamp(cutoff):%Y-%m-%d}; use a later backtest.start")
+            bar.update(1)
+            continue
+        train, val, test = (_split(panel, parts, w, L) for w in ("train", "val", "test"))
+        if len(train) < MIN_TRAIN or len(val) < MIN_EVAL:
+            raise BacktestError(
+                f"fold {k + 1} (cutoff {pd.Timestamp(cutoff):%Y-%m-%d}): {len(train)} training and {len(val)} "
+                f"validation samples (needs >= {MIN_TRAIN} and >= {MIN_EVAL}); use a later backtest.start"
+                + (" or a longer backtest.window" if rolling else ""))
+        full = _concat(train, val)
+        seconds["split"] += time.perf_counter() - t
+        base = {"fold": k + 1, "cutoff": pd.Timestamp(cutoff), "train_start": pd.Timestamp(full.origin.min()),
+                "samples_train": len(full), "samples_test": len(test)}
+        preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # model -> (test forecasts, training-input forecasts)
+        folds_now = []
+
+        for clip, name in zip(clips, lstms):
+            t = time.perf_counter()
+            warm = previous.get(name) if b.warm_start else None
+            epochs = b.warm_epochs if warm is not None and b.warm_epochs is not None else cfg.train.epochs
+            fold_fit = fit_lstm(clip, train, val, warm, epochs)
+            fit_s = time.perf_counter() - t
+            seconds["lstm_fit"] += fit_s
+            t = time.perf_counter()
+            if fold_fit.usable:
+                preds[name] = (fold_fit.predict(test.x) * test.scale, fold_fit.predict(full.x) * full.scale)
+                if b.warm_start:
+                    previous[name] = fold_fit.weights
+            else:
+                preds[name] = (np.full(len(test), np.nan), np.full(len(full), np.nan))
+                previous.pop(name, None)  # the next fold starts afresh
+            seconds["lstm_predict"] += time.perf_counter() - t
+            folds_now.append({**base, "model": name, **fold_fit.info, "usable": fold_fit.usable, "fit_seconds": fit_s})
+
+        t = time.perf_counter()
+        alpha = _ridge_alpha(train, val, cfg) if b.ridge_tune else cfg.model.ridge_alpha
+        ridge = Ridge(alpha=alpha).fit(_flat(full), full.y)
+        preds[RIDGE] = (ridge.predict(_flat(test)) * test.scale, ridge.predict(_flat(full)) * full.scale)
+        mean = {tk: float(np.mean(full.y_raw[full.ticker == tk])) for tk in parts}
+        preds[MEAN] = (np.array([mean[tk] for tk in test.ticker]), np.array([mean[tk] for tk in full.ticker]))
+        preds[NAIVE] = (np.zeros(len(test)), np.zeros(len(full)))
+        seconds["ridge"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        for name, (pred, insample) in preds.items():
+            rms = {tk: float(np.sqrt(np.mean(np.square(insample[full.ticker == tk])))) for tk in parts}
+            rows.append(pd.DataFrame({
+                "date": test.date, "ticker": test.ticker, "cutoff": np.full(len(test), cutoff), "model": name,
+                "y_true": test.y_raw, "y_pred": pred, "origin": test.origin, "fold": k + 1,
+                "pred_rms_train": [rms[tk] for tk in test.ticker]}))
+        folds_now.append({**base, "model": RIDGE, "ridge_alpha": alpha})
+        for name in (MEAN, NAIVE):
+            folds_now.append({**base, "model": name})
+        naive_rmse = math.sqrt(float(np.mean(np.square(test.y_raw))))
+        for row in folds_now:  # missing forecasts count as zero (no view), as in the evaluation
+            e = np.nan_to_num(preds[row["model"]][0], nan=0.0) - test.y_raw
+            row["test_rmse"] = math.sqrt(float(np.mean(e**2)))
+            row["test_rmse_vs_naive_pct"] = 100 * (row["test_rmse"] / naive_rmse - 1) if naive_rmse > 0 else math.nan
+        folds_frame = pd.DataFrame(folds_now)
+        fold_rows.extend(folds_now)
+        seconds["table"] += time.perf_counter() - t
+        if on_fold is not None:
+            on_fold(k + 1, folds_frame)
+        bar.update(1)
+    bar.close()
+    if not rows:
+        raise BacktestError("no fold had both training data and forecasts; check backtest.start and backtest.end")
+    t = time.perf_counter()
+    table = pd.concat(rows, ignore_index=True)
+    table["ticker"] = table["ticker"].astype(str)
+    table["model"] = pd.Categorical(table["model"], categories=lstms + [RIDGE, MEAN, NAIVE])
+    table = table.sort_values(["ticker", "date", "model"], kind="stable", ignore_index=True)
+    table["model"] = table["model"].astype(str)
+    seconds["table"] += time.perf_counter() - t
+    return WalkForward(table, pd.DataFrame(fold_rows), lstms + [RIDGE, MEAN, NAIVE], lstms, seconds)

@@ -1,0 +1,116 @@
+"""Backtest-report figures: each writes a readable PNG for normal and awkward input and closes its figure."""
+
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from fincast.reports import plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Awkward input must be handled, not just survived: no numpy RuntimeWarnings, no matplotlib UserWarnings.
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"), pytest.mark.filterwarnings("error::UserWarning")]
+DATES = pd.bdate_range("2020-01-01", periods=300)
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert not list(path.parent.glob(f".{path.name}.*"))  # no temp file left behind
+    return img
+
+
+@pytest.fixture(autouse=True)
+def figures_closed():
+    before = set(plt.get_fignums())
+    yield
+    assert set(plt.get_fignums()) == before
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The figures passed to save_figure (still written, and closed), for checks on their content."""
+    figs, save = [], plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    return figs
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_model_colors_distinct_and_stable():
+    names = ["buy_and_hold", "naive", "hist_mean", "ridge", "lstm-none", "lstm-norm1.0", "lstm-none", "other"]
+    styles = plots._model_colors(names)
+    assert list(styles) == names[:6] + ["other"]
+    assert styles["buy_and_hold"]["ls"] == "--" and styles["buy_and_hold"]["color"] == "k"
+    assert (styles["lstm-none"]["color"], styles["lstm-norm1.0"]["color"]) == ("C0", "C1")
+    assert styles["other"]["color"] == "C9" and styles["ridge"]["color"] == "tab:purple"
+    lstm = plots._model_colors([f"lstm-{i}" for i in range(5)])
+    assert [s["color"] for s in lstm.values()] == ["C0", "C1", "C2", "C3", "C5"]  # C4 would clash with ridge
+
+
+def test_drawdown_pct():
+    np.testing.assert_allclose(plots.drawdown_pct(np.array([1.1, 0.99, 1.21, 0.605])), [0, -10, 0, -50], atol=1e-12)
+    np.testing.assert_allclose(plots.drawdown_pct(np.array([0.9, 0.45])), [-10, -55])  # initial capital is a peak
+    np.testing.assert_allclose(plots.drawdown_pct(np.array([2.0, np.nan, 1.0, 0.0, -1.0])),
+                               [0, np.nan, -50, -100, -150])
+
+
+def test_rolling_sharpe_values():
+    r = pd.Series([0.01, -0.02, 0.03, 0.0, 0.01], index=DATES[:5])
+    got = plots._rolling_sharpe(r, window=3, periods=252)
+    w = r.to_numpy()[2:5]
+    assert got.iloc[:2].isna().all()
+    assert got.iloc[-1] == pytest.approx(w.mean() / w.std(ddof=1) * np.sqrt(252))
+    assert plots._rolling_sharpe(pd.Series(np.zeros(10)), window=3, periods=252).isna().all()  # nan, not inf
+
+
+def test_equity_drawdown(tmp_path, rng, captured):
+    r = pd.Series(rng.normal(3e-4, 0.01, DATES.size), index=DATES)
+    broke = pd.Series(np.linspace(1.0, -0.5, DATES.size), index=DATES)  # through 0 into negative
+    broke.iloc[10], broke.iloc[20] = np.nan, np.inf
+    equity = {"buy_and_hold": (1 + r).cumprod(), "lstm-none": (1 + r / 2).cumprod(), "lstm-broke": broke}
+    out = plots.equity_drawdown(tmp_path / "eq.png", equity, title="t")
+    assert out == tmp_path / "eq.png"
+    assert_png(out)
+    assert captured[0].axes[0].get_yscale() == "log"
+    assert_png(plots.equity_drawdown(tmp_path / "empty.png", {}, title="t"))
+
+
+def test_rolling_sharpe_flat_series(tmp_path, rng):
+    returns = {"buy_and_hold": pd.Series(rng.normal(3e-4, 0.01, DATES.size), index=DATES),
+               "naive": pd.Series(0.0, index=DATES)}  # flat: never in the market
+    assert_png(plots.rolling_sharpe(tmp_path / "rs.png", returns, window=63, periods=252, title="t"))
+
+
+def test_forecast_scatter_awkward(tmp_path, rng, captured):
+    y = rng.normal(0, 0.01, 1050)
+    big_x = rng.normal(0, 0.001, 10_000)
+    pairs = {
+        "lstm-none": (0.1 * y + rng.normal(0, 0.01, y.size), y),
+        "lstm-norm1.0": (np.full(y.size, np.nan), y),  # all nan
+        "naive": (np.zeros(y.size), y),  # zero variance
+        "ridge": (big_x, big_x + rng.normal(0, 0.01, big_x.size)),  # thinned
+        "hist_mean": (np.r_[y[:-1], 5.0], np.r_[y[:-1], np.nan]),  # outlier forecast paired with nan
+    }
+    assert_png(plots.forecast_scatter(tmp_path / "fs.png", pairs, title="t", max_points=4000))
+    axes = {ax.get_title().split()[0]: ax for ax in captured[0].axes if ax.get_title()}
+    assert "corr" in axes["lstm-none"].get_title() and "n=1050" in axes["lstm-none"].get_title()
+    assert "n=1049" in axes["hist_mean"].get_title()
+    assert "n=0" in axes["lstm-norm1.0"].get_title() and "corr" not in axes["naive"].get_title()
+    assert any("no variance" in t.get_text() for t in axes["naive"].texts)
+    assert len(axes["ridge"].collections[0].get_offsets()) <= 4000
+    assert_png(plots.forecast_scatter(tmp_path / "one.png", {"naive": (np.zeros(5), np.ones(5))}, title="t"))
+
+
+def test_fold_errors_skips_naive_and_all_nan(tmp_path, captured):
+    cutoffs = pd.DatetimeIndex(["2021-01-01", "2021-07-01", "2022-01-01", "2022-07-01"])
+    table = pd.DataFrame({"naive": 0.0, "ridge": [-1.0, 0.5, np.nan, 2.0], "lstm-none": np.nan,
+                          "lstm-norm1.0": [3.0, -2.0, 1.0, 0.0]}, index=cutoffs)
+    assert_png(plots.fold_errors(tmp_path / "fe.png", table, title="t"))
+    assert [t.get_text() for t in captured[0].legends[0].get_texts()] == ["ridge", "lstm-norm1.0"]
+    assert_png(plots.fold_errors(tmp_path / "nan.png", table[["naive", "lstm-none"]], title="t", ylabel="y"))
