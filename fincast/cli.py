@@ -316,21 +316,21 @@ def format_backtest(out) -> str:
             ("Total Return [%]", "return", "{:+.0f}%"), ("CAGR [%]", "CAGR", "{:+.1f}%"),
             ("Sharpe Ratio", "Sharpe", "{:.2f}"), ("Max. Drawdown [%]", "max DD", "{:.1f}%"),
             ("Turnover (ann.) [x]", "turnover", "{:.0f}x")]
+    width = max(14, *(len(str(m)) + 2 for m in out.stats["model"]))
     for ticker, rows in out.stats.groupby("ticker", sort=True):
-        lines.append(f"  {ticker:<14}" + "".join(f"{h:>10}" for _, h, _ in cols))
+        lines.append(f"  {ticker:<{width}}" + "".join(f"{h:>10}" for _, h, _ in cols))
         for r in rows.to_dict("records"):
             cells = []
             for key, _, fmt in cols:
                 v = r.get(key)
                 cells.append(f"{fmt.format(v) if isinstance(v, float) and v == v else '':>10}")
-            lines.append(f"  {r['model']:<14}" + "".join(cells))
+            lines.append(f"  {r['model']:<{width}}" + "".join(cells))
         lines.append("")
     for r in out.training.to_dict("records"):
         lines.append(f"  {r['model']}: {r['diverged']} of {r['folds']} folds diverged, {r['unusable']} unusable; "
                      f"median clip rate {100 * r['clip_rate_median']:.1f}%, max grad norm {r['grad_norm_max']:.3g}")
     lines += [f"  report {out.report}", "  look: make ui  (the run's metrics fold/<model>/* are stepped by fold)"]
-    if out.warnings:
-        lines.append(f"  data warnings: {len(out.warnings)} (listed in the report)")
+    lines += [f"  note: {w}" for w in out.warnings]
     return "\n".join(lines)
 
 

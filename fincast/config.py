@@ -302,6 +302,10 @@ class BacktestConfig:
         False, "start each fold's LSTM from the previous fold's weights (which only saw earlier data)")
     warm_epochs: int | None = _opt(
         None, "with warm_start: maximum epochs of every fold after the first; null = train.epochs", ge=1, le=100000)
+    refit_full: bool = _opt(
+        True, "after early stopping on the fold's inner validation split, retrain the LSTM on all the fold's training "
+              "data (validation included) for the best epoch count, so it learns from data up to the cutoff; false = "
+              "keep the early-stopped model (about half the training time)")
     clips: tuple[ClipConfig, ...] | None = _opt(
         None, "LSTMs compared, one per clip config: a method name or a clip mapping, each over the spec's clip "
               "section; null = unclipped and the spec's clip", entries=ClipConfig)

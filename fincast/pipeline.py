@@ -393,24 +393,41 @@ def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp3
     seeded with train.seed (or the warm-start weights), trained by training.fit with early stopping on val, the
     best epoch's weights kept."""
     from fincast.backtest import FoldFit
+    from fincast.backtest.walkforward import concat_splits
 
     monitor = dataclasses.replace(cfg.monitor, every=None)  # no per-layer monitoring inside folds
 
-    def fit_fold(clip, train: features.Split, val: features.Split, warm: dict | None, epochs: int) -> FoldFit:
+    def train_once(clip, train, val, warm, epochs, **kw):
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model, train.x.shape[2]).to(device)
         if warm is not None:
             model.load_state_dict(warm)
-        train_cfg = cfg.train if epochs == cfg.train.epochs else dataclasses.replace(cfg.train, epochs=epochs)
+        train_cfg = dataclasses.replace(cfg.train, epochs=epochs, **kw)
         res = fit(model, train, val, train_cfg, clip, device=device, precision=precision,
-                  log_every=cfg.tracking.log_every, monitor=monitor)
+                  log_every=cfg.tracking.log_every, monitor=monitor, restore_best="patience" not in kw)
+        return model, res
+
+    def fit_fold(clip, train: features.Split, val: features.Split, warm: dict | None, epochs: int) -> FoldFit:
+        model, res = train_once(clip, train, val, warm, epochs)
         h = res.history
-        info = {"steps": res.steps, "epochs": res.epochs, "stop_reason": res.stop_reason,
-                "best_val_loss": res.best_val_loss, "diverged": res.diverged,
-                "clip_rate": float(np.mean(h["clipped"])) if h["clipped"] else math.nan,
-                "grad_norm_median": float(np.nanmedian(h["norm_pre"])) if h["norm_pre"] else math.nan,
-                "grad_norm_max": float(np.nanmax(h["norm_pre"])) if h["norm_pre"] else math.nan}
+        steps, norms, clipped = res.steps, list(h["norm_pre"]), list(h["clipped"])
         usable = res.best_epoch > 0  # weights from an epoch that validated finitely
+        refit, diverged = "off", res.diverged
+        if usable and cfg.backtest.refit_full:  # the same recipe on everything up to the cutoff, best epoch count
+            again, res2 = train_once(clip, concat_splits(train, val), val, warm, res.best_epoch, patience=None,
+                                     max_steps=None)
+            steps += res2.steps
+            norms += res2.history["norm_pre"]
+            clipped += res2.history["clipped"]
+            refit = "diverged: kept the early-stopped model" if res2.diverged else f"{res.best_epoch} epochs"
+            diverged = diverged or res2.diverged
+            if not res2.diverged:
+                model = again
+        info = {"steps": steps, "epochs": res.epochs, "stop_reason": res.stop_reason,
+                "best_val_loss": res.best_val_loss, "diverged": diverged, "refit": refit,
+                "clip_rate": float(np.mean(clipped)) if clipped else math.nan,
+                "grad_norm_median": float(np.nanmedian(norms)) if norms else math.nan,
+                "grad_norm_max": float(np.nanmax(norms)) if norms else math.nan}
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if usable else None
         return FoldFit(lambda x: predict(model, x, device), usable, weights, info)
 
@@ -473,7 +490,7 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
             window=b.window, refit_every=b.refit_every, warm_start=b.warm_start, rule=b.position,
             cost_bps=b.cost_bps, max_position=b.max_position, vol_target=b.vol_target, sharpe_window=b.sharpe_window,
             device=f"{device} ({precision})", run_id=run.run_id, tracking_uri=run.uri, experiment_id=exp_id,
-            notes=list(prices.warnings))
+            refit_full=b.refit_full, notes=[*wf.notes, *prices.warnings])
         out = Path(out_dir) / "backtest" / cfg.name
         index = report_mod.build(out, ctx, wf.forecasts, wf.folds, ev, wf.lstms)
         t_report = time.perf_counter() - t
@@ -504,4 +521,4 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
     seconds["model_training"] = wf.seconds["lstm_fit"] + wf.seconds["ridge"]
     return BacktestOutcome(run.run_id, experiment, run.uri, index, ev.stats,
                            report_mod.training_summary(wf.folds, wf.lstms), int(wf.folds["fold"].nunique()),
-                           len(wf.forecasts), f"{device} ({precision})", seconds, prices.warnings)
+                           len(wf.forecasts), f"{device} ({precision})", seconds, [*wf.notes, *prices.warnings])

@@ -281,13 +281,15 @@ class SpikeCounter:
 def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip: ClipConfig, *,
         device: torch.device, precision: str = "fp32", log_every: int = 50, sink: MetricSink | None = None,
         progress: bool = False, monitor: MonitorConfig | None = None,
-        checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> FitResult:
+        checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+        restore_best: bool = True) -> FitResult:
     """Train ``model`` on ``train``, validate each epoch on ``val``, early-stop, restore the best weights.
 
     ``sink`` receives metric rows (key, value, step) in batches; it is how the pipeline reaches MLflow
     without this layer knowing about it. ``checkpoint`` receives the full training state (see
     ``checkpoint_state``) at each epoch end and every ``cfg.checkpoint_every`` steps; ``resume`` is such a
-    state, from which training continues exactly as if it had never stopped.
+    state, from which training continues exactly as if it had never stopped. ``restore_best=False`` keeps the
+    last epoch's weights (a refit for a fixed number of epochs, whose "validation" data are in ``train``).
 
     Under torchrun (torch.distributed initialised) the model is wrapped in DDP and every global batch is
     split across ranks; gradients are all-reduced before clipping, so every rank clips identically.
@@ -505,7 +507,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             break
     send()
     progress_bar.close()
-    if state.best_weights is not None:
+    if restore_best and state.best_weights is not None:  # else the model keeps its last weights
         model.load_state_dict(state.best_weights)
     return FitResult(
         steps=state.step, epochs=len(val_history), stop_reason=stop_reason, best_val_loss=state.best_val,

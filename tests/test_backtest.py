@@ -33,7 +33,8 @@ PRICES = ["open", "high", "low", "close", "adj_close"]
 TINY = ("data.source=synthetic", "data.tickers=[BTC-USD, ETH-USD]", "data.start=2020-01-01", "data.end=2021-05-31",
         "features.lookback=5", "features.vol_windows=[7, 30]", "features.volume=true",
         "model.hidden_size=4", "train.epochs=2", "train.batch_size=64", "train.warmup_steps=5",
-        "train.device=cpu", "backtest.window=expanding", "backtest.start=2021-01-01", "backtest.refit_every=40")
+        "train.device=cpu", "backtest.window=expanding", "backtest.start=2021-01-01", "backtest.refit_every=40",
+        "backtest.refit_full=false")  # one fit per fold and LSTM here; the refit has its own test
 LOOKBACK = 5
 # vol_windows [7, 30] and volume (log volume less its 21-bar mean): bar 30 is the first complete feature row
 FIRST_FEATURE_BAR = 30
@@ -297,6 +298,51 @@ def test_rolling_window_trains_on_the_last_bars_only(monkeypatch):
         px = np.log(frames[ticker]["adj_close"])
         y = (px.shift(-1) - px)[(px.index >= start) & (px.index < c)]
         assert g["y_pred"].iloc[0] == pytest.approx(y.mean(), rel=1e-12, abs=1e-16)
+
+
+def test_refit_full_retrains_on_everything_up_to_the_cutoff(monkeypatch):
+    """With backtest.refit_full each LSTM is fit twice per fold: early-stopped on the inner validation, then
+    retrained on training + validation (all targets known at the cutoff) for the best epoch count. The refit
+    adds no look-ahead: forecasts before a date still ignore every price after it."""
+    cfg = _cfg("backtest.refit_full=true")
+    frames = load_prices(cfg.data).frames
+    wf, calls = _run(cfg, frames, monkeypatch)
+    rows = _lstm_fold_rows(wf)
+    assert len(calls) == 2 * len(rows) >= 2 * 2 * 3
+    for first, second, row in zip(calls[::2], calls[1::2], rows.itertuples()):
+        cutoff = np.datetime64(row.cutoff, "ns")
+        both = np.sort(np.concatenate([first.train_date, first.val_date]))
+        np.testing.assert_array_equal(np.sort(second.train_date), both)
+        assert second.train_date.max() == cutoff
+        assert 1 <= second.epochs <= first.epochs
+        assert row.refit == f"{second.epochs} epochs"
+    cuts, _ = wfm.cutoffs(wfm.panels(frames, cfg), cfg)
+    when = pd.Timestamp(cuts[1]) + pd.Timedelta(days=15)
+    wf2, _ = _run(cfg, _perturb_after(frames, when), monkeypatch)
+    before = (wf.forecasts["origin"] < when).to_numpy()
+    np.testing.assert_array_equal(wf.forecasts.loc[before, "y_pred"].to_numpy(),
+                                  wf2.forecasts.loc[before, "y_pred"].to_numpy())
+    after = ~before & wf.forecasts["model"].str.startswith("lstm-").to_numpy()
+    assert not np.allclose(wf.forecasts.loc[after, "y_pred"], wf2.forecasts.loc[after, "y_pred"])
+
+
+def test_a_ticker_joins_the_folds_once_it_has_enough_training_data():
+    """A ticker whose history starts later sits out the folds in which it has fewer than MIN_TRAIN training
+    samples, instead of entering the pooled model with a handful (and a scale and mean from three returns)."""
+    cfg = _cfg()
+    frames = dict(load_prices(cfg.data).frames)
+    late = frames["ETH-USD"]
+    frames["ETH-USD"] = late[late.index >= pd.Timestamp("2020-11-20")]  # ~40 complete samples by 2021-02-10
+    panel = wfm.panels(frames, cfg)
+    cuts, _ = wfm.cutoffs(panel, cfg)
+    first = wfm._fold_split(panel["ETH-USD"], cuts[0], cuts[1], None, cfg, None)
+    assert first is None  # 2021-01-01: too few samples
+    wf = walk_forward(frames, cfg, fit_lstm=pipeline.lstm_fitter(cfg, CPU))
+    eth = wf.forecasts[wf.forecasts["ticker"] == "ETH-USD"]
+    assert eth["fold"].min() > 1 and len(eth) > 0
+    for k in eth["fold"].unique():
+        d = wfm._fold_split(panel["ETH-USD"], cuts[k - 1], cuts[k] if k < len(cuts) else None, None, cfg, None)
+        assert d is not None and len(d.train) >= wfm.MIN_TRAIN
 
 
 # ---------------------------------------------------------------------------------------------

@@ -279,17 +279,20 @@ def test_dm_of_identical_errors_is_nan():
     assert math.isnan(s) and math.isnan(p)
 
 
-def test_dm_horizon_three_uses_a_bartlett_long_run_variance():
-    e1 = [0.5, -1.0, 0.3, 0.8, -0.2, 1.1, 0.9, -0.4]
-    e2 = [0.7, 0.4, -0.9, 0.6, 0.5, -0.3, 0.2, 0.6]
-    n, h = 8, 3
+def _gammas(e1, e2, lags):
+    n = len(e1)
     d = [a * a - b * b for a, b in zip(e1, e2, strict=True)]
     mean = sum(d) / n
     u = [x - mean for x in d]
-    gamma0 = sum(x * x for x in u) / n
-    gamma1 = sum(u[i] * u[i - 1] for i in range(1, n)) / n
-    gamma2 = sum(u[i] * u[i - 2] for i in range(2, n)) / n
-    lrv = gamma0 + 2 * (1 - 1 / 3) * gamma1 + 2 * (1 - 2 / 3) * gamma2  # Bartlett weights over h-1 = 2 lags
+    return mean, [sum(u[i] * u[i - k] for i in range(k, n)) / n for k in range(lags + 1)]
+
+
+def test_dm_horizon_three_uses_the_rectangular_long_run_variance():
+    e1 = [0.5, -1.0, 0.3, 0.8, -0.2, 1.1, 0.9, -0.4]
+    e2 = [0.7, 0.4, -0.9, 0.6, 0.5, -0.3, 0.2, 0.6]
+    n, h = 8, 3
+    mean, (gamma0, gamma1, gamma2) = _gammas(e1, e2, 2)
+    lrv = gamma0 + 2 * gamma1 + 2 * gamma2  # h-step errors are MA(h-1): weight 1 on lags 1..h-1
     assert lrv > 0
     stat = mean / math.sqrt(lrv / n) * math.sqrt((n + 1 - 2 * h + h * (h - 1) / n) / n)
     p = 2 * sps.t.sf(abs(stat), n - 1)
@@ -298,6 +301,19 @@ def test_dm_horizon_three_uses_a_bartlett_long_run_variance():
     assert got[1] == approx(p)
     # the long-run variance differs from the horizon-1 variance here, so horizon matters
     assert got[0] != approx(diebold_mariano(e1, e2, 1)[0])
+
+
+def test_dm_falls_back_to_bartlett_weights_when_the_rectangular_variance_is_not_positive():
+    # loss differentials alternating around their mean: strongly negative lag-1 autocovariance
+    e1 = [1.0, 0.1, 1.2, 0.2, 1.1, 0.1, 1.3, 0.2, 1.0, 0.3]
+    e2 = [0.1] * 10
+    n, h = 10, 2
+    mean, (gamma0, gamma1) = _gammas(e1, e2, 1)
+    assert gamma0 + 2 * gamma1 <= 0
+    lrv = gamma0 + 2 * (1 - 1 / 2) * gamma1
+    assert lrv > 0
+    stat = mean / math.sqrt(lrv / n) * math.sqrt((n + 1 - 2 * h + h * (h - 1) / n) / n)
+    assert diebold_mariano(e1, e2, h)[0] == approx(stat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,3 +650,9 @@ def test_distinct_clip_configs_with_one_label_are_kept_apart():
 
     lstms = [m for m in model_names(cfg) if m.startswith("lstm-")]
     assert len(lstms) == len(set(lstms)) == 2
+
+
+def test_a_stray_weekend_bar_does_not_make_an_equity_calendar_365():
+    days = pd.bdate_range("2024-01-01", periods=250).append(pd.DatetimeIndex([pd.Timestamp("2024-06-08")]))
+    assert pd.Timestamp("2024-06-08").day_of_week == 5
+    assert periods_per_year(days.sort_values()) == 252

@@ -5,9 +5,10 @@ Units are in the labels (``Return [%]``). Conventions:
 * Forecasts are log returns over the horizon; a missing forecast (an LSTM fold that never validated
   finitely) counts as the zero forecast, "no view", and is reported in ``Missing [%]``.
 * ``R2 OOS [%]`` is Campbell and Thompson's out-of-sample R2 against the historical mean forecast.
-* ``DM`` is the Diebold-Mariano test of squared errors against the naive (zero) forecast, with a Bartlett
-  (Newey-West) long-run variance over h-1 lags and the Harvey-Leybourne-Newbold small-sample correction
-  (Student t, T-1 degrees of freedom); a negative statistic means smaller errors than naive.
+* ``DM`` is the Diebold-Mariano test of squared errors against the naive (zero) forecast, with the long-run
+  variance over h-1 lags (rectangular weights, as DM and HLN assume for h-step forecasts; Bartlett weights
+  if that comes out non-positive) and the Harvey-Leybourne-Newbold small-sample correction (Student t, T-1
+  degrees of freedom); a negative statistic means smaller errors than naive.
 * Trading: the position held on day t is decided from the forecast made at the close of t-1 (the origin)
   and earns day t's simple return; a cost of ``cost_bps`` basis points is paid per unit of turnover
   |position_t - position_{t-1}| (entering from flat on the first day included). Ratios use a zero risk-free
@@ -27,9 +28,10 @@ BUY_AND_HOLD = "buy_and_hold"
 
 
 def periods_per_year(dates) -> int:
-    """365 for a calendar with weekend bars (crypto), 252 for a trading-day calendar (equities)."""
+    """365 for a calendar that trades on weekends (crypto), 252 for a trading-day calendar (equities); a stray
+    weekend bar in equity data does not make it a 7-day calendar."""
     days = pd.DatetimeIndex(dates).day_of_week
-    return 365 if (days >= 5).any() else 252
+    return 365 if len(days) and float(np.mean(days >= 5)) > 0.1 else 252  # ~29% of a 7-day calendar
 
 
 def diebold_mariano(e_model, e_bench, horizon: int = 1) -> tuple[float, float]:
@@ -40,9 +42,10 @@ def diebold_mariano(e_model, e_bench, horizon: int = 1) -> tuple[float, float]:
     if n < 3:
         return math.nan, math.nan
     u = d - d.mean()
-    lrv = u @ u / n
-    for k in range(1, min(horizon, n)):
-        lrv += 2 * (1 - k / horizon) * (u[k:] @ u[:-k]) / n
+    gamma = [u @ u / n] + [(u[k:] @ u[:-k]) / n for k in range(1, min(horizon, n))]
+    lrv = gamma[0] + 2 * sum(gamma[1:])  # rectangular over h-1 lags: h-step errors are MA(h-1) (DM 1995, HLN)
+    if not lrv > 0:  # the rectangular estimate can be negative: Bartlett (Newey-West) weights then
+        lrv = gamma[0] + 2 * sum((1 - k / horizon) * g for k, g in enumerate(gamma[1:], start=1))
     if not lrv > 0:
         return math.nan, math.nan
     stat = d.mean() / math.sqrt(lrv / n)

@@ -7,12 +7,13 @@ that fold's training part alone.
 Fold k has a cutoff c_k, a date of the data's calendar (the union of the tickers' bars):
 
 * training samples: targets that ended at or before c_k (and, with a rolling ``backtest.window`` of n bars,
-  origins among the last n bars up to c_k). The LSTM early-stops on the last ``features.val_frac`` of them
+  origins among the ticker's last n bars up to c_k). A ticker takes part in a fold once it has at least
+  MIN_TRAIN training and MIN_EVAL validation samples. The LSTM early-stops on the last ``features.val_frac`` of them
   (by target date, purged for h > 1 like the pipeline's split); scalers are fit on the feature rows of the
   remaining training inputs; ridge (its penalty chosen on that inner validation) and the historical mean
   are fit on all of them.
 * forecasts: every sample whose origin (the last input bar, known at its close) is in [c_k, c_{k+1}), so
-  every forecast's target starts after the cutoff, and no target period of a forecast overlaps the data the
+  every forecast is made at or after the cutoff and its target starts after it, and no target period of a forecast overlaps the data the
   fold trained on.
 
 The output is one long table, one row per (date, ticker, model) with the fold's ``cutoff`` (Darts /
@@ -49,12 +50,13 @@ def lstm_name(clip: ClipConfig) -> str:
 
 
 def clip_configs(cfg: PipelineConfig) -> tuple[ClipConfig, ...]:
-    """The LSTMs' clip configs: backtest.clips, else unclipped and the spec's clip (just unclipped when that
-    is none)."""
+    """The LSTMs' clip configs: backtest.clips, else unclipped and the spec's clip (global-norm clipping with
+    the spec's clip.norm settings when the spec's clip is none)."""
     if cfg.backtest.clips:
         return cfg.backtest.clips
     none = dataclasses.replace(cfg.clip, method="none")
-    return (none,) if cfg.clip.method == "none" else (none, cfg.clip)
+    clipped = cfg.clip if cfg.clip.method != "none" else dataclasses.replace(cfg.clip, method="norm")
+    return (none, clipped)
 
 
 def lstm_names(cfg: PipelineConfig) -> list[str]:
@@ -136,13 +138,16 @@ class FoldData:
     tscale: float  # target scale (std of the training targets, or 1)
 
 
-def _fold_split(p: TickerPanel, cutoff: np.datetime64, next_cut: np.datetime64 | None,
-                window_start: np.datetime64 | None,
+def _fold_split(p: TickerPanel, cutoff: np.datetime64, next_cut: np.datetime64 | None, rolling: int | None,
                 cfg: PipelineConfig, end: np.datetime64 | None) -> FoldData | None:
+    """This ticker's part of the fold, or None when it has no forecasts in it or too little training data
+    (fewer than MIN_TRAIN training or MIN_EVAL validation samples: a ticker that starts later joins the folds
+    once it has enough)."""
     L = cfg.features.lookback
     known = p.valid & (p.date <= cutoff)
-    if window_start is not None:
-        known &= p.origin >= window_start
+    if rolling is not None:  # the last `rolling` bars of this ticker's own calendar up to the cutoff
+        i = int(np.searchsorted(p.origin, cutoff, side="right"))
+        known &= p.origin >= p.origin[max(0, i - rolling)]
     pos = np.flatnonzero(known)
     test_mask = p.valid & (p.origin >= cutoff)
     if next_cut is not None:
@@ -157,7 +162,7 @@ def _fold_split(p: TickerPanel, cutoff: np.datetime64, next_cut: np.datetime64 |
     v = dates[min(len(dates) - 1, int(len(dates) * (1 - cfg.features.val_frac)))]
     train = pos[p.date[pos] < v]
     val = pos[p.first[pos] >= v]
-    if len(train) == 0:
+    if len(train) < MIN_TRAIN or len(val) < MIN_EVAL:
         return None
     rows = slice(max(0, train[0] - L + 1), train[-1] + 1)  # the feature rows the training inputs cover
     mean = p.feats[rows].mean(axis=0)
@@ -182,6 +187,12 @@ def _split(panel: dict[str, TickerPanel], parts: dict[str, FoldData], which: str
     return Split(*(np.concatenate(a) for a in (xs, ys, raw, scale, origin, date, ticker)))
 
 
+def _rms(values: np.ndarray) -> float:
+    """Root mean square of the finite values (nan when there are none)."""
+    v = values[np.isfinite(values)]
+    return float(np.sqrt(np.mean(np.square(v)))) if len(v) else math.nan
+
+
 RIDGE_ALPHAS = tuple(10.0**k for k in range(-1, 6))
 
 
@@ -197,7 +208,7 @@ def _ridge_alpha(train: Split, val: Split, cfg: PipelineConfig) -> float:
     return RIDGE_ALPHAS[int(np.argmin(errors))]
 
 
-def _concat(a: Split, b: Split) -> Split:
+def concat_splits(a: Split, b: Split) -> Split:
     return Split(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in Split.__dataclass_fields__))
 
 
@@ -222,6 +233,7 @@ class WalkForward:
     models: list[str]
     lstms: list[str]
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went: features, lstm_fit, ...
+    notes: list[str] = field(default_factory=list)  # what a reader should know (e.g. mixed calendars)
 
 
 FoldCallback = Callable[[int, pd.DataFrame], None]
@@ -245,6 +257,12 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     lstms = lstm_names(cfg)
     seconds["features"] += time.perf_counter() - t0
 
+    notes = []
+    weekend = {t: bool((pd.DatetimeIndex(p.origin).day_of_week >= 5).mean() > 0.1) for t, p in panel.items()}
+    if len(set(weekend.values())) > 1:
+        notes.append("the tickers trade on different calendars (" + ", ".join(
+            f"{t}: {'7-day' if w else 'weekdays'}" for t, w in weekend.items()) + "): cutoffs step through their "
+            "combined calendar, so backtest.refit_every counts its bars (rolling windows count each ticker's own)")
     rows: list[pd.DataFrame] = []
     fold_rows: list[dict] = []
     previous: dict[str, dict] = {}  # warm start: each LSTM's weights after the last fold
@@ -252,26 +270,19 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     for k, cutoff in enumerate(cuts):
         t = time.perf_counter()
         next_cut = cuts[k + 1] if k + 1 < len(cuts) else None  # the last fold forecasts to the end
-        window_start = None
-        if rolling is not None:
-            i = int(np.searchsorted(calendar, cutoff, side="right"))
-            window_start = calendar[max(0, i - rolling)]
         parts = {tk: d for tk, p in panel.items()
-                 if (d := _fold_split(p, cutoff, next_cut, window_start, cfg, end)) is not None}
+                 if (d := _fold_split(p, cutoff, next_cut, rolling, cfg, end)) is not None}
         if not parts:
             if k == 0:
                 raise BacktestError(
-                    f"backtest.start = {cfg.backtest.start or pd.Timestamp(cutoff).date()}: no training targets end by "
-                    f"the first cutoff {pd.Timestamp(cutoff):%Y-%m-%d}; use a later backtest.start")
+                    f"backtest.start = {cfg.backtest.start or pd.Timestamp(cutoff).date()}: too little training data "
+                    f"by the first cutoff {pd.Timestamp(cutoff):%Y-%m-%d} (every ticker needs >= {MIN_TRAIN} "
+                    f"training and >= {MIN_EVAL} validation samples); use a later backtest.start"
+                    + (" or a longer backtest.window" if rolling else ""))
             bar.update(1)
             continue
         train, val, test = (_split(panel, parts, w, L) for w in ("train", "val", "test"))
-        if len(train) < MIN_TRAIN or len(val) < MIN_EVAL:
-            raise BacktestError(
-                f"fold {k + 1} (cutoff {pd.Timestamp(cutoff):%Y-%m-%d}): {len(train)} training and {len(val)} "
-                f"validation samples (needs >= {MIN_TRAIN} and >= {MIN_EVAL}); use a later backtest.start"
-                + (" or a longer backtest.window" if rolling else ""))
-        full = _concat(train, val)
+        full = concat_splits(train, val)
         seconds["split"] += time.perf_counter() - t
         base = {"fold": k + 1, "cutoff": pd.Timestamp(cutoff), "train_start": pd.Timestamp(full.origin.min()),
                 "samples_train": len(full), "samples_test": len(test)}
@@ -307,7 +318,7 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
 
         t = time.perf_counter()
         for name, (pred, insample) in preds.items():
-            rms = {tk: float(np.sqrt(np.mean(np.square(insample[full.ticker == tk])))) for tk in parts}
+            rms = {tk: _rms(insample[full.ticker == tk]) for tk in parts}
             rows.append(pd.DataFrame({
                 "date": test.date, "ticker": test.ticker, "cutoff": np.full(len(test), cutoff), "model": name,
                 "y_true": test.y_raw, "y_pred": pred, "origin": test.origin, "fold": k + 1,
@@ -317,7 +328,8 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
             folds_now.append({**base, "model": name})
         naive_rmse = math.sqrt(float(np.mean(np.square(test.y_raw))))
         for row in folds_now:  # missing forecasts count as zero (no view), as in the evaluation
-            e = np.nan_to_num(preds[row["model"]][0], nan=0.0) - test.y_raw
+            pred = preds[row["model"]][0]
+            e = np.where(np.isfinite(pred), pred, 0.0) - test.y_raw
             row["test_rmse"] = math.sqrt(float(np.mean(e**2)))
             row["test_rmse_vs_naive_pct"] = 100 * (row["test_rmse"] / naive_rmse - 1) if naive_rmse > 0 else math.nan
         folds_frame = pd.DataFrame(folds_now)
@@ -336,4 +348,4 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     table = table.sort_values(["ticker", "date", "model"], kind="stable", ignore_index=True)
     table["model"] = table["model"].astype(str)
     seconds["table"] += time.perf_counter() - t
-    return WalkForward(table, pd.DataFrame(fold_rows), lstms + [RIDGE, MEAN, NAIVE], lstms, seconds)
+    return WalkForward(table, pd.DataFrame(fold_rows), lstms + [RIDGE, MEAN, NAIVE], lstms, seconds, notes)

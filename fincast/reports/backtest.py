@@ -38,6 +38,7 @@ class Context:
     max_position: float
     vol_target: float
     sharpe_window: int
+    refit_full: bool = True
     device: str = "cpu"
     run_id: str | None = None
     tracking_uri: str = ""
@@ -83,7 +84,7 @@ def training_summary(folds: pd.DataFrame, lstms: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _versus(forecasts: pd.DataFrame, ticker: str, lstms: list[str]) -> list[str]:
+def _versus(forecasts: pd.DataFrame, ticker: str, lstms: list[str], horizon: int) -> list[str]:
     """Clipped LSTMs against the unclipped one on the same forecasts: a Diebold-Mariano test between them."""
     control = next((m for m in lstms if m == "lstm-none"), None)
     if control is None:
@@ -98,12 +99,15 @@ def _versus(forecasts: pd.DataFrame, ticker: str, lstms: list[str]) -> list[str]
         y = base["y_true"].to_numpy()
         e1 = other["y_pred"].fillna(0.0).to_numpy() - y
         e0 = base["y_pred"].fillna(0.0).to_numpy() - y
-        stat, p = diebold_mariano(e1, e0)
-        same = np.allclose(e1, e0)
-        out.append(f"{m} vs {control} on {ticker}: " + (
-            "identical forecasts (clipping never changed a step that mattered)" if same else
-            f"DM {stat:+.2f} (p = {p:.3f}); {'smaller' if stat < 0 else 'larger'} squared errors with clipping"
-            + ("" if p < 0.05 else ", not a significant difference")))
+        stat, p = diebold_mariano(e1, e0, horizon)
+        if np.allclose(e1, e0):
+            text = "identical forecasts (clipping never changed a step that mattered)"
+        elif not np.isfinite(stat):
+            text = "no test possible (too few forecasts or no variation in the loss difference)"
+        else:
+            text = (f"DM {stat:+.2f} (p = {p:.3f}): {'smaller' if stat < 0 else 'larger'} squared errors with "
+                    "clipping" + ("" if p < 0.05 else ", not a significant difference"))
+        out.append(f"{m} vs {control} on {ticker}: {text}")
     return out
 
 
@@ -133,8 +137,12 @@ def build(out: Path, ctx: Context, forecasts: pd.DataFrame, folds: pd.DataFrame,
              + ("all data up to the cutoff (expanding window)" if ctx.window == "expanding" else
                 f"the last {ctx.window} bars up to the cutoff (rolling window)")
              + (", each LSTM warm-started from its previous fold" if ctx.warm_start else ", fresh models every fold")
+             + (" (early-stopped on the last part of the fold's training data, then retrained on all of it for the "
+                "best epoch count)" if ctx.refit_full else " (early-stopped on the last part of the fold's training "
+                "data, which it does not train on)")
              + f". Forecast: log return over the next {ctx.horizon} bar(s). Every forecast is made at the close of "
-             "its origin, after its fold's cutoff, by models and scalers fit only on targets known at the cutoff. "
+             "its origin, at or after its fold's cutoff, by models and scalers fit only on targets known at the "
+             "cutoff. "
              f"Trading: {rule}, |position| capped at {ctx.max_position:g}; the position for day t uses the forecast "
              f"made at the close of t-1 and earns day t's return; costs {ctx.cost_bps:g} bp per unit of turnover. "
              "Ratios use a zero risk-free rate and the data's calendar (" + ", ".join(
@@ -147,12 +155,13 @@ def build(out: Path, ctx: Context, forecasts: pd.DataFrame, folds: pd.DataFrame,
         tag = _slug(ticker)
         parts.append(f"<h2>{e(ticker)}</h2><h3>Forecasts</h3><p class='note'>Over all out-of-sample forecasts. "
                      "RMSE vs naive: relative to the zero-return forecast. R2 OOS: Campbell-Thompson, against the "
-                     "historical-mean forecast. DM: Diebold-Mariano test of squared errors against naive (negative: "
+                     "historical-mean forecast (the mean of each fold's training targets"
+                     + (", a rolling mean with this window" if ctx.window != "expanding" else "") + "). DM: Diebold-Mariano test of squared errors against naive (negative: "
                      "smaller errors; HAC variance for h &gt; 1, Harvey-Leybourne-Newbold correction). Missing: "
                      "forecasts of folds whose LSTM never validated finitely, counted as zero (no view).</p>")
         parts.append(_table(s[s["model"] != BUY_AND_HOLD], FORECAST_COLS))
         parts.append("<h3>Trading</h3>" + _table(s, TRADING_COLS))
-        versus = _versus(forecasts, ticker, lstms)
+        versus = _versus(forecasts, ticker, lstms, ctx.horizon)
         if versus:
             parts.append("<h3>Clipped vs unclipped LSTM</h3>" + "".join(f"<p class='verdict'>{e(v)}</p>" for v in versus))
         daily = ev.daily[ev.daily["ticker"] == ticker]
