@@ -316,15 +316,14 @@ def format_backtest(out) -> str:
             ("Total Return [%]", "return", "{:+.0f}%"), ("CAGR [%]", "CAGR", "{:+.1f}%"),
             ("Sharpe Ratio", "Sharpe", "{:.2f}"), ("Max. Drawdown [%]", "max DD", "{:.1f}%"),
             ("Turnover (ann.) [x]", "turnover", "{:.0f}x")]
-    width = max(14, *(len(str(m)) + 2 for m in out.stats["model"]))
     for ticker, rows in out.stats.groupby("ticker", sort=True):
-        lines.append(f"  {ticker:<{width}}" + "".join(f"{h:>10}" for _, h, _ in cols))
+        table = [[ticker, *(h for _, h, _ in cols)]]
         for r in rows.to_dict("records"):
-            cells = []
-            for key, _, fmt in cols:
-                v = r.get(key)
-                cells.append(f"{fmt.format(v) if isinstance(v, float) and v == v else '':>10}")
-            lines.append(f"  {r['model']:<{width}}" + "".join(cells))
+            table.append([r["model"], *(fmt.format(v) if isinstance(v := r.get(key), float) and v == v else ""
+                                        for key, _, fmt in cols)])
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines += ["  " + row[0].ljust(widths[0]) + "".join(c.rjust(w + 2) for c, w in zip(row[1:], widths[1:]))
+                  for row in table]
         lines.append("")
     for r in out.training.to_dict("records"):
         lines.append(f"  {r['model']}: {r['diverged']} of {r['folds']} folds diverged, {r['unusable']} unusable; "

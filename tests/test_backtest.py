@@ -466,15 +466,17 @@ def test_backtest_cli_end_to_end(tmp_path, capsys):
     assert n_folds >= 3 and sorted(folds["fold"].unique()) == list(range(1, n_folds + 1))
     assert f"{n_folds} folds, {len(forecasts)} forecasts" in out.out
 
-    # the printed summary holds the stats table: a header, then one row per model and buy and hold, in
-    # fixed-width columns (14 characters of name, 10 per cell)
+    # the printed summary holds the stats table: a header, then one row per model and buy and hold; the model
+    # names left-aligned, every other column right-aligned under its header (empty where undefined)
     lines = out.out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["BTC-USD"])
+    ends = [m.end() for m in re.finditer(r"\S+(?: \S+)*", lines[head])]  # header labels may hold one space
 
     def cells(line: str) -> list[str]:
-        return [line[2:16].strip()] + [line[16 + 10 * i:26 + 10 * i].strip() for i in range(9)]
+        tokens = {m.end(): m.group() for m in re.finditer(r"\S+", line)}
+        return [line.split()[0]] + [tokens.get(e, "") for e in ends[1:]]
 
-    header = cells(lines[head])
+    header = [lines[head].split()[0]] + [lines[head][:e].rsplit("  ", 1)[-1].strip() for e in ends[1:]]
     assert header[1:] == ["vs naive", "dir.acc", "R2 OOS", "DM p", "return", "CAGR", "Sharpe", "max DD", "turnover"]
     body = [cells(line) for line in lines[head + 1:head + 1 + len(stats)]]
     assert [r[0] for r in body] == [*models, "buy_and_hold"]

@@ -114,3 +114,20 @@ def test_fold_errors_skips_naive_and_all_nan(tmp_path, captured):
     assert_png(plots.fold_errors(tmp_path / "fe.png", table, title="t"))
     assert [t.get_text() for t in captured[0].legends[0].get_texts()] == ["ridge", "lstm-norm1.0"]
     assert_png(plots.fold_errors(tmp_path / "nan.png", table[["naive", "lstm-none"]], title="t", ylabel="y"))
+
+
+def test_fold_errors_turn_symlog_when_a_fold_explodes(tmp_path, monkeypatch):
+    seen = {}
+    real = plots.save_figure
+
+    def capture(fig, path):
+        seen["scales"] = [ax.get_yscale() for ax in fig.axes]
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    idx = pd.date_range("2020-01-01", periods=4, freq="MS")
+    plots.fold_errors(tmp_path / "a.png", pd.DataFrame({"lstm-none": [1.0, -2.0, 3.0, 0.5]}, index=idx), title="t")
+    assert seen["scales"][0] == "linear"
+    plots.fold_errors(tmp_path / "b.png", pd.DataFrame({"lstm-none": [1.0, 25000.0, 3.0, 0.5]}, index=idx), title="t")
+    assert seen["scales"][0] == "symlog"
+    assert plt.get_fignums() == []

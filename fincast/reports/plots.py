@@ -372,7 +372,7 @@ def forecast_scatter(path: str | Path, pairs: dict[str, tuple[np.ndarray, np.nda
 def fold_errors(path: str | Path, table: pd.DataFrame, *, title: str,
                 ylabel: str = "test RMSE vs naive [%]") -> Path:
     """Per-fold error of each model relative to naive (rows = fold cutoff dates, columns = models); 'naive'
-    (0 by definition) and all-nan columns are skipped."""
+    (0 by definition) and all-nan columns are skipped. Beyond +-100% the axis turns symlog."""
     data = {c: table[c].to_numpy(dtype=float, na_value=np.nan) for c in table.columns if c != "naive"}
     data = {c: v for c, v in data.items() if np.isfinite(v).any()}
     styles = _model_colors(data)
@@ -382,6 +382,10 @@ def fold_errors(path: str | Path, table: pd.DataFrame, *, title: str,
     if not data:
         ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", va="center")
     ax.axhline(0.0, color="0.3", lw=0.8)
+    finite = np.concatenate([v[np.isfinite(v)] for v in data.values()] or [np.zeros(0)])
+    if finite.size and np.abs(finite).max() > 100:  # exploded folds (+20000%) must not flatten the rest
+        ax.set_yscale("symlog", linthresh=10)
+        ylabel += " (symlog)"
     ax.set_xlabel("fold cutoff")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, lw=0.5)
