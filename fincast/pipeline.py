@@ -397,14 +397,16 @@ def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp3
 
     monitor = dataclasses.replace(cfg.monitor, every=None)  # no per-layer monitoring inside folds
 
-    def train_once(clip, train, val, warm, epochs, **kw):
+    def train_once(clip, train, val, warm, epochs, refit: bool = False):
+        """refit: a fixed number of epochs (no early stopping), keeping the last epoch's weights."""
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model, train.x.shape[2]).to(device)
         if warm is not None:
             model.load_state_dict(warm)
-        train_cfg = dataclasses.replace(cfg.train, epochs=epochs, **kw)
+        train_cfg = dataclasses.replace(cfg.train, epochs=epochs,
+                                        **({"patience": None, "max_steps": None} if refit else {}))
         res = fit(model, train, val, train_cfg, clip, device=device, precision=precision,
-                  log_every=cfg.tracking.log_every, monitor=monitor, restore_best="patience" not in kw)
+                  log_every=cfg.tracking.log_every, monitor=monitor, restore_best=not refit)
         return model, res
 
     def fit_fold(clip, train: features.Split, val: features.Split, warm: dict | None, epochs: int) -> FoldFit:
@@ -414,8 +416,7 @@ def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp3
         usable = res.best_epoch > 0  # weights from an epoch that validated finitely
         refit, diverged = "off", res.diverged
         if usable and cfg.backtest.refit_full:  # the same recipe on everything up to the cutoff, best epoch count
-            again, res2 = train_once(clip, concat_splits(train, val), val, warm, res.best_epoch, patience=None,
-                                     max_steps=None)
+            again, res2 = train_once(clip, concat_splits(train, val), val, warm, res.best_epoch, refit=True)
             steps += res2.steps
             norms += res2.history["norm_pre"]
             clipped += res2.history["clipped"]
@@ -469,10 +470,12 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
         def on_fold(k: int, rows: pd.DataFrame) -> None:  # folds as metrics stepped by fold number
             nonlocal log_seconds
             t = time.perf_counter()
-            out = [(f"fold/{r['model']}/{key}", float(r[key]), k) for r in rows.to_dict("records")
-                   for key in fold_keys if key in r and r[key] is not None and math.isfinite(float(r[key]))]
-            out += [(f"fold/{r['model']}/diverged", float(bool(r["diverged"])), k)
-                    for r in rows.to_dict("records") if isinstance(r.get("diverged"), bool | np.bool_)]
+            out = []
+            for r in rows.to_dict("records"):
+                out += [(f"fold/{r['model']}/{key}", float(r[key]), k) for key in fold_keys
+                        if r.get(key) is not None and math.isfinite(float(r[key]))]
+                if isinstance(r.get("diverged"), bool | np.bool_):
+                    out.append((f"fold/{r['model']}/diverged", float(r["diverged"]), k))
             run.log_metrics(out)
             log_seconds += time.perf_counter() - t
 
@@ -492,7 +495,8 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
             device=f"{device} ({precision})", run_id=run.run_id, tracking_uri=run.uri, experiment_id=exp_id,
             refit_full=b.refit_full, notes=[*wf.notes, *prices.warnings])
         out = Path(out_dir) / "backtest" / cfg.name
-        index = report_mod.build(out, ctx, wf.forecasts, wf.folds, ev, wf.lstms)
+        training = report_mod.training_summary(wf.folds, wf.lstms)
+        index = report_mod.build(out, ctx, wf.forecasts, wf.folds, ev, wf.lstms, training)
         t_report = time.perf_counter() - t
         t = time.perf_counter()
         multi = len(ev.periods) > 1
@@ -519,6 +523,5 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
     seconds = {"data": t_data, **wf.seconds, "evaluate": t_eval, "report": t_report, "tracking": log_seconds}
     seconds["total"] = time.perf_counter() - t_start
     seconds["model_training"] = wf.seconds["lstm_fit"] + wf.seconds["ridge"]
-    return BacktestOutcome(run.run_id, experiment, run.uri, index, ev.stats,
-                           report_mod.training_summary(wf.folds, wf.lstms), int(wf.folds["fold"].nunique()),
+    return BacktestOutcome(run.run_id, experiment, run.uri, index, ev.stats, training, int(wf.folds["fold"].nunique()),
                            len(wf.forecasts), f"{device} ({precision})", seconds, [*wf.notes, *prices.warnings])

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-BUY_AND_HOLD = "buy_and_hold"
+NAIVE, MEAN, RIDGE, BUY_AND_HOLD = "naive", "hist_mean", "ridge", "buy_and_hold"
 
 
 def periods_per_year(dates) -> int:
@@ -178,7 +178,7 @@ def evaluate(table: pd.DataFrame, frames: dict[str, pd.DataFrame], *, models: li
         logret = np.log(px).diff()
         vol = logret.rolling(vol_window, min_periods=vol_window).std()  # known at each bar's close
         nxt = pd.Series(df.index[1:].append(pd.DatetimeIndex([pd.NaT])), index=df.index)  # the bar after
-        mean_fc = tab[tab["model"] == "hist_mean"].set_index("date")["y_pred"]
+        mean_fc = tab[tab["model"] == MEAN].set_index("date")["y_pred"]
         days = None
         for model in models:
             t = tab[tab["model"] == model].sort_values("origin")
@@ -212,7 +212,7 @@ def fold_errors(table: pd.DataFrame) -> pd.DataFrame:
     g = t.groupby(["fold", "cutoff", "ticker", "model"], sort=True)
     out = g["err2"].agg(["size", "mean"]).reset_index().rename(columns={"size": "n"})
     out["rmse"] = np.sqrt(out.pop("mean"))
-    naive = out[out["model"] == "naive"].set_index(["fold", "ticker"])["rmse"]
+    naive = out[out["model"] == NAIVE].set_index(["fold", "ticker"])["rmse"]
     ref = naive.reindex(pd.MultiIndex.from_frame(out[["fold", "ticker"]])).to_numpy()
     out["rmse_vs_naive_pct"] = 100 * (out["rmse"].to_numpy() / ref - 1)
     return out

@@ -35,10 +35,9 @@ from sklearn.linear_model import Ridge
 from tqdm.auto import tqdm
 
 from fincast import features
+from fincast.backtest.evaluate import MEAN, NAIVE, RIDGE, periods_per_year
 from fincast.config import ClipConfig, FincastError, PipelineConfig, clip_label
 from fincast.features import MIN_EVAL, MIN_TRAIN, Split
-
-NAIVE, MEAN, RIDGE = "naive", "hist_mean", "ridge"
 
 
 class BacktestError(FincastError):
@@ -258,7 +257,7 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     seconds["features"] += time.perf_counter() - t0
 
     notes = []
-    weekend = {t: bool((pd.DatetimeIndex(p.origin).day_of_week >= 5).mean() > 0.1) for t, p in panel.items()}
+    weekend = {t: periods_per_year(p.origin) == 365 for t, p in panel.items()}
     if len(set(weekend.values())) > 1:
         notes.append("the tickers trade on different calendars (" + ", ".join(
             f"{t}: {'7-day' if w else 'weekdays'}" for t, w in weekend.items()) + "): cutoffs step through their "

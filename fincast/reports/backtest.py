@@ -63,7 +63,7 @@ def _table(stats: pd.DataFrame, cols: list[tuple[str, str]], first: str = "model
     head = f"<tr><th class='l'>{first}</th>" + "".join(f"<th>{e(c)}</th>" for c, _ in cols) + "</tr>"
     rows = []
     for _, r in stats.iterrows():
-        cells = "".join(f"<td>{num(r.get(c, np.nan), f) if c in r.index else 'n/a'}</td>" for c, f in cols)
+        cells = "".join(f"<td>{num(r.get(c, np.nan), f)}</td>" for c, f in cols)
         rows.append(f"<tr><td class='l'>{e(str(r['model']))}</td>{cells}</tr>")
     return "<table>" + head + "".join(rows) + "</table>"
 
@@ -86,8 +86,8 @@ def training_summary(folds: pd.DataFrame, lstms: list[str]) -> pd.DataFrame:
 
 def _versus(forecasts: pd.DataFrame, ticker: str, lstms: list[str], horizon: int) -> list[str]:
     """Clipped LSTMs against the unclipped one on the same forecasts: a Diebold-Mariano test between them."""
-    control = next((m for m in lstms if m == "lstm-none"), None)
-    if control is None:
+    control = "lstm-none"
+    if control not in lstms:
         return []
     t = forecasts[forecasts["ticker"] == ticker]
     base = t[t["model"] == control].set_index("date")
@@ -112,15 +112,16 @@ def _versus(forecasts: pd.DataFrame, ticker: str, lstms: list[str], horizon: int
 
 
 def build(out: Path, ctx: Context, forecasts: pd.DataFrame, folds: pd.DataFrame, ev: Evaluation,
-          lstms: list[str]) -> Path:
-    """Write the report folder; returns the path of index.html."""
+          lstms: list[str], train: pd.DataFrame | None = None) -> Path:
+    """Write the report folder; returns the path of index.html. ``train``: training_summary(folds, lstms)
+    when the caller already has it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "stats.csv", ev.stats.to_csv(index=False))
     atomic_write(out / "forecasts.csv", forecasts.to_csv(index=False, date_format="%Y-%m-%d"))
     atomic_write(out / "folds.csv", folds.to_csv(index=False, date_format="%Y-%m-%d"))
     atomic_write(out / "daily.csv", ev.daily.to_csv(index=False, date_format="%Y-%m-%d"))
-    train = training_summary(folds, lstms)
+    train = training_summary(folds, lstms) if train is None else train
     atomic_write(out / "training.csv", train.to_csv(index=False))
 
     e = html.escape
