@@ -14,7 +14,7 @@ BACKTEST ?= pipelines/backtest_crypto.yaml
 STUDY_NAME ?= $(basename $(notdir $(STUDY)))
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-price train-crypto train-ddp resume data stability report backtest ui test test-slow lint bench clean distclean
+.PHONY: help install train train-price train-crypto train-options train-ddp resume data stability report backtest ui test test-slow lint bench clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -38,6 +38,10 @@ train-price: $(STAMP)  ## train on equities (pipelines/price_equities.yaml: SPY)
 
 train-crypto: $(STAMP)  ## train on crypto (pipelines/price_crypto.yaml: BTC-USD, ETH-USD)
 	$(BIN)/fincast train pipelines/price_crypto.yaml $(ARGS)
+
+train-options: $(STAMP)  ## option pricing: synthetic Heston market, then real SPX chains when ../shared/data has them (ARGS=...)
+	$(BIN)/fincast train pipelines/options_synthetic.yaml $(ARGS)
+	$(BIN)/fincast train pipelines/options_spx.yaml --skip-missing-data $(ARGS)
 
 train-ddp: $(STAMP)  ## train PIPELINE with DDP over NPROC processes (torchrun; gloo on CPU, NCCL on GPUs)
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m fincast train $(PIPELINE) $(ARGS)

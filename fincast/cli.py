@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -75,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                         "patience, threads, checkpoint_every and tracking.log_every may differ)")
     t.add_argument("--checkpoint-dir", default=None,
                    help="with --resume: where the checkpoint is (default: the spec's train.checkpoint_dir)")
+    t.add_argument("--skip-missing-data", action="store_true",
+                   help="exit 0 with a message, instead of failing, when the spec's local CSV data (data.path, "
+                        "options.path, options.aux_path) are absent (make train-options runs the real-chain spec so)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings, summary only (for CI)")
 
     r = sub.add_parser(
@@ -188,6 +192,11 @@ def _progress(quiet: bool) -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.pipeline, args.overrides)  # all config errors before any work
+    if args.skip_missing_data:
+        missing = _missing_local_data(cfg)
+        if missing:
+            print(f"skipped {args.pipeline}: its local data are not here ({', '.join(missing)})")
+            return 0
     from fincast import pipeline  # torch + mlflow
 
     t0 = time.perf_counter()
@@ -213,6 +222,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def format_summary(out, seconds: float) -> str:
+    if out.task == "options":
+        return format_options_summary(out, seconds)
     f = out.fit
     status = (f"DIVERGED at step {f.diverged_step}: {f.diverged_reason}" if f.diverged
               else f"finished ({f.stop_reason.replace('_', ' ')})")
@@ -245,9 +256,76 @@ def format_summary(out, seconds: float) -> str:
     return "\n".join(lines)
 
 
+OPTION_NAMES = {"lstm": "LSTM", "bs_vol_index": "BS vol index", "true_model": "true model"}
+
+
+def format_options_summary(out, seconds: float) -> str:
+    """Test price and implied-vol errors of the LSTM beside every baseline, on the same contracts."""
+    f = out.fit
+    status = (f"DIVERGED at step {f.diverged_step}: {f.diverged_reason}" if f.diverged
+              else f"finished ({f.stop_reason.replace('_', ' ')})")
+    lines = [
+        f"run {out.run_id}  {out.run_name}",
+        f"  experiment {out.experiment!r} in {out.tracking_uri}",
+        f"  {status}: {f.steps} steps, {f.epochs} epochs, best val loss {f.best_val_loss:.4g} (epoch {f.best_epoch}), "
+        f"{f.step_ms:.2f} ms/step on {out.device} ({out.precision}), {seconds:.1f} s in all",
+        f"  test set: {out.samples['test']} contracts (train {out.samples['train']}, val {out.samples['val']})",
+    ]
+    if out.dropped:
+        lines.append("  dropped: " + "; ".join(f"{k} {v}" for k, v in out.dropped.items()))
+    lines += ["", f"  {'model':<14}{'price RMSE':>12}{'MAE':>10}{'IV RMSE':>10}{'no-arb viol.':>14}",
+              f"  {'':<14}{'':>12}{'':>10}{'[vol pts]':>10}{'[%]':>14}"]
+    for name, m in out.metrics.items():
+        label = OPTION_NAMES.get(name, name.replace("bs_hv", "BS hist vol ").replace("bs_", "BS "))
+        if not math.isfinite(m["Price RMSE"]):
+            lines.append(f"  {label:<14}{'(no finite epoch)':>30}")
+            continue
+        lines.append(f"  {label:<14}{m['Price RMSE']:>12.4f}{m['Price MAE']:>10.4f}{m['IV RMSE [vol pts]']:>10.2f}"
+                     f"{m['Any violation [%]']:>14.2f}")
+    lstm = out.metrics.get("lstm", {}).get("Price RMSE", math.nan)
+    for name in [k for k in out.metrics if k.startswith("bs_hv")]:
+        ref = out.metrics[name]["Price RMSE"]
+        if math.isfinite(lstm) and ref > 0:
+            rel = lstm / ref - 1
+            lines.append(f"  LSTM price RMSE vs BS hist vol {name[len('bs_hv'):]}: {100 * rel:+.1f}% "
+                         f"({'better' if rel < 0 else 'not better'})")
+    lines += ["", f"  tables and figures: {out.report}/ (stats.csv, buckets.csv, bucket_errors.png, "
+                  "predicted_vs_market.png), also in the run's artifacts",
+              "  look: make ui  (MLflow UI at http://127.0.0.1:5000; PORT=... to change)"]
+    if out.checkpoint:
+        where = Path(out.checkpoint).parent
+        flag = "" if where == Path("checkpoints") else f" --checkpoint-dir {where}"
+        lines.append(f"  checkpoint {out.checkpoint}: continue with  fincast resume {out.run_id}{flag}")
+    if out.warnings:
+        lines.append(f"  data warnings: {len(out.warnings)} (see data_warnings.txt in the run's artifacts)")
+    return "\n".join(lines)
+
+
+def _missing_local_data(cfg) -> list[str]:
+    """Local files a spec reads that do not exist (csv sources): for --skip-missing-data."""
+    missing = []
+    if cfg.data.source == "csv" and cfg.data.path and not Path(cfg.data.path).exists():
+        missing.append(f"data.path {cfg.data.path}")
+    if cfg.task == "options":
+        o = cfg.options
+        if o.source == "csv" and o.path and not Path(o.path).exists():
+            missing.append(f"options.path {o.path}")
+        if o.source != "synthetic" and cfg.data.source == "csv" and o.aux_path and not Path(o.aux_path).exists() \
+                and (o.rate_ticker or o.vol_index):
+            missing.append(f"options.aux_path {o.aux_path}")
+    return missing
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.pipeline, args.overrides)
     from fincast import pipeline
+
+    if cfg.task == "options":
+        from fincast import pipeline_options
+
+        for line in pipeline_options.collect(cfg, progress=_progress(args.quiet), refresh=not args.no_refresh):
+            print(line)
+        return 0
 
     prices = pipeline.load_data(cfg, progress=_progress(args.quiet), refresh=not args.no_refresh)
     print(f"source {prices.source}, fingerprint {prices.fingerprint}, network calls {prices.network_calls}")
@@ -297,6 +375,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_backtest(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.pipeline, args.overrides)
+    if cfg.task != "forecast":
+        raise FincastError(f"{args.pipeline}: task = {cfg.task}; walk-forward backtests trade return forecasts "
+                           "(task: forecast)")
     from fincast import pipeline
 
     out = pipeline.backtest(cfg, progress=_progress(args.quiet), out_dir=args.out)

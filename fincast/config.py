@@ -126,6 +126,12 @@ class ModelConfig:
     dropout: float = _opt(0.0, "dropout between LSTM layers and before the head", ge=0, lt=1)
     layer_norm: bool = _opt(False, "LayerNorm on the last hidden state before the head")
     ridge_alpha: float = _opt(1.0, "L2 penalty of the ridge-regression baseline", ge=0)
+    head_hidden: int = _opt(64, "options task: units of each hidden layer of the MLP head that joins the LSTM state "
+                                "with the contract features", ge=1, le=4096)
+    head_layers: int = _opt(2, "options task: hidden layers of that MLP head", ge=1, le=16)
+    bounded_output: bool = _opt(
+        True, "options task: predict the no-arbitrage lower bound (price target) or 0 (iv target) plus a softplus, "
+              "so no price falls below the bound; false = the head's plain linear output")
 
 
 @dataclass(frozen=True)
@@ -324,8 +330,100 @@ class BacktestConfig:
 
 
 @dataclass(frozen=True)
+class ChainColumns:
+    """Column names of an end-of-day option-chain file; null = recognised by its common names (see
+    ``fincast.data.options.ALIASES``). In the wide layout (calls and puts side by side) a name is the column's
+    stem: bid means bid.c / bid.p, bid_c / bid_p, call_bid / put_bid."""
+    quote_date: str | None = _opt(None, "quote (trade) date of the row, e.g. quotedate")
+    expiry: str | None = _opt(None, "expiration date, e.g. expiration")
+    strike: str | None = _opt(None, "strike price")
+    type: str | None = _opt(None, "call or put (call/put, C/P), long layout only")
+    bid: str | None = _opt(None, "bid price")
+    ask: str | None = _opt(None, "ask price")
+    last: str | None = _opt(None, "last trade price")
+    volume: str | None = _opt(None, "contracts traded on the quote date")
+    open_interest: str | None = _opt(None, "open interest")
+    implied_vol: str | None = _opt(None, "vendor implied volatility (decimal, or percent: values > 3 are read as %)")
+    underlying_price: str | None = _opt(None, "underlying's price at the quote; null and absent = its close")
+    underlying: str | None = _opt(None, "underlying symbol or option root (filtered by options.symbol)")
+    last_trade_date: str | None = _opt(None, "date of the last trade (stale-quote check)")
+    days_to_expiry: str | None = _opt(None, "days to expiration, used when the file has no expiry column")
+
+
+@dataclass(frozen=True)
+class HestonConfig:
+    """The synthetic option market (options.source = synthetic): an underlying under Heston stochastic
+    volatility, simulated daily, and a chain per day priced by the Heston formula itself."""
+    days: int = _opt(1500, "trading days simulated (252 a year)", ge=100, le=100000)
+    s0: float = _opt(100.0, "initial price", gt=0)
+    kappa: float = _opt(3.0, "mean-reversion speed of the variance", gt=0, le=100)
+    theta: float = _opt(0.04, "long-run variance (0.04 = 20% volatility)", gt=0, le=4)
+    xi: float = _opt(0.6, "volatility of variance", gt=0, le=10)
+    rho: float = _opt(-0.7, "correlation of price and variance shocks (negative: the equity skew)", ge=-1, le=1)
+    v0: float | None = _opt(None, "initial variance; null = theta", gt=0, le=4)
+    rate: float = _opt(0.02, "risk-free rate per annum, continuously compounded", ge=-0.1, le=1)
+    substeps: int = _opt(8, "simulation steps per day (full-truncation Euler)", ge=1, le=1000)
+    maturities: tuple[int, ...] = _opt(
+        (5, 10, 21, 42, 63, 126, 252), "expiries listed each day, in trading days", min_len=1, item_ge=1)
+    moneyness: tuple[float, ...] = _opt(
+        (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0),
+        "strikes listed each day: K = S exp(m sqrt(theta tau)) for each m (standard deviations)", min_len=1)
+    contracts_per_day: int | None = _opt(
+        40, "a random sample of this many contracts of the day's grid (maturities x strikes x call/put); "
+            "null = all", ge=1)
+    seed: int = _opt(0, "random seed of the path and the contract sample", ge=0)
+
+
+@dataclass(frozen=True)
+class OptionsConfig:
+    """The options-pricing task (``task: options``): where chains come from, how quotes are cleaned, the rate,
+    the target and the evaluation buckets. The underlying's history comes from the data section."""
+    source: Literal["csv", "store", "synthetic"] = _opt(
+        "synthetic", "csv: end-of-day chain files (options.path); store: snapshots collected by `fincast data` "
+                     "from yfinance (options.store_dir); synthetic: a Heston market (options.heston.*)")
+    path: str | None = _opt(None, "csv source: a chain file, or a directory whose *.csv files are all read")
+    layout: Literal["auto", "long", "wide"] = _opt(
+        "auto", "csv source: long (one row per contract, a call/put column) or wide (one row per strike, call and "
+                "put columns side by side); auto = wide when no call/put column is found")
+    columns: ChainColumns = field(default_factory=ChainColumns)
+    symbol: str | None = _opt(
+        None, "keep rows whose underlying/root column equals this (e.g. SPXW); null = all rows (one underlying)")
+    store_dir: str = _opt("data/options", "store source: directory of the dated snapshot store")
+    price: Literal["mid", "last"] = _opt("mid", "market price of a contract: mid = (bid + ask) / 2, or last")
+    stale_days: int = _opt(
+        5, "a quote is stale when its last trade is more than this many days before the quote date (files with a "
+           "last-trade-date column), or when price = last and nothing traded that day", ge=0, le=3650)
+    min_days: int = _opt(1, "drop contracts with fewer calendar days to expiry", ge=0, le=3650)
+    max_days: int = _opt(730, "drop contracts with more calendar days to expiry", ge=1, le=36500)
+    max_log_moneyness: float = _opt(
+        0.5, "drop contracts with |ln(K/S)| above this (deep in or out of the money: stale vendor artefacts)",
+        gt=0, le=10)
+    rate: float = _opt(0.0, "risk-free rate per annum (decimal, continuously compounded) when rate_ticker is null",
+                       ge=-0.1, le=1)
+    rate_ticker: str | None = _opt(
+        None, "a rate series in percent per annum, e.g. ^IRX (13-week T-bill), read like the data section's "
+              "tickers (same source; csv files from options.aux_path)")
+    vol_index: str | None = _opt(
+        None, "a volatility index in percent, e.g. ^VIX, for the Black-Scholes-with-index baseline; null = none")
+    aux_path: str | None = _opt(None, "csv source: directory of the rate and vol-index files; null = data.path")
+    dividend_yield: float = _opt(0.0, "continuous dividend yield of the underlying per annum", ge=0, le=1)
+    target: Literal["price", "iv"] = _opt(
+        "price", "what the network predicts: price (market price / strike) or iv (Black-Scholes implied vol)")
+    abs_returns: bool = _opt(True, "feed |return| beside each return (two channels per day)")
+    hist_vols: tuple[int, ...] = _opt(
+        (20, 60), "Black-Scholes baselines with realised volatility over these many days", min_len=0, item_ge=2)
+    moneyness_buckets: tuple[float, ...] = _opt(
+        (0.9, 0.97, 1.03, 1.1), "bucket edges of K/S in the error tables and heatmap", min_len=1)
+    maturity_buckets: tuple[int, ...] = _opt(
+        (14, 30, 60, 120), "bucket edges of calendar days to expiry in the error tables and heatmap", min_len=1)
+    heston: HestonConfig = field(default_factory=HestonConfig)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = _opt("fincast", "pipeline name; also the default MLflow experiment")
+    task: Literal["forecast", "options"] = _opt(
+        "forecast", "forecast: next-period log returns of data.tickers; options: option prices (the options section)")
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -334,6 +432,7 @@ class PipelineConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     backtest: BacktestConfig = field(default_factory=BacktestConfig)
+    options: OptionsConfig = field(default_factory=OptionsConfig)
 
 
 @dataclass(frozen=True)
@@ -602,6 +701,18 @@ def _cross_checks(cfg: PipelineConfig, errors: list[str]) -> None:
         errors.append("data.path: required when data.source = 'csv' (a directory with one <TICKER>.csv per ticker)")
     if len(set(d.tickers)) != len(d.tickers):
         errors.append(f"data.tickers = {list(d.tickers)}: duplicate tickers")
+    o = cfg.options
+    if cfg.task == "options":
+        if o.source == "csv" and not o.path:
+            errors.append("options.path: required when options.source = 'csv' (a chain file or a directory of them)")
+        if o.source != "synthetic" and len(d.tickers) != 1:
+            errors.append(f"data.tickers = {list(d.tickers)}: the options task prices one underlying; name exactly "
+                          "its price history (e.g. [^GSPC] for SPX options)")
+        if o.min_days >= o.max_days:
+            errors.append(f"options.max_days = {o.max_days}: must be above options.min_days = {o.min_days}")
+        for key, edges in (("moneyness_buckets", o.moneyness_buckets), ("maturity_buckets", o.maturity_buckets)):
+            if list(edges) != sorted(set(edges)):
+                errors.append(f"options.{key} = {list(edges)}: edges must be strictly increasing")
     b = cfg.backtest
     if b.start and b.end and not b.start < b.end:
         errors.append(f"backtest.end = {b.end}: must be after backtest.start = {b.start}")

@@ -52,6 +52,9 @@ class TrainOutcome:
     samples: dict[str, int]
     warnings: list[str] = field(default_factory=list)
     checkpoint: str | None = None  # continue with `fincast resume <run_id>`
+    task: str = "forecast"
+    report: str | None = None  # options task: folder of its tables and figures
+    dropped: dict[str, int] = field(default_factory=dict)  # options task: chain rows dropped, per reason
 
 
 def run_name(cfg: PipelineConfig) -> str:
@@ -87,6 +90,12 @@ def warm_up() -> None:
 
 
 def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = False) -> Prices:
+    """The pipeline's data: prices (forecast task), or the option market (options task: chain, underlying, rate;
+    it has a ``fingerprint`` too)."""
+    if cfg.task == "options":
+        from fincast.pipeline_options import load_market
+
+        return load_market(cfg, progress=progress, refresh=refresh)
     return load_prices(cfg.data, min_rows=features.required_rows(cfg.features), refresh=refresh, progress=progress)
 
 
@@ -226,6 +235,11 @@ def _load_for_run(cfg: PipelineConfig, rank: int, resume: dict | None, progress:
 
 def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
            resume_overrides: list[str], extra_tags: dict[str, str]) -> TrainOutcome | None:
+    if cfg.task == "options":
+        from fincast.pipeline_options import train_options
+
+        return train_options(cfg, writer, progress=progress, resume=resume, resume_overrides=resume_overrides,
+                             extra_tags=extra_tags)
     rank, world = dist_info()
     prices = _load_for_run(cfg, rank, resume, progress)
     fs = features.build(prices.frames, cfg.features, price=cfg.data.price)

@@ -135,6 +135,22 @@ def test_caret_ticker_in_multi_row_header(tmp_path):
     assert len(load_dir(tmp_path, ["^GSPC"]).frames["^GSPC"]) == len(source_bars("^GSPC"))
 
 
+def test_close_only_file_becomes_flat_bars_without_volume(tmp_path):
+    """Rate and index files (IRX.csv) hold just Date,Close: open = high = low = close, volume 0."""
+    (tmp_path / "IRX.csv").write_text("Date,Close\n2024-01-02,5.21\n2024-01-03,5.19\n2024-01-04,5.24\n")
+    out = load_prices(data_cfg(source="csv", path=str(tmp_path), tickers=["^IRX"], start=None)).frames["^IRX"]
+    assert list(out.index.strftime("%Y-%m-%d")) == ["2024-01-02", "2024-01-03", "2024-01-04"]
+    for col in ("open", "high", "low", "close", "adj_close"):
+        np.testing.assert_array_equal(out[col].to_numpy(), [5.21, 5.19, 5.24])
+    assert (out["volume"] == 0).all() and out["volume"].dtype == np.float64
+
+
+def test_file_with_some_but_not_all_bar_columns_still_errors(tmp_path):
+    (tmp_path / "IRX.csv").write_text("Date,Open,Close\n2024-01-02,5.2,5.21\n")
+    with pytest.raises(DataError, match="missing column.*high, low, volume"):
+        load_dir(tmp_path, ["^IRX"])
+
+
 def test_missing_file_error_names_directory_and_ticker(tmp_path):
     write_classic(tmp_path / "SPY.csv", source_bars())
     with pytest.raises(DataError) as err:

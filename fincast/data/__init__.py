@@ -159,8 +159,9 @@ def _from_yahoo(cfg: DataConfig, *, refresh: bool, progress: bool, download, now
 
 
 def load_prices(cfg: DataConfig, *, min_rows: int = 1, refresh: bool = False, progress: bool = False,
-                download: Callable | None = None, now: dt.datetime | None = None) -> Prices:
-    """Load, slice and validate the bars of every ticker in ``cfg.tickers``."""
+                download: Callable | None = None, now: dt.datetime | None = None, positive: bool = True) -> Prices:
+    """Load, slice and validate the bars of every ticker in ``cfg.tickers``. ``positive=False`` accepts zero and
+    negative values (interest-rate series)."""
     now = now or dt.datetime.now(dt.UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=dt.UTC)
@@ -182,7 +183,7 @@ def load_prices(cfg: DataConfig, *, min_rows: int = 1, refresh: bool = False, pr
     for ticker in cfg.tickers:
         frame, where, row_of = raw[ticker]
         checked = validate(_slice(frame, cfg.start, cfg.end), ticker, where, max_fill_gap=cfg.max_fill_gap,
-                           min_rows=min_rows, row_of=row_of)
+                           min_rows=min_rows, row_of=row_of, positive=positive)
         out[ticker] = checked.frame
         warnings.extend(checked.warnings)
     for w in warnings:

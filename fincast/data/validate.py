@@ -9,7 +9,9 @@ column, except these documented repairs (each reported as a warning with a count
 * a run of at most ``max_fill_gap`` consecutive bars with missing values (Yahoo's crypto holes, e.g.
   ETH-USD 2020-10-12/13) is forward-filled from the last good bar, volume included (a volume of 0
   would be a -25 sigma outlier of the volume feature);
-* a missing ``adj_close`` column is taken from ``close`` (yfinance with auto_adjust=True).
+* a missing ``adj_close`` column is taken from ``close`` (yfinance with auto_adjust=True);
+* a close-only series (``Date,Close``, e.g. the ^IRX rate) gets open = high = low = close and volume 0; a file
+  with some but not all of open/high/low/volume is still an error.
 
 Calendars are never aligned across tickers: each ticker keeps its own bars, so mixing crypto
 (7-day) and equities (trading days) invents no rows.
@@ -54,6 +56,9 @@ def normalize_columns(df: pd.DataFrame, where: str) -> pd.DataFrame:
     df = df.rename(columns=rename)
     if "adj_close" not in df.columns and "close" in df.columns:
         df = df.assign(adj_close=df["close"])
+    if "close" in df.columns and not {"open", "high", "low", "volume"} & set(df.columns):
+        # close-only series (rates and indices such as ^IRX: Date,Close): flat bars without volume
+        df = df.assign(open=df["close"], high=df["close"], low=df["close"], volume=0.0)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise DataError(
@@ -69,7 +74,7 @@ def _fmt_dates(idx: pd.Index, limit: int = 5) -> str:
 
 
 def validate(df: pd.DataFrame, ticker: str, where: str, *, max_fill_gap: int = 3, min_rows: int = 1,
-             row_of=None) -> Checked:
+             row_of=None, positive: bool = True) -> Checked:
     """Check (and where documented, repair) one ticker's frame. ``where`` names the source in messages;
     ``row_of(date)`` may map a date to a file line number for messages."""
     warnings: list[str] = []
@@ -141,7 +146,7 @@ def validate(df: pd.DataFrame, ticker: str, where: str, *, max_fill_gap: int = 3
 
     prices = df[list(PRICE_COLUMNS)].to_numpy()
     nonpos = prices <= 0
-    if nonpos.any():
+    if nonpos.any() and positive:  # rate series (positive=False) may go negative: T-bills did in March 2020
         r, c = np.argwhere(nonpos)[0]
         raise DataError(f"{label}: non-positive price {prices[r, c]:g} in column {PRICE_COLUMNS[c]} at "
                         f"{at(df.index[r])} ({int(nonpos.any(axis=1).sum())} row(s)); prices must be > 0")

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import pandas as pd
 import yfinance as yf
 
+from fincast.data.options import CHAIN_COLUMNS
 from fincast.data.validate import DataError, normalize_columns
 
 _log = logging.getLogger("yfinance")
@@ -174,3 +175,94 @@ def fetch(ticker: str, start: dt.date | None, end: dt.date | None, *, interval: 
                 break
             sleep(wait)
     raise YahooError([ticker], reason)
+
+
+_CHAIN_NAMES = {"contractSymbol": "contract", "strike": "strike", "lastPrice": "last", "bid": "bid", "ask": "ask",
+                "volume": "volume", "openInterest": "open_interest", "impliedVolatility": "implied_vol"}
+
+
+def _chain_side(raw: pd.DataFrame, *, call: bool, expiry: pd.Timestamp, quote_date: pd.Timestamp,
+                underlying_price: float) -> pd.DataFrame:
+    """One side (calls or puts) of ``Ticker.option_chain(expiry)`` -> snapshot columns."""
+    df = pd.DataFrame({new: (raw[old] if old in raw.columns else pd.Series(float("nan"), index=raw.index))
+                       for old, new in _CHAIN_NAMES.items()})
+    if "lastTradeDate" in raw.columns:
+        last_trade = pd.to_datetime(raw["lastTradeDate"], errors="coerce", utc=True)
+        last_trade = last_trade.dt.tz_convert("America/New_York").dt.tz_localize(None).dt.normalize()
+    else:
+        last_trade = pd.Series(pd.NaT, index=raw.index)
+    return df.assign(
+        # Yahoo leaves volume out when nothing traded that day
+        volume=pd.to_numeric(df["volume"], errors="coerce").fillna(0.0),
+        contract=df["contract"].astype("str"), call=call, expiry=expiry, quote_date=quote_date,
+        underlying_price=underlying_price, last_trade_date=last_trade.astype("datetime64[ns]"))
+
+
+def fetch_option_chain(ticker: str, *, deadline: float, now: dt.datetime, ticker_factory: Callable | None = None,
+                       max_expiries: int | None = None) -> pd.DataFrame:
+    """Today's option chain of ``ticker`` (all listed expiries, or the first ``max_expiries``) in the canonical
+    chain layout of ``fincast.data.options`` (file = "yfinance", line = -1, price = mid), plus a
+    ``last_trade_date`` column for the stale-quote check. Not cleaned: the store's reader does that.
+
+    The quote date is ``now`` in New York. Every yfinance call is abandoned at ``deadline`` (a
+    ``time.monotonic()`` value). Raises YahooError when Yahoo lists no expiries (unreachable, rate-limited or
+    no listed options), fails, or hangs.
+    """
+    factory = ticker_factory or yf.Ticker
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.UTC)
+    quote_date = pd.Timestamp(now).tz_convert("America/New_York").tz_localize(None).normalize()
+
+    said: list[str] = []  # what yfinance logged during the last call
+
+    def call(fn: Callable[[], object], what: str) -> object:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise YahooError([ticker], f"no time left before {what} (the time limit passed)")
+        capture = _Capture()
+        _log.addHandler(capture)
+        try:
+            status, value = _call_with_deadline(fn, remaining)
+        finally:
+            _log.removeHandler(capture)
+        said[:] = [summarize(capture.messages)] if capture.messages else []
+        if status == "timeout":
+            raise YahooError([ticker], f"{what} hung: no answer within the time limit; the network may be "
+                                       f"half-open{' (' + said[0] + ')' if said else ''}")
+        if status == "error":
+            reason = f"{what} failed: {type(value).__name__}: {value}"
+            raise YahooError([ticker], reason, transient=is_transient(reason))
+        return value
+
+    t = call(lambda: factory(ticker), "opening the ticker")
+    expiries = tuple(call(lambda: tuple(t.options or ()), "listing the option expiries"))
+    if not expiries:
+        raise YahooError([ticker], "Yahoo listed no option expiries (unreachable, rate-limited, or the ticker has no "
+                                   f"listed options){': ' + said[0] if said and said[0] else ''}",
+                         transient=not said or is_transient(said[0]))
+    parts = []
+    for expiry in expiries[:max_expiries]:
+        chain = call(lambda e=expiry: t.option_chain(e), f"fetching the {expiry} chain")
+        info = getattr(chain, "underlying", None)
+        try:
+            spot = float(info.get("regularMarketPrice")) if isinstance(info, dict) else float("nan")
+        except (TypeError, ValueError):
+            spot = float("nan")
+        exp = pd.Timestamp(expiry).normalize()
+        for side, is_call in ((chain.calls, True), (chain.puts, False)):
+            if side is not None and len(side):
+                parts.append(_chain_side(side, call=is_call, expiry=exp, quote_date=quote_date, underlying_price=spot))
+    if not parts:
+        raise YahooError([ticker], f"Yahoo listed {len(expiries)} expiries but no contracts")
+    frame = pd.concat(parts, ignore_index=True)
+    frame = frame.assign(
+        quote_date=frame["quote_date"].astype("datetime64[ns]"), expiry=frame["expiry"].astype("datetime64[ns]"),
+        tau=(frame["expiry"] - frame["quote_date"]).dt.days.astype("float64") / 365.0,
+        price=(frame["bid"] + frame["ask"]) / 2, line=-1, file="yfinance")
+    for col in ("strike", "bid", "ask", "last", "volume", "open_interest", "implied_vol", "underlying_price", "price"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+    frame = frame.assign(call=frame["call"].astype(bool), contract=frame["contract"].astype("str"),
+                         line=frame["line"].astype("int64"), file=frame["file"].astype("str"))
+    frame = frame[[*CHAIN_COLUMNS, "last_trade_date"]]
+    return frame.sort_values(["quote_date", "expiry", "call", "strike", "contract"], kind="mergesort").reset_index(
+        drop=True)

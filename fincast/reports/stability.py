@@ -77,15 +77,32 @@ def runs_frame(children: list[Any], settings: Settings) -> pd.DataFrame:
             "diverged_how": ("non-finite " + t.get("fincast.diverged_reason", "")) if nonfinite else
                             (f"val loss > {settings.divergence_factor:g} x zero forecast" if exploded else ""),
             "final_val_loss": final_val, "best_val_loss": _metric(r, "best_val_loss"), "naive_val_loss": naive_val,
-            "test_rmse": _metric(r, "test/rmse"), "naive_rmse": _metric(r, "baseline_naive/rmse"),
-            "ridge_rmse": _metric(r, "baseline_ridge/rmse"),
-            "test_dir_acc": _metric(r, "test/directional_accuracy"), "step_ms": _metric(r, "time/step_ms"),
+            **_test_numbers(r),
+            "step_ms": _metric(r, "time/step_ms"),
             "clip_rate": _metric(r, "grad/clip_rate"), "spikes": _metric(r, "grad/spikes"),
             "l2_threshold": thresholds_global_l2(p.get("clip.method", ""), p.get("clip.norm.norm_type", 2),
                                                  p.get("clip.norm.scope", "global")),
             "start_time": r.info.start_time,
         })
     return pd.DataFrame(rows)
+
+
+def _test_numbers(run) -> dict:
+    """Test metrics beside the reference baseline. Forecast runs: RMSE of returns vs the zero forecast, ridge,
+    directional accuracy. Options runs (param task = options): price RMSE vs Black-Scholes with the shortest
+    realised-vol window, the true model's price RMSE (synthetic markets), IV RMSE in vol points, and the share of
+    prices that break a no-arbitrage bound."""
+    if run.data.params.get("task") != "options":
+        return {"task": "forecast", "test_rmse": _metric(run, "test/rmse"), "naive_rmse": _metric(run, "baseline_naive/rmse"),
+                "ridge_rmse": _metric(run, "baseline_ridge/rmse"),
+                "test_dir_acc": _metric(run, "test/directional_accuracy"), "test_violation_pct": math.nan}
+    hv = sorted((int(k.split("/")[0][len("baseline_bs_hv"):]), k) for k in run.data.metrics
+                if k.startswith("baseline_bs_hv") and k.endswith("/price_rmse"))
+    return {"task": "options", "test_rmse": _metric(run, "test/price_rmse"),
+            "naive_rmse": _metric(run, hv[0][1]) if hv else math.nan,
+            "ridge_rmse": _metric(run, "baseline_true_model/price_rmse"),
+            "test_dir_acc": _metric(run, "test/iv_rmse_vol_pts"),
+            "test_violation_pct": _metric(run, "test/any_violation_pct")}
 
 
 def _settings(parent, saved: dict | None) -> Settings:
@@ -141,6 +158,7 @@ def cell_table(runs: pd.DataFrame, groups: list[str], clips: list[str]) -> pd.Da
                 "test_rmse_median": _q(r["test_rmse"], 50), "naive_rmse": _q(r["naive_rmse"], 50),
                 "test_rmse_vs_naive_pct": 100 * (_q(r["test_rmse"], 50) / _q(r["naive_rmse"], 50) - 1),
                 "ridge_rmse": _q(r["ridge_rmse"], 50), "test_dir_acc_median": _q(r["test_dir_acc"], 50),
+                "test_violation_pct_median": _q(r["test_violation_pct"], 50) if "test_violation_pct" in r else math.nan,
                 "steps_to_target_median": _q(r["steps_to_target"], 50), "reached_target": int(reached),
                 "clip_rate_median": _q(r["clip_rate"], 50), "spikes_mean": float(r["spikes"].mean()),
                 "time_per_step_vs_none": float(r["step_ms"].median() / none_ms) if none_ms > 0 else math.nan,
@@ -348,8 +366,17 @@ def _html(study, parent, store, settings: Settings, verdict_lines, cells: pd.Dat
                  + ("zero forecast's validation loss" if settings.loss_target is None else f"loss {settings.loss_target:g}")
                  + ". Time per step relative to <b>none</b> at the same learning rate (runs share the machine, so "
                  "this is indicative).</p>")
-    head = ["learning rate", "clip", "diverged", "final val loss", "best val loss", "test RMSE", "vs naive",
-            "dir. acc.", "steps to target", "clipped steps", "spikes/run", "time/step vs none"]
+    options = "task" in runs and (runs["task"] == "options").all() and len(runs)
+    ref, third = ("BS hist vol", "IV RMSE [vol pts]") if options else ("naive", "dir. acc.")
+    head = ["learning rate", "clip", "diverged", "final val loss", "best val loss",
+            "test price RMSE" if options else "test RMSE", f"vs {ref}", third,
+            *(["no-arb violations"] if options else []), "steps to target", "clipped steps", "spikes/run",
+            "time/step vs none"]
+    if options:
+        parts.append("<p class='note'>Options pricing runs: test price RMSE in the underlying's currency beside "
+                     "Black-Scholes with the shortest realised-vol window (same contracts); IV RMSE over contracts whose "
+                     "predicted price has an implied vol; no-arbitrage violations: share of test prices below the lower "
+                     "or above the upper bound, or non-monotone in strike.</p>")
     parts.append("<table><tr>" + "".join(f"<th class='l'>{h}</th>" if i < 2 else f"<th>{h}</th>"
                                          for i, h in enumerate(head)) + "</tr>")
     for c in cells.itertuples():
@@ -357,8 +384,10 @@ def _html(study, parent, store, settings: Settings, verdict_lines, cells: pd.Dat
             f"<tr><td class='l'>{e(c.group)}</td><td class='l'>{e(c.clip)}</td><td>{c.diverged} of {c.runs}</td>"
             f"<td>{_num(c.final_val_loss_median)} [{_num(c.final_val_loss_q25)}, {_num(c.final_val_loss_q75)}]</td>"
             f"<td>{_num(c.best_val_loss_median)} [{_num(c.best_val_loss_q25)}, {_num(c.best_val_loss_q75)}]</td>"
-            f"<td>{_num(c.test_rmse_median, '{:.5f}')} (naive {_num(c.naive_rmse, '{:.5f}')})</td>"
-            f"<td>{_num(c.test_rmse_vs_naive_pct, '{:+.2f}%')}</td><td>{_num(c.test_dir_acc_median, '{:.3f}')}</td>"
+            f"<td>{_num(c.test_rmse_median, '{:.5f}')} ({ref} {_num(c.naive_rmse, '{:.5f}')})</td>"
+            f"<td>{_num(c.test_rmse_vs_naive_pct, '{:+.2f}%')}</td>"
+            f"<td>{_num(c.test_dir_acc_median, '{:.2f}' if options else '{:.3f}')}</td>"
+            + (f"<td>{_num(c.test_violation_pct_median, '{:.2f}%')}</td>" if options else "") +
             f"<td>{_num(c.steps_to_target_median, '{:.0f}')} ({c.reached_target} of {c.runs} reached)</td>"
             f"<td>{_num(c.clip_rate_median, '{:.1%}')}</td><td>{_num(c.spikes_mean, '{:.1f}')}</td>"
             f"<td>{_num(c.time_per_step_vs_none, '{:.2f}x')}</td></tr>")
