@@ -58,23 +58,27 @@ def _log_cf(z: np.ndarray, tau: np.ndarray, v: np.ndarray, kappa: float, theta: 
     2 (y / xi^2) ln(1 + y) / y with y = g (1 - E) / (1 - g), which keeps the xi -> 0 (Black-Scholes) limit exact.
     """
     z = np.asarray(z, dtype=complex)
+    x2 = xi * xi
     zz = 1j * z + z * z
-    beta = kappa - 1j * rho * xi * z
-    d = np.sqrt(beta * beta + xi * xi * zz)
-    bm, bp = beta - d, beta + d
-    big_p = np.abs(bp) >= np.abs(bm)  # the larger of beta -+ d is accurate; the other follows from bm bp = -xi^2 zz
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bp = np.where(big_p, bp, -xi * xi * zz / np.where(big_p, 1.0, bm))
-        a = -zz / bp  # (beta - d) / xi^2
-        g = xi * xi * a / bp
+    beta = kappa - (1j * rho * xi) * z
+    d = np.sqrt(beta * beta + x2 * zz)
+    # the larger of beta -+ d is accurate, the other follows from (beta - d)(beta + d) = -xi^2 zz;
+    # |beta + d| >= |beta - d| exactly when Re(beta conj(d)) >= 0
+    bp = beta + d
+    small_p = beta.real * d.real + beta.imag * d.imag < 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if small_p.any():
+            np.divide(-x2 * zz, beta - d, out=bp, where=small_p)
+        inv = 1.0 / bp
+        a = -zz * inv  # (beta - d) / xi^2
+        g = x2 * a * inv
         e = np.exp(-d * tau)
         one_e = 1.0 - e
-        y_over = a / bp * one_e / (1.0 - g)  # y / xi^2
-        y = xi * xi * y_over
+        y_over = a * inv * one_e / (1.0 - g)  # y / xi^2
+        y = x2 * y_over
         # for tiny xi, y is tiny too: 2 (y / xi^2) ln(1 + y) / y (y = 0 only at z = 0 or -i, never on a contour)
-        log_term = _clog1p(y) * (2.0 / (xi * xi)) if xi * xi > 1e-4 else 2.0 * y_over * _clog1p(y) / y
-        out = kappa * theta * (a * tau - log_term) + v * a * one_e / (1.0 - g * e)
-    return out
+        log_term = _clog1p(y) * (2.0 / x2) if x2 > 1e-4 else 2.0 * y_over * _clog1p(y) / y
+        return kappa * theta * (a * tau - log_term) + v * a * one_e / (1.0 - g * e)
 
 
 def _explosion_time(p: np.ndarray, kappa: float, xi: float, rho: float) -> np.ndarray:
@@ -115,7 +119,6 @@ def _psi(alpha: np.ndarray, k: np.ndarray, tau: np.ndarray, v: np.ndarray, param
     m = _log_cf(-1j * (alpha + 1.0), tau, v, *params).real
     with np.errstate(divide="ignore", invalid="ignore"):
         return -alpha * k + m - np.log(alpha * (alpha + 1.0))
-
 
 
 def _contour(k: np.ndarray, tau: np.ndarray, v: np.ndarray, p_minus: np.ndarray, p_plus: np.ndarray,
@@ -306,6 +309,7 @@ def heston_price(S, K, tau, r, v, call, *, kappa: float, theta: float, xi: float
     intrinsic = np.where(call, np.maximum(S - K, 0.0), np.maximum(K - S, 0.0))
     return np.where(live, price, intrinsic).reshape(shape)
 
+
 def _step(log_s: np.ndarray, var: np.ndarray, z1: np.ndarray, z2: np.ndarray, dt: float, mu: float,
           kappa: float, theta: float, xi: float, rho: float) -> tuple[np.ndarray, np.ndarray]:
     vp = np.maximum(var, 0.0)
@@ -427,7 +431,8 @@ def generate_market(cfg: HestonConfig, *, start: str = "2010-01-04") -> tuple[pd
 
 def _symbols(expiry: pd.DatetimeIndex, call: np.ndarray, strike: np.ndarray) -> np.ndarray:
     """OCC-style ids: HSTN + YYMMDD + C/P + strike * 1000 in 8 digits."""
-    ymd = np.asarray(expiry.strftime("%y%m%d"), dtype=object)
+    codes, uniq = pd.factorize(expiry)
+    ymd = np.asarray(uniq.strftime("%y%m%d"), dtype=object)[codes]
     cp = np.where(call, "C", "P").astype(object)
     mills = np.char.zfill(np.rint(strike * 1000).astype(np.int64).astype(str), 8).astype(object)
     return "HSTN" + ymd + cp + mills
