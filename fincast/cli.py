@@ -221,18 +221,35 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_summary(out, seconds: float) -> str:
-    if out.task == "options":
-        return format_options_summary(out, seconds)
+def _summary_head(out, seconds: float, unit: str) -> list[str]:
     f = out.fit
     status = (f"DIVERGED at step {f.diverged_step}: {f.diverged_reason}" if f.diverged
               else f"finished ({f.stop_reason.replace('_', ' ')})")
-    lines = [
+    return [
         f"run {out.run_id}  {out.run_name}",
         f"  experiment {out.experiment!r} in {out.tracking_uri}",
         f"  {status}: {f.steps} steps, {f.epochs} epochs, best val loss {f.best_val_loss:.4g} (epoch {f.best_epoch}), "
         f"{f.step_ms:.2f} ms/step on {out.device} ({out.precision}), {seconds:.1f} s in all",
-        f"  test set: {out.samples['test']} samples (train {out.samples['train']}, val {out.samples['val']})",
+        f"  test set: {out.samples['test']} {unit} (train {out.samples['train']}, val {out.samples['val']})",
+    ]
+
+
+def _summary_tail(out) -> list[str]:
+    lines = []
+    if out.checkpoint:
+        where = Path(out.checkpoint).parent
+        flag = "" if where == Path("checkpoints") else f" --checkpoint-dir {where}"
+        lines.append(f"  checkpoint {out.checkpoint}: continue with  fincast resume {out.run_id}{flag}")
+    if out.warnings:
+        lines.append(f"  data warnings: {len(out.warnings)} (see data_warnings.txt in the run's artifacts)")
+    return lines
+
+
+def format_summary(out, seconds: float) -> str:
+    if out.task == "options":
+        return format_options_summary(out, seconds)
+    lines = [
+        *_summary_head(out, seconds, "samples"),
         "",
         f"  {'model':<16}{'RMSE':>10}{'MAE':>10}{'dir. acc':>10}",
     ]
@@ -247,13 +264,7 @@ def format_summary(out, seconds: float) -> str:
         rel = out.metrics["test"]["rmse"] / out.metrics["baseline_naive"]["rmse"] - 1
         lines.append(f"  LSTM RMSE vs naive: {100 * rel:+.2f}% ({'better' if rel < 0 else 'not better'})")
     lines += ["", "  look: make ui  (MLflow UI at http://127.0.0.1:5000; PORT=... to change)"]
-    if out.checkpoint:
-        where = Path(out.checkpoint).parent
-        flag = "" if where == Path("checkpoints") else f" --checkpoint-dir {where}"
-        lines.append(f"  checkpoint {out.checkpoint}: continue with  fincast resume {out.run_id}{flag}")
-    if out.warnings:
-        lines.append(f"  data warnings: {len(out.warnings)} (see data_warnings.txt in the run's artifacts)")
-    return "\n".join(lines)
+    return "\n".join(lines + _summary_tail(out))
 
 
 OPTION_NAMES = {"lstm": "LSTM", "bs_vol_index": "BS vol index", "true_model": "true model"}
@@ -261,16 +272,7 @@ OPTION_NAMES = {"lstm": "LSTM", "bs_vol_index": "BS vol index", "true_model": "t
 
 def format_options_summary(out, seconds: float) -> str:
     """Test price and implied-vol errors of the LSTM beside every baseline, on the same contracts."""
-    f = out.fit
-    status = (f"DIVERGED at step {f.diverged_step}: {f.diverged_reason}" if f.diverged
-              else f"finished ({f.stop_reason.replace('_', ' ')})")
-    lines = [
-        f"run {out.run_id}  {out.run_name}",
-        f"  experiment {out.experiment!r} in {out.tracking_uri}",
-        f"  {status}: {f.steps} steps, {f.epochs} epochs, best val loss {f.best_val_loss:.4g} (epoch {f.best_epoch}), "
-        f"{f.step_ms:.2f} ms/step on {out.device} ({out.precision}), {seconds:.1f} s in all",
-        f"  test set: {out.samples['test']} contracts (train {out.samples['train']}, val {out.samples['val']})",
-    ]
+    lines = _summary_head(out, seconds, "contracts")
     if out.dropped:
         lines.append("  dropped: " + "; ".join(f"{k} {v}" for k, v in out.dropped.items()))
     lines += ["", f"  {'model':<14}{'price RMSE':>12}{'MAE':>10}{'IV RMSE':>10}{'no-arb viol.':>14}",
@@ -292,13 +294,7 @@ def format_options_summary(out, seconds: float) -> str:
     lines += ["", f"  tables and figures: {out.report}/ (stats.csv, buckets.csv, bucket_errors.png, "
                   "predicted_vs_market.png), also in the run's artifacts",
               "  look: make ui  (MLflow UI at http://127.0.0.1:5000; PORT=... to change)"]
-    if out.checkpoint:
-        where = Path(out.checkpoint).parent
-        flag = "" if where == Path("checkpoints") else f" --checkpoint-dir {where}"
-        lines.append(f"  checkpoint {out.checkpoint}: continue with  fincast resume {out.run_id}{flag}")
-    if out.warnings:
-        lines.append(f"  data warnings: {len(out.warnings)} (see data_warnings.txt in the run's artifacts)")
-    return "\n".join(lines)
+    return "\n".join(lines + _summary_tail(out))
 
 
 def _missing_local_data(cfg) -> list[str]:

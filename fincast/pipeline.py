@@ -319,11 +319,7 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         })
         _log_artifacts(run, cfg, fs, result, predictions, prices, name)
         if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
-            example = fs.test.x[:2]
-            with torch.no_grad():
-                prediction = model.cpu().eval()(torch.as_tensor(example)).numpy()
-            run.log_model(model, example, prediction)
-            model.to(device)
+            log_model(run, model, fs.test.x[:2], device)
     except Exception:
         run.end("FAILED")
         raise
@@ -334,6 +330,14 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
     return TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
                         {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)}, prices.warnings,
                         str(path) if path is not None and path.is_file() else None)
+
+
+def log_model(run, model: torch.nn.Module, example: np.ndarray, device: torch.device) -> None:
+    """Log the model with an input example and its prediction (the signature), computed on the CPU."""
+    with torch.no_grad():
+        prediction = model.cpu().eval()(torch.as_tensor(example)).numpy()
+    run.log_model(model, example, prediction)
+    model.to(device)
 
 
 def _evaluate_test(model, fs: features.FeatureSet, cfg: PipelineConfig, device, result: FitResult):

@@ -256,12 +256,8 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
         files = write_outputs(out_dir, cfg, os_, ev, table, result, name, dropped, market.warnings)
         for f in files:
             run.log_artifact(f)
-        if cfg.tracking.log_model and result.best_epoch > 0:
-            example = os_.test.x[:2]
-            with torch.no_grad():
-                prediction = model.cpu().eval()(torch.as_tensor(example)).numpy()
-            run.log_model(model, example, prediction)
-            model.to(device)
+        if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
+            pipeline.log_model(run, model, os_.test.x[:2], device)
     except Exception:
         run.end("FAILED")
         raise
