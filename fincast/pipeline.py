@@ -7,12 +7,14 @@ beside the baselines, then artifacts (resolved config, curves, predictions, mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,6 +218,50 @@ def _run(cfg: PipelineConfig, *, progress: bool, resume: dict | None = None,
             torch.distributed.destroy_process_group()
 
 
+def run_tags(cfg: PipelineConfig, device: torch.device, precision: str, *, source: str, fingerprint: str,
+             tickers: str, extra: dict[str, str]) -> dict:
+    """The tags every training run carries (price and options tasks), then ``extra``."""
+    return {
+        "fincast.version": fincast.__version__,
+        "fincast.git_commit": git_commit(),
+        "fincast.data_source": source,
+        "fincast.data_fingerprint": fingerprint,
+        "fincast.tickers": tickers,
+        "fincast.device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
+        "fincast.precision": precision,
+        "fincast.threads": torch.get_num_threads(),
+        "fincast.world_size": dist_info()[1],
+        "fincast.clip": clip_label(cfg.clip),
+        "fincast.pipeline": cfg.name,
+        **extra,
+    }
+
+
+def open_run(cfg: PipelineConfig, name: str, tags: dict, *, writer: tracking.MetricWriter | None,
+             resume: dict | None, resume_overrides: list[str]) -> tracking.Run:
+    """Start the run (or reopen the resumed one, tagged with where and how it was resumed)."""
+    if resume is not None:
+        tags = {**tags, "fincast.resumed_from_step": resume["run"]["step"]}
+        if resume_overrides:
+            tags["fincast.resumed_with"] = " ".join(resume_overrides)
+    return tracking.start_run(cfg.tracking, cfg.tracking.experiment or cfg.name, name, tags, writer=writer,
+                              resume_run_id=resume["run_id"] if resume is not None else None)
+
+
+@contextlib.contextmanager
+def ended(run: tracking.Run) -> Iterator[tracking.Run]:
+    """End ``run`` when the block ends: FINISHED, FAILED on an error, KILLED on an interrupt (re-raised)."""
+    try:
+        yield run
+    except Exception:
+        run.end("FAILED")
+        raise
+    except BaseException:  # KeyboardInterrupt, SystemExit
+        run.end("KILLED")
+        raise
+    run.end("FINISHED")
+
+
 def _load_for_run(cfg: PipelineConfig, rank: int, resume: dict | None, progress: bool) -> Prices:
     """Rank 0 fetches (and caches) first, the other ranks then read the cache. A resumed run never
     refreshes the cache: it needs exactly the data it started with."""
@@ -258,27 +304,10 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
 
     experiment = cfg.tracking.experiment or cfg.name
     name = run_name(cfg)
-    tags = {
-        "fincast.version": fincast.__version__,
-        "fincast.git_commit": git_commit(),
-        "fincast.data_source": prices.source,
-        "fincast.data_fingerprint": prices.fingerprint,
-        "fincast.tickers": ",".join(cfg.data.tickers),
-        "fincast.device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
-        "fincast.precision": precision,
-        "fincast.threads": torch.get_num_threads(),
-        "fincast.world_size": world,
-        "fincast.clip": clip_label(cfg.clip),
-        "fincast.pipeline": cfg.name,
-        **extra_tags,
-    }
-    if resume is not None:
-        tags["fincast.resumed_from_step"] = resume["run"]["step"]
-        if resume_overrides:
-            tags["fincast.resumed_with"] = " ".join(resume_overrides)
-    run = tracking.start_run(cfg.tracking, experiment, name, tags, writer=writer,
-                             resume_run_id=resume["run_id"] if resume is not None else None)
-    try:
+    tags = run_tags(cfg, device, precision, source=prices.source, fingerprint=prices.fingerprint,
+                    tickers=",".join(cfg.data.tickers), extra=extra_tags)
+    run = open_run(cfg, name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides)
+    with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
         if resume is None:
             run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
             run.log_params({
@@ -320,13 +349,6 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         _log_artifacts(run, cfg, fs, result, predictions, prices, name)
         if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
             log_model(run, model, fs.test.x[:2], device)
-    except Exception:
-        run.end("FAILED")
-        raise
-    except BaseException:  # KeyboardInterrupt, SystemExit
-        run.end("KILLED")
-        raise
-    run.end("FINISHED")
     return TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
                         {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)}, prices.warnings,
                         str(path) if path is not None and path.is_file() else None)
@@ -479,7 +501,7 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
         "fincast.precision": precision, "fincast.models": ",".join(bt.model_names(cfg)),
     }
     run = tracking.start_run(cfg.tracking, experiment, name, tags)
-    try:
+    with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
         run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
         fold_keys = ("test_rmse", "test_rmse_vs_naive_pct", "best_val_loss", "steps", "clip_rate", "grad_norm_median",
                      "grad_norm_max", "fit_seconds")
@@ -531,13 +553,6 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
             if f.is_file() and not f.name.startswith("."):
                 run.log_artifact(f, "backtest")
         log_seconds += time.perf_counter() - t
-    except Exception:
-        run.end("FAILED")
-        raise
-    except BaseException:
-        run.end("KILLED")
-        raise
-    run.end("FINISHED")
     seconds = {"data": t_data, **wf.seconds, "evaluate": t_eval, "report": t_report, "tracking": log_seconds}
     seconds["total"] = time.perf_counter() - t_start
     seconds["model_training"] = wf.seconds["lstm_fit"] + wf.seconds["ridge"]

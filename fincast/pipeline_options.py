@@ -24,7 +24,7 @@ import torch
 
 import fincast
 from fincast import config as config_mod
-from fincast import tracking
+from fincast import pipeline, tracking
 from fincast.config import FincastError, PipelineConfig, clip_label, short_float
 from fincast.data import fingerprint as frames_fingerprint
 from fincast.data import heston, load_prices
@@ -172,8 +172,6 @@ def run_name(cfg: PipelineConfig, underlying: str) -> str:
 def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
                   resume_overrides: list[str], extra_tags: dict[str, str]):
     """One options-pricing run end to end (``pipeline._train`` for task = options)."""
-    from fincast import pipeline
-
     rank, world = dist_info()
     market = load_market(cfg, progress=progress and rank == 0)
     if resume is not None and market.fingerprint != resume["data_fingerprint"]:
@@ -194,21 +192,10 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
 
     experiment = cfg.tracking.experiment or cfg.name
     name = run_name(cfg, market.underlying)
-    tags = {
-        "fincast.kind": "options", "fincast.version": fincast.__version__, "fincast.git_commit": pipeline.git_commit(),
-        "fincast.data_source": market.source, "fincast.data_fingerprint": market.fingerprint,
-        "fincast.tickers": market.underlying,
-        "fincast.device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
-        "fincast.precision": precision, "fincast.threads": torch.get_num_threads(), "fincast.world_size": world,
-        "fincast.clip": clip_label(cfg.clip), "fincast.pipeline": cfg.name, **extra_tags,
-    }
-    if resume is not None:
-        tags["fincast.resumed_from_step"] = resume["run"]["step"]
-        if resume_overrides:
-            tags["fincast.resumed_with"] = " ".join(resume_overrides)
-    run = tracking.start_run(cfg.tracking, experiment, name, tags, writer=writer,
-                             resume_run_id=resume["run_id"] if resume is not None else None)
-    try:
+    tags = pipeline.run_tags(cfg, device, precision, source=market.source, fingerprint=market.fingerprint,
+                             tickers=market.underlying, extra={"fincast.kind": "options", **extra_tags})
+    run = pipeline.open_run(cfg, name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides)
+    with pipeline.ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
         dropped = {k: v for k, v in {**market.dropped, **align_dropped}.items() if v}
         if resume is None:
             qd = market.chain["quote_date"]
@@ -258,13 +245,6 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
             run.log_artifact(f)
         if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
             pipeline.log_model(run, model, os_.test.x[:2], device)
-    except Exception:
-        run.end("FAILED")
-        raise
-    except BaseException:
-        run.end("KILLED")
-        raise
-    run.end("FINISHED")
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
     return pipeline.TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
                                  {"train": len(os_.train), "val": len(os_.val), "test": len(os_.test)},

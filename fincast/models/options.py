@@ -106,17 +106,15 @@ def violations(prices: np.ndarray, c: pd.DataFrame, tol: float = 1e-6) -> dict[s
     return {"below": below, "above": above, "monotone": mono}
 
 
-def _bucket_labels(values: np.ndarray, edges: tuple, fmt: str) -> np.ndarray:
-    edges = list(edges)
-    labels = [f"<{fmt.format(edges[0])}"] + [f"{fmt.format(a)}-{fmt.format(b)}" for a, b in zip(edges, edges[1:])] \
-        + [f">={fmt.format(edges[-1])}"]
-    return np.array(labels, dtype=object)[np.searchsorted(edges, values, side="right")]
-
-
 def bucket_order(edges: tuple, fmt: str) -> list[str]:
+    """Bucket labels in order: below the first edge, between edges, at or above the last."""
     edges = list(edges)
     return [f"<{fmt.format(edges[0])}"] + [f"{fmt.format(a)}-{fmt.format(b)}" for a, b in zip(edges, edges[1:])] \
         + [f">={fmt.format(edges[-1])}"]
+
+
+def _bucket_labels(values: np.ndarray, edges: tuple, fmt: str) -> np.ndarray:
+    return np.array(bucket_order(edges, fmt), dtype=object)[np.searchsorted(list(edges), values, side="right")]
 
 
 MONEYNESS_FMT, MATURITY_FMT = "{:g}", "{:d}d"
