@@ -11,10 +11,11 @@ NPROC ?= 2
 RUN ?=
 STUDY ?= pipelines/stability_crypto.yaml
 BACKTEST ?= pipelines/backtest_crypto.yaml
+SWEEP ?= pipelines/sweep_crypto.yaml
 STUDY_NAME ?= $(basename $(notdir $(STUDY)))
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-price train-crypto train-options train-ddp resume data stability report backtest ui test test-slow lint bench clean distclean
+.PHONY: help install train train-price train-crypto train-options train-ddp resume data stability report sweep advise-clip backtest ui test test-slow lint bench clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -59,6 +60,12 @@ stability: $(STAMP)  ## run the stability study STUDY (default BTC-USD; ARGS="--
 report: $(STAMP)  ## stability report of study STUDY_NAME from MLflow -> reports/stability/<name>/index.html
 	$(BIN)/fincast report stability --study $(STUDY_NAME)
 
+sweep: $(STAMP)  ## threshold search SWEEP (default BTC-USD, TPE; ARGS="--set data.source=synthetic"); rerun resumes
+	$(BIN)/fincast sweep $(SWEEP) $(ARGS)
+
+advise-clip: $(STAMP)  ## propose clip thresholds from an unclipped probe of PIPELINE's gradient norms (ARGS=...)
+	$(BIN)/fincast advise-clip $(PIPELINE) $(ARGS)
+
 backtest: $(STAMP)  ## walk-forward backtest BACKTEST (default BTC-USD; ARGS="--set data.source=csv --set data.path=DIR") -> reports/backtest/<name>/
 	$(BIN)/fincast backtest $(BACKTEST) $(ARGS)
 
@@ -88,6 +95,6 @@ clean:  ## remove caches and generated reports (keeps .venv, the data cache and 
 	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
 	find reports -mindepth 1 -not -name .gitkeep -delete 2>/dev/null || true
 
-distclean: clean  ## also remove .venv, the data cache, checkpoints/ and the MLflow store (mlflow.db, mlartifacts/)
-	rm -rf $(VENV) mlflow.db mlartifacts mlruns checkpoints
+distclean: clean  ## also remove .venv, the data cache, checkpoints/, the MLflow store (mlflow.db, mlartifacts/) and optuna.db
+	rm -rf $(VENV) mlflow.db mlflow.db-* optuna.db optuna.db-* mlartifacts mlruns checkpoints
 	find data -mindepth 1 -not -name .gitkeep -delete 2>/dev/null || true

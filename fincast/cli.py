@@ -1,4 +1,4 @@
-"""Command line (layer L4): ``fincast train|resume|data|study|report|backtest|keys``, also as ``python -m fincast`` (what torchrun
+"""Command line (layer L4): ``fincast train|resume|data|study|sweep|advise-clip|report|backtest|keys``, also as ``python -m fincast`` (what torchrun
 launches). Heavy imports (torch, mlflow) happen inside the
 commands, so ``--help`` answers at once."""
 
@@ -27,8 +27,30 @@ EXAMPLES = """examples:
   fincast data pipelines/price_equities.yaml
   fincast study pipelines/stability_crypto.yaml --set data.source=synthetic
   fincast report stability --study stability_crypto
+  fincast sweep pipelines/sweep_crypto.yaml --set data.source=synthetic
+  fincast advise-clip pipelines/price_crypto.yaml --set data.source=synthetic --set train.optimizer=sgd
   fincast backtest pipelines/backtest_crypto.yaml --set data.source=csv --set data.path=../shared/data/crypto
   fincast keys
+"""
+
+SWEEP_EXAMPLES = """examples:
+  fincast sweep pipelines/sweep_crypto.yaml --set data.source=csv --set data.path=../shared/data/crypto
+  fincast sweep pipelines/sweep_crypto.yaml --set data.source=synthetic --set sweep.sampler=grid
+  fincast sweep pipelines/sweep_crypto.yaml --set sweep.sampler=random --set sweep.trials=50 --set sweep.workers=2
+  fincast sweep pipelines/sweep_crypto.yaml --set sweep.range=advised --dry-run
+  fincast sweep pipelines/sweep_crypto.yaml --set data.source=synthetic        # again: resumes where it stopped
+
+one sweep on several machines (a database both reach, and an MLflow server):
+  export MLFLOW_TRACKING_URI=http://mlflow-host:5000
+  fincast sweep pipelines/sweep_crypto.yaml --storage postgresql://user:pw@db-host/optuna     # machine 1
+  fincast sweep pipelines/sweep_crypto.yaml --storage postgresql://user:pw@db-host/optuna --join sweep_crypto
+                                                                              # machines 2, 3, ... (same spec, data)
+"""
+
+ADVISE_EXAMPLES = """examples:
+  fincast advise-clip pipelines/price_crypto.yaml --set data.source=csv --set data.path=../shared/data/crypto
+  fincast advise-clip pipelines/price_crypto.yaml --set data.source=synthetic --set train.optimizer=sgd --set train.lr=1
+  fincast advise-clip pipelines/options_synthetic.yaml --steps 500 --percentile 25
 """
 
 BACKTEST_EXAMPLES = """examples:
@@ -121,6 +143,53 @@ def _parser() -> argparse.ArgumentParser:
                          "(--set data.source=synthetic)")
     st.add_argument("--dry-run", action="store_true", help="list the runs the spec expands to, and stop")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sw = sub.add_parser(
+        "sweep", help="search the clipping threshold (and lr): grid, random or Bayesian (TPE), on Optuna",
+        description="Search clip.method and its threshold (log-uniform ranges or value lists), and optionally the "
+                    "learning rate, as given by a sweep spec (pipelines/sweep_*.yaml: a base pipeline, `search` "
+                    "and `sweep` settings). Each trial trains the base pipeline once, as an MLflow child run of the "
+                    "sweep's parent run; the objective is its best validation loss. A trial whose training goes "
+                    "non-finite scores sweep.divergence_penalty x the zero forecast's validation loss; the median "
+                    "pruner stops trials behind the others at an epoch. The sweep lives in an Optuna storage "
+                    "(sqlite:///optuna.db here by default): rerunning the command resumes it, sweep.workers "
+                    "processes share it, and workers on other machines join it with --storage URL --join NAME. "
+                    "At the end the parent run gets the best trial, trials.csv, importance.csv, summary.md and "
+                    "objective_vs_threshold.png (also in reports/sweep/<name>/). Exit status: 0 when the trial "
+                    "budget is spent, 1 when failures left it short (rerun to retry), 2 for bad specs or data.",
+        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("spec", help="sweep spec (YAML), e.g. pipelines/sweep_crypto.yaml")
+    _add_set(sw, "sweep.*/search.*/name/base change the sweep (--set sweep.sampler=grid, --set sweep.trials=50, "
+                 "--set 'search.lr={low: 0.1, high: 3}'); any other key is a pipeline key for every trial "
+                 "(--set data.source=synthetic)")
+    sw.add_argument("--storage", default=None, metavar="URL",
+                    help="Optuna storage, any SQLAlchemy URL (default: sweep.storage, else sqlite:///optuna.db here); "
+                         "a PostgreSQL/MySQL URL that several machines reach lets them work on one sweep")
+    sw.add_argument("--join", default=None, metavar="NAME",
+                    help="work on the running sweep NAME in --storage (started elsewhere with the same spec) "
+                         "instead of starting one; its driver writes the summary")
+    sw.add_argument("--dry-run", action="store_true", help="print the search space (and the grid), and stop")
+    sw.add_argument("--out", default="reports", help="reports directory (default: reports)")
+    sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    ad = sub.add_parser(
+        "advise-clip", help="propose clipping thresholds from a short unclipped probe run's gradient norms",
+        description="Train the pipeline unclipped for --steps optimizer steps (an ordinary MLflow run tagged "
+                    "fincast.kind=advise-clip), record the global L2 gradient norm of every step and propose "
+                    "thresholds for clip.norm.max_norm: an AutoClip-style percentile of the norms, a multiple of "
+                    "the median, and the spike onset (Tukey's upper fence on log norms). Prints them, writes a "
+                    "histogram marking them to reports/advise/<name>/grad_norms.png (with advice.json and "
+                    "grad_norms.csv), and logs all of it to the probe run. A sweep with sweep.range: advised "
+                    "searches around them.",
+        epilog=ADVISE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ad.add_argument("pipeline", help="pipeline spec (YAML); its optimizer and lr are probed (clip is ignored)")
+    _add_set(ad, SET_HELP)
+    ad.add_argument("--steps", type=int, default=300, help="optimizer steps of the probe (default 300, at least 20)")
+    ad.add_argument("--percentile", type=float, default=None,
+                    help="AutoClip percentile (default: the spec's clip.autoclip.percentile, 10)")
+    ad.add_argument("--multiple", type=float, default=2.0, help="median multiple (default 2)")
+    ad.add_argument("--out", default="reports", help="reports directory (default: reports)")
+    ad.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     rp = sub.add_parser(
         "report", help="write a report from MLflow (stability: clipped vs unclipped runs of a study)",
@@ -354,6 +423,67 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fincast import sweep as sweep_mod
+
+    overrides = list(args.overrides) + ([f"name={args.join}"] if args.join else [])
+    spec = sweep_mod.load(args.spec, overrides)  # every spec error before any work
+    if args.dry_run:
+        print(sweep_mod.describe(spec, args.storage))
+        return 0
+    if args.join:
+        out = sweep_mod.join(spec, storage=args.storage, progress=_progress(args.quiet))
+        print(f"joined sweep {out.name} (parent run {out.parent_run_id}, storage {out.storage})")
+        print(f"  trained {out.trained_now} trials here; the sweep has {out.complete + out.pruned} of {out.target} "
+              f"finished; {out.seconds:.0f} s")
+        for number, error in out.failed[:10]:
+            print(f"  FAILED trial {number}: {error}")
+        print("  the process that started the sweep writes its summary (or rerun `fincast sweep SPEC --storage URL`)")
+        return 1 if out.failed and out.complete + out.pruned < out.target else 0
+    out = sweep_mod.run(spec, storage=args.storage, progress=_progress(args.quiet), out_dir=args.out)
+    print(format_sweep(out))
+    return 0 if out.complete + out.pruned >= out.target else 1
+
+
+def format_sweep(out) -> str:
+    lines = [f"sweep {out.name}: parent run {out.parent_run_id}  (experiment {out.experiment!r} in {out.tracking_uri})",
+             f"  {out.complete + out.pruned} of {out.target} trials finished ({out.sampler}; {out.trained_now} now, "
+             f"{out.finished_before} before): {out.complete} complete, {out.pruned} pruned, {out.diverged} diverged "
+             f"(penalised); {len(out.failed)} failed; {out.seconds:.0f} s; storage {out.storage}"]
+    b = out.best
+    if b is None:
+        lines.append("  no trial completed: no threshold found")
+    else:
+        thr = "unclipped (clip.method=none)" if b["method"] == "none" else \
+            f"clip.method={b['method']} {b['threshold_key']}={b['threshold']:.4g}"
+        lines += [f"  best threshold: {thr}, train.lr={b['lr']:.4g}",
+                  f"    trial {b['number']}, best validation loss {b['value']:.5g}, run {b['run_id']}"]
+    summary = out.summary.splitlines()
+    start = next((i for i, line in enumerate(summary) if line.startswith("| method")), len(summary))
+    lines += ["", *("  " + line if line else "" for line in summary[start:])]
+    if out.advice:
+        lines.append(f"  advised range of clip.norm.max_norm: [{out.advice['low']:.3g}, {out.advice['high']:.3g}] "
+                     f"(probe run {out.advice['run_id']})")
+    for number, error in out.failed[:10]:
+        lines.append(f"  FAILED trial {number}: {error}")
+    if out.folder is not None:
+        lines.append(f"  report {out.folder}/ (summary.md, trials.csv, importance.csv, objective_vs_threshold.png)")
+    lines.append("  look: make ui  (the sweep's parent run holds every trial as a child run)")
+    return "\n".join(lines)
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.pipeline, args.overrides)
+    if args.steps < 20:
+        raise config_mod.ConfigError(f"--steps {args.steps}: at least 20 steps are needed for a distribution")
+    from fincast import advise
+
+    out = advise.advise(cfg, steps=args.steps, percentile=args.percentile, multiple=args.multiple, out_dir=args.out,
+                        progress=_progress(args.quiet))
+    print(advise.format_advice(out))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fincast.reports import stability
 
@@ -426,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "study": cmd_study, "report": cmd_report,
-                "backtest": cmd_backtest, "keys": cmd_keys}[args.command](args)
+        return {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "study": cmd_study, "sweep": cmd_sweep,
+                "advise-clip": cmd_advise, "report": cmd_report, "backtest": cmd_backtest,
+                "keys": cmd_keys}[args.command](args)
     except FincastError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class TrainOutcome:
     task: str = "forecast"
     report: str | None = None  # options task: folder of its tables and figures
     dropped: dict[str, int] = field(default_factory=dict)  # options task: chain rows dropped, per reason
+    zero_val_loss: float = math.nan  # validation loss of predicting 0 (training units): the scale of val losses
 
 
 def run_name(cfg: PipelineConfig) -> str:
@@ -102,16 +103,18 @@ def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = Fa
 
 
 def train(cfg: PipelineConfig, *, progress: bool = False, tags: dict[str, str] | None = None,
-          parent_run_id: str | None = None) -> TrainOutcome | None:
+          parent_run_id: str | None = None,
+          on_epoch: Callable[[int, float], bool] | None = None) -> TrainOutcome | None:
     """Run one training pipeline end to end; returns what the CLI summarises.
 
     ``tags`` are added to the run's tags; ``parent_run_id`` makes it a child run (a study's runs).
+    ``on_epoch(epoch, val_loss) -> stop?`` sees each epoch's validation loss (a sweep's pruner).
     Under ``torchrun`` every rank trains its shard of each global batch (DDP); only rank 0 tracks the run,
     writes checkpoints and returns an outcome (the others return None)."""
     extra = dict(tags or {})
     if parent_run_id is not None:
         extra["mlflow.parentRunId"] = parent_run_id
-    return _run(cfg, progress=progress, extra_tags=extra)
+    return _run(cfg, progress=progress, extra_tags=extra, on_epoch=on_epoch)
 
 
 def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoint_dir: str = "checkpoints",
@@ -204,13 +207,14 @@ def _init_distributed(cfg: PipelineConfig) -> bool:
 
 
 def _run(cfg: PipelineConfig, *, progress: bool, resume: dict | None = None,
-         resume_overrides: list[str] | None = None, extra_tags: dict[str, str] | None = None) -> TrainOutcome | None:
+         resume_overrides: list[str] | None = None, extra_tags: dict[str, str] | None = None,
+         on_epoch: Callable[[int, float], bool] | None = None) -> TrainOutcome | None:
     owns_group = _init_distributed(cfg)
     rank, _ = dist_info()
     writer = tracking.MetricWriter.maybe(cfg.tracking) if rank == 0 else None  # opens the store while data loads
     try:
         return _train(cfg, writer, progress=progress and rank == 0, resume=resume,
-                      resume_overrides=resume_overrides or [], extra_tags=extra_tags or {})
+                      resume_overrides=resume_overrides or [], extra_tags=extra_tags or {}, on_epoch=on_epoch)
     finally:
         if writer is not None:
             writer.close()
@@ -280,12 +284,13 @@ def _load_for_run(cfg: PipelineConfig, rank: int, resume: dict | None, progress:
 
 
 def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
-           resume_overrides: list[str], extra_tags: dict[str, str]) -> TrainOutcome | None:
+           resume_overrides: list[str], extra_tags: dict[str, str],
+           on_epoch: Callable[[int, float], bool] | None = None) -> TrainOutcome | None:
     if cfg.task == "options":
         from fincast.pipeline_options import train_options
 
         return train_options(cfg, writer, progress=progress, resume=resume, resume_overrides=resume_overrides,
-                             extra_tags=extra_tags)
+                             extra_tags=extra_tags, on_epoch=on_epoch)
     rank, world = dist_info()
     prices = _load_for_run(cfg, rank, resume, progress)
     fs = features.build(prices.frames, cfg.features, price=cfg.data.price)
@@ -299,7 +304,7 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
     model = build_model(cfg.model, len(fs.names)).to(device)
     if rank != 0:  # the other ranks train their shards; rank 0 tracks, checkpoints and evaluates
         fit(model, fs.train, fs.val, cfg.train, cfg.clip, device=device, precision=precision,
-            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume)
+            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume, on_epoch=on_epoch)
         return None
 
     experiment = cfg.tracking.experiment or cfg.name
@@ -330,13 +335,14 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
 
         result = fit(model, fs.train, fs.val, cfg.train, cfg.clip, device=device, precision=precision,
                      log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress,
-                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume)
+                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch)
 
         metrics, predictions = _evaluate_test(model, fs, cfg, device, result)
         final = [(f"{m}/{k}", v, result.steps) for m, vals in metrics.items() for k, v in vals.items()]
+        zero_val = float(np.mean(np.square(fs.val.y, dtype=np.float64)))
         final += [("time/step_ms", result.step_ms, result.steps), ("best_val_loss", result.best_val_loss, result.steps),
                   # the zero forecast's validation loss (same units as val/loss), and the share of steps clipped
-                  ("baseline_naive/val_loss", float(np.mean(np.square(fs.val.y, dtype=np.float64))), result.steps),
+                  ("baseline_naive/val_loss", zero_val, result.steps),
                   ("grad/clip_rate", float(np.mean(result.history["clipped"])) if result.steps else math.nan,
                    result.steps)]
         run.log_metrics([(k, v, s) for k, v, s in final if math.isfinite(v)])
@@ -351,7 +357,7 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
             log_model(run, model, fs.test.x[:2], device)
     return TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
                         {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)}, prices.warnings,
-                        str(path) if path is not None and path.is_file() else None)
+                        str(path) if path is not None and path.is_file() else None, zero_val_loss=zero_val)
 
 
 def log_model(run, model: torch.nn.Module, example: np.ndarray, device: torch.device) -> None:

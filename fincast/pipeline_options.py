@@ -170,7 +170,7 @@ def run_name(cfg: PipelineConfig, underlying: str) -> str:
 
 
 def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
-                  resume_overrides: list[str], extra_tags: dict[str, str]):
+                  resume_overrides: list[str], extra_tags: dict[str, str], on_epoch=None):
     """One options-pricing run end to end (``pipeline._train`` for task = options)."""
     rank, world = dist_info()
     market = load_market(cfg, progress=progress and rank == 0)
@@ -187,7 +187,7 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
     model = omodel.build_option_model(cfg.model, os_.n_contract, os_.lookback, os_.channels).to(device)
     if rank != 0:
         fit(model, os_.train, os_.val, cfg.train, cfg.clip, device=device, precision=precision,
-            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume)
+            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume, on_epoch=on_epoch)
         return None
 
     experiment = cfg.tracking.experiment or cfg.name
@@ -221,7 +221,7 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
 
         result = fit(model, os_.train, os_.val, cfg.train, cfg.clip, device=device, precision=precision,
                      log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress,
-                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume)
+                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch)
 
         ev, table = evaluate_test(model, os_, cfg, device, usable=result.best_epoch > 0)
         final = []
@@ -229,8 +229,9 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
             prefix = "test" if model_name == LSTM else f"baseline_{model_name}"
             final += [(f"{prefix}/{pipeline._metric_name(k)}", float(v), result.steps) for k, v in row.items()
                       if k != "Contracts" and math.isfinite(float(v))]
+        zero_val = float(np.mean(np.square(os_.val.y, dtype=np.float64)))
         final += [("time/step_ms", result.step_ms, result.steps), ("best_val_loss", result.best_val_loss, result.steps),
-                  ("baseline_naive/val_loss", float(np.mean(np.square(os_.val.y, dtype=np.float64))), result.steps),
+                  ("baseline_naive/val_loss", zero_val, result.steps),
                   ("grad/clip_rate", float(np.mean(result.history["clipped"])) if result.steps else math.nan,
                    result.steps)]
         run.log_metrics([(k, v, s) for k, v, s in final if math.isfinite(v)])
@@ -249,7 +250,7 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
     return pipeline.TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
                                  {"train": len(os_.train), "val": len(os_.val), "test": len(os_.test)},
                                  market.warnings, str(path) if path is not None and path.is_file() else None,
-                                 task="options", report=str(out_dir), dropped=dropped)
+                                 task="options", report=str(out_dir), dropped=dropped, zero_val_loss=zero_val)
 
 
 def evaluate_test(model, os_: ofeat.OptionSet, cfg: PipelineConfig, device, *, usable: bool):

@@ -309,7 +309,7 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
                            "none; drop that axis or run the study on a GPU machine")
     workers = min(study.settings.workers or _cores(), len(study.jobs))
     threads = study.settings.threads or max(1, _cores() // workers)
-    with _lock(study), _pool(workers, threads, tracking.resolve_uri(study.tracking)) as (pool, store_ready):
+    with _lock(study), worker_pool(workers, threads, tracking.resolve_uri(study.tracking)) as (pool, store_ready):
         # load (and cache) the data once here: a bad source fails now, with its own message, not in every
         # worker; the workers then use exactly these data (no refresh), and runs on other data are not "done"
         fingerprint = pipeline.load_data(study.jobs[0].cfg, progress=progress).fingerprint
@@ -379,7 +379,7 @@ def _parent_params(study: Study) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _pool(workers: int, threads: int, uri: str):
+def worker_pool(workers: int, threads: int, uri: str):
     """(worker pool, store_ready): the worker processes (None: run in this process) and the function that tells
     them the MLflow store exists. Workers start at once and warm up while this process loads the data and sets
     up the parent run.

@@ -520,3 +520,30 @@ def metric_histories(uri: str, run_ids: list[str], keys: list[str],
             last = np.append(steps[1:] != steps[:-1], True)
             result[key][run_id] = (steps[last], values[last])
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: a parent run whose children are found by parent id
+# ---------------------------------------------------------------------------------------------
+
+
+def attach(uri: str, run_id: str) -> Run:
+    """A handle to log more into an existing run (also a finished one) without changing its status."""
+    return Run(MlflowClient(tracking_uri=uri), run_id, uri)
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[Any]:
+    """The active child runs of a run (tag ``mlflow.parentRunId``), oldest first."""
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        exp = client.get_run(parent_run_id).info.experiment_id
+    except MlflowException as exc:
+        raise TrackingError(f"no run {parent_run_id} in {uri}: {exc}") from None
+    return _search_all(client, [exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def delete_runs(uri: str, run_ids: Iterable[str]) -> None:
+    """Delete runs (restorable until `mlflow gc`)."""
+    client = MlflowClient(tracking_uri=uri)
+    for run_id in run_ids:
+        client.delete_run(run_id)

@@ -218,7 +218,7 @@ def evaluate(model: torch.nn.Module, split: Split, device: torch.device) -> tupl
 class FitResult:
     steps: int
     epochs: int
-    stop_reason: str  # "epochs" | "max_steps" | "early_stopping" | "diverged"
+    stop_reason: str  # "epochs" | "max_steps" | "early_stopping" | "diverged" | "pruned"
     best_val_loss: float
     best_epoch: int
     step_ms: float
@@ -282,7 +282,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         device: torch.device, precision: str = "fp32", log_every: int = 50, sink: MetricSink | None = None,
         progress: bool = False, monitor: MonitorConfig | None = None,
         checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-        restore_best: bool = True) -> FitResult:
+        restore_best: bool = True, on_epoch: Callable[[int, float], bool] | None = None) -> FitResult:
     """Train ``model`` on ``train``, validate each epoch on ``val``, early-stop, restore the best weights.
 
     ``sink`` receives metric rows (key, value, step) in batches; it is how the pipeline reaches MLflow
@@ -290,6 +290,8 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     ``checkpoint_state``) at each epoch end and every ``cfg.checkpoint_every`` steps; ``resume`` is such a
     state, from which training continues exactly as if it had never stopped. ``restore_best=False`` keeps the
     last epoch's weights (a refit for a fixed number of epochs, whose "validation" data are in ``train``).
+    ``on_epoch(epoch, val_loss)`` is called after each finite validation (epochs counted from 1); returning True
+    stops training there with stop_reason "pruned" (a sweep's pruner).
 
     Under torchrun (torch.distributed initialised) the model is wrapped in DDP and every global batch is
     split across ranks; gradients are all-reduced before clipping, so every rank clips identically.
@@ -492,11 +494,19 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             state.best_weights = copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})
         else:
             state.bad_epochs += 1
+        prune = False
+        if on_epoch is not None:  # rank 0 decides (it holds the sink); every rank stops at the same epoch
+            flag = torch.tensor([float(on_epoch(epoch + 1, val_loss)) if rank == 0 else 0.0], device=device)
+            if world > 1:
+                torch.distributed.broadcast(flag, 0)
+            prune = bool(flag.item())
         stop = None
         if cfg.max_steps is not None and state.step >= cfg.max_steps:
             stop = "max_steps"
         elif cfg.patience is not None and state.bad_epochs >= cfg.patience:
             stop = "early_stopping"
+        elif prune and epoch + 1 < cfg.epochs:
+            stop = "pruned"
         if cfg.checkpoint or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
             if stopped_at < steps_per_epoch:  # max_steps mid-epoch: a resume with more steps goes on from here
                 save(epoch, stopped_at, epoch_gen_state)

@@ -14,11 +14,12 @@ OWNERS = {
     "yfinance": "fincast/data/yahoo.py",
     "mlflow": "fincast/tracking.py",
     "matplotlib": "fincast/reports/plots.py",
+    "optuna": "fincast/sweep.py",
 }
 
 LAYER = {  # DEVELOPERS.md: L0 config -> L1 -> L2 -> L3 reports -> L4 pipeline/cli (-> __main__, the entry point)
     "config": 0, "data": 1, "features": 1, "models": 1, "clipping": 1, "tracking": 1,
-    "training": 2, "backtest": 2, "reports": 3, "pipeline": 4, "pipeline_options": 4, "study": 4, "cli": 4,
+    "training": 2, "backtest": 2, "reports": 3, "pipeline": 4, "pipeline_options": 4, "study": 4, "sweep": 4, "advise": 4, "cli": 4,
     "__main__": 5,
 }
 
