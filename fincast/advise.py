@@ -93,7 +93,7 @@ def advise(cfg: PipelineConfig, *, steps: int = DEFAULT_STEPS, percentile: float
     run.set_tags({"fincast.advice": json.dumps(advice.proposals())})
     for f in files:
         run.log_artifact(f, "advice")
-    return AdviceOutcome(advice, out.run_id, out.experiment, out.tracking_uri, plot, folder, out.fit.steps,
+    return AdviceOutcome(advice, out.run_id, out.experiment, out.tracking_uri, plot, folder, len(norms),
                          out.fit.diverged_step, cfg.train.lr, time.perf_counter() - t0)
 
 

@@ -473,8 +473,8 @@ class SweepSettings:
         10.0, "objective of a trial whose training went non-finite: this multiple of the zero forecast's "
               "validation loss (worse than predicting nothing), so the sampler learns to avoid it", gt=1)
     range: Literal["spec", "advised"] = _opt(
-        "spec", "advised: replace the range of clip.norm.max_norm with the advisor's (a probe run's gradient "
-                "norms: half its lowest proposal to twice its highest)")
+        "spec", "advised: replace the range of clip.norm.max_norm with the advisor's (an unclipped probe run at "
+                "the middle of search.lr: half its lowest proposal to twice its highest)")
     advise_steps: int = _opt(300, "range advised: steps of the unclipped probe run", ge=20, le=1_000_000)
     workers: int | None = _opt(
         None, "worker processes on this machine; null = one per GPU, else one per CPU core", ge=1, le=256)

@@ -779,6 +779,16 @@ def importance(sweep: Sweep, study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["scope", "param", "importance"])
 
 
+def probe_lr(sweep: Sweep) -> float:
+    """The learning rate of the advisor's probe: the middle of search.lr on a log scale (the median of its
+    values), else the base's lr. Gradient norms scale with the lr the weights move at."""
+    if sweep.lr is None:
+        return sweep.base_cfg.train.lr
+    if sweep.lr.values is not None:
+        return float(np.median(sweep.lr.values))
+    return float(math.sqrt(sweep.lr.low * sweep.lr.high))
+
+
 def _advice(sweep: Sweep, study: optuna.Study, parent_id: str | None, *, progress: bool) -> dict | None:
     """sweep.range = advised: the advisor's range for clip.norm.max_norm, from the study (the probe runs once)."""
     if sweep.settings.range != "advised":
@@ -788,13 +798,16 @@ def _advice(sweep: Sweep, study: optuna.Study, parent_id: str | None, *, progres
         return saved
     from fincast import advise
 
-    cfg = dataclasses.replace(sweep.base_cfg, tracking=dataclasses.replace(
-        sweep.base_cfg.tracking, experiment=sweep.name, metrics_writer="inline",
-        run_name=f"advise-clip {sweep.name}"))
+    lr = probe_lr(sweep)
+    cfg = dataclasses.replace(sweep.base_cfg, train=dataclasses.replace(sweep.base_cfg.train, lr=lr),
+                              tracking=dataclasses.replace(sweep.base_cfg.tracking, experiment=sweep.name,
+                                                           metrics_writer="inline",
+                                                           run_name=f"advise-clip {sweep.name} lr={lr:g}"))
     a = advise.advise(cfg, steps=sweep.settings.advise_steps, parent_run_id=parent_id, progress=progress,
                       tags={SWEEP_TAG: sweep.name})
     low, high = a.advice.sweep_range()
-    saved = {"run_id": a.run_id, "low": low, "high": high, "proposals": a.advice.proposals(), "plot": str(a.plot)}
+    saved = {"run_id": a.run_id, "low": low, "high": high, "lr": lr, "proposals": a.advice.proposals(),
+             "diverged_step": a.diverged_step, "plot": str(a.plot)}
     study.set_user_attr("fincast.advice", saved)
     return saved
 

@@ -25,7 +25,8 @@ def test_every_config_key_is_documented():
 
 def test_cli_commands_are_documented():
     for cmd in ("fincast train", "fincast data", "fincast keys", "fincast resume", "fincast study",
-                "fincast report stability", "--resume RUN_ID", "fincast backtest"):
+                "fincast report stability", "--resume RUN_ID", "fincast backtest", "fincast sweep",
+                "--join NAME", "fincast advise-clip"):
         assert cmd in README
 
 
@@ -35,6 +36,15 @@ def test_every_study_key_is_documented():
     from fincast.config import StudySettings
 
     missing = [f.name for f in dataclasses.fields(StudySettings) if f"`study.{f.name}`" not in README]
+    assert not missing, missing
+
+
+def test_every_sweep_key_is_documented():
+    import dataclasses
+
+    from fincast.config import SweepSettings
+
+    missing = [f.name for f in dataclasses.fields(SweepSettings) if f"`sweep.{f.name}`" not in README]
     assert not missing, missing
 
 
