@@ -379,7 +379,7 @@ def _parent_params(study: Study) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, threads: int, uri: str):
+def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True):
     """(worker pool, store_ready): the worker processes (None: run in this process) and the function that tells
     them the MLflow store exists. Workers start at once and warm up while this process loads the data and sets
     up the parent run.
@@ -395,7 +395,7 @@ def worker_pool(workers: int, threads: int, uri: str):
     import torch
 
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
-    fork = (sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
+    fork = (fork_ok and sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
             and threads == 1 and not torch.cuda.is_initialized())
     if fork:
         ctx = mp.get_context("fork")

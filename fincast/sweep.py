@@ -637,7 +637,8 @@ def _execute(sweep: Sweep, url: str, parent_id: str, study: optuna.Study, bar: t
         return [work(sweep, url, parent_id, worker=0, threads=threads, gpu=gpus[0], on_trial=refresh)]
     from fincast.study import worker_pool
 
-    with worker_pool(workers, threads, tracking_uri) as (pool, store_ready):
+    # GPU workers come from a forkserver: a process forked after this one touched CUDA could not use it
+    with worker_pool(workers, threads, tracking_uri, fork_ok=all(g is None for g in gpus)) as (pool, store_ready):
         store_ready()
         futures = {pool.submit(work, sweep, url, parent_id, worker=i, threads=threads, gpu=gpus[i])
                    for i in range(workers)}
@@ -970,8 +971,7 @@ def join(sweep: Sweep, *, storage: str | None = None, progress: bool = False) ->
         advice = study.user_attrs.get("fincast.advice") if sweep.settings.range == "advised" else True
         if parent_id and advice:
             break
-        time.sleep(1.0)
-        study = _open_study(sweep, _storage(url), sweep.settings.seed, create=False)
+        time.sleep(1.0)  # (user_attrs are read from the storage at each access)
     else:
         raise FincastError(f"sweep {sweep.name}: its driver has not started its parent run (or its advisor probe) "
                            "yet; is `fincast sweep SPEC --storage URL` running? Try again in a moment")
