@@ -103,35 +103,43 @@ def _merge(base: Any, extra: Any) -> Any:
     return extra
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
-    """Read a study spec, apply ``--set`` overrides (``study.*``/``matrix.*``/``name``/``base`` change the
-    spec; any other key is a pipeline key set for every run), check it and expand it into jobs. Every problem
-    is reported before any work starts, naming the file and key."""
+def read_spec(path: str | Path, overrides: list[str] | tuple[str, ...], keys: tuple[str, ...],
+              kind: str) -> tuple[dict, Any, Path | None, list[str]]:
+    """(raw spec, name, base pipeline path, errors) of a study or sweep spec: ``--set`` overrides applied (keys of
+    the spec change it; any other key is a pipeline key put into its ``set``), then the keys, ``name`` and
+    ``base`` checked."""
     path = Path(path)
     raw = config_mod.read_yaml(path)
     for text in overrides:
         key, value = config_mod.parse_override(text)
-        if key[0] in SPEC_KEYS and key[0] != "set":
+        if key[0] in keys and key[0] != "set":
             config_mod.set_key(raw, key, value, f"--set {text!r}")
         else:
             raw.setdefault("set", {})
             if not isinstance(raw["set"], dict):
-                raise ConfigError(f"study spec {path}: 'set' must be a mapping of pipeline keys to values")
+                raise ConfigError(f"{kind} spec {path}: 'set' must be a mapping of pipeline keys to values")
             raw["set"][".".join(key[1:] if key[0] == "set" else key)] = value
-    errors: list[str] = []
-    unknown = [k for k in raw if k not in SPEC_KEYS]
-    errors += [f"{k}: unknown key; a study spec has: {', '.join(SPEC_KEYS)}" for k in unknown]
+    errors = [f"{k}: unknown key; a {kind} spec has: {', '.join(keys)}" for k in raw if k not in keys]
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
-        errors.append("name: required, the study's name (also its MLflow experiment)")
+        errors.append(f"name: required, the {kind}'s name (also its MLflow experiment)")
     base = raw.get("base")
     base_path = None
     if not isinstance(base, str):
-        errors.append("base: required, the pipeline spec the study varies (e.g. price_crypto.yaml)")
+        errors.append(f"base: required, the pipeline spec the {kind} trains (e.g. price_crypto.yaml)")
     else:
-        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
         if not base_path.is_file():
             errors.append(f"base = {base!r}: no such pipeline spec ({base_path})")
+    return raw, name, base_path, errors
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
+    """Read a study spec, apply ``--set`` overrides (``study.*``/``matrix.*``/``name``/``base`` change the
+    spec; any other key is a pipeline key set for every run), check it and expand it into jobs. Every problem
+    is reported before any work starts, naming the file and key."""
+    raw, name, base_path, errors = read_spec(path, overrides, SPEC_KEYS, "study")
+    path = Path(path)
     common = raw.get("set") or {}
     if not isinstance(common, dict):
         errors.append("set: expected a mapping of pipeline keys to values, e.g. {train.optimizer: sgd}")

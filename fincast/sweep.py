@@ -210,30 +210,10 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep
     """Read a sweep spec, apply ``--set`` overrides (``sweep.*``/``search.*``/``name``/``base`` change the spec;
     any other key is a pipeline key set for every trial), and check everything before any work: the spec's
     keys, each range, and the pipeline config at both ends of every range."""
+    from fincast.study import read_spec
+
+    raw, name, base_path, errors = read_spec(path, overrides, SPEC_KEYS, "sweep")
     path = Path(path)
-    raw = config_mod.read_yaml(path)
-    for text in overrides:
-        key, value = config_mod.parse_override(text)
-        if key[0] in SPEC_KEYS and key[0] != "set":
-            config_mod.set_key(raw, key, value, f"--set {text!r}")
-        else:
-            raw.setdefault("set", {})
-            if not isinstance(raw["set"], dict):
-                raise ConfigError(f"sweep spec {path}: 'set' must be a mapping of pipeline keys to values")
-            raw["set"][".".join(key[1:] if key[0] == "set" else key)] = value
-    errors: list[str] = [f"{k}: unknown key; a sweep spec has: {', '.join(SPEC_KEYS)}" for k in raw
-                         if k not in SPEC_KEYS]
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        errors.append("name: required, the sweep's name (its Optuna study and MLflow experiment)")
-    base = raw.get("base")
-    base_path = None
-    if not isinstance(base, str):
-        errors.append("base: required, the pipeline spec the sweep trains (e.g. price_crypto.yaml)")
-    else:
-        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-        if not base_path.is_file():
-            errors.append(f"base = {base!r}: no such pipeline spec ({base_path})")
     common = raw.get("set") or {}
     if not isinstance(common, dict):
         errors.append("set: expected a mapping of pipeline keys to values, e.g. {train.optimizer: sgd}")
@@ -398,16 +378,6 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _recover(study: optuna.Study) -> int:
     """Fail (and queue again) the running trials whose worker is dead: on this machine by its pid, elsewhere by
     its heartbeat. Returns how many were failed."""
@@ -416,7 +386,7 @@ def _recover(study: optuna.Study) -> int:
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         h, _, pid = str(t.user_attrs.get("fincast.worker", "")).rpartition(":")
-        if h == host and pid.isdigit() and not _alive(int(pid)):
+        if h == host and pid.isdigit() and not tracking.pid_alive(int(pid)):
             with contextlib.suppress(RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
                 if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                     n += 1

@@ -307,8 +307,8 @@ class MetricWriter:
                 self._proc.terminate()
 
 
-def _alive(pid: int) -> bool:
-    """Whether the trainer still runs (under forkserver the writer's parent is the server, not the trainer)."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this machine) still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -324,7 +324,7 @@ def _receive(inbox: Any, parent: int) -> tuple | None:
         try:
             return inbox.get(timeout=2.0)
         except queue.Empty:
-            if not _alive(parent):
+            if not pid_alive(parent):  # (under forkserver the writer's parent is the server)
                 return None
 
 
