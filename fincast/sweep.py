@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -384,9 +385,13 @@ def _recover(study: optuna.Study) -> int:
     storage = study._storage
     host = socket.gethostname()
     n = 0
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         h, _, pid = str(t.user_attrs.get("fincast.worker", "")).rpartition(":")
-        if h == host and pid.isdigit() and not tracking.pid_alive(int(pid)):
+        dead = h == host and pid.isdigit() and not tracking.pid_alive(int(pid))
+        # a worker killed between ask() and naming itself left no pid and no heartbeat: presumed dead after GRACE_S
+        orphan = not h and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > GRACE_S
+        if dead or orphan:
             with contextlib.suppress(RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
                 if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                     n += 1
