@@ -28,8 +28,8 @@ from fincast.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = sorted(p for p in (ROOT / "pipelines").glob("*.yaml")
-               if "matrix" not in (yaml.safe_load(p.read_text()) or {}))  # study specs: test_study.py
+SPECS = sorted(p for p in (ROOT / "pipelines").glob("*.yaml")  # study and sweep specs: test_study/test_sweep.py
+               if not {"matrix", "search"} & set(yaml.safe_load(p.read_text()) or {}))
 SPEC_IDS = [p.name for p in SPECS]
 
 

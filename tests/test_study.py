@@ -221,6 +221,7 @@ def test_a_failing_run_does_not_stop_the_study(tmp_path, monkeypatch):
     assert (out.skipped, out.finished, out.failed) == (len(s.jobs) - 2, 2, [])
 
 
+@pytest.mark.slow  # a few seconds of process start-up; runs in make test-slow and .ci/run
 def test_runs_on_other_data_are_redone_not_counted_as_done(tmp_path):
     """A CSV file that changed between two invocations (same config, other data): the rerun redoes every run
     on the current data, removes the old ones, and the report judges only the current ones."""

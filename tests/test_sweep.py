@@ -601,3 +601,23 @@ def test_cli_sweep_bad_spec_exits_2(tmp_path, monkeypatch, capsys):
     code = cli.main(["sweep", str(path), "--set", "search.clip.norm={low: 3, high: 1}"])
     assert code == 2 and "need 0 < low < high" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("spec", sorted((ROOT / "pipelines").glob("sweep_*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_specs_load_and_search_what_they_state(spec):
+    raw = yaml.safe_load(spec.read_text())
+    s = sw.load(spec)
+    assert s.name == raw["name"] and set(s.methods) == set(raw["search"]["clip"])
+    for method, rng in raw["search"]["clip"].items():
+        axis = s.methods[method]
+        if method == "none":
+            assert axis is None
+        else:
+            assert (axis.low, axis.high) == (rng["low"], rng["high"]) and axis.key == sw.THRESHOLD_KEYS[method]
+    assert (s.lr.low, s.lr.high) == (raw["search"]["lr"]["low"], raw["search"]["lr"]["high"])
+    assert s.trials == raw["sweep"]["trials"]
+    for k, v in raw["set"].items():  # the trials' pipeline keys
+        got = s.base_cfg
+        for part in k.split("."):
+            got = getattr(got, part)
+        assert got == (tuple(v) if isinstance(v, list) else v), k

@@ -81,6 +81,7 @@ def test_writer_does_not_touch_the_store_until_asked(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # a few seconds of process start-up; runs in make test-slow and .ci/run
 def test_writer_exits_when_its_trainer_is_killed(tmp_path):
     script = textwrap.dedent(f"""
         import time

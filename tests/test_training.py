@@ -382,6 +382,7 @@ def test_resume_from_any_checkpoint_continues_bit_exactly(method):
         assert sorted(r for r in resumed_rows) == sorted(r for r in rows if r[2] > k)
 
 
+@pytest.mark.slow  # a few seconds of process start-up; runs in make test-slow and .ci/run
 def test_distributed_data_parallel_matches_one_process_with_the_same_global_batch(tmp_path):
     """torchrun, 2 gloo processes on CPU: each rank trains its shard of every global batch (shards of 3 and 2,
     and 1 and none for each epoch's last batch of one sample),
