@@ -338,13 +338,14 @@ def clip_agc(grads: list[torch.Tensor], weights: list[torch.Tensor], clip_factor
     w_units = [unit_norms(w.detach()) for _, w in pairs]
     gn = torch.cat([u.reshape(-1) for u in g_units]).float()
     bound = torch.cat([u.reshape(-1) for u in w_units]).float().clamp_min_(eps).mul_(clip_factor)
-    # min(1, bound / max(||G_i||, 1e-6)): the rescale where over, 1 within (bound > 0, as eps, clip_factor > 0;
-    # an infinite bound gives inf -> 1). The 1e-6 floor on the gradient norm is the NFNets reference code's: a
-    # unit whose gradient norm is below 1e-6 is scaled by bound / 1e-6, not lifted onto the bound
-    coef = (bound / gn.clamp_min(1e-6)).clamp_max_(1.0)
+    # bound / max(||G_i||, 1e-6) where ||G_i|| > bound, else 1 (as the NFNets reference code: where(trigger,
+    # clipped, grad)). The 1e-6 floor on the gradient norm is theirs too: a unit over a bound below 1e-6 is scaled
+    # by bound / 1e-6, not lifted onto the bound; a unit within its bound is never touched, however tiny
+    over = gn > bound
+    coef = torch.where(over, bound / gn.clamp_min(1e-6), torch.ones_like(gn))
     coefs = [c.view(u.shape) for c, u in zip(coef.split([u.numel() for u in g_units]), g_units)]
     _scale([g for g, _ in pairs], coefs)
-    n_clipped = (gn > bound).sum()
+    n_clipped = over.sum()
     return _stats(pre, global_norm(grads), n_clipped > 0, n_clipped / gn.numel(), threshold)
 
 
