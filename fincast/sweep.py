@@ -41,10 +41,11 @@ import math
 import os
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,18 +107,10 @@ class Axis:
             return float(trial.suggest_categorical(self.key, list(self.values)))
         return trial.suggest_float(self.key, self.low, self.high, log=True)
 
-    def contains(self, v: float) -> bool:
-        if self.values is not None:
-            return v in self.values
-        return self.low * (1 - 1e-12) <= v <= self.high * (1 + 1e-12)
-
     def describe(self) -> str:
         if self.values is not None:
             return "{" + ", ".join(f"{v:g}" for v in self.values) + "}"
         return f"[{self.low:g}, {self.high:g}] log-uniform"
-
-    def as_dict(self) -> dict:
-        return {"values": list(self.values)} if self.values is not None else {"low": self.low, "high": self.high}
 
 
 @dataclass(frozen=True)
@@ -571,7 +564,6 @@ class SweepOutcome:
     seconds: float
     joined: bool = False
     advice: dict | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _cores() -> int:
@@ -657,19 +649,11 @@ def _parent(sweep: Sweep, study: optuna.Study, url: str, fingerprint: str) -> tr
         "sweep.trials": sweep.trials, "sweep.storage": redact(url),
         **{f"set.{k}": v for k, v in (sweep.raw.get("set") or {}).items()},
     })
-    with _tempdir() as tmp:
-        (tmp / "sweep.yaml").write_text(yaml.safe_dump(sweep.raw, sort_keys=False))
-        parent.log_artifact(tmp / "sweep.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "sweep.yaml").write_text(yaml.safe_dump(sweep.raw, sort_keys=False))
+        parent.log_artifact(Path(tmp) / "sweep.yaml")
     study.set_user_attr("fincast.parent_run_id", parent.run_id)
     return parent
-
-
-@contextlib.contextmanager
-def _tempdir():
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        yield Path(tmp)
 
 
 def _ensure_grid(sweep: Sweep, study: optuna.Study) -> int:
@@ -884,11 +868,9 @@ def _summarise(sweep: Sweep, study: optuna.Study, parent: tracking.Run, url: str
 
     table = trials_table(sweep, study)
     imp = importance(sweep, study)
-    zero = table.merge(pd.DataFrame({"number": [t.number for t in study.get_trials(deepcopy=False, states=FINISHED)],
-                                     "zero": [t.user_attrs.get("fincast.zero_val_loss", math.nan)
-                                              for t in study.get_trials(deepcopy=False, states=FINISHED)]}),
-                       on="number")["zero"]
-    zero_loss = float(np.nanmedian(zero.to_numpy(float))) if len(zero) and np.isfinite(zero).any() else math.nan
+    zeros = np.array([t.user_attrs.get("fincast.zero_val_loss") or math.nan
+                      for t in study.get_trials(deepcopy=False, states=FINISHED)], float)
+    zero_loss = float(np.nanmedian(zeros)) if np.isfinite(zeros).any() else math.nan  # the same data: one value
     failed = [f for r in results for f in r["failed"]]
     unresolved = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                      if not t.user_attrs.get("fincast.surplus"))
