@@ -338,26 +338,35 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
                      monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch)
 
         metrics, predictions = _evaluate_test(model, fs, cfg, device, result)
-        final = [(f"{m}/{k}", v, result.steps) for m, vals in metrics.items() for k, v in vals.items()]
-        zero_val = float(np.mean(np.square(fs.val.y, dtype=np.float64)))
-        final += [("time/step_ms", result.step_ms, result.steps), ("best_val_loss", result.best_val_loss, result.steps),
-                  # the zero forecast's validation loss (same units as val/loss), and the share of steps clipped
-                  ("baseline_naive/val_loss", zero_val, result.steps),
-                  ("grad/clip_rate", float(np.mean(result.history["clipped"])) if result.steps else math.nan,
-                   result.steps)]
-        run.log_metrics([(k, v, s) for k, v, s in final if math.isfinite(v)])
-        run.set_tags({
-            "fincast.diverged": str(result.diverged).lower(),
-            "fincast.stop_reason": result.stop_reason,
-            **({"fincast.diverged_step": result.diverged_step, "fincast.diverged_reason": result.diverged_reason}
-               if result.diverged else {}),
-        })
+        zero_val = log_fit_outcome(run, result, fs.val.y, [(f"{m}/{k}", v) for m, vals in metrics.items()
+                                                             for k, v in vals.items()])
         _log_artifacts(run, cfg, fs, result, predictions, prices, name)
         if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
             log_model(run, model, fs.test.x[:2], device)
     return TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
                         {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)}, prices.warnings,
                         str(path) if path is not None and path.is_file() else None, zero_val_loss=zero_val)
+
+
+def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,
+                    test_metrics: list[tuple[str, float]]) -> float:
+    """Log what every training run ends with (price and options tasks): its test metrics, step time, best
+    validation loss, the zero forecast's validation loss (same units as val/loss), the share of steps clipped,
+    and the divergence tags. Returns the zero forecast's validation loss."""
+    zero_val = float(np.mean(np.square(val_y, dtype=np.float64)))
+    final = [(k, float(v), result.steps) for k, v in test_metrics]
+    final += [("time/step_ms", result.step_ms, result.steps), ("best_val_loss", result.best_val_loss, result.steps),
+              ("baseline_naive/val_loss", zero_val, result.steps),
+              ("grad/clip_rate", float(np.mean(result.history["clipped"])) if result.steps else math.nan,
+               result.steps)]
+    run.log_metrics([(k, v, s) for k, v, s in final if math.isfinite(v)])
+    run.set_tags({
+        "fincast.diverged": str(result.diverged).lower(),
+        "fincast.stop_reason": result.stop_reason,
+        **({"fincast.diverged_step": result.diverged_step, "fincast.diverged_reason": result.diverged_reason}
+           if result.diverged else {}),
+    })
+    return zero_val
 
 
 def log_model(run, model: torch.nn.Module, example: np.ndarray, device: torch.device) -> None:

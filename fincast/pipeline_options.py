@@ -224,22 +224,12 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
                      monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch)
 
         ev, table = evaluate_test(model, os_, cfg, device, usable=result.best_epoch > 0)
-        final = []
+        test_metrics = []
         for model_name, row in ev.stats.iterrows():
             prefix = "test" if model_name == LSTM else f"baseline_{model_name}"
-            final += [(f"{prefix}/{pipeline._metric_name(k)}", float(v), result.steps) for k, v in row.items()
-                      if k != "Contracts" and math.isfinite(float(v))]
-        zero_val = float(np.mean(np.square(os_.val.y, dtype=np.float64)))
-        final += [("time/step_ms", result.step_ms, result.steps), ("best_val_loss", result.best_val_loss, result.steps),
-                  ("baseline_naive/val_loss", zero_val, result.steps),
-                  ("grad/clip_rate", float(np.mean(result.history["clipped"])) if result.steps else math.nan,
-                   result.steps)]
-        run.log_metrics([(k, v, s) for k, v, s in final if math.isfinite(v)])
-        run.set_tags({
-            "fincast.diverged": str(result.diverged).lower(), "fincast.stop_reason": result.stop_reason,
-            **({"fincast.diverged_step": result.diverged_step, "fincast.diverged_reason": result.diverged_reason}
-               if result.diverged else {}),
-        })
+            test_metrics += [(f"{prefix}/{pipeline._metric_name(k)}", float(v)) for k, v in row.items()
+                             if k != "Contracts" and math.isfinite(float(v))]
+        zero_val = pipeline.log_fit_outcome(run, result, os_.val.y, test_metrics)
         out_dir = Path("reports") / "options" / cfg.name
         files = write_outputs(out_dir, cfg, os_, ev, table, result, name, dropped, market.warnings)
         for f in files:
