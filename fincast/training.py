@@ -103,8 +103,8 @@ class StepOut:
     layers: torch.Tensor | None = None  # monitor steps: per-layer grad L2 norms (pre-clip), then update/weight ratios
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+def make_optimizer(model: torch.nn.Module | list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
@@ -127,15 +127,18 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: in
     return 1.0
 
 
-def make_state(model: torch.nn.Module, train: TrainConfig, clip: ClipConfig, *, steps_per_epoch: int,
-               device: torch.device, precision: str = "fp32", monitor_every: int | None = None) -> RunState:
-    opt = make_optimizer(model, train)
+def make_state(model: torch.nn.Module | list[tuple[str, torch.Tensor]], train: TrainConfig, clip: ClipConfig, *,
+               steps_per_epoch: int, device: torch.device, precision: str = "fp32",
+               monitor_every: int | None = None) -> RunState:
+    """A run's state over ``model``'s parameters, or over named tensors (a stacked run's views, see fit_batched)."""
+    named = list(model.named_parameters()) if isinstance(model, torch.nn.Module) else list(model)
+    opt = make_optimizer([p for _, p in named], train)
     total = train.epochs * steps_per_epoch if train.max_steps is None else min(train.max_steps,
                                                                                   train.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, train, steps_per_epoch, total))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return RunState(opt, sched, clip, init_state(clip, list(model.named_parameters())), scaler, dtype, monitor_every)
+    return RunState(opt, sched, clip, init_state(clip, named), scaler, dtype, monitor_every)
 
 
 def _layer_norms(tensors: list[torch.Tensor], layout: Layout) -> torch.Tensor:
@@ -149,8 +152,6 @@ def train_step(model: torch.nn.Module, batch: tuple, state: RunState) -> StepOut
     all-reduced gradients and runs before the optimizer."""
     x, y = batch[0], batch[1]
     opt = state.optimizer
-    lr = opt.param_groups[0]["lr"]
-    params = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=state.autocast_dtype or torch.float32,
                         enabled=state.autocast_dtype is not None):
@@ -162,6 +163,16 @@ def train_step(model: torch.nn.Module, batch: tuple, state: RunState) -> StepOut
         state.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     else:
         loss.backward()
+    return apply_update(state, loss.detach())
+
+
+def apply_update(state: RunState, loss: torch.Tensor) -> StepOut:
+    """The rest of a step once the run's gradients are in its parameters' ``.grad``: monitoring, clipping,
+    optimizer and schedule step. Shared by ``train_step`` and the stacked runs of ``fit_batched``, which give
+    every run its own ``state`` over views of the stacked parameters."""
+    opt = state.optimizer
+    lr = opt.param_groups[0]["lr"]
+    params = [p for group in opt.param_groups for p in group["params"]]
     monitor = state.monitor_every is not None and (state.step + 1) % state.monitor_every == 0
     if monitor:  # per-layer gradient norms before clipping, and the weights before the update
         layout = state.clip_state.layout
@@ -190,7 +201,7 @@ def train_step(model: torch.nn.Module, batch: tuple, state: RunState) -> StepOut
             ratio = _layer_norms(delta, layout) / _layer_norms(before, layout).clamp_min(1e-12)
         layers = torch.cat([layer_grad, ratio])
     state.step += 1
-    return StepOut(loss.detach(), stats, lr, skipped, layers)
+    return StepOut(loss, stats, lr, skipped, layers)
 
 
 @torch.no_grad()
@@ -208,7 +219,11 @@ def predict(model: torch.nn.Module, x: np.ndarray | torch.Tensor, device: torch.
 
 def evaluate(model: torch.nn.Module, split: Split, device: torch.device) -> tuple[float, dict[str, float], np.ndarray]:
     """(loss in training units, metrics in log-return units, predictions in log-return units)."""
-    pred = predict(model, split.x, device)
+    return score(predict(model, split.x, device), split)
+
+
+def score(pred: np.ndarray, split: Split) -> tuple[float, dict[str, float], np.ndarray]:
+    """``evaluate`` from predictions in training units (float64)."""
     loss = float(np.mean((pred - split.y) ** 2))
     pred_raw = pred * split.scale
     return loss, forecast_metrics(split.y_raw, pred_raw), pred_raw
@@ -278,6 +293,133 @@ class SpikeCounter:
         self.count = saved["count"]
 
 
+class Recorder:
+    """One run's bookkeeping in a training loop: per-step statistics stay on the device until a drain reads them
+    back (one transfer), checks them for divergence and turns them into metric rows, which reach the sink once
+    ``log_every`` steps are pending. ``fit`` has one; ``fit_batched`` one per stacked run, so both log the same
+    rows."""
+
+    def __init__(self, state: RunState, clip: ClipConfig, monitor: MonitorConfig, sink: MetricSink, log_every: int,
+                 world: int = 1):
+        self.state, self.sink, self.log_every, self.world = state, sink, log_every, world
+        self.log_threshold = clip.method != "none"
+        self.spikes = SpikeCounter(monitor.spike_factor, monitor.spike_window)
+        self.counts = {"grad/spikes": 0, "grad/skipped_steps": 0}
+        self.last_logged: dict[str, float] = {}  # step functions (threshold, counts): logged when they change
+        self.history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": [], "threshold": [],
+                                                "clipped": []}
+        self.val_history: list[float] = []
+        self.buffer: list[torch.Tensor] = []  # per-step statistics, still on the device
+        self.layer_buffer: list[tuple[int, torch.Tensor]] = []
+        self.lrs: list[float] = []
+        self.pending: list[tuple[str, float, int]] = []  # rows read back, not yet sent
+        self.pending_steps = 0
+        self.diverged: tuple[int, str] | None = None
+        self.progress_bar = None
+        self.train_seconds = 0.0
+
+    def record(self, out: StepOut, no_skip: torch.Tensor) -> None:
+        c = out.clip
+        skipped = out.skipped if out.skipped is not None else no_skip
+        self.buffer.append(torch.stack([out.loss.float(), c.norm_pre, c.norm_post, c.clipped, c.clip_fraction,
+                                        c.threshold, skipped]))
+        if out.layers is not None:
+            self.layer_buffer.append((self.state.step, out.layers))
+        self.lrs.append(out.lr)
+
+    def log_changed(self, key: str, value: float, step: int) -> None:
+        last = self.last_logged
+        if last.get(key) != value and not (math.isnan(value) and math.isnan(last.get(key, 0.0))):
+            self.pending.append((key, value, step))
+            last[key] = value
+
+    def drain(self) -> None:
+        """Read the buffered statistics back (one device sync) and check them for divergence. Rows go to
+        the sink once ``log_every`` steps are pending: each sink call is a database transaction."""
+        buffer, state, history, pending, counts = self.buffer, self.state, self.history, self.pending, self.counts
+        if not buffer:
+            return
+        stacked = torch.stack(buffer)
+        if self.world > 1:  # the loss is per shard; norms are already identical on every rank
+            losses = stacked[:, 0].contiguous()
+            torch.distributed.all_reduce(losses)
+            stacked[:, 0] = losses / self.world
+        values = stacked.double().cpu().tolist()  # Python floats (they go into checkpoints too)
+        first = state.step - len(buffer)
+        for i, row in enumerate(values):
+            step = first + i + 1
+            loss, pre = row[0], row[1]
+            pending.extend((key, v, step) for key, v in zip(_STEP_KEYS, row))
+            if self.log_threshold:  # constant thresholds: one point, not one per step
+                self.log_changed("grad/threshold", row[_THRESHOLD], step)
+            pending.append(("lr", self.lrs[i], step))
+            counts["grad/spikes"] += self.spikes.see(pre)
+            if state.scaler is not None:
+                counts["grad/skipped_steps"] += int(row[_SKIPPED])
+            for key, value in counts.items():
+                if key != "grad/skipped_steps" or state.scaler is not None:
+                    self.log_changed(key, value, step)
+            self.pending_steps += 1
+            history["loss"].append(loss)
+            history["norm_pre"].append(pre)
+            history["norm_post"].append(row[2])
+            history["threshold"].append(row[_THRESHOLD])
+            history["clipped"].append(row[3])
+            if not math.isfinite(loss):
+                self.diverged = (step, f"non-finite training loss ({loss})")
+            elif not math.isfinite(pre) and state.scaler is None:
+                self.diverged = (step, f"non-finite gradient norm ({pre})")
+            if self.diverged:
+                break
+        layout = state.clip_state.layout
+        for step, layers in self.layer_buffer:
+            vals = layers.double().cpu().tolist()
+            k = len(layout.layers)
+            pending.extend((f"grad/layer/{name}", v, step) for name, v in zip(layout.layers, vals[:k]))
+            pending.extend((f"update/ratio/{name}", v, step) for name, v in zip(layout.layers, vals[k:]))
+        buffer.clear()
+        self.layer_buffer.clear()
+        self.lrs.clear()
+        if self.pending_steps >= self.log_every:
+            self.send()
+        if self.progress_bar is not None and len(history["loss"]):
+            self.progress_bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", gnorm=f"{history['norm_pre'][-1]:.3g}",
+                                          refresh=False)
+
+    def send(self) -> None:
+        if self.pending:
+            self.sink(list(self.pending))
+        self.pending.clear()
+        self.pending_steps = 0
+
+    def validated(self, val_loss: float, val_metrics: dict[str, float], epoch: int) -> None:
+        """Epoch ``epoch`` (0-based) validated: its rows, and divergence on a non-finite loss."""
+        self.val_history.append(val_loss)
+        self.pending.extend([("val/loss", val_loss, self.state.step),
+                             *((f"val/{k}", v, self.state.step) for k, v in val_metrics.items()),
+                             ("epoch", epoch + 1, self.state.step)])
+        if not math.isfinite(val_loss):
+            self.diverged = (self.state.step, f"non-finite validation loss ({val_loss})")
+
+    def improved(self, val_loss: float, epoch: int, min_delta: float) -> bool:
+        """Early-stopping bookkeeping after a finite validation; True when this epoch is the best so far."""
+        state = self.state
+        if val_loss < state.best_val - min_delta:
+            state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch + 1, 0
+            return True
+        state.bad_epochs += 1
+        return False
+
+    def result(self, stop_reason: str) -> FitResult:
+        state, diverged = self.state, self.diverged
+        return FitResult(
+            steps=state.step, epochs=len(self.val_history), stop_reason=stop_reason, best_val_loss=state.best_val,
+            best_epoch=state.best_epoch, step_ms=1000.0 * self.train_seconds / max(state.step, 1),
+            diverged_step=diverged[0] if diverged else None, diverged_reason=diverged[1] if diverged else None,
+            history=self.history, val_history=self.val_history,
+        )
+
+
 def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip: ClipConfig, *,
         device: torch.device, precision: str = "fp32", log_every: int = 50, sink: MetricSink | None = None,
         progress: bool = False, monitor: MonitorConfig | None = None,
@@ -305,7 +447,6 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     state = make_state(model, cfg, clip, steps_per_epoch=steps_per_epoch, device=device, precision=precision,
                        monitor_every=monitor.every)
-    layout = state.clip_state.layout
     net = model
     if world > 1 and resume is None:  # each rank its own dropout masks (weights come from rank 0 via DDP)
         torch.manual_seed(cfg.seed + 1_000_003 * rank)
@@ -315,20 +456,8 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
     xt = torch.as_tensor(train.x, device=device)
     yt = torch.as_tensor(train.y, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    log_threshold = clip.method != "none"
-    spikes = SpikeCounter(monitor.spike_factor, monitor.spike_window)
-    counts = {"grad/spikes": 0, "grad/skipped_steps": 0}
-    last_logged: dict[str, float] = {}  # step functions (threshold, counts): logged when they change
-    history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": [], "threshold": [], "clipped": []}
-    val_history: list[float] = []
-    buffer: list[torch.Tensor] = []  # per-step statistics, still on the device
-    layer_buffer: list[tuple[int, torch.Tensor]] = []
-    lrs: list[float] = []
-    pending: list[tuple[str, float, int]] = []  # rows read back, not yet sent
-    pending_steps = 0
-    diverged: tuple[int, str] | None = None
+    rec = Recorder(state, clip, monitor, sink, log_every, world)
     stop_reason = "epochs"
-    train_seconds = 0.0
     start_epoch, start_batch = 0, 0
     epoch_gen_state = gen.get_state()
     if resume is not None:
@@ -336,74 +465,10 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         load_checkpoint_state(model, state, resume)
         r = resume["loop"]
         start_epoch, start_batch, epoch_gen_state = r["epoch"], r["batch"], r["gen_state"]
-        history, val_history, train_seconds = r["history"], r["val_history"], r["train_seconds"]
-        history.setdefault("clipped", [])
-        spikes.load(r["spikes"])
-        counts, last_logged = r["counts"], r["last_logged"]
-
-    def log_changed(key: str, value: float, step: int) -> None:
-        if last_logged.get(key) != value and not (math.isnan(value) and math.isnan(last_logged.get(key, 0.0))):
-            pending.append((key, value, step))
-            last_logged[key] = value
-
-    def drain() -> None:
-        """Read the buffered statistics back (one device sync) and check them for divergence. Rows go to
-        the sink once ``log_every`` steps are pending: each sink call is a database transaction."""
-        nonlocal diverged, pending_steps
-        if not buffer:
-            return
-        stacked = torch.stack(buffer)
-        if world > 1:  # the loss is per shard; norms are already identical on every rank
-            losses = stacked[:, 0].contiguous()
-            torch.distributed.all_reduce(losses)
-            stacked[:, 0] = losses / world
-        values = stacked.double().cpu().tolist()  # Python floats (they go into checkpoints too)
-        first = state.step - len(buffer)
-        for i, row in enumerate(values):
-            step = first + i + 1
-            loss, pre = row[0], row[1]
-            pending.extend((key, v, step) for key, v in zip(_STEP_KEYS, row))
-            if log_threshold:  # constant thresholds: one point, not one per step
-                log_changed("grad/threshold", row[_THRESHOLD], step)
-            pending.append(("lr", lrs[i], step))
-            counts["grad/spikes"] += spikes.see(pre)
-            if state.scaler is not None:
-                counts["grad/skipped_steps"] += int(row[_SKIPPED])
-            for key, value in counts.items():
-                if key != "grad/skipped_steps" or state.scaler is not None:
-                    log_changed(key, value, step)
-            pending_steps += 1
-            history["loss"].append(loss)
-            history["norm_pre"].append(pre)
-            history["norm_post"].append(row[2])
-            history["threshold"].append(row[_THRESHOLD])
-            history["clipped"].append(row[3])
-            if not math.isfinite(loss):
-                diverged = (step, f"non-finite training loss ({loss})")
-            elif not math.isfinite(pre) and state.scaler is None:
-                diverged = (step, f"non-finite gradient norm ({pre})")
-            if diverged:
-                break
-        for step, layers in layer_buffer:
-            vals = layers.double().cpu().tolist()
-            k = len(layout.layers)
-            pending.extend((f"grad/layer/{name}", v, step) for name, v in zip(layout.layers, vals[:k]))
-            pending.extend((f"update/ratio/{name}", v, step) for name, v in zip(layout.layers, vals[k:]))
-        buffer.clear()
-        layer_buffer.clear()
-        lrs.clear()
-        if pending_steps >= log_every:
-            send()
-        if progress_bar is not None and len(history["loss"]):
-            progress_bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", gnorm=f"{history['norm_pre'][-1]:.3g}",
-                                     refresh=False)
-
-    def send() -> None:
-        nonlocal pending_steps
-        if pending:
-            sink(list(pending))
-        pending.clear()
-        pending_steps = 0
+        rec.history, rec.val_history, rec.train_seconds = r["history"], r["val_history"], r["train_seconds"]
+        rec.history.setdefault("clipped", [])
+        rec.spikes.load(r["spikes"])
+        rec.counts, rec.last_logged = r["counts"], r["last_logged"]
 
     def save(epoch: int, batch: int, gen_state: torch.Tensor) -> None:
         """Checkpoint after ``batch`` batches of ``epoch`` (everything drained and sent first, so a resumed
@@ -412,11 +477,11 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         rng = _rng_states(world)
         if checkpoint is None:
             return
-        send()
+        rec.send()
         checkpoint(checkpoint_state(model, state, rng, {
-            "epoch": epoch, "batch": batch, "gen_state": gen_state, "history": history,
-            "val_history": val_history, "train_seconds": train_seconds, "spikes": spikes.state(),
-            "counts": dict(counts), "last_logged": dict(last_logged), "steps_per_epoch": steps_per_epoch,
+            "epoch": epoch, "batch": batch, "gen_state": gen_state, "history": rec.history,
+            "val_history": rec.val_history, "train_seconds": rec.train_seconds, "spikes": rec.spikes.state(),
+            "counts": dict(rec.counts), "last_logged": dict(rec.last_logged), "steps_per_epoch": steps_per_epoch,
         }))
 
     def shard(idx: torch.Tensor) -> tuple:
@@ -427,8 +492,8 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             return xt[idx[:1]], yt[idx[:1]], 0.0
         return xt[local], yt[local], world / len(idx)
 
-    progress_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch", disable=not progress,
-                        leave=False)
+    progress_bar = rec.progress_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="train", unit="epoch",
+                                           disable=not progress, leave=False)
     no_skip = torch.zeros((), device=device)  # the skipped flag of steps without a GradScaler
     model.train()
     # a resumed run that had already stopped stops again (unless --set raised the limit)
@@ -448,31 +513,24 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         order = torch.randperm(n, generator=gen).to(device)
         for b in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            out = train_step(net, shard(idx), state)
-            c = out.clip
-            skipped = out.skipped if out.skipped is not None else no_skip
-            buffer.append(torch.stack([out.loss.float(), c.norm_pre, c.norm_post, c.clipped, c.clip_fraction,
-                                       c.threshold, skipped]))
-            if out.layers is not None:
-                layer_buffer.append((state.step, out.layers))
-            lrs.append(out.lr)
-            if len(buffer) >= log_every:
-                drain()
-                if diverged:
+            rec.record(train_step(net, shard(idx), state), no_skip)
+            if len(rec.buffer) >= log_every:
+                rec.drain()
+                if rec.diverged:
                     break
             if cfg.max_steps is not None and state.step >= cfg.max_steps:
                 stopped_at = b + 1
                 break
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:
-                drain()
-                if diverged:
+                rec.drain()
+                if rec.diverged:
                     break
-                train_seconds += time.perf_counter() - t0
+                rec.train_seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save(epoch, b + 1, epoch_gen_state)
-        drain()
-        train_seconds += time.perf_counter() - t0
-        if diverged:
+        rec.drain()
+        rec.train_seconds += time.perf_counter() - t0
+        if rec.diverged:
             stop_reason = "diverged"
             break
 
@@ -481,19 +539,13 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
             v = torch.tensor([val_loss], dtype=torch.float64, device=device)
             torch.distributed.broadcast(v, 0)
             val_loss = float(v.item())
-        val_history.append(val_loss)
-        pending.extend([("val/loss", val_loss, state.step),
-                        *((f"val/{k}", v, state.step) for k, v in val_metrics.items()), ("epoch", epoch + 1, state.step)])
+        rec.validated(val_loss, val_metrics, epoch)
         progress_bar.update(1)
-        if not math.isfinite(val_loss):
-            diverged = (state.step, f"non-finite validation loss ({val_loss})")
+        if rec.diverged:
             stop_reason = "diverged"
             break
-        if val_loss < state.best_val - cfg.min_delta:
-            state.best_val, state.best_epoch, state.bad_epochs = val_loss, epoch + 1, 0
+        if rec.improved(val_loss, epoch, cfg.min_delta):
             state.best_weights = copy.deepcopy({k: v.detach() for k, v in model.state_dict().items()})
-        else:
-            state.bad_epochs += 1
         prune = False
         if on_epoch is not None:  # rank 0 decides (it holds the sink); every rank stops at the same epoch
             flag = torch.tensor([float(on_epoch(epoch + 1, val_loss)) if rank == 0 else 0.0], device=device)
@@ -515,16 +567,135 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         if stop:
             stop_reason = stop
             break
-    send()
+    rec.send()
     progress_bar.close()
     if restore_best and state.best_weights is not None:  # else the model keeps its last weights
         model.load_state_dict(state.best_weights)
-    return FitResult(
-        steps=state.step, epochs=len(val_history), stop_reason=stop_reason, best_val_loss=state.best_val,
-        best_epoch=state.best_epoch, step_ms=1000.0 * train_seconds / max(state.step, 1),
-        diverged_step=diverged[0] if diverged else None, diverged_reason=diverged[1] if diverged else None,
-        history=history, val_history=val_history,
-    )
+    return rec.result(stop_reason)
+
+
+def fit_batched(models: list[torch.nn.Module], train: Split, val: Split, cfgs: list[TrainConfig],
+                clips: list[ClipConfig], *, device: torch.device, log_every: int = 50,
+                sinks: list[MetricSink | None] | None = None, monitor: MonitorConfig | None = None,
+                progress: bool = False) -> list[FitResult]:
+    """Train K forecasters of one architecture (``LSTMForecaster`` without dropout, fp32) on the same data as one
+    stacked model, each exactly as ``fit`` would train it alone: its own seed (initial weights are the models'
+    own; data order from ``cfgs[k].seed``), learning rate, optimizer and schedule, clipping with its own state,
+    early stopping, divergence, metric rows (``sinks[k]``) and best weights (restored into ``models[k]``).
+
+    One forward and one backward per step for all runs still stepping (``models.batched.StackedForecaster``);
+    then each run's gradients (views of the stacked ones) go through ``apply_update`` with its own ``RunState``
+    over views of the stacked parameters. A run that diverged, stopped early or reached its step or epoch limit
+    is frozen: left out of the forward from then on (and so out of the others' arithmetic). ``time/step_ms`` of
+    each run is the wall time of the stacked steps it took part in."""
+    from fincast.models.batched import StackedForecaster
+
+    monitor = monitor or MonitorConfig()
+    k_runs = len(models)
+    sinks = list(sinks) if sinks is not None else [None] * k_runs
+    if not (len(cfgs) == len(clips) == len(sinks) == k_runs) or k_runs == 0:
+        raise ValueError("fit_batched: one train config, clip config and sink per model")
+    if len({c.batch_size for c in cfgs}) != 1:
+        raise ValueError("fit_batched: every run needs the same train.batch_size")
+    n = len(train)
+    batch_size = cfgs[0].batch_size
+    steps_per_epoch = math.ceil(n / batch_size)
+    stacked = StackedForecaster(list(models)).to(device)
+    named = stacked.stacked()
+    views = [[(name, p.detach()[k]) for name, p in named] for k in range(k_runs)]
+    states = [make_state(views[k], cfgs[k], clips[k], steps_per_epoch=steps_per_epoch, device=device,
+                         monitor_every=monitor.every) for k in range(k_runs)]
+    recs = [Recorder(states[k], clips[k], monitor, sinks[k] or (lambda rows: None), log_every) for k in range(k_runs)]
+    gens = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+    xt = torch.as_tensor(train.x, device=device)
+    yt = torch.as_tensor(train.y, device=device)
+    xv = torch.as_tensor(val.x, device=device)
+    stop: list[str | None] = [None] * k_runs  # None while the run trains
+    no_skip = torch.zeros((), device=device)
+    bar = tqdm(total=max(c.epochs for c in cfgs), desc=f"train x{k_runs}", unit="epoch", disable=not progress,
+               leave=False)
+    for epoch in range(max(c.epochs for c in cfgs)):
+        for k, c in enumerate(cfgs):
+            if stop[k] is None and epoch >= c.epochs:
+                stop[k] = "epochs"
+        active = [k for k in range(k_runs) if stop[k] is None]
+        if not active:
+            break
+        t0 = time.perf_counter()
+        orders = {}
+        for k in active:
+            states[k].epoch = epoch
+            orders[k] = torch.randperm(n, generator=gens[k]).to(device)
+        stepping = list(active)
+        for b in range(steps_per_epoch):
+            if not stepping:
+                break
+            idx = torch.stack([orders[k][b * batch_size:(b + 1) * batch_size] for k in stepping])
+            which = None if len(stepping) == k_runs else torch.tensor(stepping, device=device)
+            stacked.zero_grad(set_to_none=True)
+            losses = (stacked(xt[idx], which).float() - yt[idx]).square().mean(1)
+            losses.sum().backward()
+            losses = losses.detach()
+            done = []
+            for j, k in enumerate(stepping):
+                for (_, view), (_, p) in zip(views[k], named):
+                    view.grad = p.grad[k]
+                rec, state = recs[k], states[k]
+                rec.record(apply_update(state, losses[j]), no_skip)
+                if len(rec.buffer) >= log_every:
+                    rec.drain()
+                    if rec.diverged:
+                        done.append(k)
+                        continue
+                if cfgs[k].max_steps is not None and state.step >= cfgs[k].max_steps:
+                    done.append(k)
+            stepping = [k for k in stepping if k not in done]
+        seconds = time.perf_counter() - t0
+        evaluating = []
+        for k in active:
+            recs[k].drain()
+            recs[k].train_seconds += seconds
+            if recs[k].diverged:
+                stop[k] = "diverged"
+            else:
+                evaluating.append(k)
+        if evaluating:
+            preds = _predict_stacked(stacked, xv, evaluating, device)
+        for j, k in enumerate(evaluating):
+            rec, state, cfg = recs[k], states[k], cfgs[k]
+            val_loss, val_metrics, _ = score(preds[j], val)
+            rec.validated(val_loss, val_metrics, epoch)
+            if rec.diverged:
+                stop[k] = "diverged"
+                continue
+            if rec.improved(val_loss, epoch, cfg.min_delta):
+                state.best_weights = stacked.unstack(k)
+            if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                stop[k] = "max_steps"
+            elif cfg.patience is not None and state.bad_epochs >= cfg.patience:
+                stop[k] = "early_stopping"
+        bar.update(1)
+        bar.set_postfix(training=sum(s is None for s in stop), refresh=False)
+    bar.close()
+    results = []
+    for k, model in enumerate(models):
+        recs[k].send()
+        weights = states[k].best_weights if states[k].best_weights is not None else stacked.unstack(k)
+        model.load_state_dict(weights)
+        results.append(recs[k].result(stop[k] or "epochs"))
+    return results
+
+
+@torch.no_grad()
+def _predict_stacked(stacked: torch.nn.Module, x: torch.Tensor, runs: list[int], device: torch.device,
+                     chunk: int = 8192) -> list[np.ndarray]:
+    """Predictions (float64, training units) of the stacked runs ``runs`` for every sample of ``x``."""
+    which = torch.tensor(runs, device=device)
+    size = max(1, chunk // len(runs))
+    out = [stacked(x[i:i + size].unsqueeze(0).expand(len(runs), -1, -1, -1), which).float().cpu()
+           for i in range(0, len(x), size)]
+    pred = torch.cat(out, 1).numpy().astype(np.float64) if out else np.zeros((len(runs), 0))
+    return list(pred)
 
 
 def _rng_state() -> dict:

@@ -1,0 +1,173 @@
+"""K forecasters of one architecture trained as one model (layer L1): parameters stacked along a leading run
+dimension, one forward and one backward for all runs.
+
+Why not ``torch.func`` (``stack_module_state`` + ``vmap``): torch 2.13 has no batching rule for ``aten::lstm`` and
+no fallback ("Batching rule not implemented for aten::lstm.input"), so vmap over ``nn.LSTM`` does not run at all.
+A grouped LSTM written with plain autograd ops runs, but is slower per run than one ``nn.LSTM`` on the CPU
+(the per-step index backward fills a tensor the size of the whole sequence; ``tanh`` costs 20x ``sigmoid`` on
+this CPU). So the recurrence here is a hand-written autograd function (:class:`GroupedLSTM`): one ``baddbmm``
+per time step for all runs, gates as one sigmoid (tanh(x) = 2 sigmoid(2x) - 1), and in the backward the weight
+gradients as one batched matrix product over all time steps after the loop. ``bench/batched_lstm.py`` measures
+the three.
+
+Layout: runs first, then features/hidden units, then the samples (``[K, H, B]``), so every per-gate slice is
+contiguous. The parameters keep ``nn.LSTM``'s layout and gate order (i, f, g, o) per run, so a run's weights
+move between a :class:`StackedForecaster` and an ``LSTMForecaster`` unchanged (``stack``/``unstack``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fincast.config import ModelConfig
+from fincast.models.lstm import LSTMForecaster
+
+_sigmoid_backward = torch.ops.aten.sigmoid_backward
+_tanh_backward = torch.ops.aten.tanh_backward
+
+
+def batchable(cfg: ModelConfig) -> str | None:
+    """Why runs of this model cannot train stacked (None: they can). Dropout draws random masks, which a stacked
+    model would draw differently from a run alone, so runs with dropout train one at a time."""
+    if cfg.type != "lstm":
+        return f"model.type = {cfg.type}"
+    if cfg.dropout > 0:
+        return f"model.dropout = {cfg.dropout} (random masks differ from a run trained alone)"
+    return None
+
+
+class GroupedLSTM(torch.autograd.Function):
+    """One LSTM layer for K runs. ``x``: [T, K, F, B] (time, run, feature, sample); ``w_ih`` [K, 4H, F],
+    ``w_hh`` [K, 4H, H], ``bias`` [K, 4H, 1] (b_ih + b_hh), gates in nn.LSTM's order (i, f, g, o); ``ws`` a
+    dict this layer's buffers are kept in between steps (or None). Returns the hidden states of every time step,
+    [T, K, H, B].
+
+    Per time step the forward is one ``baddbmm`` of [W_hh W_ih] with z_t = [h_t; x_t] (kept for the backward)
+    and eight elementwise ops; the backward two ``bmm`` (the gradient of z_t, and the weight gradient accumulated
+    over time steps) and ten elementwise ops."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, w_hh, bias, ws):
+        steps, k, feats, b = x.shape
+        hid = w_hh.shape[1] // 4
+        buf = _workspace(ws, x, (steps, k, hid, feats, b))
+        sig, act_g, cells, z, tanh_c, pre = (buf[n] for n in ("sig", "act_g", "cells", "z", "tanh_c", "pre"))
+        w = torch.cat([w_hh, w_ih], 2)  # [K, 4H, H + F]
+        cells[0].zero_()
+        z[0, :, :hid].zero_()
+        z[:steps, :, hid:].copy_(x)
+        for t in range(steps):
+            torch.baddbmm(bias, w, z[t], out=pre)
+            g = pre.view(k, 4, hid, b)
+            g[:, 2].mul_(2.0)
+            s = sig[t]
+            torch.sigmoid(g, out=s)
+            torch.mul(s[:, 2], 2.0, out=act_g[t]).sub_(1.0)  # tanh(x) = 2 sigmoid(2x) - 1: 20x faster on CPUs
+            c = cells[t + 1]
+            torch.mul(s[:, 1], cells[t], out=c)
+            c.addcmul_(s[:, 0], act_g[t])
+            torch.sigmoid(c * 2.0, out=tanh_c[t]).mul_(2.0).sub_(1.0)
+            torch.mul(s[:, 3], tanh_c[t], out=z[t + 1, :, :hid])
+        ctx.save_for_backward(w, sig, act_g, cells, z, tanh_c)
+        ctx.x_grad = ctx.needs_input_grad[0]
+        ctx.buf = buf
+        return z[1:, :, :hid]
+
+    @staticmethod
+    def backward(ctx, d_out):
+        w, sig, act_g, cells, z, tanh_c = ctx.saved_tensors
+        steps, k, _, hid, b = sig.shape
+        feats = w.shape[2] - hid
+        buf = ctx.buf
+        d, d_z, d_c, tmp = (buf[n] for n in ("d", "d_z", "d_c", "tmp"))
+        d_c.zero_()
+        d_h = d_z[:, :hid]
+        d_h.zero_()
+        d_w = torch.zeros_like(w)
+        d_bias = torch.zeros(k, 4 * hid, 1, dtype=w.dtype, device=w.device)
+        d_x = torch.empty(steps, k, feats, b, dtype=w.dtype, device=w.device) if ctx.x_grad else None
+        w_t = w.transpose(1, 2) if ctx.x_grad else w[:, :, :hid].transpose(1, 2)
+        d_flat = d.view(k, 4 * hid, b)
+        for t in range(steps - 1, -1, -1):
+            d_h.add_(d_out[t])
+            s = sig[t]
+            torch.mul(d_h, tanh_c[t], out=d[:, 3])  # d o
+            torch.mul(d_h, s[:, 3], out=tmp)
+            d_c.add_(_tanh_backward(tmp, tanh_c[t]))
+            torch.mul(d_c, act_g[t], out=d[:, 0])  # d i
+            torch.mul(d_c, cells[t], out=d[:, 1])  # d f
+            torch.mul(d_c, s[:, 0], out=d[:, 2])  # d tanh(g): to the sigmoid of 2g, times 2 (chain) x 2 (2x)
+            d[:, 2].mul_(4.0)
+            d_c.mul_(s[:, 1])
+            d.copy_(_sigmoid_backward(d, s))
+            d_w.baddbmm_(d_flat, z[t].transpose(1, 2))
+            d_bias.add_(d_flat.sum(2, keepdim=True))
+            if ctx.x_grad:
+                torch.bmm(w_t, d_flat, out=d_z)  # [K, H + F, B]: d h_{t-1} and d x_t
+                d_x[t].copy_(d_z[:, hid:])
+            elif t:
+                torch.bmm(w_t, d_flat, out=d_h)
+        return d_x, d_w[:, :, hid:], d_w[:, :, :hid], d_bias, None
+
+
+def _workspace(ws: dict | None, x: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The layer's buffers for this shape, reused from step to step: fresh buffers of a few MB per step cost more
+    in page faults than the arithmetic done in them. ``ws`` belongs to one layer of one model; a step's backward
+    runs before the next step's forward overwrites them."""
+    steps, k, hid, feats, b = shape
+    key = (shape, x.dtype, x.device)
+    if ws is not None and ws.get("key") == key:
+        return ws
+    new = lambda *s: x.new_empty(s)  # noqa: E731
+    buf = {"key": key, "sig": new(steps, k, 4, hid, b), "act_g": new(steps, k, hid, b),
+           "cells": new(steps + 1, k, hid, b), "z": new(steps + 1, k, hid + feats, b), "tanh_c": new(steps, k, hid, b),
+           "pre": new(k, 4 * hid, b), "d": new(k, 4, hid, b), "d_z": new(k, hid + feats, b), "d_c": new(k, hid, b),
+           "tmp": new(k, hid, b)}
+    if ws is not None:
+        ws.clear()
+        ws.update(buf)
+    return buf
+
+
+class StackedForecaster(nn.Module):
+    """K ``LSTMForecaster`` s of one architecture, parameters stacked along dim 0 under the same names
+    (``lstm.weight_ih_l0`` [K, 4H, F], ``head.weight`` [K, 1, H], ...). ``forward(x, runs)``: ``x`` [K', B, T, F]
+    for the runs ``runs`` (indices into the K; all when None) -> predictions [K', B]."""
+
+    def __init__(self, models: list[LSTMForecaster]):
+        super().__init__()
+        first = models[0]
+        self.names = [n for n, _ in first.named_parameters()]
+        self.num_layers = first.lstm.num_layers
+        self.layer_norm = isinstance(first.norm, nn.LayerNorm)
+        self.norm_eps = first.norm.eps if self.layer_norm else 0.0
+        self.hidden = first.lstm.hidden_size
+        for name in self.names:
+            stacked = torch.stack([dict(m.named_parameters())[name].detach() for m in models]).clone()
+            self.register_parameter(name.replace(".", "__"), nn.Parameter(stacked))
+        self.runs = len(models)
+        self._train_ws: list[dict] = [{} for _ in range(self.num_layers)]  # one workspace per layer (training)
+
+    def stacked(self) -> list[tuple[str, torch.Tensor]]:
+        """(LSTMForecaster parameter name, stacked parameter), in LSTMForecaster's parameter order."""
+        return [(n, getattr(self, n.replace(".", "__"))) for n in self.names]
+
+    def unstack(self, k: int) -> dict[str, torch.Tensor]:
+        """Run k's weights as an LSTMForecaster state dict (copies)."""
+        return {n: p.detach()[k].clone() for n, p in self.stacked()}
+
+    def forward(self, x: torch.Tensor, runs: torch.Tensor | None = None) -> torch.Tensor:
+        p = {n: (w if runs is None else w.index_select(0, runs)) for n, w in self.stacked()}
+        seq = x.permute(2, 0, 3, 1)  # [T, K, F, B]
+        if not seq.is_contiguous():
+            seq = seq.contiguous()
+        for layer in range(self.num_layers):
+            bias = (p[f"lstm.bias_ih_l{layer}"] + p[f"lstm.bias_hh_l{layer}"]).unsqueeze(-1)
+            ws = self._train_ws[layer] if torch.is_grad_enabled() else None  # inference: fresh buffers
+            seq = GroupedLSTM.apply(seq, p[f"lstm.weight_ih_l{layer}"], p[f"lstm.weight_hh_l{layer}"], bias, ws)
+        last = seq[-1]  # [K, H, B]
+        if self.layer_norm:
+            last = torch.nn.functional.layer_norm(last.transpose(1, 2), (self.hidden,), eps=self.norm_eps)
+            last = (last * p["norm.weight"][:, None] + p["norm.bias"][:, None]).transpose(1, 2)
+        return torch.baddbmm(p["head.bias"].unsqueeze(-1), p["head.weight"], last).squeeze(1)
