@@ -120,7 +120,7 @@ def test_a_diverging_run_leaves_the_others_identical():
 
 def test_early_stopping_and_max_steps_freeze_single_runs():
     runs = copy.deepcopy(RUNS)
-    runs[0]["train"]["patience"] = 1  # stops early, the others go on
+    runs[0]["train"].update(patience=1, min_delta=10.0)  # stops after epoch 2, the others go on
     runs[1]["train"]["epochs"] = 3
     runs[3]["train"]["max_steps"] = 9  # stops mid-epoch (6 steps per epoch)
     cfgs = [from_dict(_raw(r)) for r in runs]
