@@ -441,6 +441,10 @@ class StudySettings:
     judged. The grid itself is the spec's ``matrix``."""
     workers: int | None = _opt(None, "parallel worker processes; null = one per CPU core", ge=1, le=256)
     threads: int | None = _opt(None, "torch CPU threads per worker; null = cores / workers (at least 1)", ge=1, le=1024)
+    batch_runs: int | Literal["auto"] = _opt(
+        "auto", "runs trained together as one stacked model (same data and architecture; any seed, lr, optimizer "
+                "or clip config): auto = as many as fit the memory budget, split evenly across workers; 1 = one run "
+                "at a time", ge=1, le=100000)
     divergence_factor: float = _opt(
         3.0, "a run also counts as diverged when its final validation loss exceeds this multiple of the zero "
              "forecast's validation loss (non-finite loss always counts)", gt=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -34,6 +35,7 @@ from fincast.training import (
     dist_info,
     evaluate,
     fit,
+    fit_batched,
     predict,
     resolve_device,
     resolve_precision,
@@ -307,23 +309,9 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
             log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume, on_epoch=on_epoch)
         return None
 
-    experiment = cfg.tracking.experiment or cfg.name
-    name = run_name(cfg)
-    tags = run_tags(cfg, device, precision, source=prices.source, fingerprint=prices.fingerprint,
-                    tickers=",".join(cfg.data.tickers), extra=extra_tags)
-    run = open_run(cfg, name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides)
+    run, name = _open_forecast_run(cfg, prices, fs, model, device, precision, writer=writer, extra_tags=extra_tags,
+                                   resume=resume, resume_overrides=resume_overrides)
     with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
-        if resume is None:
-            run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
-            run.log_params({
-                "data.rows": sum(len(f) for f in prices.frames.values()),
-                "data.first_date": min(f.index[0] for f in prices.frames.values()).date().isoformat(),
-                "data.last_date": max(f.index[-1] for f in prices.frames.values()).date().isoformat(),
-                "features.names": fs.names, "split.val_start": fs.val_start.isoformat(),
-                "split.test_start": fs.test_start.isoformat(), "samples.train": len(fs.train),
-                "samples.val": len(fs.val), "samples.test": len(fs.test),
-                "model.parameters": sum(p.numel() for p in model.parameters()),
-            })
         checkpoint, path = None, None
         if cfg.train.checkpoint or cfg.train.checkpoint_every:
             path = Path(cfg.train.checkpoint_dir) / f"{run.run_id}.pt"
@@ -336,16 +324,113 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         result = fit(model, fs.train, fs.val, cfg.train, cfg.clip, device=device, precision=precision,
                      log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress,
                      monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch)
+        return _close_forecast_run(run, name, cfg, prices, fs, model, device, precision, result, path)
 
-        metrics, predictions = _evaluate_test(model, fs, cfg, device, result)
-        zero_val = log_fit_outcome(run, result, fs.val.y, [(f"{m}/{k}", v) for m, vals in metrics.items()
-                                                             for k, v in vals.items()])
-        _log_artifacts(run, cfg, fs, result, predictions, prices, name)
-        if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
-            log_model(run, model, fs.test.x[:2], device)
-    return TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
-                        {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)}, prices.warnings,
+
+def _open_forecast_run(cfg: PipelineConfig, prices: Prices, fs: features.FeatureSet, model: torch.nn.Module,
+                       device: torch.device, precision: str, *, writer: tracking.MetricWriter | None,
+                       extra_tags: dict[str, str], resume: dict | None = None,
+                       resume_overrides: list[str] | None = None) -> tuple[tracking.Run, str]:
+    """Start a price-forecast run: tags, then params (what a crashed run still says it was)."""
+    name = run_name(cfg)
+    tags = run_tags(cfg, device, precision, source=prices.source, fingerprint=prices.fingerprint,
+                    tickers=",".join(cfg.data.tickers), extra=extra_tags)
+    run = open_run(cfg, name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides or [])
+    if resume is None:
+        with ended_on_error(run):
+            run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
+            run.log_params({
+                "data.rows": sum(len(f) for f in prices.frames.values()),
+                "data.first_date": min(f.index[0] for f in prices.frames.values()).date().isoformat(),
+                "data.last_date": max(f.index[-1] for f in prices.frames.values()).date().isoformat(),
+                "features.names": fs.names, "split.val_start": fs.val_start.isoformat(),
+                "split.test_start": fs.test_start.isoformat(), "samples.train": len(fs.train),
+                "samples.val": len(fs.val), "samples.test": len(fs.test),
+                "model.parameters": sum(p.numel() for p in model.parameters()),
+            })
+    return run, name
+
+
+def _close_forecast_run(run: tracking.Run, name: str, cfg: PipelineConfig, prices: Prices, fs: features.FeatureSet,
+                        model: torch.nn.Module, device: torch.device, precision: str, result: FitResult,
+                        path: Path | None = None) -> TrainOutcome:
+    """After training: test metrics beside the baselines, the closing metrics and tags, artifacts, the model."""
+    metrics, predictions = _evaluate_test(model, fs, cfg, device, result)
+    zero_val = log_fit_outcome(run, result, fs.val.y, [(f"{m}/{k}", v) for m, vals in metrics.items()
+                                                         for k, v in vals.items()])
+    _log_artifacts(run, cfg, fs, result, predictions, prices, name)
+    if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
+        log_model(run, model, fs.test.x[:2], device)
+    return TrainOutcome(run.run_id, name, cfg.tracking.experiment or cfg.name, run.uri, str(device), precision, result,
+                        metrics, {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)}, prices.warnings,
                         str(path) if path is not None and path.is_file() else None, zero_val_loss=zero_val)
+
+
+@contextlib.contextmanager
+def ended_on_error(run: tracking.Run) -> Iterator[tracking.Run]:
+    """End ``run`` only if the block fails (FAILED, or KILLED on an interrupt, re-raised)."""
+    try:
+        yield run
+    except Exception:
+        run.end("FAILED")
+        raise
+    except BaseException:
+        run.end("KILLED")
+        raise
+
+
+BATCH_TAG = "fincast.batch_runs"
+
+
+def batch_key(cfg: PipelineConfig) -> str | None:
+    """Runs with the same key can train stacked (``train_batch``): the same data, features, model, batch size,
+    device and tracking store; they may differ in seed, learning rate, optimizer, schedule, early stopping,
+    epochs and clipping. None: this run trains alone (forecast task, fp32, no dropout, no checkpoints)."""
+    from fincast.models.batched import batchable
+
+    t = cfg.train
+    if (cfg.task != "forecast" or t.precision != "fp32" or batchable(cfg.model) is not None or t.checkpoint
+            or t.checkpoint_every):
+        return None
+    per_run = ("train.seed", "train.lr", "train.optimizer", "train.weight_decay", "train.momentum", "train.schedule",
+               "train.warmup_steps", "train.step_size", "train.gamma", "train.min_lr_ratio", "train.patience",
+               "train.min_delta", "train.epochs", "train.max_steps", "train.threads", "clip.", "tracking.run_name",
+               "backtest.")
+    flat = {k: v for k, v in config_mod.flatten(config_mod.to_dict(cfg)).items() if not k.startswith(per_run)}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None = None,
+                parent_run_id: str | None = None, progress: bool = False) -> list[TrainOutcome]:
+    """Train runs of equal ``batch_key`` as one stacked model (``training.fit_batched``). Each run is its own
+    MLflow run with the params, metrics, tags and artifacts ``train`` would give it, plus the tag
+    ``fincast.batch_runs`` = K. Data and features are loaded once for all of them."""
+    keys = {batch_key(c) for c in cfgs}
+    if None in keys or len(keys) != 1:
+        raise FincastError("train_batch: these runs cannot train stacked (see pipeline.batch_key)")
+    cfg0 = cfgs[0]
+    prices = load_data(cfg0, progress=progress)
+    fs = features.build(prices.frames, cfg0.features, price=cfg0.data.price)
+    device = resolve_device(cfg0.train.device)
+    torch.set_num_threads(_threads(cfg0, None, device))
+    models = []
+    for cfg in cfgs:
+        seed_everything(cfg.train.seed)
+        models.append(build_model(cfg.model, len(fs.names)).to(device))
+    runs = []
+    with contextlib.ExitStack() as stack:
+        for i, cfg in enumerate(cfgs):
+            extra = {**((tags or [{}] * len(cfgs))[i]), BATCH_TAG: str(len(cfgs))}
+            if parent_run_id is not None:
+                extra["mlflow.parentRunId"] = parent_run_id
+            run, name = _open_forecast_run(cfg, prices, fs, models[i], device, "fp32", writer=None, extra_tags=extra)
+            stack.enter_context(ended(run))
+            runs.append((run, name))
+        results = fit_batched(models, fs.train, fs.val, [c.train for c in cfgs], [c.clip for c in cfgs], device=device,
+                              log_every=cfg0.tracking.log_every, sinks=[r.log_metrics for r, _ in runs],
+                              monitor=cfg0.monitor, progress=progress)
+        return [_close_forecast_run(run, name, cfg, prices, fs, model, device, "fp32", result)
+                for (run, name), cfg, model, result in zip(runs, cfgs, models, results)]
 
 
 def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,

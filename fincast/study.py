@@ -348,7 +348,11 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
                          len(study.jobs), len(todo))
             bar = tqdm(total=len(study.jobs), initial=skipped, desc=f"study {study.name}", unit="run",
                        disable=not progress)
-            for result in _execute(pool, todo, parent.run_id, study.name, threads):
+            chunks = plan_chunks(todo, study.settings.batch_runs, workers)
+            if any(len(c) > 1 for c in chunks):
+                log.info("study %s: %d runs in %d batches (%s runs each)", study.name, len(todo), len(chunks),
+                         "/".join(str(n) for n in sorted({len(c) for c in chunks}, reverse=True)))
+            for result in _execute(pool, chunks, parent.run_id, study.name, threads):
                 bar.update(1)
                 if result["error"] is None:
                     finished += 1
@@ -427,17 +431,90 @@ def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _execute(pool: cf.ProcessPoolExecutor | None, jobs: list[Job], parent_id: str, study: str, threads: int):
-    """Yield one result dict per job as runs complete (in this process when there is no pool)."""
+# Beyond this many stacked runs a CPU gains no more throughput (bench/batched_study.py); on a GPU the memory
+# budget decides alone.
+AUTO_BATCH_CPU = 64
+
+
+def plan_chunks(jobs: list[Job], batch_runs: int | str, workers: int) -> list[list[Job]]:
+    """The jobs in the batches they train in: jobs that can train stacked (equal ``pipeline.batch_key``) in
+    chunks of at most ``batch_runs`` (``auto``: the group split evenly across the workers, within the memory
+    budget), every other job alone. Job order is kept within each chunk."""
+    from fincast import pipeline
+
+    groups: dict[str, list[Job]] = {}
+    chunks: list[list[Job]] = []
+    for job in jobs:
+        key = pipeline.batch_key(job.cfg) if batch_runs != 1 else None
+        if key is None:
+            chunks.append([job])
+        else:
+            groups.setdefault(key, []).append(job)
+    for group in groups.values():
+        k = batch_runs if isinstance(batch_runs, int) else auto_batch(group[0].cfg, len(group), workers)
+        n = math.ceil(len(group) / max(1, k))
+        size, extra = divmod(len(group), n)  # as even as possible: 24 in chunks of 10 -> 8 + 8 + 8
+        start = 0
+        for i in range(n):
+            end = start + size + (i < extra)
+            chunks.append(group[start:end])
+            start = end
+    return chunks
+
+
+def auto_batch(cfg: PipelineConfig, runs: int, workers: int) -> int:
+    """``batch_runs: auto``: the group split evenly across the workers, at most as many runs as a quarter of this
+    worker's share of the free memory holds (GPU memory on CUDA), at most AUTO_BATCH_CPU on a CPU."""
+    import torch
+
+    from fincast.training import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info()[0] // max(1, min(workers, torch.cuda.device_count() or 1))
+        cap = None
+    else:
+        free = _available_memory() // max(1, workers)
+        cap = AUTO_BATCH_CPU
+    fit_in = max(1, int(free * 0.25 // run_bytes(cfg)))
+    k = min(math.ceil(runs / max(1, workers)), fit_in)
+    return max(1, min(k, cap) if cap else k)
+
+
+def run_bytes(cfg: PipelineConfig, features: int = 32) -> int:
+    """Memory one stacked run needs during a step (float32): per layer and time step the saved gates, cell and
+    hidden states and inputs (~10 H + F values per sample), twice for the backward's buffers, plus parameters,
+    optimizer state and best weights (x 4). ``features`` is a generous guess at the feature count."""
+    m, t = cfg.model, cfg.features.lookback
+    per_step = 4 * m.num_layers * (t + 1) * cfg.train.batch_size * (10 * m.hidden_size + features) * 2
+    params = 4 * m.num_layers * 4 * m.hidden_size * (m.hidden_size + features + 2) * 4
+    return per_step + params
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # unknown: assume 4 GiB
+
+
+def _execute(pool: cf.ProcessPoolExecutor | None, chunks: list[list[Job]], parent_id: str, study: str,
+             threads: int):
+    """Yield one result dict per job as runs complete (in this process when there is no pool); a chunk of
+    several jobs trains stacked and its runs complete together."""
     if pool is None:
-        for job in jobs:
-            yield _run_job(job, parent_id, study, threads)
+        for chunk in chunks:
+            yield from _run_chunk(chunk, parent_id, study, threads)
         return
-    futures = [pool.submit(_run_job, job, parent_id, study, threads) for job in jobs]
+    futures = [pool.submit(_run_chunk, chunk, parent_id, study, threads) for chunk in chunks]
     try:
         for fut in cf.as_completed(futures):
             try:
-                yield fut.result()
+                yield from fut.result()
             except cf.process.BrokenProcessPool as exc:
                 raise FincastError(f"a study worker process died ({exc}); rerun the study to redo the "
                                    "unfinished runs") from None
@@ -477,12 +554,34 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _worker_cfg(job: Job, threads: int) -> PipelineConfig:
+    """The job's config as a worker trains it: the driver's data (no refresh), a share of the cores (the hash
+    ignores threads)."""
+    cfg = dataclasses.replace(job.cfg, data=dataclasses.replace(job.cfg.data, refresh_after_hours=math.inf))
+    if cfg.train.threads is None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
+    return cfg
+
+
+def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int) -> list[dict]:
+    """Train the chunk's jobs, stacked when there are several: one result dict per job."""
+    from fincast import pipeline
+
+    if len(jobs) == 1:
+        return [_run_job(jobs[0], parent_id, study, threads)]
+    names = [j.cfg.tracking.run_name for j in jobs]
+    try:
+        outs = pipeline.train_batch([_worker_cfg(j, threads) for j in jobs], tags=[j.tags(study) for j in jobs],
+                                    parent_run_id=parent_id)
+    except Exception as exc:  # every run of the batch is marked FAILED in MLflow; the study goes on
+        return [{"name": n, "error": f"{type(exc).__name__}: {exc}", "diverged": False} for n in names]
+    return [{"name": n, "error": None, "diverged": o.fit.diverged, "run_id": o.run_id} for n, o in zip(names, outs)]
+
+
 def _run_job(job: Job, parent_id: str, study: str, threads: int) -> dict:
     from fincast import pipeline
 
-    cfg = dataclasses.replace(job.cfg, data=dataclasses.replace(job.cfg.data, refresh_after_hours=math.inf))
-    if cfg.train.threads is None:  # a share of the cores (the hash ignores threads)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
+    cfg = _worker_cfg(job, threads)
     name = job.cfg.tracking.run_name
     try:
         out = pipeline.train(cfg, tags=job.tags(study), parent_run_id=parent_id)
