@@ -202,3 +202,131 @@ def test_fit_batched_rejects_runs_that_differ_in_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         _batched([cfgs[0], other], [_model(0), _model(1)])
     assert math.isfinite(cfgs[0].train.lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies: batches planned from the grid, and a batched study's report equals an unbatched one's
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_study(tmp_path, name, *extra):
+    from test_study import TINY, _spec
+
+    from fincast import study as study_mod
+
+    spec = _spec(tmp_path, lr=[1e-2, 3e-2])
+    store = [f"tracking.uri=sqlite:///{tmp_path / name}.db", f"tracking.artifact_dir={tmp_path / name}"]
+    return study_mod.load(spec, [*TINY, *store, *extra])
+
+
+def test_plan_chunks_groups_batchable_runs_and_splits_them_evenly(tmp_path):
+    import dataclasses
+
+    from fincast import study as study_mod
+
+    study = _tiny_study(tmp_path, "plan")
+    jobs = list(study.jobs)  # 2 clips x 2 lrs x 3 seeds = 12 runs of one architecture
+    assert [len(c) for c in study_mod.plan_chunks(jobs, 5, 1)] == [4, 4, 4]
+    assert [len(c) for c in study_mod.plan_chunks(jobs, 1, 1)] == [1] * 12
+    auto = study_mod.plan_chunks(jobs, "auto", 2)
+    assert [len(c) for c in auto] == [6, 6] and [j for c in auto for j in c] == jobs
+    # a run with dropout (random masks) or checkpoints cannot train stacked: it trains alone
+    drop = dataclasses.replace(jobs[0].cfg, model=dataclasses.replace(jobs[0].cfg.model, dropout=0.1))
+    ckpt = dataclasses.replace(jobs[1].cfg, train=dataclasses.replace(jobs[1].cfg.train, checkpoint=True))
+    mixed = [dataclasses.replace(jobs[0], cfg=drop), dataclasses.replace(jobs[1], cfg=ckpt), *jobs[2:]]
+    chunks = study_mod.plan_chunks(mixed, "auto", 1)
+    assert sorted(len(c) for c in chunks) == [1, 1, 10]
+
+
+def test_auto_batch_is_bounded_by_the_memory_budget(tmp_path, monkeypatch):
+    from fincast import study as study_mod
+
+    cfg = _tiny_study(tmp_path, "auto").jobs[0].cfg
+    per_run = study_mod.run_bytes(cfg)
+    monkeypatch.setattr(study_mod, "_available_memory", lambda: 4 * 10 * per_run)  # a quarter holds 10 runs
+    assert study_mod.auto_batch(cfg, 100, 1) == 10
+    assert study_mod.auto_batch(cfg, 6, 1) == 6
+    assert study_mod.auto_batch(cfg, 100, 4) == 2  # each of 4 workers gets a quarter of the memory
+
+
+def test_batch_runs_setting_is_checked(tmp_path):
+    from fincast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="study.batch_runs = 0: must be >= 1"):
+        _tiny_study(tmp_path, "bad", "study.batch_runs=0")
+    with pytest.raises(ConfigError, match="study.batch_runs = 'many'"):
+        _tiny_study(tmp_path, "bad", "study.batch_runs=many")
+
+
+def test_batched_study_report_equals_the_unbatched_one(tmp_path):
+    """The same study trained stacked (auto: one batch of 12 with one worker) and one run at a time: every run
+    has the same params, metric keys and values (up to float noise), and the stability report's numbers agree."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from fincast import study as study_mod
+    from fincast.reports import stability
+
+    out = {}
+    for name, batch in (("solo", "1"), ("stacked", "auto")):
+        study = _tiny_study(tmp_path, name, f"study.batch_runs={batch}", "study.workers=1")
+        study_mod.run(study)
+        uri = f"sqlite:///{tmp_path / name}.db"
+        stability.build("tiny_study", tracking_uri=uri, out_dir=tmp_path / name / "reports")
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("tiny_study")
+        runs = client.search_runs([exp.experiment_id], "tags.`fincast.study_role` = 'child'")
+        summary = json.loads((tmp_path / name / "reports" / "tiny_study" / "summary.json").read_text())
+        out[name] = ({r.info.run_name: r for r in runs}, summary, client)
+    solo, stacked = out["solo"][0], out["stacked"][0]
+    assert solo.keys() == stacked.keys() and len(solo) == 12
+    for name, a in stacked.items():
+        b = solo[name]
+        assert a.data.tags["fincast.batch_runs"] == "12" and "fincast.batch_runs" not in b.data.tags
+        pa, pb = ({k: v for k, v in r.data.params.items() if not k.startswith("tracking.")} for r in (a, b))
+        assert pa == pb
+        assert a.data.metrics.keys() == b.data.metrics.keys()
+        for key, value in b.data.metrics.items():
+            if not key.startswith("time/"):
+                assert a.data.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-6), (name, key)
+        hist_a = [m.value for m in out["stacked"][2].get_metric_history(a.info.run_id, "grad/norm_pre")]
+        hist_b = [m.value for m in out["solo"][2].get_metric_history(b.info.run_id, "grad/norm_pre")]
+        np.testing.assert_allclose(hist_a, hist_b, rtol=1e-3)
+        arts = [sorted(f.path for f in out[k][2].list_artifacts(r.info.run_id)) for k, r in (("stacked", a), ("solo", b))]
+        assert arts[0] == arts[1] and "training_curves.png" in arts[0]
+    cells = [{(c["group"], c["clip"]): c for c in out[k][1]["cells"]} for k in ("stacked", "solo")]
+    assert cells[0].keys() == cells[1].keys()
+    for key, c in cells[1].items():
+        for field, value in c.items():
+            if isinstance(value, float) and not field.startswith("time") and math.isfinite(value):
+                assert cells[0][key][field] == pytest.approx(value, rel=1e-3, abs=1e-6), (key, field)
+
+
+def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkeypatch):
+    from fincast import pipeline
+    from fincast import study as study_mod
+
+    study = _tiny_study(tmp_path, "fail", "study.batch_runs=6", "study.workers=1")
+    real = pipeline.fit_batched
+    calls = []
+
+    def second_batch_breaks(models, *args, **kw):
+        calls.append(len(models))
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in a batch")
+        return real(models, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "fit_batched", second_batch_breaks)
+    out = study_mod.run(study)
+    assert calls == [6, 6] and out.finished == 6 and len(out.failed) == 6
+    assert all("simulated crash in a batch" in e for _, e in out.failed)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'fail'}.db")
+    exp = client.get_experiment_by_name("tiny_study")
+    runs = client.search_runs([exp.experiment_id], "tags.`fincast.study_role` = 'child'")
+    assert sorted(r.info.status for r in runs) == ["FAILED"] * 6 + ["FINISHED"] * 6
+    monkeypatch.setattr(pipeline, "fit_batched", real)
+    out = study_mod.run(study)
+    assert (out.skipped, out.finished, out.failed) == (6, 6, [])

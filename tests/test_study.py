@@ -148,7 +148,8 @@ def test_rerun_after_a_kill_redoes_only_unfinished_runs_and_keeps_each_once(tmp_
     trains the rest: every run of the plan present exactly once."""
     from fincast import pipeline, tracking
 
-    s = study_mod.load(_spec(tmp_path, lr=[3.0]), [*TINY, *_store(tmp_path)])
+    # one run at a time (the kill hits the 4th run); a killed batch: tests/test_batched.py
+    s = study_mod.load(_spec(tmp_path, lr=[3.0]), [*TINY, *_store(tmp_path), "study.batch_runs=1"])
     real_train, calls = pipeline.train, []
 
     def train_then_die(cfg, **kw):
@@ -204,7 +205,7 @@ def test_an_amp_axis_without_cuda_is_refused_before_any_work(tmp_path):
 def test_a_failing_run_does_not_stop_the_study(tmp_path, monkeypatch):
     from fincast import pipeline
 
-    s = study_mod.load(_spec(tmp_path, lr=[3.0]), [*TINY, *_store(tmp_path)])
+    s = study_mod.load(_spec(tmp_path, lr=[3.0]), [*TINY, *_store(tmp_path), "study.batch_runs=1"])
     real_train = pipeline.train
 
     def sometimes_broken(cfg, **kw):
@@ -320,11 +321,12 @@ def _finished_rows(db: Path) -> int:
 
 @pytest.mark.slow
 def test_a_study_killed_with_sigkill_and_restarted_has_every_run_exactly_once(tmp_path):
-    """The driver is SIGKILLed mid-study (its workers die with it); the restarted study finishes, and every
-    run of the plan is present exactly once, all FINISHED."""
+    """The driver is SIGKILLed mid-study (its workers die with it, batches of 4 runs half trained); the restarted
+    study finishes, and every run of the plan is present exactly once, all FINISHED."""
     spec = _spec(tmp_path, seeds=4)
     args = [sys.executable, "-m", "fincast", "study", str(spec), "--quiet",
-            *[f"--set={o}" for o in (*TINY, *_store(tmp_path), "train.epochs=6", "study.workers=2")]]
+            *[f"--set={o}" for o in (*TINY, *_store(tmp_path), "train.epochs=6", "study.workers=2",
+                                          "study.batch_runs=4")]]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 120
