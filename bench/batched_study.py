@@ -10,7 +10,8 @@ Each measurement runs in a fresh process (its imports not counted), into its own
   plain loop   every run through pipeline.train, one after another (torch threads: fincast's default, all
                cores); one 1-epoch warm-up run first, not counted. What a user without studies would do.
   study x1     study.run with batch_runs=1: runs one at a time in warm worker processes (one per core).
-  study auto   study.run with batch_runs=auto (the default): the runs stacked, split across the workers.
+  study K      study.run with batch_runs = runs / workers (12 on 2 cores): the runs stacked, one batch per
+               worker (what batch_runs=auto does on CUDA; on a CPU auto trains one at a time).
   fit only     training.fit of each run alone vs training.fit_batched of all 24 at once, in one process with
                one thread: the training loop alone, without data loading, MLflow and artifacts.
 
@@ -77,7 +78,8 @@ def measure(mode: str, epochs: int) -> dict:
             return {"seconds": seconds, "runs": len(outs), "diverged": sum(o.fit.diverged for o in outs),
                     "steps": sum(o.fit.steps for o in outs), "peak": peak_mb()}
         if mode in ("study1", "studyauto"):
-            study = load(tmp, epochs, [f"study.batch_runs={'1' if mode == 'study1' else 'auto'}"])
+            k = 1 if mode == "study1" else -(-24 // study_mod._cores())
+            study = load(tmp, epochs, [f"study.batch_runs={k}"])
             chunks = study_mod.plan_chunks(list(study.jobs), study.settings.batch_runs,
                                            min(study.settings.workers or study_mod._cores(), len(study.jobs)))
             t0 = time.perf_counter()
@@ -140,7 +142,7 @@ def main() -> None:
     plain = results["plain"]["seconds"]
     print(f"\n24-run study, {args.epochs} epochs (early stopping on), runs/hour and ratio to the plain loop:")
     for mode, label in (("plain", "plain loop, one run at a time"), ("study1", "study, batch_runs=1"),
-                        ("studyauto", "study, batch_runs=auto")):
+                        ("studyauto", "study, stacked (runs / workers)")):
         r = results[mode]
         extra = f", batches {r['batches']}" if "batches" in r else ""
         print(f"  {label:32s} {r['seconds']:7.1f} s  {3600 * r['runs'] / r['seconds']:6.0f} runs/h  "

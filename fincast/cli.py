@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         "study", help="run a stability study: clip configs x learning rates x seeds, in parallel workers",
         description="Expand a study spec (pipelines/stability_*.yaml: a base pipeline, a matrix of clip configs, "
                     "learning rates, seeds and optional axes) and train every run in study.workers parallel "
-                    "processes, each an MLflow child run of one parent run named after the study. Rerunning the "
+                    "processes, runs of one architecture stacked into batches trained as one model "
+                    "(study.batch_runs: auto, K, or 1), each an MLflow child run of one parent run named after the study. Rerunning the "
                     "same command skips finished runs (matched by a hash of their resolved config) and redoes "
                     "killed or failed ones. A diverged run is a result, not a failure. Exit status: 0 when every "
                     "run finished, 1 when some failed (rerun to retry them), 2 for bad specs or data.",

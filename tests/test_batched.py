@@ -228,25 +228,29 @@ def test_plan_chunks_groups_batchable_runs_and_splits_them_evenly(tmp_path):
     jobs = list(study.jobs)  # 2 clips x 2 lrs x 3 seeds = 12 runs of one architecture
     assert [len(c) for c in study_mod.plan_chunks(jobs, 5, 1)] == [4, 4, 4]
     assert [len(c) for c in study_mod.plan_chunks(jobs, 1, 1)] == [1] * 12
-    auto = study_mod.plan_chunks(jobs, "auto", 2)
-    assert [len(c) for c in auto] == [6, 6] and [j for c in auto for j in c] == jobs
+    six = study_mod.plan_chunks(jobs, 6, 2)
+    assert [len(c) for c in six] == [6, 6] and [j for c in six for j in c] == jobs
+    # auto on a CPU: one run at a time (a run alone is faster there: bench/batched_study.py)
+    assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 1)] == [1] * 12
     # a run with dropout (random masks) or checkpoints cannot train stacked: it trains alone
     drop = dataclasses.replace(jobs[0].cfg, model=dataclasses.replace(jobs[0].cfg.model, dropout=0.1))
     ckpt = dataclasses.replace(jobs[1].cfg, train=dataclasses.replace(jobs[1].cfg.train, checkpoint=True))
     mixed = [dataclasses.replace(jobs[0], cfg=drop), dataclasses.replace(jobs[1], cfg=ckpt), *jobs[2:]]
-    chunks = study_mod.plan_chunks(mixed, "auto", 1)
+    chunks = study_mod.plan_chunks(mixed, 100, 1)
     assert sorted(len(c) for c in chunks) == [1, 1, 10]
 
 
-def test_auto_batch_is_bounded_by_the_memory_budget(tmp_path, monkeypatch):
+def test_auto_batch_is_bounded_by_the_memory_budget(tmp_path):
     from fincast import study as study_mod
 
     cfg = _tiny_study(tmp_path, "auto").jobs[0].cfg
     per_run = study_mod.run_bytes(cfg)
-    monkeypatch.setattr(study_mod, "_available_memory", lambda: 4 * 10 * per_run)  # a quarter holds 10 runs
-    assert study_mod.auto_batch(cfg, 100, 1) == 10
-    assert study_mod.auto_batch(cfg, 6, 1) == 6
-    assert study_mod.auto_batch(cfg, 100, 4) == 2  # each of 4 workers gets a quarter of the memory
+    assert study_mod.budget_batch(4 * 10 * per_run, per_run, 100, 1) == 10  # a quarter of the memory holds 10
+    assert study_mod.budget_batch(4 * 10 * per_run, per_run, 6, 1) == 6
+    assert study_mod.budget_batch(4 * 10 * per_run, per_run, 100, 4) == 10
+    assert study_mod.budget_batch(4 * 10 * per_run, per_run, 12, 4) == 3  # split across the workers
+    if not torch.cuda.is_available():
+        assert study_mod.auto_batch(cfg, 100, 1) == 1
 
 
 def test_batch_runs_setting_is_checked(tmp_path):
@@ -259,7 +263,7 @@ def test_batch_runs_setting_is_checked(tmp_path):
 
 
 def test_batched_study_report_equals_the_unbatched_one(tmp_path):
-    """The same study trained stacked (auto: one batch of 12 with one worker) and one run at a time: every run
+    """The same study trained stacked (one batch of 12 with one worker) and one run at a time: every run
     has the same params, metric keys and values (up to float noise), and the stability report's numbers agree."""
     import json
 
@@ -269,7 +273,7 @@ def test_batched_study_report_equals_the_unbatched_one(tmp_path):
     from fincast.reports import stability
 
     out = {}
-    for name, batch in (("solo", "1"), ("stacked", "auto")):
+    for name, batch in (("solo", "1"), ("stacked", "12")):
         study = _tiny_study(tmp_path, name, f"study.batch_runs={batch}", "study.workers=1")
         study_mod.run(study)
         uri = f"sqlite:///{tmp_path / name}.db"
