@@ -257,14 +257,8 @@ def open_run(cfg: PipelineConfig, name: str, tags: dict, *, writer: tracking.Met
 @contextlib.contextmanager
 def ended(run: tracking.Run) -> Iterator[tracking.Run]:
     """End ``run`` when the block ends: FINISHED, FAILED on an error, KILLED on an interrupt (re-raised)."""
-    try:
+    with ended_on_error(run):
         yield run
-    except Exception:
-        run.end("FAILED")
-        raise
-    except BaseException:  # KeyboardInterrupt, SystemExit
-        run.end("KILLED")
-        raise
     run.end("FINISHED")
 
 
@@ -374,7 +368,7 @@ def ended_on_error(run: tracking.Run) -> Iterator[tracking.Run]:
     except Exception:
         run.end("FAILED")
         raise
-    except BaseException:
+    except BaseException:  # KeyboardInterrupt, SystemExit
         run.end("KILLED")
         raise
 

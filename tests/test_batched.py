@@ -262,6 +262,7 @@ def test_batch_runs_setting_is_checked(tmp_path):
         _tiny_study(tmp_path, "bad", "study.batch_runs=many")
 
 
+@pytest.mark.slow  # two studies and two reports (~20 s); runs in make test-slow and .ci/run
 def test_batched_study_report_equals_the_unbatched_one(tmp_path):
     """The same study trained stacked (one batch of 12 with one worker) and one run at a time: every run
     has the same params, metric keys and values (up to float noise), and the stability report's numbers agree."""
@@ -307,6 +308,7 @@ def test_batched_study_report_equals_the_unbatched_one(tmp_path):
                 assert cells[0][key][field] == pytest.approx(value, rel=1e-3, abs=1e-6), (key, field)
 
 
+@pytest.mark.slow  # two studies (~10 s)
 def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkeypatch):
     from fincast import pipeline
     from fincast import study as study_mod
