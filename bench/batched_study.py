@@ -112,7 +112,6 @@ def measure(mode: str, epochs: int) -> dict:
                                        [j.cfg.clip for j in jobs], device=device, monitor=cfg.monitor)
         batched_s = time.perf_counter() - t0
         steps = sum(r.steps for r in solo)
-        assert steps == sum(r.steps for r in batched) or True  # chaotic runs may stop at other epochs
         return {"solo_s": solo_s, "batched_s": batched_s, "solo_steps": steps,
                 "batched_steps": sum(r.steps for r in batched), "peak_solo": peak_solo, "peak": peak_mb()}
     finally:
