@@ -194,9 +194,59 @@ def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[st
 
 
 def _log_rows(client: MlflowClient, run_id: str, rows: list[tuple[str, float, int]], now: int) -> None:
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if type(store).__name__ == "SqlAlchemyStore" and getattr(store, "db_type", None) == "sqlite":
+        _insert_rows(store, run_id, rows, now)
+        return
     items = [Metric(k, v, now, s) for k, v, s in rows]
     for i in range(0, len(items), _MAX_METRICS):
         client.log_batch(run_id, metrics=items[i:i + _MAX_METRICS])
+
+
+def _insert_rows(store: Any, run_id: str, rows: list[tuple[str, float, int]], now: int) -> None:
+    """Metric rows into a SQLite store as ``log_batch`` would store them (the ``metrics`` rows, exact duplicates
+    skipped; ``latest_metrics`` kept at the row with the greatest (step, timestamp, value); NaN stored as 0 with
+    is_nan, infinities as the largest finite doubles), in one transaction of two bulk statements.
+
+    Why not ``log_batch``: MLflow's ORM builds, flushes and compares one object per value, ~100 us each; a
+    run of the default study logs ~5,000 values (half a second, as long as its training on a stacked CPU
+    model). This writes the same rows ~20x faster. The schema is that of the pinned MLflow (tests compare
+    the two paths row for row); a server store (``MLFLOW_TRACKING_URI=http...``) still gets ``log_batch``."""
+    import sqlalchemy as sa
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
+    from mlflow.utils.validation import _validate_metric
+
+    records, latest = [], {}
+    for key, value, step in rows:
+        if key not in latest:  # what log_batch checks of every row (names; values and steps are numbers here)
+            _validate_metric(key, value, now, step)
+        is_nan, stored = store.sanitize_metric_value(float(value))
+        rec = {"run_uuid": run_id, "key": key, "value": stored, "timestamp": now, "step": int(step),
+               "is_nan": is_nan}
+        records.append(rec)
+        best = latest.get(key)
+        if best is None or (rec["step"], now, stored) > (best["step"], best["timestamp"], best["value"]):
+            latest[key] = rec
+    if not records:
+        return
+    with store.ManagedSessionMaker(read_only=False) as session:
+        stage = session.execute(sa.select(SqlRun.lifecycle_stage).where(SqlRun.run_uuid == run_id)).scalar()
+        if stage is None:
+            raise MlflowException(f"Run with id={run_id} not found", RESOURCE_DOES_NOT_EXIST)
+        if stage != "active":
+            raise MlflowException(f"The run {run_id} must be in the 'active' state. Current state is {stage}.",
+                                  INVALID_PARAMETER_VALUE)
+        session.connection().execute(SqlMetric.__table__.insert().prefix_with("OR IGNORE"), records)
+        old = {m.key: m for m in session.query(SqlLatestMetric).filter(SqlLatestMetric.run_uuid == run_id,
+                                                                         SqlLatestMetric.key.in_(list(latest)))}
+        for key, rec in latest.items():
+            row = old.get(key)
+            if row is None:
+                session.add(SqlLatestMetric(**rec))
+            elif (rec["step"], rec["timestamp"], rec["value"]) > (row.step, row.timestamp, row.value):
+                row.value, row.step, row.timestamp, row.is_nan = rec["value"], rec["step"], rec["timestamp"], \
+                    rec["is_nan"]
 
 
 class TrackingError(FincastError):
