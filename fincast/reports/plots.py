@@ -31,10 +31,20 @@ def save_figure(fig, path: str | Path) -> Path:
     """Write the figure as a PNG atomically, and close it."""
     try:
         with atomic_file(path) as fh:
-            fig.savefig(fh, dpi=110, format="png")
+            # zlib level 1: a fifth of the figure's time at the default level, for files ~25% larger
+            fig.savefig(fh, dpi=110, format="png", pil_kwargs={"compress_level": 1})
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def _log_y(ax) -> None:
+    """A log y axis with plain labels at 1, 2 and 5 x 10^k: matplotlib's default minor ticks (a Line2D and a Text
+    each) and math-text labels cost as much as the rest of a training-curves figure."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0), numticks=9))
+    ax.yaxis.set_minor_locator(mticker.NullLocator())
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def training_curves(path: str | Path, *, loss: list[float], norm_pre: list[float], norm_post: list[float],
@@ -55,7 +65,7 @@ def training_curves(path: str | Path, *, loss: list[float], norm_pre: list[float
     if val_loss:
         ax1.plot(val_steps, val_loss, "o-", color="C3", ms=3, lw=1.2, label="val loss (epoch)")
     ax1.set_ylabel("MSE (scaled target)")
-    ax1.set_yscale("log")
+    _log_y(ax1)
     ax1.legend(loc="upper right", fontsize=8)
     ax1.set_title(title, fontsize=10)
     ax2.plot(steps, pre, color="C1", lw=0.7, label="grad norm before clipping")
@@ -67,7 +77,7 @@ def training_curves(path: str | Path, *, loss: list[float], norm_pre: list[float
     if diverged_step is not None:
         for ax in (ax1, ax2):
             ax.axvline(diverged_step, color="r", lw=1, label="diverged")
-    ax2.set_yscale("log")
+    _log_y(ax2)
     ax2.set_xlabel("optimizer step")
     ax2.set_ylabel("global L2 norm")
     ax2.legend(loc="upper right", fontsize=8)
