@@ -10,8 +10,11 @@ Each measurement runs in a fresh process (its imports not counted), into its own
   plain loop   every run through pipeline.train, one after another (torch threads: fincast's default, all
                cores); one 1-epoch warm-up run first, not counted. What a user without studies would do.
   study x1     study.run with batch_runs=1: runs one at a time in warm worker processes (one per core).
-  study K      study.run with batch_runs = runs / workers (12 on 2 cores): the runs stacked, one batch per
-               worker (what batch_runs=auto does on CUDA; on a CPU auto trains one at a time).
+  study auto   study.run with batch_runs=auto (the default): the runs stacked, split evenly across the
+               workers (2 x 12 on 2 cores), the time loops in the compiled kernel (models/grouped_lstm.cpp).
+  study auto, torch ops
+               the same with FINCAST_LSTM_KERNEL=python: the stacked model's time loops in torch ops, what a
+               machine without a C++ compiler gets (there auto trains one at a time; here batch_runs is set).
   fit only     training.fit of each run alone vs training.fit_batched of all 24 at once, in one process with
                one thread: the training loop alone, without data loading, MLflow and artifacts.
 
@@ -77,8 +80,8 @@ def measure(mode: str, epochs: int) -> dict:
             seconds = time.perf_counter() - t0
             return {"seconds": seconds, "runs": len(outs), "diverged": sum(o.fit.diverged for o in outs),
                     "steps": sum(o.fit.steps for o in outs), "peak": peak_mb()}
-        if mode in ("study1", "studyauto"):
-            k = 1 if mode == "study1" else -(-24 // study_mod._cores())
+        if mode in ("study1", "studyauto", "studytorch"):
+            k = {"study1": "1", "studyauto": "auto", "studytorch": str(-(-24 // study_mod._cores()))}[mode]
             study = load(tmp, epochs, [f"study.batch_runs={k}"])
             chunks = study_mod.plan_chunks(list(study.jobs), study.settings.batch_runs,
                                            min(study.settings.workers or study_mod._cores(), len(study.jobs)))
@@ -130,9 +133,14 @@ def main() -> None:
     print(f"data: {'BTC-USD csv from ' + str(DATA) if (DATA / 'BTC-USD.csv').is_file() else 'synthetic'}; "
           f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     results = {}
-    for mode in ("plain", "study1", "studyauto", "fit"):
+    from fincast.models.batched import cpu_kernel
+
+    if cpu_kernel() is None:
+        sys.exit("the stacked-LSTM kernel could not be built (see the warning above); nothing to compare")
+    for mode in ("plain", "study1", "studyauto", "studytorch", "fit"):
+        env = {**os.environ, "FINCAST_LSTM_KERNEL": "python"} if mode == "studytorch" else None
         proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--epochs", str(args.epochs)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -141,7 +149,8 @@ def main() -> None:
     plain = results["plain"]["seconds"]
     print(f"\n24-run study, {args.epochs} epochs (early stopping on), runs/hour and ratio to the plain loop:")
     for mode, label in (("plain", "plain loop, one run at a time"), ("study1", "study, batch_runs=1"),
-                        ("studyauto", "study, stacked (runs / workers)")):
+                        ("studyauto", "study, batch_runs=auto (stacked)"),
+                        ("studytorch", "study, stacked, torch-ops loops")):
         r = results[mode]
         extra = f", batches {r['batches']}" if "batches" in r else ""
         print(f"  {label:32s} {r['seconds']:7.1f} s  {3600 * r['runs'] / r['seconds']:6.0f} runs/h  "

@@ -459,19 +459,38 @@ def plan_chunks(jobs: list[Job], batch_runs: int | str, workers: int) -> list[li
 
 
 def auto_batch(cfg: PipelineConfig, runs: int, workers: int) -> int:
-    """``batch_runs: auto``. On CUDA: the group split evenly across the workers, within a quarter of each
-    worker's share of the free GPU memory. On a CPU: 1, because there a run alone is faster: torch's fused
-    oneDNN LSTM reaches ~30 GFLOPS on the default model, and the stacked model's batched matrix products
-    no more, while its elementwise ops cost extra (bench/batched_study.py: 2.22 ms per run-step alone, 2.76
-    stacked; the study 0.81 x as fast). An integer ``batch_runs`` stacks on a CPU all the same."""
+    """``batch_runs: auto``: the group split evenly across the workers, within a quarter of each worker's share
+    of the free memory (GPU memory on CUDA, RAM on a CPU). On a CPU only with the compiled stacked-LSTM kernel
+    (``models.batched.cpu_kernel``; bench/batched_study.py: 24 runs stacked 2 x 12 beat one run at a time);
+    where it cannot be built (no C++ compiler) 1, since the torch-ops fallback gains nothing there (the same
+    study: 27.7 s stacked in torch ops, 28.3 s one run at a time)."""
     import torch
 
     from fincast.training import resolve_device
 
-    if resolve_device(cfg.train.device).type != "cuda":
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info()[0] // max(1, min(workers, torch.cuda.device_count() or 1))
+    elif device.type == "cpu":
+        from fincast.models.batched import cpu_kernel
+
+        if cpu_kernel() is None:
+            return 1
+        free = available_ram() // max(1, workers)
+    else:
         return 1
-    free = torch.cuda.mem_get_info()[0] // max(1, min(workers, torch.cuda.device_count() or 1))
     return budget_batch(free, run_bytes(cfg), runs, workers)
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations (Linux MemAvailable; elsewhere the free pages, else 4 GiB)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 4 << 30
 
 
 def budget_batch(free_bytes: int, per_run: int, runs: int, workers: int) -> int:

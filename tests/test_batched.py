@@ -157,8 +157,21 @@ def test_agc_and_per_layer_norm_clip_unit_wise_per_run():
         _assert_same_run(results[k], res, models[k], ref_model, rows[k], ref_rows, c.clip.method)
 
 
+@pytest.fixture(params=["cpp", "python"])
+def kernel(request, monkeypatch):
+    """The stacked LSTM's two implementations of the time loops: the compiled CPU kernel (grouped_lstm.cpp),
+    and the torch-ops loop used on CUDA or where the kernel cannot be built."""
+    from fincast.models import batched
+
+    if request.param == "python":
+        monkeypatch.setitem(batched._KERNEL, "module", None)
+    elif batched.cpu_kernel() is None:
+        pytest.skip("the C++ kernel could not be built here (no C++ compiler?)")
+    return request.param
+
+
 @pytest.mark.parametrize("layers,layer_norm", [(1, False), (2, True)])
-def test_stacked_forecaster_matches_lstm_forecaster_in_float64(layers, layer_norm):
+def test_stacked_forecaster_matches_lstm_forecaster_in_float64(layers, layer_norm, kernel):
     models = [_model(s, hidden=6, num_layers=layers, layer_norm=layer_norm).double() for s in range(3)]
     stacked = StackedForecaster(models)
     g = torch.Generator().manual_seed(0)
@@ -178,6 +191,58 @@ def test_stacked_forecaster_matches_lstm_forecaster_in_float64(layers, layer_nor
     torch.testing.assert_close(sub[0], models[2](x[2]))
     sub.sum().backward()
     assert all(float(w.grad[1].abs().sum()) == 0.0 for _, w in stacked.stacked())
+
+
+def test_stacked_forecaster_saturates_and_propagates_nan_like_nn_lstm_in_float32(kernel):
+    """Large pre-activations (exp clamped in the kernel) give nn.LSTM's values; a NaN weight makes that run's
+    outputs and gradients NaN (divergence is detected from them) and leaves the other runs finite."""
+    models = [_model(s, hidden=6) for s in range(3)]
+    with torch.no_grad():
+        models[0].lstm.weight_ih_l0.mul_(400.0)  # gates saturate: |pre-activation| in the hundreds
+        models[0].lstm.bias_hh_l0.add_(200.0)
+    stacked = StackedForecaster(models)
+    x = torch.randn(3, 5, 7, 4, generator=torch.Generator().manual_seed(0))
+    pred = stacked(x)
+    pred.sum().backward()
+    for k, m in enumerate(models):
+        p = m(x[k])
+        p.sum().backward()
+        torch.testing.assert_close(pred[k], p, rtol=1e-4, atol=1e-5)
+        for name, w in stacked.stacked():
+            torch.testing.assert_close(w.grad[k], dict(m.named_parameters())[name].grad, rtol=1e-3, atol=1e-4,
+                                       msg=name)
+    with torch.no_grad():
+        stacked.lstm__weight_hh_l0[1, 0, 0] = float("nan")
+    stacked.zero_grad()
+    pred = stacked(x)
+    pred.sum().backward()
+    assert torch.isnan(pred[1]).all() and torch.isfinite(pred[[0, 2]]).all()
+    assert torch.isnan(stacked.lstm__weight_hh_l0.grad[1]).any()
+    assert torch.isfinite(stacked.lstm__weight_hh_l0.grad[[0, 2]]).all()
+
+
+def test_cpu_kernel_falls_back_to_torch_ops_when_it_cannot_be_built(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    from fincast.models import batched
+
+    def no_compiler(**kw):
+        raise RuntimeError("Error building extension\nc++: command not found")
+
+    monkeypatch.setitem(batched._KERNEL, "module", "unset")
+    batched._KERNEL.pop("module")
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with caplog.at_level("WARNING", logger="fincast.models"):
+        assert batched.cpu_kernel() is None
+    assert "c++: command not found" in caplog.text and "slower torch-ops LSTM" in caplog.text
+    models = [_model(s) for s in range(2)]
+    x = torch.randn(2, 3, 12, 4)
+    out = StackedForecaster(models)(x)  # still runs, on the torch-ops loop
+    for k, m in enumerate(models):
+        torch.testing.assert_close(out[k], m(x[k]))
+    monkeypatch.setenv("FINCAST_LSTM_KERNEL", "python")
+    batched._KERNEL.pop("module")
+    assert batched.cpu_kernel() is None  # switched off: no build attempted
 
 
 def test_unstack_gives_each_runs_weights_back():
@@ -230,8 +295,15 @@ def test_plan_chunks_groups_batchable_runs_and_splits_them_evenly(tmp_path):
     assert [len(c) for c in study_mod.plan_chunks(jobs, 1, 1)] == [1] * 12
     six = study_mod.plan_chunks(jobs, 6, 2)
     assert [len(c) for c in six] == [6, 6] and [j for c in six for j in c] == jobs
-    # auto on a CPU: one run at a time (a run alone is faster there: bench/batched_study.py)
-    assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 1)] == [1] * 12
+    # auto on a CPU: stacked with the compiled kernel, split across the workers; one at a time without it
+    # (the torch-ops loop is slower than a run alone there: bench/batched_study.py)
+    from fincast.models import batched
+
+    if batched.cpu_kernel() is not None:
+        assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 2)] == [6, 6]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(batched._KERNEL, "module", None)
+        assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 1)] == [1] * 12
     # a run with dropout (random masks) or checkpoints cannot train stacked: it trains alone
     drop = dataclasses.replace(jobs[0].cfg, model=dataclasses.replace(jobs[0].cfg.model, dropout=0.1))
     ckpt = dataclasses.replace(jobs[1].cfg, train=dataclasses.replace(jobs[1].cfg.train, checkpoint=True))
@@ -249,8 +321,15 @@ def test_auto_batch_is_bounded_by_the_memory_budget(tmp_path):
     assert study_mod.budget_batch(4 * 10 * per_run, per_run, 6, 1) == 6
     assert study_mod.budget_batch(4 * 10 * per_run, per_run, 100, 4) == 10
     assert study_mod.budget_batch(4 * 10 * per_run, per_run, 12, 4) == 3  # split across the workers
+    assert study_mod.available_ram() > 0
     if not torch.cuda.is_available():
-        assert study_mod.auto_batch(cfg, 100, 1) == 1
+        from fincast.models import batched
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(study_mod, "available_ram", lambda: 4 * 10 * per_run * 3)  # 10 runs per worker's quarter
+            mp.setitem(batched._KERNEL, "module", object())  # (as if built)
+            assert study_mod.auto_batch(cfg, 100, 3) == 10
+            assert study_mod.auto_batch(cfg, 12, 3) == 4
 
 
 def test_batch_runs_setting_is_checked(tmp_path):
