@@ -5,22 +5,24 @@ learning rates (0.1, 3.0) x 3 seeds = 24 runs of the default model (LSTM 32 unit
 SGD momentum 0.9, 15 epochs with early stopping), on BTC-USD daily from ../shared/data/crypto when it is
 there, else on synthetic prices (the output says which).
 
-Each measurement runs in a fresh process (its imports not counted), into its own temporary MLflow store:
+Each measurement runs in a fresh process (its imports not counted), into its own temporary MLflow store,
+created beforehand (as a user's store exists after the first run):
 
   plain loop   every run through pipeline.train, one after another (torch threads: fincast's default, all
                cores); one 1-epoch warm-up run first, not counted. What a user without studies would do.
   study x1     study.run with batch_runs=1: runs one at a time in warm worker processes (one per core).
-  study auto   study.run with batch_runs=auto (the default): the runs stacked, split evenly across the
-               workers (2 x 12 on 2 cores), the time loops in the compiled kernel (models/grouped_lstm.cpp).
+  study auto   study.run with batch_runs=auto (the default): the runs stacked, about four batches per worker
+               (8 x 3 on 2 cores), the time loops in the compiled kernel (models/grouped_lstm.cpp).
   study auto, torch ops
-               the same with FINCAST_LSTM_KERNEL=python: the stacked model's time loops in torch ops, what a
-               machine without a C++ compiler gets (there auto trains one at a time; here batch_runs is set).
+               stacked 2 x 12 with FINCAST_LSTM_KERNEL=python: the stacked model's time loops in torch ops, what
+               a machine without a C++ compiler gets (there auto trains one at a time; here batch_runs is set).
   fit only     training.fit of each run alone vs training.fit_batched of all 24 at once, in one process with
                one thread: the training loop alone, without data loading, MLflow and artifacts.
 
 Printed: wall time, runs/hour and the ratio to the plain loop, peak resident memory (the process and its
-largest child, from getrusage), and for `fit only` the time per run-step. Everything is measured in this one
-invocation. Run: .venv/bin/python bench/batched_study.py [--epochs N] (a few minutes on 2 cores)
+largest child, from getrusage), and for `fit only` the time per run-step. The study modes are interleaved and
+repeated (--repeats, default 3); the median reading is shown, with all readings. Everything is measured in this
+one invocation. Run: .venv/bin/python bench/batched_study.py [--epochs N] [--repeats N] (~7 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def measure(mode: str, epochs: int) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fincast-bench-batched-{mode}-"))
     os.chdir(tmp)
+    # the store exists, as a user's mlflow.db does after the first run (MLflow's migrations of a new store take
+    # ~2 s): created by another process, since a study's driver must not fork workers with the store open
+    subprocess.run([sys.executable, "-c", "import sys; from fincast import tracking; tracking.open_store(sys.argv[1])",
+                    f"sqlite:///{tmp}/m.db"], check=True, cwd=ROOT)
     try:
         if mode == "plain":
             study = load(tmp, epochs, [])
@@ -125,6 +131,7 @@ def measure(mode: str, epochs: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=15, help="train.epochs of every run (default 15, the spec's)")
+    ap.add_argument("--repeats", type=int, default=3, help="readings of each study mode, interleaved (default 3)")
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # one measurement, in a child process
     args = ap.parse_args()
     if args.mode:
@@ -137,17 +144,25 @@ def main() -> None:
 
     if cpu_kernel() is None:
         sys.exit("the stacked-LSTM kernel could not be built (see the warning above); nothing to compare")
-    for mode in ("plain", "study1", "studyauto", "studytorch", "fit"):
+    runs: dict[str, list[dict]] = {}
+    # the study modes interleaved and repeated (this kind of VM drifts by 10-30% within minutes); medians below
+    order = [m for _ in range(args.repeats) for m in ("plain", "study1", "studyauto", "studytorch")] + ["fit"]
+    for i, mode in enumerate(order):
         env = {**os.environ, "FINCAST_LSTM_KERNEL": "python"} if mode == "studytorch" else None
         proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--epochs", str(args.epochs)],
                               capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-        results[mode] = json.loads(line[0][7:])
-        print(f"  {mode}: done", flush=True)
+        runs.setdefault(mode, []).append(json.loads(line[0][7:]))
+        print(f"  {i + 1}/{len(order)} {mode}: {runs[mode][-1].get('seconds', 0):.1f} s", flush=True)
+    results = {}
+    for mode, rs in runs.items():
+        results[mode] = sorted(rs, key=lambda r: r.get("seconds", 0))[len(rs) // 2]  # the median reading
+        results[mode]["all"] = [round(r.get("seconds", 0), 1) for r in rs]
     plain = results["plain"]["seconds"]
-    print(f"\n24-run study, {args.epochs} epochs (early stopping on), runs/hour and ratio to the plain loop:")
+    print(f"\n24-run study, {args.epochs} epochs (early stopping on), median of {args.repeats} readings, runs/hour and "
+          "ratio to the plain loop:")
     for mode, label in (("plain", "plain loop, one run at a time"), ("study1", "study, batch_runs=1"),
                         ("studyauto", "study, batch_runs=auto (stacked)"),
                         ("studytorch", "study, stacked, torch-ops loops")):
@@ -155,7 +170,7 @@ def main() -> None:
         extra = f", batches {r['batches']}" if "batches" in r else ""
         print(f"  {label:32s} {r['seconds']:7.1f} s  {3600 * r['runs'] / r['seconds']:6.0f} runs/h  "
               f"x{plain / r['seconds']:.2f}   peak RSS {r['peak'][0]:.0f} MB (largest child {r['peak'][1]:.0f} MB)"
-              f"{extra}")
+              f"{extra}; readings {r['all']}")
     f = results["fit"]
     print(f"\ntraining loop only (1 thread, 24 runs): fit one at a time {f['solo_s']:.1f} s "
           f"({1000 * f['solo_s'] / f['solo_steps']:.2f} ms per run-step), fit_batched {f['batched_s']:.1f} s "

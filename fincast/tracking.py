@@ -451,6 +451,14 @@ def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: 
             return runs
 
 
+def preload_store(uri: str) -> None:
+    """Import the store's code without opening it (SQLite: MLflow's SQLAlchemy store, ~1 s of imports), so that
+    processes forked afterwards start with it imported and only open the store (~0.1 s). Nothing is connected:
+    a connection must never be shared with a forked child."""
+    if _is_local(uri):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def open_store(uri: str) -> None:
     """Open (and cache, per process) the store's client: schema checks and engine set-up take ~1 s once."""
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)

@@ -295,12 +295,13 @@ def test_plan_chunks_groups_batchable_runs_and_splits_them_evenly(tmp_path):
     assert [len(c) for c in study_mod.plan_chunks(jobs, 1, 1)] == [1] * 12
     six = study_mod.plan_chunks(jobs, 6, 2)
     assert [len(c) for c in six] == [6, 6] and [j for c in six for j in c] == jobs
-    # auto on a CPU: stacked with the compiled kernel, split across the workers; one at a time without it
-    # (the torch-ops loop is slower than a run alone there: bench/batched_study.py)
+    # auto on a CPU: stacked with the compiled kernel, ~4 batches per worker of at least 2 runs; one at a time
+    # without the kernel (the torch-ops loop gains nothing over a run alone there: bench/batched_study.py)
     from fincast.models import batched
 
     if batched.cpu_kernel() is not None:
-        assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 2)] == [6, 6]
+        assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 2)] == [2] * 6
+        assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 1)] == [3] * 4
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(batched._KERNEL, "module", None)
         assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 1)] == [1] * 12
@@ -328,8 +329,9 @@ def test_auto_batch_is_bounded_by_the_memory_budget(tmp_path):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(study_mod, "available_ram", lambda: 4 * 10 * per_run * 3)  # 10 runs per worker's quarter
             mp.setitem(batched._KERNEL, "module", object())  # (as if built)
-            assert study_mod.auto_batch(cfg, 100, 3) == 10
-            assert study_mod.auto_batch(cfg, 12, 3) == 4
+            assert study_mod.auto_batch(cfg, 100, 3) == 9  # about four batches per worker
+            assert study_mod.auto_batch(cfg, 400, 3) == 10  # the memory budget binds
+            assert study_mod.auto_batch(cfg, 12, 3) == 2  # at least two runs per batch
 
 
 def test_batch_runs_setting_is_checked(tmp_path):

@@ -177,6 +177,11 @@ def cpu_kernel():
     return module
 
 
+def loaded_kernel():
+    """The kernel if this process has loaded it already (nothing is built or loaded here), else None."""
+    return _KERNEL.get("module")
+
+
 def _build_kernel():
     import hashlib
     import warnings
