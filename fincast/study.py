@@ -318,12 +318,14 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
                            "none; drop that axis or run the study on a GPU machine")
     workers = min(study.settings.workers or _cores(), len(study.jobs))
     threads = study.settings.threads or max(1, _cores() // workers)
-    if study.settings.batch_runs != 1 and any(pipeline.batch_key(j.cfg) for j in study.jobs):
+    device = study.jobs[0].cfg.train.device
+    # no CUDA query here (torch.cuda.is_available() would set up the driver and poison the fork below): CPU means
+    # device: cpu, or a torch built without CUDA
+    cpu = device == "cpu" or (device == "auto" and not torch.backends.cuda.is_built())
+    if cpu and study.settings.batch_runs != 1 and any(pipeline.batch_key(j.cfg) for j in study.jobs):
         from fincast.models.batched import cpu_kernel
-        from fincast.training import resolve_device
 
-        if resolve_device(study.jobs[0].cfg.train.device).type == "cpu":
-            cpu_kernel()  # built (once per machine) or loaded here, before the workers fork: they inherit it
+        cpu_kernel()  # built (once per machine) or loaded here, before the workers fork: they inherit it
     tracking.preload_store(tracking.resolve_uri(study.tracking))  # (imports only, inherited by forked workers)
     with _lock(study), worker_pool(workers, threads, tracking.resolve_uri(study.tracking)) as (pool, store_ready):
         # load (and cache) the data once here: a bad source fails now, with its own message, not in every
@@ -468,7 +470,8 @@ def plan_chunks(jobs: list[Job], batch_runs: int | str, workers: int) -> list[li
 def auto_batch(cfg: PipelineConfig, runs: int, workers: int) -> int:
     """``batch_runs: auto``, within a quarter of each worker's share of the free memory (GPU memory on CUDA, RAM
     on a CPU). On CUDA the group split evenly across the workers: there a small run is bound by kernel
-    launches, which K stacked runs share. On a CPU about four batches per worker (at least 2 runs each): the
+    launches, which K stacked runs share. On a CPU about four batches per worker (at least 2 runs each when
+    there are more runs than workers): the
     compiled kernel (``models.batched.cpu_kernel``) costs about the same per run-step at K = 2 or 24 (1.3-1.6 ms
     in ``fit_batched``, 2.0-2.3 ms for a run alone), so smaller batches lose nothing and let a worker whose
     batch ended early (early stopping, divergence) take the next one instead of idling. Where the kernel

@@ -104,9 +104,9 @@ class StepOut:
 
 
 def make_optimizer(model: torch.nn.Module | list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The run's optimizer. ``foreach=True`` on every device: torch picks the per-tensor loop for CPU tensors,
-    one Python-level op per parameter and update term: 15% of a stacked run's step on the default model
-    (the multi-tensor kernels do the same arithmetic)."""
+    """The run's optimizer, with torch's multi-tensor (``foreach``) update on every device: by default torch
+    uses it on CUDA only and on a CPU loops over the parameters, one Python-level op per parameter and update
+    term, 15% of a stacked run's step on the default model (the arithmetic is the same)."""
     params = model.parameters() if isinstance(model, torch.nn.Module) else model
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

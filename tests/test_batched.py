@@ -417,3 +417,29 @@ def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkey
     monkeypatch.setattr(pipeline, "fit_batched", real)
     out = study_mod.run(study)
     assert (out.skipped, out.finished, out.failed) == (6, 6, [])
+
+
+def test_study_driver_does_not_query_cuda_before_it_forks_workers(tmp_path, monkeypatch):
+    """torch.cuda.is_available() sets up the CUDA driver, after which forked workers cannot use the GPU: the
+    driver decides whether to load the CPU kernel without it."""
+    import contextlib
+
+    from fincast import study as study_mod
+    from fincast.pipeline import batch_key as pipeline_batch_key
+
+    events = []
+    real_available = torch.cuda.is_available
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: events.append("cuda query") or real_available())
+
+    @contextlib.contextmanager
+    def pool(*args, **kwargs):  # where the workers would fork: stop the study there
+        events.append("workers start")
+        raise RuntimeError("stop before forking")
+        yield
+
+    monkeypatch.setattr(study_mod, "worker_pool", pool)
+    study = _tiny_study(tmp_path, "nocuda", "train.device=auto")
+    assert any(pipeline_batch_key(j.cfg) for j in study.jobs)  # a study that stacks: the kernel is loaded first
+    with pytest.raises(RuntimeError, match="stop before forking"):
+        study_mod.run(study)
+    assert events == ["workers start"]

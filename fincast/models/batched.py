@@ -80,6 +80,7 @@ class GroupedLSTM(torch.autograd.Function):
         return z[1:, :, :hid]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         w, sig, act_g, cells, z, tanh_c = ctx.saved_tensors
         hid = sig.shape[3]
@@ -202,7 +203,7 @@ def _build_kernel():
         log.info("building the stacked-LSTM CPU kernel (once per machine, ~30 s)")
     path = os.environ.get("PATH", "")
     # torch runs `ninja` from PATH: the one pip installed next to this interpreter, also when .venv isn't active
-    os.environ["PATH"] = os.pathsep.join([_ninja_dir(), str(Path(sys.executable).parent), path])
+    os.environ["PATH"] = os.pathsep.join(d for d in (_ninja_dir(), str(Path(sys.executable).parent), path) if d)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
