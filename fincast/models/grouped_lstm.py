@@ -1,5 +1,5 @@
-"""K forecasters of one architecture trained as one model (layer L1): parameters stacked along a leading run
-dimension, one forward and one backward for all runs.
+"""The grouped LSTM (layer L1): one LSTM layer for K runs at once, each with its own weights, as one hand-written
+autograd function. ``fincast.models.stacked`` builds whole stacked nets from it.
 
 Why not ``torch.func`` (``stack_module_state`` + ``vmap``): torch 2.13 has no batching rule for ``aten::lstm`` and
 no fallback ("Batching rule not implemented for aten::lstm.input"), so vmap over ``nn.LSTM`` does not run at all.
@@ -12,8 +12,8 @@ step's elementwise ops in one pass); elsewhere, or without a compiler, the same 
 README, Performance, *Batched studies* has the measurements (bench/batched_study.py).
 
 Layout: runs first, then features/hidden units, then the samples (``[K, H, B]``), so every per-gate slice is
-contiguous. The parameters keep ``nn.LSTM``'s layout and gate order (i, f, g, o) per run, so a run's weights
-move between a :class:`StackedForecaster` and an ``LSTMForecaster`` unchanged (``stack``/``unstack``).
+contiguous. The weights keep ``nn.LSTM``'s layout and gate order (i, f, g, o) per run, so a run's weights move
+between a stacked net and its ``nn.LSTM`` unchanged.
 """
 
 from __future__ import annotations
@@ -25,24 +25,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from fincast.config import ModelConfig
-from fincast.models.lstm import LSTMForecaster
 
 log = logging.getLogger("fincast.models")
 _sigmoid_backward = torch.ops.aten.sigmoid_backward
 _tanh_backward = torch.ops.aten.tanh_backward
-
-
-def batchable(cfg: ModelConfig) -> str | None:
-    """Why runs of this model cannot train stacked (None: they can). Dropout draws random masks, which a stacked
-    model would draw differently from a run alone, so runs with dropout train one at a time."""
-    if cfg.type != "lstm":
-        return f"model.type = {cfg.type}"
-    if cfg.dropout > 0:
-        return f"model.dropout = {cfg.dropout} (random masks differ from a run trained alone)"
-    return None
 
 
 class GroupedLSTM(torch.autograd.Function):
@@ -144,20 +130,22 @@ def _backward_steps(buf, d_out, w, z, sig, act_g, cells, tanh_c, x_grad: bool):
 
 def _workspace(ws: dict | None, x: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """The layer's buffers for this shape, reused from step to step: fresh buffers of a few MB per step cost more
-    in page faults than the arithmetic done in them. ``ws`` belongs to one layer of one model; a step's backward
-    runs before the next step's forward overwrites them."""
+    in page faults than the arithmetic done in them. ``ws`` belongs to one layer of one model and keeps one set per
+    shape (an epoch's last, smaller batch has its own), so buffers never move under a captured CUDA graph; a
+    step's backward runs before the next step's forward overwrites them."""
     steps, k, hid, feats, b = shape
     key = (shape, x.dtype, x.device)
-    if ws is not None and ws.get("key") == key:
-        return ws
+    if ws is not None and key in ws:
+        return ws[key]
     new = lambda *s: x.new_empty(s)  # noqa: E731
-    buf = {"key": key, "sig": new(steps, k, 4, hid, b), "act_g": new(steps, k, hid, b),
+    buf = {"sig": new(steps, k, 4, hid, b), "act_g": new(steps, k, hid, b),
            "cells": new(steps + 1, k, hid, b), "z": new(steps + 1, k, hid + feats + 1, b),
            "tanh_c": new(steps, k, hid, b), "pre": new(k, 4 * hid, b), "d": new(k, 4, hid, b),
            "d_z": new(k, hid + feats, b), "d_c": new(k, hid, b), "tmp": new(k, hid, b)}
     if ws is not None:
-        ws.clear()
-        ws.update(buf)
+        if len(ws) >= 4:  # (shapes come and go only in tests and between studies' batches)
+            ws.clear()
+        ws[key] = buf
     return buf
 
 
@@ -234,46 +222,3 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-class StackedForecaster(nn.Module):
-    """K ``LSTMForecaster`` s of one architecture, parameters stacked along dim 0 under the same names
-    (``lstm.weight_ih_l0`` [K, 4H, F], ``head.weight`` [K, 1, H], ...). ``forward(x, runs)``: ``x`` [K', B, T, F]
-    for the runs ``runs`` (indices into the K; all when None) -> predictions [K', B]."""
-
-    def __init__(self, models: list[LSTMForecaster]):
-        super().__init__()
-        first = models[0]
-        self.names = [n for n, _ in first.named_parameters()]
-        self.num_layers = first.lstm.num_layers
-        self.layer_norm = isinstance(first.norm, nn.LayerNorm)
-        self.norm_eps = first.norm.eps if self.layer_norm else 0.0
-        self.hidden = first.lstm.hidden_size
-        for name in self.names:
-            stacked = torch.stack([dict(m.named_parameters())[name].detach() for m in models]).clone()
-            self.register_parameter(name.replace(".", "__"), nn.Parameter(stacked))
-        self.runs = len(models)
-        self._train_ws: list[dict] = [{} for _ in range(self.num_layers)]  # one workspace per layer (training)
-
-    def stacked(self) -> list[tuple[str, torch.Tensor]]:
-        """(LSTMForecaster parameter name, stacked parameter), in LSTMForecaster's parameter order."""
-        return [(n, getattr(self, n.replace(".", "__"))) for n in self.names]
-
-    def unstack(self, k: int) -> dict[str, torch.Tensor]:
-        """Run k's weights as an LSTMForecaster state dict (copies)."""
-        return {n: p.detach()[k].clone() for n, p in self.stacked()}
-
-    def forward(self, x: torch.Tensor, runs: torch.Tensor | None = None) -> torch.Tensor:
-        p = {n: (w if runs is None else w.index_select(0, runs)) for n, w in self.stacked()}
-        seq = x.permute(2, 0, 3, 1)  # [T, K, F, B]
-        if not seq.is_contiguous():
-            seq = seq.contiguous()
-        for layer in range(self.num_layers):
-            bias = (p[f"lstm.bias_ih_l{layer}"] + p[f"lstm.bias_hh_l{layer}"]).unsqueeze(-1)
-            ws = self._train_ws[layer] if torch.is_grad_enabled() else None  # inference: fresh buffers
-            seq = GroupedLSTM.apply(seq, p[f"lstm.weight_ih_l{layer}"], p[f"lstm.weight_hh_l{layer}"], bias, ws)
-        last = seq[-1]  # [K, H, B]
-        if self.layer_norm:
-            last = torch.nn.functional.layer_norm(last.transpose(1, 2), (self.hidden,), eps=self.norm_eps)
-            last = (last * p["norm.weight"][:, None] + p["norm.bias"][:, None]).transpose(1, 2)
-        return torch.baddbmm(p["head.bias"].unsqueeze(-1), p["head.weight"], last).squeeze(1)
