@@ -160,6 +160,9 @@ class TrainConfig:
     checkpoint_dir: str = _opt("checkpoints", "directory of checkpoints")
     precision: Literal["fp32", "bf16", "fp16"] = _opt(
         "fp32", "fp32, or CUDA autocast: bf16, or fp16 with a GradScaler (gradients unscaled before clipping)")
+    cuda_graphs: bool = _opt(
+        True, "on CUDA, capture the training step as a CUDA graph and replay it (one launch per step; falls back to "
+              "eager steps, with the reason logged, if capture fails); false = eager steps")
 
 
 @dataclass(frozen=True)
@@ -214,12 +217,6 @@ class ZClipConfig:
 CLIP_METHODS = ("none", "value", "norm", "autoclip", "agc", "zclip")
 
 
-def thresholds_global_l2(method: str, norm_type: float | str = 2.0, scope: str = "global") -> bool:
-    """Whether a clip method's threshold bounds the global L2 gradient norm (so it can be drawn against
-    grad/norm_pre): norm with p=2 and global scope, autoclip, zclip. Not value, agc, per-layer or other p."""
-    return method in ("autoclip", "zclip") or (method == "norm" and float(norm_type) == 2 and scope == "global")
-
-
 @dataclass(frozen=True)
 class ClipConfig:
     """``method`` picks the clipper; its settings are in the section of the same name. Sections of other
@@ -246,29 +243,6 @@ def clip_section(cfg: ClipConfig) -> dict:
     """What a clip config computes with: its method and that method's section (plain data)."""
     d = to_dict(cfg)
     return {"method": d["method"], **({} if d["method"] == "none" else {d["method"]: d[d["method"]]})}
-
-
-def clip_label(cfg: ClipConfig) -> str:
-    """Short name of a clipping setup for run names: norm1.0, norm0.5-L1-per_layer, value0.1-linear,
-    autoclip-p10, agc0.01, zclip-z2.5-mean, none."""
-    m = cfg.method
-    if m == "none":
-        return "none"
-    section = getattr(cfg, m)
-    if m == "norm":
-        p = section.norm_type
-        label = f"norm{float(section.max_norm)}" + ("" if p == 2 else f"-L{'inf' if math.isinf(p) else f'{p:g}'}")
-        label += "" if section.scope == "global" else f"-{section.scope}"
-    elif m == "value":
-        label = f"value{float(section.value)}"
-    elif m == "agc":
-        label = f"agc{short_float(section.clip_factor)}"
-    elif m == "autoclip":
-        return f"autoclip-p{section.percentile:g}"
-    else:
-        label = f"zclip-z{section.z_thresh:g}" + ("-mean" if section.rule == "mean" else "")
-        return label + (f"-cap{section.max_norm:g}" if section.max_norm is not None else "")
-    return label + ("" if section.schedule == "constant" else f"-{section.schedule}")
 
 
 @dataclass(frozen=True)
@@ -757,9 +731,12 @@ def _cross_checks(cfg: PipelineConfig, errors: list[str]) -> None:
         errors.append(f"backtest.end = {b.end}: must be after backtest.start = {b.start}")
     if b.clips:
         sections = [repr(clip_section(c)) for c in b.clips]
-        dup = sorted({clip_label(c) for c, x in zip(b.clips, sections) if sections.count(x) > 1})
-        if dup:
-            errors.append(f"backtest.clips: the same clip config listed twice ({', '.join(dup)})")
+        seen: dict[str, int] = {}
+        for i, x in enumerate(sections, 1):
+            if x in seen:
+                errors.append(f"backtest.clips: entries {seen[x]} and {i} are the same clip config "
+                              f"({b.clips[i - 1].method}), listed twice")
+            seen.setdefault(x, i)
 
 
 def build_section(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:

@@ -26,7 +26,9 @@ import torch
 import fincast
 from fincast import config as config_mod
 from fincast import features, tracking
-from fincast.config import FincastError, PipelineConfig, clip_label, short_float
+from fincast.clipping import bounds_global_l2
+from fincast.clipping import label as clip_label
+from fincast.config import FincastError, PipelineConfig, short_float
 from fincast.data import Prices, load_prices
 from fincast.models import LSTMForecaster, build_model, forecast_metrics, naive_forecast, ridge_forecast
 from fincast.reports import plots
@@ -35,11 +37,11 @@ from fincast.training import (
     dist_info,
     evaluate,
     fit,
-    fit_batched,
     predict,
     resolve_device,
     resolve_precision,
     seed_everything,
+    train_runs,
 )
 
 
@@ -89,10 +91,11 @@ def warm_up() -> None:
     model(torch.randn(2, 3, 4))[0].square().mean().backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    from fincast.models.batched import StackedForecaster, loaded_kernel
+    from fincast.models.grouped_lstm import loaded_kernel
+    from fincast.models.stacked import StackedNet
 
-    if loaded_kernel() is not None:  # a study driver that stacks loaded it before forking: its first step too
-        StackedForecaster([LSTMForecaster(4, 4), LSTMForecaster(4, 4)])(torch.randn(2, 2, 3, 4)).sum().backward()
+    if loaded_kernel() is not None:  # a study driver loaded it before forking: the engine's first step too
+        StackedNet([LSTMForecaster(4, 4), LSTMForecaster(4, 4)])(torch.randn(2, 2, 3, 4)).sum().backward()
     with tempfile.TemporaryDirectory() as tmp:
         plots.training_curves(Path(tmp) / "warm.png", loss=[1.0, 0.5], norm_pre=[1.0, 2.0], norm_post=[1.0, 1.0],
                               val_loss=[0.7], val_steps=[2], threshold=1.0, title="warm-up")
@@ -304,25 +307,34 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
     model = build_model(cfg.model, len(fs.names)).to(device)
     if rank != 0:  # the other ranks train their shards; rank 0 tracks, checkpoints and evaluates
         fit(model, fs.train, fs.val, cfg.train, cfg.clip, device=device, precision=precision,
-            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume, on_epoch=on_epoch)
+            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume, on_epoch=on_epoch,
+            cuda_graphs=cfg.train.cuda_graphs)
         return None
 
     run, name = _open_forecast_run(cfg, prices, fs, model, device, precision, writer=writer, extra_tags=extra_tags,
                                    resume=resume, resume_overrides=resume_overrides)
     with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
-        checkpoint, path = None, None
-        if cfg.train.checkpoint or cfg.train.checkpoint_every:
-            path = Path(cfg.train.checkpoint_dir) / f"{run.run_id}.pt"
-            common = {"format": CHECKPOINT_FORMAT, "run_id": run.run_id, "config": config_mod.to_dict(cfg),
-                      "data_fingerprint": prices.fingerprint, "fincast_version": fincast.__version__}
-
-            def checkpoint(state: dict) -> None:
-                save_checkpoint(path, {**common, **state})
-
+        checkpoint, path = checkpointer(cfg, run.run_id, prices.fingerprint)
         result = fit(model, fs.train, fs.val, cfg.train, cfg.clip, device=device, precision=precision,
                      log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress,
-                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch)
+                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch,
+                     cuda_graphs=cfg.train.cuda_graphs)
         return _close_forecast_run(run, name, cfg, prices, fs, model, device, precision, result, path)
+
+
+def checkpointer(cfg: PipelineConfig, run_id: str, fingerprint: str) -> tuple[Callable[[dict], None] | None,
+                                                                              Path | None]:
+    """(the function that saves run ``run_id``'s training state, its file), or (None, None) without checkpoints."""
+    if not (cfg.train.checkpoint or cfg.train.checkpoint_every):
+        return None, None
+    path = Path(cfg.train.checkpoint_dir) / f"{run_id}.pt"
+    common = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "config": config_mod.to_dict(cfg),
+              "data_fingerprint": fingerprint, "fincast_version": fincast.__version__}
+
+    def save(state: dict) -> None:
+        save_checkpoint(path, {**common, **state})
+
+    return save, path
 
 
 def _open_forecast_run(cfg: PipelineConfig, prices: Prices, fs: features.FeatureSet, model: torch.nn.Module,
@@ -381,54 +393,72 @@ BATCH_TAG = "fincast.batch_runs"
 
 
 def batch_key(cfg: PipelineConfig) -> str | None:
-    """Runs with the same key can train stacked (``train_batch``): the same data, features, model, batch size,
-    device and tracking store; they may differ in seed, learning rate, optimizer, schedule, early stopping,
-    epochs and clipping. None: this run trains alone (forecast task, fp32, no dropout, no checkpoints)."""
-    from fincast.models.batched import batchable
-
-    t = cfg.train
-    if (cfg.task != "forecast" or t.precision != "fp32" or batchable(cfg.model) is not None or t.checkpoint
-            or t.checkpoint_every):
-        return None
+    """Runs with the same key can train stacked (``train_batch``): the same task, data, features, model (dropout
+    included: each run draws its own masks), batch size, precision, device and tracking store; they may differ in
+    seed, learning rate, optimizer, schedule, early stopping, epochs, step limits, checkpoints and clipping."""
     per_run = ("train.seed", "train.lr", "train.optimizer", "train.weight_decay", "train.momentum", "train.schedule",
                "train.warmup_steps", "train.step_size", "train.gamma", "train.min_lr_ratio", "train.patience",
-               "train.min_delta", "train.epochs", "train.max_steps", "train.threads", "clip.", "tracking.run_name",
-               "backtest.")
+               "train.min_delta", "train.epochs", "train.max_steps", "train.threads", "train.checkpoint",
+               "clip.", "tracking.run_name", "backtest.")
     flat = {k: v for k, v in config_mod.flatten(config_mod.to_dict(cfg)).items() if not k.startswith(per_run)}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
 def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None = None,
                 parent_run_id: str | None = None, progress: bool = False) -> list[TrainOutcome]:
-    """Train runs of equal ``batch_key`` as one stacked model (``training.fit_batched``). Each run is its own
-    MLflow run with the params, metrics, tags and artifacts ``train`` would give it, plus the tag
+    """Train runs of equal ``batch_key`` as one stack (``training.train_runs``). Each run is its own MLflow run
+    with the params, metrics, tags, artifacts and checkpoint ``train`` would give it, plus the tag
     ``fincast.batch_runs`` = K. Data and features are loaded once for all of them."""
     keys = {batch_key(c) for c in cfgs}
     if None in keys or len(keys) != 1:
         raise FincastError("train_batch: these runs cannot train stacked (see pipeline.batch_key)")
     cfg0 = cfgs[0]
+    if cfg0.task == "options":
+        from fincast.pipeline_options import train_options_batch
+
+        return train_options_batch(cfgs, tags=tags, parent_run_id=parent_run_id, progress=progress)
     prices = load_data(cfg0, progress=progress)
     fs = features.build(prices.frames, cfg0.features, price=cfg0.data.price)
     device = resolve_device(cfg0.train.device)
     torch.set_num_threads(_threads(cfg0, None, device))
+    precision = resolve_precision(cfg0.train.precision, device)
     models = []
     for cfg in cfgs:
         seed_everything(cfg.train.seed)
         models.append(build_model(cfg.model, len(fs.names)).to(device))
+
+    def open_one(cfg, model, extra):
+        return _open_forecast_run(cfg, prices, fs, model, device, precision, writer=None, extra_tags=extra)
+
+    def close_one(run, name, cfg, model, result, path):
+        return _close_forecast_run(run, name, cfg, prices, fs, model, device, precision, result, path)
+
+    return train_stacked(cfgs, models, (fs.train, fs.val), prices.fingerprint, device, precision, open_one,
+                         close_one, tags=tags, parent_run_id=parent_run_id, progress=progress)
+
+
+def train_stacked(cfgs: list[PipelineConfig], models: list[torch.nn.Module], splits: tuple, fingerprint: str,
+                  device: torch.device, precision: str, open_one: Callable, close_one: Callable, *,
+                  tags: list[dict[str, str]] | None, parent_run_id: str | None, progress: bool) -> list[TrainOutcome]:
+    """Open one MLflow run per config (``open_one(cfg, model, extra_tags) -> (run, name)``), train all of them
+    as one stack, each with its own sink and checkpoint, then close each (``close_one(run, name, cfg, model,
+    result, checkpoint_path)``). A failure marks every run of the stack FAILED."""
     runs = []
     with contextlib.ExitStack() as stack:
         for i, cfg in enumerate(cfgs):
             extra = {**((tags or [{}] * len(cfgs))[i]), BATCH_TAG: str(len(cfgs))}
             if parent_run_id is not None:
                 extra["mlflow.parentRunId"] = parent_run_id
-            run, name = _open_forecast_run(cfg, prices, fs, models[i], device, "fp32", writer=None, extra_tags=extra)
+            run, name = open_one(cfg, models[i], extra)
             stack.enter_context(ended(run))
-            runs.append((run, name))
-        results = fit_batched(models, fs.train, fs.val, [c.train for c in cfgs], [c.clip for c in cfgs], device=device,
-                              log_every=cfg0.tracking.log_every, sinks=[r.log_metrics for r, _ in runs],
-                              monitor=cfg0.monitor, progress=progress)
-        return [_close_forecast_run(run, name, cfg, prices, fs, model, device, "fp32", result)
-                for (run, name), cfg, model, result in zip(runs, cfgs, models, results)]
+            runs.append((run, name, *checkpointer(cfg, run.run_id, fingerprint)))
+        cfg0 = cfgs[0]
+        results = train_runs(models, *splits, [c.train for c in cfgs], [c.clip for c in cfgs], device=device,
+                             precision=precision, log_every=cfg0.tracking.log_every,
+                             sinks=[r.log_metrics for r, *_ in runs], monitor=cfg0.monitor, progress=progress,
+                             checkpoints=[save for _, _, save, _ in runs], cuda_graphs=cfg0.train.cuda_graphs)
+        return [close_one(run, name, cfg, model, result, path)
+                for (run, name, _, path), cfg, model, result in zip(runs, cfgs, models, results)]
 
 
 def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,
@@ -484,8 +514,7 @@ def _log_artifacts(run, cfg, fs, result: FitResult, predictions: pd.DataFrame, p
         predictions.to_csv(d / "predictions.csv", index=False)
         steps_per_epoch = math.ceil(len(fs.train) / cfg.train.batch_size)
         val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
-        c = cfg.clip  # thresholds on the global L2 norm can be drawn against it
-        l2_global = config_mod.thresholds_global_l2(c.method, c.norm.norm_type, c.norm.scope)
+        l2_global = bounds_global_l2(cfg.clip)  # such thresholds can be drawn against the norm
         threshold = result.history.get("threshold") if l2_global else None
         plots.training_curves(d / "training_curves.png", loss=result.history["loss"],
                               norm_pre=result.history["norm_pre"], norm_post=result.history["norm_post"],
@@ -544,7 +573,8 @@ def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp3
         train_cfg = dataclasses.replace(cfg.train, epochs=epochs,
                                         **({"patience": None, "max_steps": None} if refit else {}))
         res = fit(model, train, val, train_cfg, clip, device=device, precision=precision,
-                  log_every=cfg.tracking.log_every, monitor=monitor, restore_best=not refit)
+                  log_every=cfg.tracking.log_every, monitor=monitor, restore_best=not refit,
+                  cuda_graphs=cfg.train.cuda_graphs)
         return model, res
 
     def fit_fold(clip, train: features.Split, val: features.Split, warm: dict | None, epochs: int) -> FoldFit:

@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-import fincast
 from fincast import config as config_mod
 from fincast import pipeline, tracking
-from fincast.config import FincastError, PipelineConfig, clip_label, short_float
+from fincast.clipping import bounds_global_l2
+from fincast.clipping import label as clip_label
+from fincast.config import FincastError, PipelineConfig, short_float
 from fincast.data import fingerprint as frames_fingerprint
 from fincast.data import heston, load_prices
 from fincast.data import options as chains
@@ -187,17 +188,60 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
     model = omodel.build_option_model(cfg.model, os_.n_contract, os_.lookback, os_.channels).to(device)
     if rank != 0:
         fit(model, os_.train, os_.val, cfg.train, cfg.clip, device=device, precision=precision,
-            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume, on_epoch=on_epoch)
+            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume, on_epoch=on_epoch,
+            cuda_graphs=cfg.train.cuda_graphs)
         return None
+    run, name = _open_run(cfg, market, os_, align_dropped, model, device, precision, writer=writer,
+                          extra_tags=extra_tags, resume=resume, resume_overrides=resume_overrides)
+    with pipeline.ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
+        checkpoint, path = pipeline.checkpointer(cfg, run.run_id, market.fingerprint)
+        result = fit(model, os_.train, os_.val, cfg.train, cfg.clip, device=device, precision=precision,
+                     log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress,
+                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch,
+                     cuda_graphs=cfg.train.cuda_graphs)
+        return _close_run(run, name, cfg, market, os_, align_dropped, model, device, precision, result, path)
 
-    experiment = cfg.tracking.experiment or cfg.name
+
+def train_options_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None = None,
+                        parent_run_id: str | None = None, progress: bool = False) -> list[pipeline.TrainOutcome]:
+    """Options runs of one ``pipeline.batch_key`` trained as one stack (``pipeline.train_stacked``): the market
+    and its samples are prepared once."""
+    cfg0 = cfgs[0]
+    market = load_market(cfg0, progress=progress)
+    os_, _, align_dropped = prepare(cfg0, market)
+    device = resolve_device(cfg0.train.device)
+    torch.set_num_threads(pipeline._threads(cfg0, None, device))
+    precision = resolve_precision(cfg0.train.precision, device)
+    models = []
+    for cfg in cfgs:
+        seed_everything(cfg.train.seed)
+        models.append(omodel.build_option_model(cfg.model, os_.n_contract, os_.lookback, os_.channels).to(device))
+
+    def open_one(cfg, model, extra):
+        return _open_run(cfg, market, os_, align_dropped, model, device, precision, writer=None, extra_tags=extra)
+
+    def close_one(run, name, cfg, model, result, path):
+        return _close_run(run, name, cfg, market, os_, align_dropped, model, device, precision, result, path)
+
+    return pipeline.train_stacked(cfgs, models, (os_.train, os_.val), market.fingerprint, device, precision, open_one,
+                                  close_one, tags=tags, parent_run_id=parent_run_id, progress=progress)
+
+
+def _dropped(market, align_dropped: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in {**market.dropped, **align_dropped}.items() if v}
+
+
+def _open_run(cfg: PipelineConfig, market, os_: ofeat.OptionSet, align_dropped: dict[str, int], model, device,
+              precision: str, *, writer, extra_tags: dict[str, str], resume: dict | None = None,
+              resume_overrides: list[str] | None = None):
+    """Start an options run: tags, then params (what a crashed run still says it was)."""
     name = run_name(cfg, market.underlying)
     tags = pipeline.run_tags(cfg, device, precision, source=market.source, fingerprint=market.fingerprint,
                              tickers=market.underlying, extra={"fincast.kind": "options", **extra_tags})
-    run = pipeline.open_run(cfg, name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides)
-    with pipeline.ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
-        dropped = {k: v for k, v in {**market.dropped, **align_dropped}.items() if v}
-        if resume is None:
+    run = pipeline.open_run(cfg, name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides or [])
+    if resume is None:
+        with pipeline.ended_on_error(run):
+            dropped = _dropped(market, align_dropped)
             qd = market.chain["quote_date"]
             run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
             run.log_params({
@@ -210,34 +254,28 @@ def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, 
                 "samples.test_dates": int(os_.frames["test"]["quote_date"].nunique()),
                 "model.parameters": sum(p.numel() for p in model.parameters()),
             })
-        checkpoint, path = None, None
-        if cfg.train.checkpoint or cfg.train.checkpoint_every:
-            path = Path(cfg.train.checkpoint_dir) / f"{run.run_id}.pt"
-            common = {"format": pipeline.CHECKPOINT_FORMAT, "run_id": run.run_id, "config": config_mod.to_dict(cfg),
-                      "data_fingerprint": market.fingerprint, "fincast_version": fincast.__version__}
+    return run, name
 
-            def checkpoint(state: dict) -> None:
-                pipeline.save_checkpoint(path, {**common, **state})
 
-        result = fit(model, os_.train, os_.val, cfg.train, cfg.clip, device=device, precision=precision,
-                     log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress,
-                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch)
-
-        ev, table = evaluate_test(model, os_, cfg, device, usable=result.best_epoch > 0)
-        test_metrics = []
-        for model_name, row in ev.stats.iterrows():
-            prefix = "test" if model_name == LSTM else f"baseline_{model_name}"
-            test_metrics += [(f"{prefix}/{pipeline._metric_name(k)}", float(v)) for k, v in row.items()
-                             if k != "Contracts" and math.isfinite(float(v))]
-        zero_val = pipeline.log_fit_outcome(run, result, os_.val.y, test_metrics)
-        out_dir = Path("reports") / "options" / cfg.name
-        files = write_outputs(out_dir, cfg, os_, ev, table, result, name, dropped, market.warnings)
-        for f in files:
-            run.log_artifact(f)
-        if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
-            pipeline.log_model(run, model, os_.test.x[:2], device)
+def _close_run(run, name: str, cfg: PipelineConfig, market, os_: ofeat.OptionSet, align_dropped: dict[str, int],
+               model, device, precision: str, result, path: Path | None) -> pipeline.TrainOutcome:
+    """After training: test prices of the LSTM and the baselines, the closing metrics, tables, figures, model."""
+    dropped = _dropped(market, align_dropped)
+    ev, table = evaluate_test(model, os_, cfg, device, usable=result.best_epoch > 0)
+    test_metrics = []
+    for model_name, row in ev.stats.iterrows():
+        prefix = "test" if model_name == LSTM else f"baseline_{model_name}"
+        test_metrics += [(f"{prefix}/{pipeline._metric_name(k)}", float(v)) for k, v in row.items()
+                         if k != "Contracts" and math.isfinite(float(v))]
+    zero_val = pipeline.log_fit_outcome(run, result, os_.val.y, test_metrics)
+    out_dir = Path("reports") / "options" / cfg.name
+    for f in write_outputs(out_dir, cfg, os_, ev, table, result, name, dropped, market.warnings):
+        run.log_artifact(f)
+    if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
+        pipeline.log_model(run, model, os_.test.x[:2], device)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
-    return pipeline.TrainOutcome(run.run_id, name, experiment, run.uri, str(device), precision, result, metrics,
+    return pipeline.TrainOutcome(run.run_id, name, cfg.tracking.experiment or cfg.name, run.uri, str(device),
+                                 precision, result, metrics,
                                  {"train": len(os_.train), "val": len(os_.val), "test": len(os_.test)},
                                  market.warnings, str(path) if path is not None and path.is_file() else None,
                                  task="options", report=str(out_dir), dropped=dropped, zero_val_loss=zero_val)
@@ -285,8 +323,7 @@ def write_outputs(out_dir: Path, cfg: PipelineConfig, os_: ofeat.OptionSet, ev: 
         write("data_warnings.txt", "\n".join(warnings) + "\n")
     steps_per_epoch = math.ceil(len(os_.train) / cfg.train.batch_size)
     val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
-    c = cfg.clip
-    l2_global = config_mod.thresholds_global_l2(c.method, c.norm.norm_type, c.norm.scope)
+    l2_global = bounds_global_l2(cfg.clip)  # such thresholds can be drawn against the norm
     files.append(plots.training_curves(out_dir / "training_curves.png", loss=result.history["loss"],
                                        norm_pre=result.history["norm_pre"], norm_post=result.history["norm_post"],
                                        val_loss=result.val_history, val_steps=val_steps,

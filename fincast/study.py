@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from fincast import config as config_mod
 from fincast import tracking
-from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, clip_label, short_float
+from fincast.clipping import label as clip_label
+from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, short_float
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
 
 log = logging.getLogger("fincast.study")
@@ -323,7 +324,7 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     # device: cpu, or a torch built without CUDA
     cpu = device == "cpu" or (device == "auto" and not torch.backends.cuda.is_built())
     if cpu and study.settings.batch_runs != 1 and any(pipeline.batch_key(j.cfg) for j in study.jobs):
-        from fincast.models.batched import cpu_kernel
+        from fincast.models.grouped_lstm import cpu_kernel
 
         cpu_kernel()  # built (once per machine) or loaded here, before the workers fork: they inherit it
     tracking.preload_store(tracking.resolve_uri(study.tracking))  # (imports only, inherited by forked workers)
@@ -472,7 +473,7 @@ def auto_batch(cfg: PipelineConfig, runs: int, workers: int) -> int:
     on a CPU). On CUDA the group split evenly across the workers: there a small run is bound by kernel
     launches, which K stacked runs share. On a CPU about four batches per worker (at least 2 runs each when
     there are more runs than workers): the
-    compiled kernel (``models.batched.cpu_kernel``) costs about the same per run-step at K = 2 or 24 (1.3-1.6 ms
+    compiled kernel (``models.grouped_lstm.cpu_kernel``) costs about the same per run-step at K = 2 or 24 (1.3-1.6 ms
     in ``fit_batched``, 2.0-2.3 ms for a run alone), so smaller batches lose nothing and let a worker whose
     batch ended early (early stopping, divergence) take the next one instead of idling. Where the kernel
     cannot be built (no C++ compiler), 1: the torch-ops fallback gains nothing over a run alone (the 24-run
@@ -487,7 +488,7 @@ def auto_batch(cfg: PipelineConfig, runs: int, workers: int) -> int:
         return budget_batch(free, run_bytes(cfg), runs, workers)
     if device.type != "cpu":
         return 1
-    from fincast.models.batched import cpu_kernel
+    from fincast.models.grouped_lstm import cpu_kernel
 
     if cpu_kernel() is None:
         return 1

@@ -58,13 +58,14 @@ from tqdm import tqdm
 
 from fincast import config as config_mod
 from fincast import tracking
+from fincast.clipping import label as clip_label
+from fincast.clipping import threshold_keys
 from fincast.config import (
     CLIP_METHODS,
     ConfigError,
     FincastError,
     PipelineConfig,
     SweepSettings,
-    clip_label,
     short_float,
 )
 
@@ -77,8 +78,7 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 SPEC_KEYS = ("name", "base", "set", "search", "sweep")
 SEARCH_KEYS = ("clip", "lr")
 # the threshold a sweep searches for each clip method
-THRESHOLD_KEYS = {"value": "clip.value.value", "norm": "clip.norm.max_norm", "agc": "clip.agc.clip_factor",
-                  "autoclip": "clip.autoclip.percentile", "zclip": "clip.zclip.z_thresh"}
+THRESHOLD_KEYS = threshold_keys()  # clip.norm.max_norm, clip.autoclip.percentile, ... (from the methods' registry)
 DEFAULT_TRIALS = 30
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_S, GRACE_S = 10, 60  # a worker that misses heartbeats for GRACE_S is dead: its trial is retried

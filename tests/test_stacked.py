@@ -1,6 +1,7 @@
-"""Batched training: K runs stacked along a run dimension train exactly as each would alone.
+"""Stacked nets and stacked runs: K runs along a run dimension train exactly as each would alone; the grouped LSTM
+(compiled CPU kernel and torch-ops loop) against torch's nn.LSTM; how studies plan their stacks.
 
-The solo reference is ``training.fit`` on an ``LSTMForecaster`` (torch's nn.LSTM), never the batched code."""
+The references are torch's own modules (nn.LSTM, the solo models) and each run trained alone (K = 1)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 from fincast.config import from_dict
 from fincast.features import Split
 from fincast.models import LSTMForecaster
-from fincast.models.batched import StackedForecaster, batchable
-from fincast.training import fit, fit_batched
+from fincast.models.options import OptionLSTM
+from fincast.models.stacked import StackedNet
+from fincast.training import fit, train_runs
 
 
 def _split(n, seed, lookback=12, f=4):
@@ -63,8 +65,8 @@ def _solo(cfg, model):
 
 def _batched(cfgs, models):
     rows = [[] for _ in cfgs]
-    res = fit_batched(models, TRAIN, VAL, [c.train for c in cfgs], [c.clip for c in cfgs], device=torch.device("cpu"),
-                      log_every=cfgs[0].tracking.log_every, sinks=[r.extend for r in rows], monitor=cfgs[0].monitor)
+    res = train_runs(models, TRAIN, VAL, [c.train for c in cfgs], [c.clip for c in cfgs], device=torch.device("cpu"),
+                     log_every=cfgs[0].tracking.log_every, sinks=[r.extend for r in rows], monitor=cfgs[0].monitor)
     return res, rows
 
 
@@ -161,7 +163,7 @@ def test_agc_and_per_layer_norm_clip_unit_wise_per_run():
 def kernel(request, monkeypatch):
     """The stacked LSTM's two implementations of the time loops: the compiled CPU kernel (grouped_lstm.cpp),
     and the torch-ops loop used on CUDA or where the kernel cannot be built."""
-    from fincast.models import batched
+    from fincast.models import grouped_lstm as batched
 
     if request.param == "python":
         monkeypatch.setitem(batched._KERNEL, "module", None)
@@ -170,27 +172,47 @@ def kernel(request, monkeypatch):
     return request.param
 
 
+def _option_model(seed, hidden=6, **kw):
+    torch.manual_seed(seed)
+    return OptionLSTM(3, 7, 2, hidden_size=hidden, head_hidden=5, **kw)
+
+
+@pytest.mark.parametrize("kind", ["forecast", "option"])
 @pytest.mark.parametrize("layers,layer_norm", [(1, False), (2, True)])
-def test_stacked_forecaster_matches_lstm_forecaster_in_float64(layers, layer_norm, kernel):
-    models = [_model(s, hidden=6, num_layers=layers, layer_norm=layer_norm).double() for s in range(3)]
-    stacked = StackedForecaster(models)
+@pytest.mark.parametrize("runs", [1, 3])
+def test_stacked_net_matches_each_solo_model_in_float64(layers, layer_norm, kind, runs, kernel):
+    """Forward and every parameter's gradient of each run equal its own module's (torch's nn.LSTM, Linear, SiLU,
+    LayerNorm, softplus floor), for the forecaster and the option net, one run (ATen's LSTM where the compiled
+    kernel is off) and three (the grouped LSTM)."""
+    build = _model if kind == "forecast" else _option_model
+    models = [build(s, hidden=6, num_layers=layers, layer_norm=layer_norm).double() for s in range(runs)]
+    net = StackedNet(models)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 7, 4, generator=g, dtype=torch.float64)
-    y = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    pred = stacked(x)
-    (pred - y).square().mean(1).sum().backward()
+    shape = (runs, 5, 7, 4) if kind == "forecast" else (runs, 5, 3 + 1 + 7 * 2)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y = torch.randn(runs, 5, generator=g, dtype=torch.float64)
+    for _ in range(2):  # gradients accumulate into the stack's one gradient tensor, in place
+        net.grad.zero_()
+        pred = net(x)
+        (pred - y).square().mean(1).sum().backward()
+    assert all(v.grad.data_ptr() == net.grad[:, a:b].data_ptr() for v, (a, b) in zip(net.params.values(),
+                                                                                    net.spans.values()))
     for k, m in enumerate(models):
         p = m(x[k])
         (p - y[k]).square().mean().backward()
         torch.testing.assert_close(pred[k], p)
-        for name, w in stacked.stacked():
+        for name, w in net.params.items():
             torch.testing.assert_close(w.grad[k], dict(m.named_parameters())[name].grad, msg=name)
-    # a subset of the runs: the same numbers for those runs, no gradient for the others
-    stacked.zero_grad()
-    sub = stacked(x[[2, 0]], torch.tensor([2, 0]))
-    torch.testing.assert_close(sub[0], models[2](x[2]))
-    sub.sum().backward()
-    assert all(float(w.grad[1].abs().sum()) == 0.0 for _, w in stacked.stacked())
+    preds = net.predict(x[0], chunk=4)  # every run on the same samples, in chunks, without grad
+    for k, m in enumerate(models):
+        torch.testing.assert_close(preds[k].double(), m(x[0]).float().double(), rtol=1e-6, atol=1e-7)
+
+
+def test_stacked_net_refuses_models_of_different_architectures():
+    with pytest.raises(ValueError, match="architecture"):
+        StackedNet([_model(0, hidden=6), _model(1, hidden=8)])
+    with pytest.raises(TypeError, match="no stacked form"):
+        StackedNet([torch.nn.Linear(2, 1)])
 
 
 def test_stacked_forecaster_saturates_and_propagates_nan_like_nn_lstm_in_float32(kernel):
@@ -200,31 +222,31 @@ def test_stacked_forecaster_saturates_and_propagates_nan_like_nn_lstm_in_float32
     with torch.no_grad():
         models[0].lstm.weight_ih_l0.mul_(400.0)  # gates saturate: |pre-activation| in the hundreds
         models[0].lstm.bias_hh_l0.add_(200.0)
-    stacked = StackedForecaster(models)
+    net = StackedNet(models)
     x = torch.randn(3, 5, 7, 4, generator=torch.Generator().manual_seed(0))
-    pred = stacked(x)
+    pred = net(x)
     pred.sum().backward()
     for k, m in enumerate(models):
         p = m(x[k])
         p.sum().backward()
         torch.testing.assert_close(pred[k], p, rtol=1e-4, atol=1e-5)
-        for name, w in stacked.stacked():
+        for name, w in net.params.items():
             torch.testing.assert_close(w.grad[k], dict(m.named_parameters())[name].grad, rtol=1e-3, atol=1e-4,
                                        msg=name)
     with torch.no_grad():
-        stacked.lstm__weight_hh_l0[1, 0, 0] = float("nan")
-    stacked.zero_grad()
-    pred = stacked(x)
+        net.params["lstm.weight_hh_l0"][1, 0, 0] = float("nan")
+    net.grad.zero_()
+    pred = net(x)
     pred.sum().backward()
+    w_grad = net.params["lstm.weight_hh_l0"].grad
     assert torch.isnan(pred[1]).all() and torch.isfinite(pred[[0, 2]]).all()
-    assert torch.isnan(stacked.lstm__weight_hh_l0.grad[1]).any()
-    assert torch.isfinite(stacked.lstm__weight_hh_l0.grad[[0, 2]]).all()
+    assert torch.isnan(w_grad[1]).any() and torch.isfinite(w_grad[[0, 2]]).all()
 
 
 def test_cpu_kernel_falls_back_to_torch_ops_when_it_cannot_be_built(monkeypatch, caplog):
     from torch.utils import cpp_extension
 
-    from fincast.models import batched
+    from fincast.models import grouped_lstm as batched
 
     def no_compiler(**kw):
         raise RuntimeError("Error building extension\nc++: command not found")
@@ -237,7 +259,7 @@ def test_cpu_kernel_falls_back_to_torch_ops_when_it_cannot_be_built(monkeypatch,
     assert "c++: command not found" in caplog.text and "slower torch-ops LSTM" in caplog.text
     models = [_model(s) for s in range(2)]
     x = torch.randn(2, 3, 12, 4)
-    out = StackedForecaster(models)(x)  # still runs, on the torch-ops loop
+    out = StackedNet(models)(x)  # still runs, on the torch-ops loop
     for k, m in enumerate(models):
         torch.testing.assert_close(out[k], m(x[k]))
     monkeypatch.setenv("FINCAST_LSTM_KERNEL", "python")
@@ -245,23 +267,21 @@ def test_cpu_kernel_falls_back_to_torch_ops_when_it_cannot_be_built(monkeypatch,
     assert batched.cpu_kernel() is None  # switched off: no build attempted
 
 
-def test_unstack_gives_each_runs_weights_back():
+def test_rows_give_each_runs_weights_back():
     models = [_model(s) for s in range(3)]
-    stacked = StackedForecaster(models)
+    net = StackedNet(models)
     for k, m in enumerate(models):
-        state = stacked.unstack(k)
+        state = net.row(k)
         assert state.keys() == m.state_dict().keys()
         for name, value in m.state_dict().items():
             assert torch.equal(state[name], value)
+        assert torch.equal(net.vector(m.state_dict()), net.flat[k])
+        other = _model(99)
+        net.load_into(k, other)
+        assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), m.state_dict().values()))
 
 
-def test_batchable_names_what_prevents_batching():
-    assert batchable(from_dict({}).model) is None
-    reason = batchable(from_dict({"model": {"dropout": 0.2, "num_layers": 2}}).model)
-    assert reason is not None and "dropout" in reason
-
-
-def test_fit_batched_rejects_runs_that_differ_in_batch_size():
+def test_stacked_runs_need_one_batch_size():
     cfgs = _cfgs(RUNS[:2])
     other = from_dict({**_raw(RUNS[1]), "train": {**_raw(RUNS[1])["train"], "batch_size": 8}})
     with pytest.raises(ValueError, match="batch_size"):
@@ -284,20 +304,20 @@ def _tiny_study(tmp_path, name, *extra):
     return study_mod.load(spec, [*TINY, *store, *extra])
 
 
-def test_plan_chunks_groups_batchable_runs_and_splits_them_evenly(tmp_path):
+def test_plan_chunks_groups_stackable_runs_and_splits_them_evenly(tmp_path):
     import dataclasses
 
     from fincast import study as study_mod
 
-    study = _tiny_study(tmp_path, "plan")
+    study = _tiny_study(tmp_path, "plan", "train.device=cpu")  # (auto would pick a GPU where there is one)
     jobs = list(study.jobs)  # 2 clips x 2 lrs x 3 seeds = 12 runs of one architecture
     assert [len(c) for c in study_mod.plan_chunks(jobs, 5, 1)] == [4, 4, 4]
     assert [len(c) for c in study_mod.plan_chunks(jobs, 1, 1)] == [1] * 12
     six = study_mod.plan_chunks(jobs, 6, 2)
     assert [len(c) for c in six] == [6, 6] and [j for c in six for j in c] == jobs
     # auto on a CPU: stacked with the compiled kernel, ~4 batches per worker of at least 2 runs; one at a time
-    # without the kernel (the torch-ops loop gains nothing over a run alone there: bench/batched_study.py)
-    from fincast.models import batched
+    # without the kernel (the torch-ops loop gains nothing over a run alone there: bench/run_axis.py)
+    from fincast.models import grouped_lstm as batched
 
     if batched.cpu_kernel() is not None:
         assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 2)] == [2] * 6
@@ -305,12 +325,14 @@ def test_plan_chunks_groups_batchable_runs_and_splits_them_evenly(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(batched._KERNEL, "module", None)
         assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 1)] == [1] * 12
-    # a run with dropout (random masks) or checkpoints cannot train stacked: it trains alone
+    # checkpoints and precision stack (each run writes its own checkpoint); another model config (dropout here)
+    # is another architecture setting: a stack of its own
     drop = dataclasses.replace(jobs[0].cfg, model=dataclasses.replace(jobs[0].cfg.model, dropout=0.1))
-    ckpt = dataclasses.replace(jobs[1].cfg, train=dataclasses.replace(jobs[1].cfg.train, checkpoint=True))
+    ckpt = dataclasses.replace(jobs[1].cfg, train=dataclasses.replace(jobs[1].cfg.train, checkpoint=True,
+                                                                      checkpoint_every=7))
     mixed = [dataclasses.replace(jobs[0], cfg=drop), dataclasses.replace(jobs[1], cfg=ckpt), *jobs[2:]]
     chunks = study_mod.plan_chunks(mixed, 100, 1)
-    assert sorted(len(c) for c in chunks) == [1, 1, 10]
+    assert sorted(len(c) for c in chunks) == [1, 11]
 
 
 def test_auto_batch_is_bounded_by_the_memory_budget(tmp_path):
@@ -324,7 +346,7 @@ def test_auto_batch_is_bounded_by_the_memory_budget(tmp_path):
     assert study_mod.budget_batch(4 * 10 * per_run, per_run, 12, 4) == 3  # split across the workers
     assert study_mod.available_ram() > 0
     if not torch.cuda.is_available():
-        from fincast.models import batched
+        from fincast.models import grouped_lstm as batched
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(study_mod, "available_ram", lambda: 4 * 10 * per_run * 3)  # 10 runs per worker's quarter

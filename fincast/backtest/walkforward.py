@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from fincast import features
 from fincast.backtest.evaluate import MEAN, NAIVE, RIDGE, periods_per_year
-from fincast.config import ClipConfig, FincastError, PipelineConfig, clip_label
+from fincast.clipping import label as clip_label
+from fincast.config import ClipConfig, FincastError, PipelineConfig
 from fincast.features import MIN_EVAL, MIN_TRAIN, Split
 
 

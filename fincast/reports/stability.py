@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from fincast import tracking
-from fincast.config import FincastError, TrackingConfig, atomic_write, thresholds_global_l2
+from fincast.clipping import bounds_global_l2_of
+from fincast.config import FincastError, TrackingConfig, atomic_write
 from fincast.reports import plots, stats
 from fincast.reports.html import CSS as _CSS
 from fincast.reports.html import img as _img
@@ -80,8 +81,8 @@ def runs_frame(children: list[Any], settings: Settings) -> pd.DataFrame:
             **_test_numbers(r),
             "step_ms": _metric(r, "time/step_ms"),
             "clip_rate": _metric(r, "grad/clip_rate"), "spikes": _metric(r, "grad/spikes"),
-            "l2_threshold": thresholds_global_l2(p.get("clip.method", ""), p.get("clip.norm.norm_type", 2),
-                                                 p.get("clip.norm.scope", "global")),
+            "l2_threshold": bounds_global_l2_of(p.get("clip.method", ""), norm_type=p.get("clip.norm.norm_type", 2),
+                                                scope=p.get("clip.norm.scope", "global")),
             "start_time": r.info.start_time,
         })
     return pd.DataFrame(rows)
