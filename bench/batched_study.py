@@ -140,7 +140,7 @@ def main() -> None:
     print(f"data: {'BTC-USD csv from ' + str(DATA) if (DATA / 'BTC-USD.csv').is_file() else 'synthetic'}; "
           f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     results = {}
-    from fincast.models.batched import cpu_kernel
+    from fincast.models.grouped_lstm import cpu_kernel
 
     if cpu_kernel() is None:
         sys.exit("the stacked-LSTM kernel could not be built (see the warning above); nothing to compare")

@@ -2,11 +2,21 @@
 
 Every expectation is recomputed here from the ORIGINAL gradients, in float64 (numpy), with plain
 formulas written in this file: norms, clipping coefficients, percentiles, AGC's unit bounds, ZClip's
-EMAs. fincast's own helpers are only ever the code under test. Gradient lists come from hypothesis:
-several tensors of varied shapes, scales spanning ~16 orders of magnitude, some all-zero tensors.
+EMAs, threshold schedules, run labels. fincast's own helpers are only ever the code under test. Gradient
+lists come from hypothesis: several tensors of varied shapes, scales spanning ~16 orders of magnitude,
+some all-zero tensors.
 
-Tolerances: fincast computes norms in float32 whatever the gradients' dtype, so norms and coefficients
-agree with the float64 reference to ~1e-7 relative; RTOL = 1e-5 leaves room for that and nothing more.
+Two APIs are under test. ``clip_gradients(params, cfg, state)`` clips one run's parameters: most
+properties are stated through it. ``StackClipper`` clips the stacked gradients ``g`` [K, P] of K runs
+(a row per run, what the training engine uses): besides reference checks of its own, its contract is
+that each row is clipped exactly as that run alone (a stack of one, or ``clip_gradients`` on the run's
+own tensors), bit for bit on the CPU, whatever the other rows' methods, settings and values, and that a
+run marked inactive keeps its state. Those equivalence tests compare fincast with itself on purpose;
+the run alone is in turn checked against the references above.
+
+Tolerances: fincast computes norms in float32 whatever the gradients' dtype (float64 for float64
+gradients), so norms and coefficients agree with the float64 reference to ~1e-7 relative; RTOL = 1e-5
+leaves room for that and nothing more.
 """
 
 from __future__ import annotations
@@ -22,17 +32,19 @@ from hypothesis import assume, currently_in_test_context, given, settings
 from hypothesis import strategies as st
 
 from fincast import clipping as C
-from fincast.config import ConfigError, from_dict
+from fincast.config import CLIP_METHODS, ConfigError, from_dict
 from fincast.models.lstm import LSTMForecaster
 
 PROPS = settings(max_examples=60, deadline=None)
 SEQS = settings(max_examples=30, deadline=None)  # sequences of steps: fewer, larger examples
+STACKS = settings(max_examples=80, deadline=None)  # stacks of runs over several steps
 
 EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon: coef = min(1, max_norm / (norm + 1e-6))
 RTOL = 1e-5
 P_NORMS = [1.0, 2.0, 3.0, 4.5, math.inf]
 SCOPES = ["global", "per_layer", "per_param"]
 METHODS = ["none", "value", "norm", "autoclip", "agc", "zclip"]
+SCHEDULED = {"value": "value", "norm": "max_norm", "agc": "clip_factor"}  # method -> its scheduled bound
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,11 +83,9 @@ def grad_lists(draw, dtypes=(torch.float32, torch.float64), max_size=5):
     return [_tensor(draw, gen, s, dtype, scale) for s in shapes]
 
 
-@st.composite
-def lstm_grads(draw, dtypes=(torch.float32, torch.float64)):
-    """(names, layers, grads) of a fake stacked LSTM and a linear head, in named_parameters order.
-    ``layers`` is the layer each tensor belongs to, written down here (not derived by fincast)."""
-    n_layers, hidden, n_in = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+def lstm_spec(n_layers: int, hidden: int, n_in: int):
+    """(names, shapes, layers) of a stacked LSTM and a linear head, in named_parameters order. ``layers`` is
+    the layer each tensor belongs to, written down here (not derived by fincast)."""
     names, shapes, layers = [], [], []
     for k in range(n_layers):
         inp = n_in if k == 0 else hidden
@@ -87,6 +97,16 @@ def lstm_grads(draw, dtypes=(torch.float32, torch.float64)):
     names += ["head.weight", "head.bias"]
     shapes += [(1, hidden), (1,)]
     layers += ["head", "head"]
+    return names, shapes, layers
+
+
+LSTM_SIZES = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4))
+
+
+@st.composite
+def lstm_grads(draw, dtypes=(torch.float32, torch.float64)):
+    """(names, layers, grads) of a fake stacked LSTM and a linear head."""
+    names, shapes, layers = lstm_spec(*draw(LSTM_SIZES))
     dtype = draw(st.sampled_from(dtypes))
     scale = draw(SCALE)
     gen = _seeded(draw)
@@ -109,6 +129,86 @@ def grad_sequences(draw, min_steps, max_steps, spread=3.0, dtypes=(torch.float32
         seq.append([(torch.randn(s, generator=gen, dtype=torch.float64) * (step * f)).to(dtype)
                     for s, f in zip(shapes, layer)])
     return seq
+
+
+@st.composite
+def stacked_lists(draw, dtypes=(torch.float32, torch.float64)):
+    """K gradient lists of the same shapes (K runs of one model), each run at its own scale."""
+    shapes = draw(st.lists(SHAPES, min_size=1, max_size=5))
+    dtype = draw(st.sampled_from(dtypes))
+    gen = _seeded(draw)
+    k = draw(st.integers(1, 4))
+    return [[_tensor(draw, gen, s, dtype, draw(SCALE)) for s in shapes] for _ in range(k)]
+
+
+SCHEDULES = st.fixed_dictionaries({"schedule": st.sampled_from(["constant", "linear", "cosine"]),
+                                   "schedule_start": log_floats(-1, 1), "schedule_steps": st.integers(1, 5)})
+
+
+@st.composite
+def clip_configs(draw, methods=tuple(METHODS)):
+    """A clip config of any method, settings drawn from small sets where they decide how runs group (norm's p
+    and scope, AutoClip's window, ZClip's warmup, AGC's skip_output), so stacks mix groups and share them."""
+    method = draw(st.sampled_from(methods))
+    if method == "none":
+        return clip_cfg("none")
+    if method == "value":
+        return clip_cfg("value", value=draw(log_floats(-2, 1)), **draw(SCHEDULES))
+    if method == "norm":
+        return clip_cfg("norm", max_norm=draw(log_floats(-2, 2)),
+                        norm_type=draw(st.sampled_from([1.0, 2.0, 3.0, math.inf])),
+                        scope=draw(st.sampled_from(SCOPES)), **draw(SCHEDULES))
+    if method == "agc":
+        return clip_cfg("agc", clip_factor=draw(log_floats(-3, 0)), eps=draw(log_floats(-4, -2)),
+                        skip_output=draw(st.booleans()), **draw(SCHEDULES))
+    if method == "autoclip":
+        percentile = draw(st.one_of(st.sampled_from([0.0, 10.0, 50.0, 100.0]), st.floats(0, 100)))
+        return clip_cfg("autoclip", percentile=percentile, window=draw(st.sampled_from([1, 3, 100])))
+    return clip_cfg("zclip", alpha=draw(st.floats(0.5, 0.99)), z_thresh=draw(st.floats(0.5, 3.0)),
+                    warmup=draw(st.sampled_from([1, 3])), rule=draw(st.sampled_from(["reciprocal", "mean"])),
+                    max_norm=draw(st.one_of(st.none(), log_floats(-1, 2))))
+
+
+@dataclasses.dataclass
+class StackCase:
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    layers: list[str]
+    cfgs: list
+    weights: torch.Tensor  # [K, P]
+    steps: list[tuple[torch.Tensor, list[bool]]]  # per step: gradients [K, P], which runs are active
+
+
+@st.composite
+def stack_cases(draw, methods=tuple(METHODS), max_runs=5, min_steps=1, max_steps=6, all_active=False):
+    """K runs of one LSTM with their own clip configs over several steps: gradients [K, P] at each run's own
+    scale, with occasional spikes (x50), all-zero rows and non-finite elements; runs inactive now and then."""
+    names, shapes, layers = lstm_spec(*draw(LSTM_SIZES))
+    k = draw(st.integers(1, max_runs))
+    cfgs = [draw(clip_configs(methods)) for _ in range(k)]
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    gen = _seeded(draw)
+    sizes = torch.tensor([math.prod(s) for s in shapes])
+    base = torch.tensor([10.0 ** draw(st.integers(-2, 2)) for _ in range(k)], dtype=torch.float64)
+    per_tensor = torch.tensor([[10.0 ** draw(st.integers(-1, 1)) for _ in shapes] for _ in range(k)],
+                              dtype=torch.float64)
+    scale = (base.unsqueeze(1) * per_tensor).repeat_interleave(sizes, dim=1)  # [K, P]
+    weights = (torch.randn(scale.shape, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    steps = []
+    for _ in range(draw(st.integers(min_steps, max_steps))):
+        g = torch.randn(scale.shape, generator=gen, dtype=torch.float64) * scale
+        for row in range(k):
+            kind = draw(st.integers(0, 19))
+            factor = 10.0 ** draw(st.floats(-0.3, 0.3))
+            g[row] *= 50.0 * factor if kind < 3 else factor
+            if kind == 3:
+                g[row] = 0.0
+            elif kind == 4:
+                bad = draw(st.sampled_from([math.inf, -math.inf, math.nan]))
+                g[row, draw(st.integers(0, g.shape[1] - 1))] = bad
+        active = [True] * k if all_active else [draw(st.integers(0, 3)) > 0 for _ in range(k)]
+        steps.append((g.to(dtype), active))
+    return StackCase(names, shapes, layers, cfgs, weights, steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +235,12 @@ def bitwise_equal(a, b) -> bool:
         and torch.equal(x.detach().contiguous().view(-1).view(torch.uint8),
                         y.detach().contiguous().view(-1).view(torch.uint8))
         for x, y in zip(a, b))
+
+
+def states_bitwise_equal(a: dict, b: dict) -> bool:
+    """Two clipper states (dicts of tensors, and a state_dict's step count) hold the same bits."""
+    return a.keys() == b.keys() and all(
+        bitwise_equal([a[n]], [b[n]]) if isinstance(a[n], torch.Tensor) else a[n] == b[n] for n in a)
 
 
 def ulp_close(a: torch.Tensor, b: torch.Tensor, n: int = 1) -> bool:
@@ -194,7 +300,7 @@ def layer_index(lay: C.Layout) -> list[int]:
 
 
 def saved(state) -> dict:
-    """The clipper state as checkpointed (on the CPU the live scalars may be Python floats)."""
+    """The clipper state as checkpointed."""
     return C.state_dict(state)
 
 
@@ -207,6 +313,19 @@ def step(params, cfg, state):
     stats, out = C.clip_gradients(params, cfg, state)
     assert out is state
     return stats
+
+
+def clip_once(grads, cfg, weights=None, names=None):
+    """One clip_gradients step of a fresh run over copies of ``grads``: (clipped gradients, stats)."""
+    params = params_with(grads, weights)
+    stats = step(params, cfg, C.init_state(cfg, named(params, names)))
+    return grads_of(params), stats
+
+
+def stats_row(stats: C.ClipStats) -> torch.Tensor:
+    """A ClipStats as the stacked clipper's record row (the columns of C.STATS)."""
+    return torch.stack([getattr(stats, name) for name in ("norm_pre", "norm_post", "clipped", "clip_fraction",
+                                                          "threshold")])
 
 
 def ref_groups(scope: str, layers: list[str]) -> list[tuple[int, int]]:
@@ -224,6 +343,41 @@ def ref_groups(scope: str, layers: list[str]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in spans]
 
 
+def ref_factor(kind: str, step: int, start: float, steps: int) -> float:
+    t = min(step / steps, 1.0)
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return (1 - t) * start + t
+    return 1 + (start - 1) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ref_threshold(cfg, step: int) -> float:
+    """The scheduled bound of value/norm/agc at ``step``; nan for the methods without one."""
+    key = SCHEDULED.get(cfg.method)
+    if key is None:
+        return math.nan
+    s = getattr(cfg, cfg.method)
+    return getattr(s, key) * ref_factor(s.schedule, step, s.schedule_start, s.schedule_steps)
+
+
+def split_row(row: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """A run's row of stacked gradients back into its tensors (parameter order)."""
+    out, at = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(row[at:at + n].reshape(s).clone())
+        at += n
+    return out
+
+
+def as_columns(thr, steps, active, device="cpu"):
+    """The per-run inputs of StackClipper.step: thresholds (float64), step counts (long), active (bool)."""
+    return (torch.tensor(thr, dtype=torch.float64, device=device),
+            torch.tensor(steps, dtype=torch.long, device=device),
+            torch.tensor(active, dtype=torch.bool, device=device))
+
+
 # ---------------------------------------------------------------------------------------------
 # Norms and layers
 # ---------------------------------------------------------------------------------------------
@@ -231,14 +385,25 @@ def ref_groups(scope: str, layers: list[str]) -> list[tuple[int, int]]:
 
 @PROPS
 @given(grads=grad_lists(), p=st.sampled_from(P_NORMS))
-def test_global_and_tensor_norms_match_the_reference(grads, p):
+def test_global_norm_matches_the_reference(grads, p):
     got = C.global_norm(grads, p)
     expected_dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32  # fp16/32 -> float32
     assert got.dim() == 0 and got.dtype == expected_dtype
     np.testing.assert_allclose(got.item(), ref_norm(grads, p), rtol=RTOL)
-    per = C.tensor_norms(grads, p)
-    assert per.shape == (len(grads),) and per.dtype == expected_dtype
-    np.testing.assert_allclose(per.double().numpy(), [ref_norm([g], p) for g in grads], rtol=RTOL)
+
+
+@PROPS
+@given(runs=stacked_lists(), p=st.sampled_from(P_NORMS))
+def test_tensor_norms_of_stacked_runs_match_the_reference(runs, p):
+    """[K, T]: each run's each tensor's p-norm, each row as that run alone (bit for bit)."""
+    lay = C.Layout.of([(f"p{i}", tuple(g.shape)) for i, g in enumerate(runs[0])])
+    g = torch.stack([torch.cat([t.reshape(-1) for t in run]) for run in runs])
+    got = C.tensor_norms(g, lay, p)
+    expected_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    assert got.shape == (len(runs), len(runs[0])) and got.dtype == expected_dtype
+    for k, run in enumerate(runs):
+        np.testing.assert_allclose(got[k].double().numpy(), [ref_norm([t], p) for t in run], rtol=RTOL)
+        assert bitwise_equal([got[k]], [C.tensor_norms(g[k:k + 1].clone(), lay, p)[0]])
 
 
 def test_global_norm_default_is_l2_and_empty_is_zero():
@@ -265,7 +430,10 @@ def test_layout_of_the_lstm_forecaster():
     assert lay.layers == ("lstm.l0", "lstm.l1", "head")
     assert lay.spans == ((0, 4), (4, 8), (8, 10))
     assert lay.output == "head"
-    assert layer_index(lay) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert layer_index(lay) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2] == lay.layer_of_tensor()
+    assert lay.shapes == ((16, 3), (16, 4), (16,), (16,), (16, 4), (16, 4), (16,), (16,), (1, 4), (1,))
+    assert lay.offsets[:3] == ((0, 48), (48, 112), (112, 128)) and lay.offsets[-1] == (308, 309)
+    assert lay.size == sum(p.numel() for p in model.parameters()) == 309
 
 
 @PROPS
@@ -278,6 +446,9 @@ def test_layout_groups_tensors_into_their_layers(case):
     assert lay.layers == tuple(layers[a] for a, _ in spans)
     assert lay.output == "head"
     assert [lay.layers[j] for j in layer_index(lay)] == layers
+    ends = np.cumsum([g.numel() for g in grads]).tolist()
+    assert lay.offsets == tuple(zip([0, *ends[:-1]], ends)) and lay.size == ends[-1]
+    assert lay == C.Layout.of([(n, tuple(g.shape)) for n, g in zip(names, grads)])  # from shapes alike
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +459,9 @@ def test_layout_groups_tensors_into_their_layers(case):
 @PROPS
 @given(grads=grad_lists(), value=log_floats(-7, 7))
 def test_value_clip_bounds_every_element_and_counts_the_clipped_ones(grads, value):
-    before = clone(grads)
-    stats = C.clip_value(grads, value)
+    after, stats = clip_once(grads, clip_cfg("value", value=value))
     n_over = 0
-    for g, g0 in zip(grads, before):
+    for g, g0 in zip(after, grads):
         v = float(torch.tensor(value, dtype=g0.dtype))  # the bound in the gradients' own precision
         a, a0 = g.double(), g0.double()
         assert bool((a.abs() <= v).all())
@@ -301,9 +471,9 @@ def test_value_clip_bounds_every_element_and_counts_the_clipped_ones(grads, valu
         n_over += int((~inside).sum())
     n = sum(g.numel() for g in grads)
     assert stats.clip_fraction.item() == pytest.approx(n_over / n, abs=1e-7)
-    assert stats.clipped.item() == float(n_over > 0) == float(not bitwise_equal(grads, before))
-    np.testing.assert_allclose(stats.norm_pre.item(), ref_norm(before), rtol=RTOL)
-    np.testing.assert_allclose(stats.norm_post.item(), ref_norm(grads), rtol=RTOL)
+    assert stats.clipped.item() == float(n_over > 0) == float(not bitwise_equal(after, grads))
+    np.testing.assert_allclose(stats.norm_pre.item(), ref_norm(grads), rtol=RTOL)
+    np.testing.assert_allclose(stats.norm_post.item(), ref_norm(after), rtol=RTOL)
     np.testing.assert_allclose(stats.threshold.item(), value, rtol=1e-7)
 
 
@@ -311,9 +481,8 @@ def test_value_clip_bounds_every_element_and_counts_the_clipped_ones(grads, valu
 @given(grads=grad_lists(), headroom=st.one_of(st.just(1.0), log_floats(0, 300)))
 def test_value_clip_above_every_element_changes_nothing(grads, headroom):
     value = max(float(np.abs(flat64(grads)).max()), 1e-30) * headroom
-    before = clone(grads)
-    stats = C.clip_value(grads, value)
-    assert bitwise_equal(grads, before)
+    after, stats = clip_once(grads, clip_cfg("value", value=value))
+    assert bitwise_equal(after, grads)
     assert stats.clipped.item() == 0.0 and stats.clip_fraction.item() == 0.0
     assert torch.equal(stats.norm_pre, stats.norm_post)
 
@@ -321,17 +490,20 @@ def test_value_clip_above_every_element_changes_nothing(grads, headroom):
 @PROPS
 @given(grads=grad_lists(), value=log_floats(-7, 7))
 def test_value_clip_twice_changes_nothing_more(grads, value):
-    C.clip_value(grads, value)
-    once = clone(grads)
-    stats = C.clip_value(grads, value)
-    assert bitwise_equal(grads, once)
+    cfg = clip_cfg("value", value=value)
+    params = params_with(grads)
+    state = C.init_state(cfg)
+    step(params, cfg, state)
+    once = clone(grads_of(params))
+    stats = step(params, cfg, state)
+    assert bitwise_equal(grads_of(params), once)
     assert stats.clipped.item() == 0.0 and stats.clip_fraction.item() == 0.0
 
 
 def test_value_clip_known_values():
-    g = [torch.tensor([0.5, -3.0, 2.0]), torch.tensor([[-0.25]])]
-    stats = C.clip_value(g, 1.0)
-    assert g[0].tolist() == [0.5, -1.0, 1.0] and g[1].tolist() == [[-0.25]]
+    grads = [torch.tensor([0.5, -3.0, 2.0]), torch.tensor([[-0.25]])]
+    after, stats = clip_once(grads, clip_cfg("value", value=1.0))
+    assert after[0].tolist() == [0.5, -1.0, 1.0] and after[1].tolist() == [[-0.25]]
     assert stats.clipped.item() == 1.0 and stats.clip_fraction.item() == 0.5
 
 
@@ -340,26 +512,23 @@ def test_value_clip_known_values():
 # ---------------------------------------------------------------------------------------------
 
 
-HOST = st.sampled_from([None, False])  # coefficients on the host (the CPU default) or the device path
-
-
-def _norm_run(case, max_norm, p, scope, host=None):
+def _norm_run(case, max_norm, p, scope):
     names, layers, grads = case
     params = params_with(grads)
     cfg = clip_cfg("norm", max_norm=max_norm, norm_type=p, scope=scope)
-    state = C.init_state(cfg, named(params, names), host_scalars=host)
+    state = C.init_state(cfg, named(params, names))
     return params, cfg, state
 
 
 @PROPS
-@given(case=lstm_grads(), max_norm=log_floats(-4, 4), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES), host=HOST)
-def test_norm_clip_bounds_each_group_and_keeps_its_direction(case, max_norm, p, scope, host):
+@given(case=lstm_grads(), max_norm=log_floats(-4, 4), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES))
+def test_norm_clip_bounds_each_group_and_keeps_its_direction(case, max_norm, p, scope):
     names, layers, grads = case
     groups = ref_groups(scope, layers)
     ratios = [max_norm / (ref_norm(grads[a:b], p) + EPS) for a, b in groups]
     assume(all(abs(r - 1) > 1e-4 for r in ratios))  # away from the boundary, where rounding decides
     coefs = [min(1.0, r) for r in ratios]
-    params, cfg, state = _norm_run(case, max_norm, p, scope, host)
+    params, cfg, state = _norm_run(case, max_norm, p, scope)
     stats = step(params, cfg, state)
     after = grads_of(params)
 
@@ -380,12 +549,12 @@ def test_norm_clip_bounds_each_group_and_keeps_its_direction(case, max_norm, p, 
 
 
 @PROPS
-@given(case=lstm_grads(), headroom=log_floats(0, 30), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES), host=HOST)
-def test_norm_clip_above_every_group_norm_changes_nothing(case, headroom, p, scope, host):
+@given(case=lstm_grads(), headroom=log_floats(0, 30), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES))
+def test_norm_clip_above_every_group_norm_changes_nothing(case, headroom, p, scope):
     names, layers, grads = case
     largest = max(ref_norm(grads[a:b], p) for a, b in ref_groups(scope, layers))
     max_norm = (largest * (1 + 1e-4) + EPS) * headroom
-    params, cfg, state = _norm_run(case, max_norm, p, scope, host)
+    params, cfg, state = _norm_run(case, max_norm, p, scope)
     stats = step(params, cfg, state)
     assert bitwise_equal(grads_of(params), grads)
     assert stats.clipped.item() == 0.0 and stats.clip_fraction.item() == 0.0
@@ -393,9 +562,9 @@ def test_norm_clip_above_every_group_norm_changes_nothing(case, headroom, p, sco
 
 
 @PROPS
-@given(case=lstm_grads(), max_norm=log_floats(-4, 4), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES), host=HOST)
-def test_norm_clip_twice_changes_nothing_more(case, max_norm, p, scope, host):
-    params, cfg, state = _norm_run(case, max_norm, p, scope, host)
+@given(case=lstm_grads(), max_norm=log_floats(-4, 4), p=st.sampled_from(P_NORMS), scope=st.sampled_from(SCOPES))
+def test_norm_clip_twice_changes_nothing_more(case, max_norm, p, scope):
+    params, cfg, state = _norm_run(case, max_norm, p, scope)
     step(params, cfg, state)
     once = clone(grads_of(params))
     step(params, cfg, state)
@@ -406,24 +575,22 @@ def test_norm_clip_twice_changes_nothing_more(case, max_norm, p, scope, host):
 
 
 @PROPS
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-coefficient", "device-path"])
 @given(grads=grad_lists(dtypes=(torch.float32,)), max_norm=log_floats(-4, 4))
-def test_global_l2_norm_clip_is_torch_clip_grad_norm(host_scalars, grads, max_norm):
+def test_global_l2_norm_clip_is_torch_clip_grad_norm(grads, max_norm):
     ours, theirs = params_with(grads), params_with(grads)
     cfg = clip_cfg("norm", max_norm=max_norm)  # defaults: L2, global
-    stats = step(ours, cfg, C.init_state(cfg, host_scalars=host_scalars))
+    stats = step(ours, cfg, C.init_state(cfg))
     total = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type=2.0, foreach=True)
     for p, q in zip(ours, theirs):
-        assert bitwise_equal([p.grad], [q.grad])  # the same arithmetic, on the host or on the device
+        assert bitwise_equal([p.grad], [q.grad])  # the same arithmetic
     assert ulp_close(stats.norm_pre, total, 1)
 
 
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-coefficient", "device-path"])
-def test_global_l2_norm_clip_is_torch_clip_grad_norm_for_float64(host_scalars):
+def test_global_l2_norm_clip_is_torch_clip_grad_norm_for_float64():
     g = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     ours, theirs = params_with([g]), params_with([g])
     cfg = clip_cfg("norm", max_norm=0.1)
-    step(ours, cfg, C.init_state(cfg, host_scalars=host_scalars))
+    step(ours, cfg, C.init_state(cfg))
     torch.nn.utils.clip_grad_norm_(theirs, 0.1, foreach=True)
     assert bitwise_equal([ours[0].grad], [theirs[0].grad])
 
@@ -431,16 +598,15 @@ def test_global_l2_norm_clip_is_torch_clip_grad_norm_for_float64(host_scalars):
 @pytest.mark.parametrize("p, value", [(10.0, 1e4), (4.5, 1e9), (3.0, 1e13)])
 def test_large_p_norms_do_not_overflow_in_float32(p, value):
     grads = [torch.full((10,), value)]
-    stats = C.clip_norm(grads, 1.0, p)
+    after, stats = clip_once(grads, clip_cfg("norm", max_norm=1.0, norm_type=p))
     true_norm = value * 10 ** (1 / p)
-    np.testing.assert_allclose(ref_norm(grads, p), 1.0 * true_norm / (true_norm + EPS), rtol=RTOL)
+    np.testing.assert_allclose(ref_norm(after, p), 1.0 * true_norm / (true_norm + EPS), rtol=RTOL)
     assert stats.clipped.item() == 1.0
 
 
 @pytest.mark.parametrize("p, total", [(2.0, 5.0), (1.0, 7.0), (math.inf, 4.0), (3.0, 91.0 ** (1 / 3))])
 def test_norm_clip_known_values(p, total):
-    g = [torch.tensor([3.0]), torch.tensor([-4.0])]
-    C.clip_norm(g, 1.0, p)
+    g, _ = clip_once([torch.tensor([3.0]), torch.tensor([-4.0])], clip_cfg("norm", max_norm=1.0, norm_type=p))
     c = 1.0 / (total + EPS)
     assert g[0].item() == pytest.approx(3.0 * c, rel=1e-6) and g[1].item() == pytest.approx(-4.0 * c, rel=1e-6)
 
@@ -475,11 +641,10 @@ def test_per_layer_scope_skips_parameters_without_gradients():
 @SEQS
 @given(seq=grad_sequences(1, 12), window=st.integers(1, 8),
        percentile=st.one_of(st.sampled_from([0.0, 50.0, 100.0]), st.floats(0, 100)))
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
-def test_autoclip_clips_at_the_percentile_of_the_recent_norms(host_scalars, seq, percentile, window):
+def test_autoclip_clips_at_the_percentile_of_the_recent_norms(seq, percentile, window):
     cfg = clip_cfg("autoclip", percentile=percentile, window=window)
     params = params_with(seq[0])
-    state = C.init_state(cfg, host_scalars=host_scalars)
+    state = C.init_state(cfg)
     history = []
     for t, grads in enumerate(seq):
         set_grads(params, grads)
@@ -506,17 +671,41 @@ def test_autoclip_clips_at_the_percentile_of_the_recent_norms(host_scalars, seq,
 
 @pytest.mark.parametrize("window, thresholds", [(1, [1, 8, 4, 2]), (2, [1, 1, 4, 2]), (3, [1, 1, 1, 2]),
                                                 (4, [1, 1, 1, 1]), (100, [1, 1, 1, 1])])
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
-def test_autoclip_window_keeps_only_the_last_norms(host_scalars, window, thresholds):
+def test_autoclip_window_keeps_only_the_last_norms(window, thresholds):
     cfg = clip_cfg("autoclip", percentile=0, window=window)  # percentile 0: the smallest recent norm
     params = params_with([torch.zeros(2)])
-    state = C.init_state(cfg, host_scalars=host_scalars)
+    state = C.init_state(cfg)
     for norm, thr in zip([1.0, 8.0, 4.0, 2.0], thresholds):
         set_grads(params, [torch.tensor([0.6 * norm, -0.8 * norm])])
         stats = step(params, cfg, state)
         assert stats.threshold.item() == pytest.approx(thr, rel=1e-6)
         expected = norm if norm <= thr else norm * thr / (norm + EPS)
         assert ref_norm(grads_of(params)) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("window", [10, 2])
+def test_autoclip_history_skips_a_non_finite_norm(window):
+    """A non-finite norm is no history: its slot is empty (nan), not the norm it would have replaced."""
+    if window == 2:  # a full ring: steps 0, 1 fill it, step 2 (inf) replaces step 0's norm by nothing
+        cfg = clip_cfg("autoclip", percentile=0, window=2)
+        params = params_with([torch.zeros(2)])
+        state = C.init_state(cfg)
+        for n, thr in ((1.0, 1.0), (3.0, 1.0), (math.inf, 3.0), (2.0, 2.0)):
+            set_grads(params, [torch.tensor([n, 0.0])])
+            stats = step(params, cfg, state)
+            assert stats.threshold.item() == thr, n  # percentile 0: the smallest finite norm of the last 2
+        return
+    cfg = clip_cfg("autoclip", percentile=50, window=window)
+    params = params_with([torch.zeros(2)])
+    state = C.init_state(cfg)
+    for n in (1.0, 3.0, math.inf, 2.0):
+        set_grads(params, [torch.tensor([n, 0.0])])
+        stats = step(params, cfg, state)
+    history = saved(state)["history"]
+    assert history.shape == (10,)
+    assert math.isnan(history[2].item()) and bool(history[4:].isnan().all())
+    assert torch.equal(history[[0, 1, 3]], torch.tensor([1.0, 3.0, 2.0]))
+    assert stats.threshold.item() == pytest.approx(float(np.percentile([1.0, 3.0, 2.0], 50)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,13 +715,18 @@ def test_autoclip_window_keeps_only_the_last_norms(host_scalars, window, thresho
 
 @st.composite
 def agc_cases(draw):
+    """(names, weights, grads, skip_output, skipped): tensors in layers of one or more tensors (the last layer
+    is the output); ``skipped`` says, from the names written here, which tensors skip_output leaves alone."""
     shapes = draw(st.lists(st.lists(st.integers(1, 5), max_size=3).map(tuple), min_size=1, max_size=5))
+    layer_ids = sorted(draw(st.lists(st.integers(0, 3), min_size=len(shapes), max_size=len(shapes))))
+    names = [f"block{j}.p{i}" for i, j in enumerate(layer_ids)]
+    skip_output = draw(st.booleans())
+    skipped = [skip_output and j == layer_ids[-1] for j in layer_ids]
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     gen = _seeded(draw)
     weights = [_tensor(draw, gen, s, dtype, 10.0 ** draw(st.integers(-3, 1)), p_zero=5) for s in shapes]
     grads = [_tensor(draw, gen, s, dtype, 10.0 ** draw(st.integers(-5, 1))) for s in shapes]
-    skip = draw(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)))
-    return weights, grads, skip
+    return names, weights, grads, skip_output, skipped
 
 
 def check_agc_units(g, g0, w, clip_factor, eps) -> tuple[int, int]:
@@ -554,20 +748,21 @@ def check_agc_units(g, g0, w, clip_factor, eps) -> tuple[int, int]:
 @PROPS
 @given(case=agc_cases(), clip_factor=log_floats(-3, 0), eps=log_floats(-5, -1))
 def test_agc_bounds_every_unit_by_its_weight_norm(case, clip_factor, eps):
-    weights, grads, skip = case
-    before = clone(grads)
-    stats = C.clip_agc(grads, weights, clip_factor, eps, skip)
+    names, weights, grads, skip_output, skipped = case
+    cfg = clip_cfg("agc", clip_factor=clip_factor, eps=eps, skip_output=skip_output)
+    after, stats = clip_once(grads, cfg, weights, names)
     n_units = n_clipped = 0
-    for g, g0, w, s in zip(grads, before, weights, skip):
+    for g, g0, w, s in zip(after, grads, weights, skipped):
         if s:
             assert bitwise_equal([g], [g0])
             continue
         u, c = check_agc_units(g, g0, w, clip_factor, eps)
         n_units, n_clipped = n_units + u, n_clipped + c
     assert stats.clip_fraction.item() == pytest.approx(n_clipped / max(n_units, 1), abs=1e-7)
-    assert stats.clipped.item() == float(n_clipped > 0) == float(not bitwise_equal(grads, before))
-    np.testing.assert_allclose(stats.norm_pre.item(), ref_norm(before), rtol=RTOL)
-    np.testing.assert_allclose(stats.norm_post.item(), ref_norm(grads), rtol=RTOL)
+    assert stats.clipped.item() == float(n_clipped > 0) == float(not bitwise_equal(after, grads))
+    np.testing.assert_allclose(stats.norm_pre.item(), ref_norm(grads), rtol=RTOL)
+    np.testing.assert_allclose(stats.norm_post.item(), ref_norm(after), rtol=RTOL)
+    np.testing.assert_allclose(stats.threshold.item(), clip_factor, rtol=1e-7)
 
 
 @pytest.mark.parametrize("skip_output", [True, False])
@@ -633,14 +828,13 @@ class RefZClip:
 @given(seq=grad_sequences(6, 30, spread=0.15), spikes=st.sets(st.integers(0, 29), max_size=6),
        alpha=st.floats(0.5, 0.99), z_thresh=st.floats(1.0, 3.0), warmup=st.integers(1, 5),
        rule=st.sampled_from(["reciprocal", "mean"]), cap=st.one_of(st.none(), st.floats(0.3, 5.0)))
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
-def test_zclip_follows_the_published_update_step_by_step(host_scalars, seq, spikes, alpha, z_thresh, warmup, rule, cap):
+def test_zclip_follows_the_published_update_step_by_step(seq, spikes, alpha, z_thresh, warmup, rule, cap):
     seq = [[g * 50 for g in grads] if t in spikes else grads for t, grads in enumerate(seq)]
     max_norm = None if cap is None else cap * ref_norm(seq[0])
     cfg = clip_cfg("zclip", alpha=alpha, z_thresh=z_thresh, warmup=warmup, rule=rule, max_norm=max_norm)
     ref = RefZClip(alpha, z_thresh, warmup, rule, max_norm, cfg.zclip.eps)
     params = params_with(seq[0])
-    state = C.init_state(cfg, host_scalars=host_scalars)
+    state = C.init_state(cfg)
     for t, grads in enumerate(seq):
         g = ref_norm(grads)
         bound, boundary, ambiguous = ref.step(g)
@@ -653,24 +847,24 @@ def test_zclip_follows_the_published_update_step_by_step(host_scalars, seq, spik
         np.testing.assert_allclose(ref_norm(after), expected_post, rtol=1e-4)
         assert stats.clipped.item() == float(g > bound) == float(not bitwise_equal(after, grads))
         if t < warmup:
-            assert (saved(state)["mean"] is None) == (t < warmup - 1)  # set once the warmup norms are all in
+            # the EMAs are set (not nan) once the warmup norms are all in
+            assert math.isnan(float(saved(state)["mean"])) == (t < warmup - 1)
             if max_norm is None:  # warmup: nothing is clipped, no threshold
                 assert bitwise_equal(after, grads) and math.isnan(stats.threshold.item())
         else:
             np.testing.assert_allclose(stats.threshold.item(), boundary, rtol=1e-4)
             assert ref_norm(after) <= stats.threshold.item() * (1 + RTOL)
         if t >= warmup - 1:
-            mean, var = float(saved(state)["mean"]), float(saved(state)["var"])
+            mean, var = emas(state)
             np.testing.assert_allclose(mean, ref.mean, rtol=1e-4)
             assert abs(math.sqrt(var) - math.sqrt(ref.var)) <= 1e-4 * (ref.mean + math.sqrt(ref.var))
 
 
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
-def test_zclip_clips_an_injected_spike_to_the_reciprocal_bound(host_scalars):
+def test_zclip_clips_an_injected_spike_to_the_reciprocal_bound():
     """Hand-checked: warmup norms 1, 2, 3 -> mean 2, var 2/3; a norm of 100 is a spike."""
     cfg = clip_cfg("zclip", warmup=3, z_thresh=2.0, alpha=0.9)
     params = params_with([torch.zeros(2)])
-    state = C.init_state(cfg, host_scalars=host_scalars)
+    state = C.init_state(cfg)
     for n in (1.0, 2.0, 3.0, 100.0):
         set_grads(params, [torch.tensor([0.6 * n, 0.8 * n])])
         stats = step(params, cfg, state)
@@ -679,21 +873,40 @@ def test_zclip_clips_an_injected_spike_to_the_reciprocal_bound(host_scalars):
     clip = 2 + 2 * std / (z / 2)
     assert ref_norm(grads_of(params)) == pytest.approx(100 * clip / (100 + EPS), rel=1e-5)
     assert stats.threshold.item() == pytest.approx(2 + 2 * (std + 1e-6), rel=1e-6)
-    assert float(saved(state)["mean"]) == pytest.approx(0.9 * 2 + 0.1 * clip, rel=1e-6)
+    assert emas(state)[0] == pytest.approx(0.9 * 2 + 0.1 * clip, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_zclip_emas_survive_a_non_finite_norm(bad):
+    params = params_with([torch.zeros(2)])
+    cfg_clean, cfg_dirty = clip_cfg("zclip", warmup=3, z_thresh=2.0), clip_cfg("zclip", warmup=4, z_thresh=2.0)
+    clean = C.init_state(cfg_clean)
+    dirty = C.init_state(cfg_dirty)
+    for n in (1.0, bad, 2.0, 3.0):  # a bad norm in warmup is left out of the initial mean and variance
+        set_grads(params, [torch.tensor([n, 0.0])])
+        step(params, cfg_dirty, dirty)
+    assert math.isnan(saved(dirty)["warm"][1].item())
+    assert emas(dirty)[0] == pytest.approx(2.0) and emas(dirty)[1] == pytest.approx(2 / 3, rel=1e-6)
+    for n in (1.0, 2.0, 3.0):
+        set_grads(params, [torch.tensor([n, 0.0])])
+        step(params, cfg_clean, clean)
+    assert emas(dirty) == emas(clean)
+    for n in (2.5, bad, 1.5, bad, 9.0):  # after warmup a bad norm leaves the EMAs exactly as they were
+        set_grads(params, [torch.tensor([n, 0.0])])
+        before = emas(dirty)
+        step(params, cfg_dirty, dirty)
+        if not math.isfinite(n):
+            assert emas(dirty) == before
+        else:
+            set_grads(params, [torch.tensor([n, 0.0])])
+            step(params, cfg_clean, clean)
+            assert emas(dirty) == emas(clean)
+    assert all(math.isfinite(v) for v in emas(dirty))
 
 
 # ---------------------------------------------------------------------------------------------
 # Threshold schedules
 # ---------------------------------------------------------------------------------------------
-
-
-def ref_factor(kind: str, step: int, start: float, steps: int) -> float:
-    t = min(step / steps, 1.0)
-    if kind == "constant":
-        return 1.0
-    if kind == "linear":
-        return (1 - t) * start + t
-    return 1 + (start - 1) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 @PROPS
@@ -739,6 +952,25 @@ def test_threshold_at_is_none_for_unscheduled_methods(method):
     assert C.threshold_at(clip_cfg(method), 0) is None
 
 
+@PROPS
+@given(cfgs=st.lists(clip_configs(), min_size=1, max_size=6),
+       steps=st.lists(st.integers(0, 3000) | st.integers(0, 8), min_size=1, max_size=12))
+def test_stack_thresholds_are_each_runs_schedule(cfgs, steps):
+    """StackClipper.thresholds [S, K] (what the engine feeds its steps): threshold_at of each run at each
+    step, the reference schedule; nan for the methods without one."""
+    lay = C.Layout.of(list(zip(*lstm_spec(1, 2, 2)[:2])))
+    got = C.StackClipper(cfgs, lay, "cpu").thresholds(np.asarray(steps))
+    assert got.shape == (len(steps), len(cfgs)) and got.dtype == np.float64
+    for s, t in enumerate(steps):
+        for k, cfg in enumerate(cfgs):
+            if cfg.method not in SCHEDULED:
+                assert math.isnan(got[s, k]) and C.threshold_at(cfg, t) is None
+                continue
+            # bit for bit: clip_gradients (one run) uses threshold_at
+            assert got[s, k] == C.threshold_at(cfg, t), (cfg, t)
+            assert got[s, k] == pytest.approx(ref_threshold(cfg, t), rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics: one record for every method
 # ---------------------------------------------------------------------------------------------
@@ -775,49 +1007,6 @@ def test_statistics_are_the_same_record_for_every_method(method, seq, data):
             assert not changed and math.isnan(stats.threshold.item())
 
 
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
-def test_autoclip_history_skips_a_non_finite_norm(host_scalars):
-    cfg = clip_cfg("autoclip", percentile=50, window=10)
-    params = params_with([torch.zeros(2)])
-    state = C.init_state(cfg, host_scalars=host_scalars)
-    for n in (1.0, 3.0, math.inf, 2.0):
-        set_grads(params, [torch.tensor([n, 0.0])])
-        stats = step(params, cfg, state)
-    history = saved(state)["history"]
-    assert math.isnan(history[2].item())
-    assert torch.equal(history[[0, 1, 3]], torch.tensor([1.0, 3.0, 2.0]))
-    assert stats.threshold.item() == pytest.approx(float(np.percentile([1.0, 3.0, 2.0], 50)))
-
-
-@pytest.mark.parametrize("bad", [math.inf, math.nan])
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
-def test_zclip_emas_survive_a_non_finite_norm(host_scalars, bad):
-    params = params_with([torch.zeros(2)])
-    cfg_clean, cfg_dirty = clip_cfg("zclip", warmup=3, z_thresh=2.0), clip_cfg("zclip", warmup=4, z_thresh=2.0)
-    clean = C.init_state(cfg_clean, host_scalars=host_scalars)
-    dirty = C.init_state(cfg_dirty, host_scalars=host_scalars)
-    for n in (1.0, bad, 2.0, 3.0):  # a bad norm in warmup is left out of the initial mean and variance
-        set_grads(params, [torch.tensor([n, 0.0])])
-        step(params, cfg_dirty, dirty)
-    assert math.isnan(saved(dirty)["warm"][1].item())
-    assert float(saved(dirty)["mean"]) == pytest.approx(2.0) and float(saved(dirty)["var"]) == pytest.approx(2 / 3, rel=1e-6)
-    for n in (1.0, 2.0, 3.0):
-        set_grads(params, [torch.tensor([n, 0.0])])
-        step(params, cfg_clean, clean)
-    assert emas(dirty) == emas(clean)
-    for n in (2.5, bad, 1.5, bad, 9.0):  # after warmup a bad norm leaves the EMAs exactly as they were
-        set_grads(params, [torch.tensor([n, 0.0])])
-        before = emas(dirty)
-        step(params, cfg_dirty, dirty)
-        if not math.isfinite(n):
-            assert emas(dirty) == before
-        else:
-            set_grads(params, [torch.tensor([n, 0.0])])
-            step(params, cfg_clean, clean)
-            assert emas(dirty) == emas(clean)
-    assert math.isfinite(dirty.mean.item()) and math.isfinite(dirty.var.item())
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: a resumed state continues bit-identically
 # ---------------------------------------------------------------------------------------------
@@ -834,24 +1023,28 @@ def stats_bitwise_equal(a: C.ClipStats, b: C.ClipStats) -> bool:
     return all(bitwise_equal([getattr(a, f.name)], [getattr(b, f.name)]) for f in dataclasses.fields(a))
 
 
+def through_bytes(obj):
+    """A checkpoint's round trip: torch.save, then torch.load."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
 @SEQS
 @given(seq=grad_sequences(4, 14, spread=1.0), k=st.integers(1, 13), spec=st.sampled_from(STATEFUL))
-@pytest.mark.parametrize("host_scalars", [None, False], ids=["host-scalars", "device-path"])
-def test_state_dict_round_trip_continues_bit_identically(host_scalars, seq, k, spec):
+def test_state_dict_round_trip_continues_bit_identically(seq, k, spec):
     assume(k < len(seq))
     cfg = clip_cfg(spec[0], **spec[1])
     a_params, b_params = params_with(seq[0]), params_with(seq[0])
-    a = C.init_state(cfg, named(a_params), host_scalars=host_scalars)
-    b = C.init_state(cfg, named(b_params), host_scalars=host_scalars)
+    a = C.init_state(cfg, named(a_params))
+    b = C.init_state(cfg, named(b_params))
     for grads in seq[:k]:
         set_grads(a_params, grads)
         set_grads(b_params, grads)
         step(a_params, cfg, a)
         step(b_params, cfg, b)
-    buf = io.BytesIO()
-    torch.save(C.state_dict(b), buf)
-    buf.seek(0)
-    b = C.load_state_dict(C.init_state(cfg, named(b_params), host_scalars=host_scalars), torch.load(buf))
+    b = C.load_state_dict(C.init_state(cfg, named(b_params)), through_bytes(C.state_dict(b)))
     assert b.step == k
     for grads in seq[k:]:
         set_grads(a_params, grads)
@@ -859,20 +1052,30 @@ def test_state_dict_round_trip_continues_bit_identically(host_scalars, seq, k, s
         sa, sb = step(a_params, cfg, a), step(b_params, cfg, b)
         assert bitwise_equal(grads_of(a_params), grads_of(b_params))
         assert stats_bitwise_equal(sa, sb)
+    assert states_bitwise_equal(C.state_dict(a), C.state_dict(b))
 
 
-def test_state_restored_in_memory_is_independent_of_the_original():
+@pytest.mark.parametrize("live", [False, True], ids=["into-a-fresh-state", "into-a-stepped-state"])
+def test_state_restored_in_memory_is_independent_of_the_original(live):
     cfg = clip_cfg("autoclip", percentile=50, window=4)
     params = params_with([torch.zeros(2)])
     original = C.init_state(cfg)
     for n in (1.0, 2.0):
         set_grads(params, [torch.tensor([n, 0.0])])
         step(params, cfg, original)
-    restored = C.load_state_dict(C.init_state(cfg), C.state_dict(original))
-    saved_history = restored.history.clone()
+    target = C.init_state(cfg)
+    if live:  # a state whose clipper is already built takes the checkpoint's tensors too
+        set_grads(params, [torch.tensor([7.0, 0.0])])
+        step(params, cfg, target)
+    checkpoint = C.state_dict(original)
+    restored = C.load_state_dict(target, checkpoint)
+    saved_history = saved(restored)["history"].clone()
+    assert bitwise_equal([saved_history], [checkpoint["history"]])
     set_grads(params, [torch.tensor([100.0, 0.0])])
     step(params, cfg, original)  # the original run goes on: the restored one must not see it
-    assert bitwise_equal([restored.history], [saved_history])
+    checkpoint["history"].fill_(-1.0)  # nor a change to the checkpoint it was loaded from
+    assert bitwise_equal([saved(restored)["history"]], [saved_history])
+    assert saved(restored)["step"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -907,6 +1110,7 @@ def test_clip_gradients_threads_the_state_and_counts_steps():
     for t in range(3):
         _, out = C.clip_gradients(params, cfg, state)
         assert out is state and state.step == t + 1
+    assert saved(state)["step"] == 3
 
 
 def test_clip_gradients_ignores_parameters_without_gradients():
@@ -930,6 +1134,18 @@ def test_clip_gradients_rejects_an_unknown_method():
     cfg = dataclasses.replace(clip_cfg("none"), method="bogus")
     with pytest.raises(ValueError, match="bogus"):
         C.clip_gradients(params_with([torch.ones(2)]), cfg, C.init_state(cfg))
+    with pytest.raises(ValueError, match="bogus"):
+        C.StackClipper([clip_cfg("norm"), cfg], C.Layout.of([("w", (2,))]), "cpu")
+    with pytest.raises(ValueError, match="bogus"):
+        C.label(cfg)
+
+
+def _forbid_reads(monkeypatch):
+    def sync(*_a, **_k):
+        raise AssertionError("a clipper read a tensor back to Python (device sync)")
+
+    for attr in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, attr, sync)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -937,17 +1153,34 @@ def test_clippers_never_read_a_tensor_back_to_python(method, monkeypatch):
     """.item(), float(), bool() on a CUDA tensor wait for the GPU; none may happen inside clip_gradients."""
     cfg = clip_cfg(method, **STAT_CFGS[method])
     params = params_with([torch.randn(3, 4), torch.randn(7) * 10], [torch.randn(3, 4), torch.randn(7)])
-    state = C.init_state(cfg, named(params), host_scalars=False)  # the GPU's path, forced
-
-    def sync(*_a, **_k):
-        raise AssertionError("a clipper read a tensor back to Python (device sync)")
-
-    for attr in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"):
-        monkeypatch.setattr(torch.Tensor, attr, sync)
+    state = C.init_state(cfg, named(params))
+    _forbid_reads(monkeypatch)
     for _ in range(3):  # past zclip's warmup
         stats, state = C.clip_gradients(params, cfg, state)
     monkeypatch.undo()
     assert isinstance(stats.norm_pre, torch.Tensor)
+
+
+def _mixed_stack(device):
+    """Every method (two of norm, autoclip, zclip, with different settings) in one stack of 9 runs."""
+    cfgs = [clip_cfg(m, **STAT_CFGS[m]) for m in METHODS] + [
+        clip_cfg("norm", max_norm=0.1, norm_type=1.0, scope="per_layer"),
+        clip_cfg("autoclip", percentile=80, window=3), clip_cfg("zclip", warmup=1, z_thresh=2.0, rule="mean")]
+    lay = C.Layout.of([("body.weight", (3, 4)), ("body.bias", (3,)), ("head.weight", (1, 3))])
+    return cfgs, lay, C.StackClipper(cfgs, lay, device, steps_total=5)
+
+
+def test_stack_clipper_never_reads_a_tensor_back_to_python(monkeypatch):
+    cfgs, lay, clipper = _mixed_stack("cpu")
+    k = len(cfgs)
+    w = torch.randn(k, lay.size)
+    thr, steps, active = as_columns(clipper.thresholds(np.arange(3))[0], [0] * k, [True] * k)
+    _forbid_reads(monkeypatch)
+    for _ in range(3):
+        stats = clipper.step(torch.randn(k, lay.size) * 10, w, thr, steps, active)
+        steps = steps + 1
+    monkeypatch.undo()
+    assert stats.shape == (k, len(C.STATS))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -958,6 +1191,7 @@ def test_clippers_do_not_synchronize_cuda(method):
     state = C.init_state(cfg, named(params))
     for p in params:
         p.grad = torch.randn_like(p) * 10
+    C.clip_gradients(params, cfg, state)  # builds the run's clipper (its index maps go to the device once)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -967,6 +1201,285 @@ def test_clippers_do_not_synchronize_cuda(method):
         torch.cuda.set_sync_debug_mode("default")
     for f in dataclasses.fields(stats):
         assert getattr(stats, f.name).device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stack_clipper_does_not_synchronize_cuda():
+    cfgs, lay, clipper = _mixed_stack("cuda")
+    k = len(cfgs)
+    w = torch.randn(k, lay.size, device="cuda")
+    g = torch.randn(k, lay.size, device="cuda") * 10
+    thr, steps, active = as_columns(clipper.thresholds(np.arange(1))[0], [0] * k, [True] * k, "cuda")
+    clipper.step(g.clone(), w, thr, steps, active)  # first use: index maps built
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            steps = steps + 1
+            stats = clipper.step(g.clone(), w, thr, steps, active)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.device.type == "cuda" and stats.shape == (k, len(C.STATS))
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: every configurable method, its run label and its sweep key
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_holds_every_configurable_method():
+    assert set(C.METHODS) == set(CLIP_METHODS) == set(METHODS)
+    for name, m in C.METHODS.items():
+        assert m.name == name
+        assert (m.section is None) == (name == "none")
+        if m.section is not None:
+            assert isinstance(getattr(clip_cfg(name), name), m.section)
+        assert m.scheduled == (name in SCHEDULED)
+
+
+@pytest.mark.parametrize("method, section, expected", [
+    ("none", {}, "none"),
+    ("norm", {}, "norm1.0"),
+    ("norm", {"max_norm": 0.5, "norm_type": 1, "scope": "per_layer"}, "norm0.5-L1-per_layer"),
+    ("norm", {"max_norm": 2, "norm_type": "inf"}, "norm2.0-Linf"),
+    ("norm", {"norm_type": 4.5, "scope": "per_param", "schedule": "cosine"}, "norm1.0-L4.5-per_param-cosine"),
+    ("value", {"value": 0.1, "schedule": "linear"}, "value0.1-linear"),
+    ("value", {}, "value1.0"),
+    ("autoclip", {}, "autoclip-p10"),
+    ("autoclip", {"percentile": 2.5, "window": 7}, "autoclip-p2.5"),
+    ("agc", {}, "agc0.01"),
+    ("agc", {"clip_factor": 1e-3, "schedule": "linear"}, "agc1e-3-linear"),
+    ("zclip", {"rule": "mean"}, "zclip-z2.5-mean"),
+    ("zclip", {"max_norm": 3}, "zclip-z2.5-cap3"),
+    ("zclip", {"z_thresh": 2, "rule": "mean", "max_norm": 0.5, "warmup": 4}, "zclip-z2-mean-cap0.5"),
+])
+def test_labels_are_the_run_names(method, section, expected):
+    assert C.label(clip_cfg(method, **section)) == expected
+
+
+def test_threshold_keys_name_each_methods_searched_setting():
+    assert C.threshold_keys() == {"value": "clip.value.value", "norm": "clip.norm.max_norm",
+                                  "agc": "clip.agc.clip_factor", "autoclip": "clip.autoclip.percentile",
+                                  "zclip": "clip.zclip.z_thresh"}
+    for key in C.threshold_keys().values():  # each is a real config key
+        _, method, name = key.split(".")
+        assert hasattr(getattr(clip_cfg(method), method), name)
+
+
+@pytest.mark.parametrize("method, section, bounds", [
+    ("norm", {}, True), ("norm", {"scope": "per_layer"}, False), ("norm", {"norm_type": 1}, False),
+    ("norm", {"scope": "per_param"}, False), ("autoclip", {}, True), ("zclip", {}, True),
+    ("value", {}, False), ("agc", {}, False), ("none", {}, False),
+])
+def test_which_thresholds_bound_the_global_l2_norm(method, section, bounds):
+    assert C.bounds_global_l2(clip_cfg(method, **section)) is bounds
+    assert C.bounds_global_l2_of(method, **{k: str(v) for k, v in section.items()}) is bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# The stacked clipper: K runs in one [K, P] tensor, each row clipped as that run alone
+# ---------------------------------------------------------------------------------------------
+
+
+def _stack_inputs(case: StackCase, counts, active):
+    thr = [ref_threshold(c, n) for c, n in zip(case.cfgs, counts)]
+    return as_columns(thr, counts, active)
+
+
+@STACKS
+@given(case=stack_cases(), spare=st.sampled_from([0, 3]))
+def test_stack_clips_each_row_as_that_run_alone(case, spare):
+    """Runs of different methods and settings in one stack: every row's gradients, statistics and state are
+    bit for bit those of the run in a stack of its own, fed the same inputs; an inactive run's state is
+    unchanged."""
+    lay = C.Layout.of(list(zip(case.names, case.shapes)))
+    total = len(case.steps) + spare
+    stack = C.StackClipper(case.cfgs, lay, "cpu", total)
+    alone = [C.StackClipper([c], lay, "cpu", total) for c in case.cfgs]
+    k = len(case.cfgs)
+    counts = [0] * k
+    for g0, active in case.steps:
+        before = [stack.state_of(j) for j in range(k)]
+        thr, steps, act = _stack_inputs(case, counts, active)
+        g = g0.clone()
+        stats = stack.step(g, case.weights, thr, steps, act)
+        assert stats.shape == (k, len(C.STATS)) and stats.dtype == torch.float32
+        for j in range(k):
+            gj = g0[j:j + 1].clone()
+            sj = alone[j].step(gj, case.weights[j:j + 1], thr[j:j + 1], steps[j:j + 1], act[j:j + 1])
+            assert bitwise_equal([g[j]], [gj[0]]), (j, case.cfgs[j])
+            assert bitwise_equal([stats[j]], [sj[0]]), (j, case.cfgs[j])
+            assert states_bitwise_equal(stack.state_of(j), alone[j].state_of(0))
+            if not active[j]:
+                assert states_bitwise_equal(stack.state_of(j), before[j]), (j, case.cfgs[j])
+        counts = [n + a for n, a in zip(counts, active)]
+
+
+@STACKS
+@given(case=stack_cases(all_active=True), sized=st.booleans())
+def test_stack_clips_each_row_as_clip_gradients_on_that_runs_tensors(case, sized):
+    """The engine's path (a [K, P] stack, thresholds from StackClipper.thresholds) against each run trained
+    alone with clip_gradients on its own parameters: the same gradients and statistics, bit for bit."""
+    lay = C.Layout.of(list(zip(case.names, case.shapes)))
+    stack = C.StackClipper(case.cfgs, lay, "cpu", len(case.steps) if sized else 0)
+    k = len(case.cfgs)
+    runs = [params_with(split_row(torch.zeros_like(w), case.shapes), split_row(w, case.shapes))
+            for w in case.weights]
+    states = [C.init_state(c, named(p, case.names)) for c, p in zip(case.cfgs, runs)]
+    for t, (g0, _) in enumerate(case.steps):
+        thr = torch.from_numpy(stack.thresholds(np.array([t]))[0])
+        g = g0.clone()
+        stats = stack.step(g, case.weights, thr, torch.full((k,), t), torch.ones(k, dtype=torch.bool))
+        for j in range(k):
+            set_grads(runs[j], split_row(g0[j], case.shapes))
+            sj = step(runs[j], case.cfgs[j], states[j])
+            assert bitwise_equal(split_row(g[j], case.shapes), grads_of(runs[j])), (j, case.cfgs[j])
+            assert bitwise_equal([stats[j]], [stats_row(sj)]), (j, case.cfgs[j])
+
+
+@STACKS
+@given(runs=stacked_lists(dtypes=(torch.float32,)),
+       max_norms=st.lists(log_floats(-4, 4), min_size=4, max_size=4))
+def test_stacked_global_l2_norm_clip_is_torch_clip_grad_norm_per_run(runs, max_norms):
+    """Every row of a stack of global L2 norm clippers (max_norm per run) is torch's clip_grad_norm_ of that
+    run's tensors, bit for bit, whatever the other rows."""
+    shapes = [tuple(g.shape) for g in runs[0]]
+    lay = C.Layout.of([(f"p{i}", s) for i, s in enumerate(shapes)])
+    k = len(runs)
+    cfgs = [clip_cfg("norm", max_norm=m) for m in max_norms[:k]]
+    stack = C.StackClipper(cfgs, lay, "cpu")
+    g = torch.stack([torch.cat([t.reshape(-1) for t in run]) for run in runs])
+    thr, steps, act = as_columns(max_norms[:k], [0] * k, [True] * k)
+    stats = stack.step(g, torch.zeros_like(g), thr, steps, act)
+    for j, run in enumerate(runs):
+        theirs = params_with(run)
+        total = torch.nn.utils.clip_grad_norm_(theirs, max_norms[j], norm_type=2.0, foreach=True)
+        assert bitwise_equal(split_row(g[j], shapes), grads_of(theirs))
+        assert ulp_close(stats[j, 0], total, 1)
+
+
+@STACKS
+@given(case=stack_cases(methods=("autoclip",), max_runs=6, max_steps=8), window=st.integers(1, 6),
+       spare=st.integers(0, 3), percentiles=st.lists(st.floats(0, 100), min_size=6, max_size=6))
+def test_stacked_autoclip_clips_each_run_at_its_percentile_of_its_recent_norms(case, window, spare,
+                                                                                percentiles):
+    """One group of AutoClip runs with their own percentiles, a history sized by the steps to come (shorter
+    than the window when fewer), runs inactive at times, non-finite norms now and then: each run's threshold
+    is its percentile of the finite norms of its own last ``window`` active steps (the current one included
+    when active)."""
+    k = len(case.cfgs)
+    cfgs = [clip_cfg("autoclip", percentile=q, window=window) for q in percentiles[:k]]
+    lay = C.Layout.of(list(zip(case.names, case.shapes)))
+    stack = C.StackClipper(cfgs, lay, "cpu", len(case.steps) + spare)
+    history: list[list[float]] = [[] for _ in range(k)]  # per run, each active step's norm (nan: non-finite)
+    for g0, active in case.steps:
+        thr, steps, act = as_columns([math.nan] * k, [len(h) for h in history], active)
+        g = g0.clone()
+        stats = stack.step(g, case.weights, thr, steps, act)
+        for j in range(k):
+            pre = ref_norm([g0[j]])
+            if active[j]:
+                history[j].append(pre if math.isfinite(pre) else math.nan)
+            recent = [v for v in history[j][-window:] if not math.isnan(v)]
+            if not recent:  # no finite norm in the window: no threshold, nothing clipped
+                assert math.isnan(stats[j, 4].item()) and bitwise_equal([g[j]], [g0[j]])
+                assert stats[j, 2].item() == 0.0
+                continue
+            ref = float(np.percentile(recent, percentiles[j]))
+            tol = RTOL * ref + 1e-6 * max(recent)
+            assert abs(stats[j, 4].item() - ref) <= tol, (j, history[j], window)
+            if not math.isfinite(pre):
+                continue
+            post = ref_norm([g[j]])
+            assert post <= ref + tol
+            if pre > ref + tol:
+                assert abs(post - pre * ref / (pre + EPS)) <= tol + RTOL * ref and stats[j, 2].item() == 1.0
+            elif pre < ref - tol:
+                assert bitwise_equal([g[j]], [g0[j]]) and stats[j, 2].item() == 0.0
+
+
+def test_inactive_runs_keep_their_state():
+    """AutoClip's history and ZClip's warmup norms and EMAs stay as they were on a step a run sits out (it has
+    stopped, or diverged), while the active runs of the same groups move on."""
+    cfgs = [clip_cfg("autoclip", percentile=50, window=4), clip_cfg("autoclip", percentile=10, window=4),
+            clip_cfg("zclip", warmup=2, z_thresh=1.0), clip_cfg("zclip", warmup=2, z_thresh=2.0, rule="mean"),
+            clip_cfg("norm", max_norm=0.5)]
+    lay = C.Layout.of([("w", (3,))])
+    stack = C.StackClipper(cfgs, lay, "cpu")
+    k = len(cfgs)
+    counts = [0] * k
+    for t, active in enumerate([[True] * k, [False, True, False, True, True], [True] * k, [True] * k,
+                                [False, True, False, True, False], [True, False, True, False, True]]):
+        before = [stack.state_of(j) for j in range(k)]
+        g = torch.tensor([[1.0, 2.0, 2.0]]).repeat(k, 1) * (1 + t) ** 2
+        thr, steps, act = as_columns([math.nan] * 4 + [0.5], counts, active)
+        stack.step(g, torch.ones_like(g), thr, steps, act)
+        for j in range(k):
+            after = stack.state_of(j)
+            if not active[j]:
+                assert states_bitwise_equal(after, before[j]), (t, j)
+            elif after:  # a stateful run that stepped: its state took this step's norm
+                assert not states_bitwise_equal(after, before[j]), (t, j)
+        counts = [n + a for n, a in zip(counts, active)]
+    # run 0 took steps 0, 2, 3, 5 (norms 3, 27, 48, 108) and sat out 1 and 4 (12, 75): its history is its own
+    assert bitwise_equal([stack.state_of(0)["history"]], [torch.tensor([3.0, 27.0, 48.0, 108.0])])
+
+
+@STACKS
+@given(case=stack_cases(min_steps=2, max_steps=8), cut=st.integers(1, 7))
+def test_stack_checkpoint_round_trip_continues_bit_identically(case, cut):
+    """Each run's state_of, saved and loaded into a new stack (load(k, saved, step)), continues bit for
+    bit."""
+    cut = min(cut, len(case.steps) - 1)
+    lay = C.Layout.of(list(zip(case.names, case.shapes)))
+    total = len(case.steps)
+    a = C.StackClipper(case.cfgs, lay, "cpu", total)
+    k = len(case.cfgs)
+    counts = [0] * k
+
+    def advance(clipper, g0, active, counts):
+        g = g0.clone()
+        return g, clipper.step(g, case.weights, *_stack_inputs(case, counts, active))
+
+    for g0, active in case.steps[:cut]:
+        advance(a, g0, active, counts)
+        counts = [n + x for n, x in zip(counts, active)]
+    checkpoint = through_bytes([a.state_of(j) for j in range(k)])
+    b = C.StackClipper(case.cfgs, lay, "cpu", total)
+    for j in range(k):
+        b.load(j, checkpoint[j], counts[j])
+        assert states_bitwise_equal(b.state_of(j), a.state_of(j))
+    for g0, active in case.steps[cut:]:
+        ga, sa = advance(a, g0, active, counts)
+        gb, sb = advance(b, g0, active, counts)
+        assert bitwise_equal([ga, sa], [gb, sb])
+        counts = [n + x for n, x in zip(counts, active)]
+
+
+@pytest.mark.parametrize("first, then", [(3, 9), (5, 7), (2, 2), (1, 10), (8, 4)])
+def test_stack_load_relays_autoclip_history_of_another_length(first, then):
+    """A run resumed with more steps to go sizes its history anew: the last norms carry over, and the
+    percentile is as if the run had never stopped (window 6)."""
+    cfg = clip_cfg("autoclip", percentile=0, window=6)  # percentile 0: the smallest recent norm
+    lay = C.Layout.of([("w", (2,))])
+    norms = [5.0, 3.0, 4.0, 7.0, 6.0, 8.0, 9.0, 2.5, 10.0, 11.0, 12.0, 13.0]
+    a = C.StackClipper([cfg], lay, "cpu", steps_total=first)
+    for s in range(first):
+        a.step(torch.tensor([[0.6, 0.8]]) * norms[s], torch.zeros(1, 2), *as_columns([math.nan], [s], [True]))
+    b = C.StackClipper([cfg], lay, "cpu", steps_total=first + then)
+    b.load(0, through_bytes(a.state_of(0)), first)
+    for s in range(first, first + then):
+        g = torch.tensor([[0.6, 0.8]]) * norms[s]
+        stats = b.step(g, torch.zeros(1, 2), *as_columns([math.nan], [s], [True]))
+        assert stats[0, 4].item() == pytest.approx(min(norms[max(0, s - 5):s + 1]), rel=1e-6), s
+
+
+def test_stack_load_refuses_a_zclip_state_of_another_warmup():
+    lay = C.Layout.of([("w", (2,))])
+    short = C.StackClipper([clip_cfg("zclip", warmup=2)], lay, "cpu")
+    long = C.StackClipper([clip_cfg("norm"), clip_cfg("zclip", warmup=3)], lay, "cpu")
+    with pytest.raises(ValueError, match="warm"):
+        long.load(1, short.state_of(0), 5)
 
 
 # ---------------------------------------------------------------------------------------------

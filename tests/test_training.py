@@ -50,9 +50,9 @@ def _one_step(model, x, y, cfg, monkeypatch, sink=None, **kw):
     seen = []
     real = StackedOptimizer.step
 
-    def spy(self, flat, grad, lr, update):
+    def spy(self, flat, grad, *args, **kwargs):
         seen.append(grad.detach().clone())
-        return real(self, flat, grad, lr, update)
+        return real(self, flat, grad, *args, **kwargs)
 
     monkeypatch.setattr(StackedOptimizer, "step", spy)
     train = dict(epochs=1, batch_size=len(y), max_steps=1, patience=None)

@@ -31,7 +31,8 @@ def _step(g, w, layout, params, state, thr, step, active):
     history = state["history"]
     length = history.shape[1]
     slot = (step % length).unsqueeze(1)
-    value = torch.where(finite(pre) & active, pre.to(history.dtype), history.gather(1, slot).squeeze(1))
+    norm = torch.where(finite(pre), pre.to(history.dtype), math.nan)  # a non-finite norm is an empty slot
+    value = torch.where(active, norm, history.gather(1, slot).squeeze(1))
     history.scatter_(1, slot, value.unsqueeze(1))
     smallest = torch.topk(history, params["k"], dim=1, largest=False, sorted=True).values  # nan sorts last
     valid = (history == history).sum(1)  # non-nan entries (nan != nan)

@@ -48,8 +48,8 @@ def _step(g, w, layout, params, state, thr, step, active):
     # warmup: record the norm (nan if non-finite); at its last step the EMAs start from the warmup's norms
     slot = step.clamp(max=warmup - 1).unsqueeze(1)
     write = warming & active
-    warm.scatter_(1, slot, torch.where(write, torch.where(finite(pre), pre, math.nan), warm.gather(1, slot).squeeze(1))
-                  .unsqueeze(1))
+    norm = torch.where(finite(pre), pre.to(warm.dtype), math.nan)  # float32 state, also for float64 gradients
+    warm.scatter_(1, slot, torch.where(write, norm, warm.gather(1, slot).squeeze(1)).unsqueeze(1))
     seeded = write & (step + 1 == warmup)
     w_mean = torch.nanmean(warm, 1)
     w_var = torch.nanmean((warm - w_mean.unsqueeze(1)) ** 2, 1)

@@ -1,4 +1,4 @@
-// The time loops of fincast.models.batched.GroupedLSTM, one LSTM layer for K runs at once (CPU).
+// The time loops of fincast.models.grouped_lstm.GroupedLSTM, one LSTM layer for K runs at once (CPU).
 //
 // Built on first use by torch.utils.cpp_extension (g++ and ninja; cached per machine). Per time step: one
 // batched matrix product through ATen (MKL), then every elementwise op of the step in one pass over the
@@ -44,6 +44,17 @@ inline float exp_f(float x) {
 
 inline double exp_f(double x) { return std::exp(x); }
 
+// The runs' elementwise passes, in parallel over runs when there are several (and threads to run them): an
+// OpenMP region per time step costs microseconds, and far more when the cores are busy with other work.
+template <typename F>
+inline void for_runs(int64_t k_runs, const F& f) {
+  if (k_runs == 1 || at::get_num_threads() == 1) {
+    f(0, k_runs);
+  } else {
+    at::parallel_for(0, k_runs, 1, f);
+  }
+}
+
 template <typename T>
 inline T sigmoid(T x) { return T(1) / (T(1) + exp_f(-x)); }
 
@@ -64,7 +75,7 @@ void forward_impl(const at::Tensor& w, at::Tensor& z, at::Tensor& pre, at::Tenso
   const int64_t hb = hid * b;
   for (int64_t t = 0; t < steps; ++t) {
     at::bmm_out(pre, w, z.select(0, t));
-    at::parallel_for(0, k_runs, 1, [&](int64_t k0, int64_t k1) {
+    for_runs(k_runs, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const T* g = pp + k * 4 * hb;
         T* s = sp + (t * k_runs + k) * 4 * hb;
@@ -114,7 +125,7 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
   T* dcp = d_c.data_ptr<T>();
   T* dzp = d_z.data_ptr<T>();
   for (int64_t t = steps - 1; t >= 0; --t) {
-    at::parallel_for(0, k_runs, 1, [&](int64_t k0, int64_t k1) {
+    for_runs(k_runs, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const T* s = sp + (t * k_runs + k) * 4 * hb;
         const T* ag = gp + (t * k_runs + k) * hb;

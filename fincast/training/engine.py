@@ -22,6 +22,7 @@ every rank clips identically and stateful clippers stay in step; only rank 0 log
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ from fincast.clipping import Layout, StackClipper
 from fincast.clipping.core import finite
 from fincast.config import ClipConfig, MonitorConfig, TrainConfig
 from fincast.features import Split
+from fincast.models.grouped_lstm import cpu_kernel
 from fincast.models.stacked import StackedNet
 from fincast.training import checkpoint as ckpt
 from fincast.training.device import dist_info, rng_states, set_rng_state
@@ -91,8 +93,8 @@ class Engine:
         self.layout = Layout.of([(n, self.net.shapes[n]) for n in self.net.names])
         self.clipper = StackClipper(self.clips, self.layout, device,
                                     max(total_steps(c, self.spe) for c in self.cfgs))
-        self.opt = StackedOptimizer(self.cfgs, self.net.flat)
         self.scaler = LossScale(k_runs, device, loss_scale) if precision == "fp16" else None
+        self.opt = StackedOptimizer(self.cfgs, self.net.flat, scaled=self.scaler is not None)
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device.type == "cuda" \
             else None
         self.dev = _DeviceState(self.cfgs, device)
@@ -109,6 +111,7 @@ class Engine:
         self.host_step = 0  # steps of the runs still training (they step together)
         self.start = (0, 0)  # (epoch, batch) to start from
         self._pinned: list[torch.Tensor] = []
+        self._quiet_backward = True
         self.graphs = self._graphs(cuda_graphs)
 
     def _graphs(self, wanted: bool) -> StepGraphs | None:
@@ -117,26 +120,32 @@ class Engine:
         if self.world > 1:
             log.info("CUDA graphs off under torchrun: the step's all-reduce runs eagerly")
             return None
-        return StepGraphs(lambda idx, lr, thr: self.step(idx, lr, thr, monitor=False)[0])
+        return StepGraphs(lambda idx, plan: self.step(idx, plan, monitor=False)[0])
 
     # -----------------------------------------------------------------------------------------
     # one step of every run (no host sync; captured as a CUDA graph on CUDA)
     # -----------------------------------------------------------------------------------------
 
-    def step(self, idx: torch.Tensor, lr: torch.Tensor, thr: torch.Tensor, monitor: bool = False):
-        """One optimizer step of every run on its batch ``idx`` [K, B] (sample indices), learning rates ``lr``
-        [K] and scheduled clip thresholds ``thr`` [K]. -> (record [K, len(COLUMNS)], per-layer monitoring
-        [K, 2 x layers] or None)."""
+    def step(self, idx: torch.Tensor, plan: torch.Tensor, monitor: bool = False):
+        """One optimizer step of every run on its batch ``idx`` [K, B] (sample indices) with this step's row of
+        the epoch's plan [K, 2 + 6] (float64: learning rate, scheduled clip threshold, optimizer coefficients).
+        -> (record [K, len(COLUMNS)], per-layer monitoring [K, 2 x layers] or None)."""
         net, dev, scaler = self.net, self.dev, self.scaler
+        lr, thr, coef = plan[:, 0], plan[:, 1], plan[:, 2:]
         x, y, weight = self._shard(idx)
         net.grad.zero_()
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             pred = net(x, train=True).float()
         sq = (pred - y).square()
         loss = sq.mean(1) if weight is None else sq.sum(1) * weight  # a DDP shard: its share of the global mean
-        with warnings.catch_warnings():  # gradients are strided views of one [K, P] tensor, on purpose
-            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-            (loss if scaler is None else loss * scaler.scale).sum().backward()
+        total = (loss if scaler is None else loss * scaler.scale).sum()
+        if self._quiet_backward:  # gradients are strided views of one [K, P] tensor, on purpose: torch warns once
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+                total.backward()
+            self._quiet_backward = False
+        else:
+            total.backward()
         loss = loss.detach()
         grad = net.grad
         if self.world > 1:  # every rank clips the global batch's gradients, and judges its global loss
@@ -152,7 +161,7 @@ class Engine:
         newly = going & ~sound  # diverged at this step: recorded, then frozen (no update)
         dev.diverged |= newly
         update = going & ~newly if found is None else going & ~newly & ~found
-        self.opt.step(net.flat, grad, lr, update)
+        self.opt.step(net.flat, grad, coef, update, lr)
         if scaler is not None:
             scaler.update(found, going)
         dev.step += going
@@ -186,6 +195,25 @@ class Engine:
 
     def run(self) -> list[FitResult]:
         """Train until every run has stopped; the runs' models get their best (or last) weights."""
+        with self._threads():
+            return self._run()
+
+    @contextlib.contextmanager
+    def _threads(self):
+        """One run on the compiled CPU kernel trains on one thread: its per-step products are too small to split
+        (a [128 x 39] x [39 x 64] product takes 9.6 us on one thread, 14.4 us on two, measured on the 2-core
+        machine), while stacked runs gain from every core (the kernel splits them by run)."""
+        threads = torch.get_num_threads()
+        solo = self.device.type == "cpu" and self.runs == 1 and threads > 1 and cpu_kernel() is not None
+        if solo:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if solo:
+                torch.set_num_threads(threads)
+
+    def _run(self) -> list[FitResult]:
         self._stop_resumed()
         epochs = max(c.epochs for c in self.cfgs)
         start_epoch, start_batch = self.start
@@ -209,10 +237,11 @@ class Engine:
         """The epoch's steps from batch ``first`` on; -> per run the batches done when it stopped mid-epoch."""
         self._set_active(running)
         orders = self._orders(first, running)
-        step0 = self.host_step - first  # steps taken when this epoch's batch 0 began
-        lrs = lr_table(self.cfgs, step0 + np.arange(self.spe), self.spe)
-        lr_dev = self._to_device(lrs, torch.float64 if self.device.type != "mps" else torch.float32)
-        thr_dev = self._to_device(self.clipper.thresholds(step0 + np.arange(self.spe)), lr_dev.dtype)
+        steps = self.host_step - first + np.arange(self.spe)  # the step each batch of this epoch is
+        lrs = lr_table(self.cfgs, steps, self.spe)
+        plan = np.concatenate([lrs[..., None], self.clipper.thresholds(steps)[..., None],
+                               self.opt.coefficients(lrs, steps)], 2)
+        plan = self._to_device(plan, torch.float64 if self.device.type != "mps" else torch.float32)
         limits = {k: self.cfgs[k].max_steps or _NO_LIMIT for k in running}
         left = {k: limits[k] - self.host_step for k in running}  # steps each may still take
         stopped_at = {k: first + n for k, n in left.items() if n < self.spe - first}
@@ -224,11 +253,11 @@ class Engine:
             monitor = every is not None and (self.host_step + 1) % every == 0
             idx = orders[:, b * self.batch:(b + 1) * self.batch]
             if monitor or self.graphs is None:
-                row, layers = self.step(idx, lr_dev[b], thr_dev[b], monitor)
+                row, layers = self.step(idx, plan[b], monitor)
                 if layers is not None:
                     self.layer_rows.append((b, layers))
             else:
-                row = self.graphs(idx, lr_dev[b], thr_dev[b])
+                row = self.graphs(idx, plan[b])
             self.buf[b].copy_(row)
             self.host_step += 1
             done = b + 1

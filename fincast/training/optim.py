@@ -8,9 +8,11 @@ bitwise equal to its own ``torch.optim`` optimizer's (tests/test_engine.py check
 alone). Scalars that torch computes in double (the learning rate, bias corrections, ``1 - lr * wd``) are computed
 in float64 here too, then rounded once.
 
-A run whose ``update`` flag is False in a step (stopped, diverged, or an fp16 step with inf/nan gradients) is
-left exactly as it was: its gradient is replaced by zeros and its coefficients by the identity (learning rate 0,
-decay factors 1), so the same ops serve every run, no gather, no branch.
+The scalars of each step (learning rate, bias corrections, ``1 - lr * wd``, momentum) come per epoch as a
+[steps, K, 6] table computed on the host in float64, as torch computes its Python scalars (``coefficients``), so a
+step spends one op on them. A run whose ``update`` flag is False in a step (stopped, diverged, or an fp16 step with
+inf/nan gradients) is left exactly as it was: its gradient is replaced by zeros and its coefficients by the
+identity (learning rate 0, decay factors 1), so the same ops serve every run, no gather, no branch.
 """
 
 from __future__ import annotations
@@ -68,60 +70,97 @@ def _wide(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
+# per-step coefficients of a run, one column each, computed on the host per epoch (``coefficients``); a run not
+# updating gets IDENTITY: learning rate 0, decay factors 1
+NEG_LR, DECAY, W1, BETA2, BIAS2, MOMENTUM = range(6)
+IDENTITY = (0.0, 1.0, 0.0, 1.0, 1.0, 1.0)
+
+
 @dataclass
 class _Group:
     kind: str  # sgd | adam | adamw | rmsprop
     runs: list[int]
     index: torch.Tensor | None  # rows of the stack (None: all K)
-    wd: torch.Tensor  # [Kg, 1] float32
-    wd64: torch.Tensor  # [Kg] float64 (AdamW's 1 - lr * wd)
-    momentum: torch.Tensor | None  # [Kg, 1]
+    wd: torch.Tensor  # [Kg, 1] float32 (coupled L2 of sgd, adam, rmsprop)
     state: dict[str, torch.Tensor]  # [Kg, P] tensors and "step" [Kg] (float64: updates applied)
     decays: bool  # any run with weight decay
+    heavy: bool  # sgd / rmsprop with momentum
 
 
 class StackedOptimizer:
     """The optimizers of K runs over ``flat`` [K, P]: runs of one kind (and, for SGD and RMSprop, with or without
-    momentum) step as one group."""
+    momentum) step as one group. ``scaled``: fp16 loss scaling may skip a run's steps, so Adam's bias
+    corrections follow each run's own count of applied updates on the device (otherwise it equals the
+    schedule's step, and they come with the per-epoch coefficients)."""
 
-    def __init__(self, cfgs: list[TrainConfig], flat: torch.Tensor):
-        self.cfgs = list(cfgs)
+    def __init__(self, cfgs: list[TrainConfig], flat: torch.Tensor, scaled: bool = False):
+        self.cfgs, self.scaled = list(cfgs), scaled
         device, size, k_runs = flat.device, flat.shape[1], flat.shape[0]
         keys: dict[tuple, list[int]] = {}
         for k, c in enumerate(self.cfgs):
             heavy = c.momentum > 0 if c.optimizer in ("sgd", "rmsprop") else False
             keys.setdefault((c.optimizer, heavy), []).append(k)
         self.groups: list[_Group] = []
-        wide = _wide(device)
         for (kind, heavy), runs in keys.items():
             n = len(runs)
-            col = lambda vals, dt=torch.float32: torch.tensor(vals, dtype=dt, device=device)  # noqa: E731
-            zeros = lambda n=n: torch.zeros(n, size, dtype=flat.dtype, device=device)  # noqa: E731
-            state: dict[str, torch.Tensor] = {"step": torch.zeros(n, dtype=wide, device=device)}
-            if kind in ("adam", "adamw"):
-                state.update(exp_avg=zeros(), exp_avg_sq=zeros())
-            elif kind == "rmsprop":
-                state["square_avg"] = zeros()
-            if heavy:
-                state["momentum_buffer"] = zeros()
+            state: dict[str, torch.Tensor] = {"step": torch.zeros(n, dtype=_wide(device), device=device)}
+            for name in {"adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq"),
+                         "rmsprop": ("square_avg",), "sgd": ()}[kind] + (("momentum_buffer",) if heavy else ()):
+                state[name] = torch.zeros(n, size, dtype=flat.dtype, device=device)
             wds = [self.cfgs[k].weight_decay for k in runs]
-            self.groups.append(_Group(
-                kind, runs, None if len(keys) == 1 else torch.tensor(runs, device=device),
-                col(wds).unsqueeze(1), col(wds, wide),
-                col([self.cfgs[k].momentum for k in runs]).unsqueeze(1) if heavy else None, state, any(wds)))
+            self.groups.append(_Group(kind, runs, None if len(keys) == 1 else torch.tensor(runs, device=device),
+                                      torch.tensor(wds, dtype=torch.float32, device=device).unsqueeze(1), state,
+                                      any(wds), heavy))
         self._where = {k: (gi, j) for gi, g in enumerate(self.groups) for j, k in enumerate(g.runs)}
+        self.identity = torch.tensor(IDENTITY, dtype=torch.float32, device=device)
         self.runs = k_runs
 
-    def step(self, flat: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, update: torch.Tensor) -> None:
-        """One update of every run whose ``update`` [K] is True; ``lr`` [K] (float64) the learning rates."""
+    def coefficients(self, lrs: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """[S, K, 6] float64: every run's update coefficients at each step (``lrs`` [S, K] its learning rates,
+        ``steps`` [S] the 0-based step), in double precision as torch computes its Python-float scalars."""
+        s = np.asarray(steps, dtype=np.float64)[:, None] + 1.0  # updates applied, this one included
+        out = np.empty((*lrs.shape, len(IDENTITY)))
+        out[:] = IDENTITY
+        out[..., NEG_LR] = -lrs
+        beta1, beta2 = ADAM_BETAS
+        for k, c in enumerate(self.cfgs):
+            if c.optimizer in ("adam", "adamw"):
+                out[:, k, NEG_LR] = (lrs[:, k] / (1 - beta1 ** s[:, 0])) * -1
+                out[:, k, BIAS2] = (1 - beta2 ** s[:, 0]) ** 0.5
+                out[:, k, W1], out[:, k, BETA2] = 1 - beta1, beta2
+                if c.optimizer == "adamw":
+                    out[:, k, DECAY] = 1 - lrs[:, k] * c.weight_decay
+            elif c.optimizer == "rmsprop":
+                out[:, k, BETA2] = RMSPROP_ALPHA
+            out[:, k, MOMENTUM] = c.momentum if c.optimizer in ("sgd", "rmsprop") else 1.0
+        return out
+
+    def step(self, flat: torch.Tensor, grad: torch.Tensor, coef: torch.Tensor, update: torch.Tensor,
+             lr: torch.Tensor | None = None) -> None:
+        """One update of every run whose ``update`` [K] is True, with this step's ``coefficients`` row ``coef``
+        [K, 6]; ``lr`` [K] (float64) the learning rates, needed only when ``scaled``."""
         for grp in self.groups:
-            if grp.index is None:
-                _STEP[grp.kind](grp, flat, grad, lr, update)
-                continue
             idx = grp.index
-            p = flat.index_select(0, idx)
-            _STEP[grp.kind](grp, p, grad.index_select(0, idx), lr.index_select(0, idx), update.index_select(0, idx))
-            flat.index_copy_(0, idx, p)
+            if idx is None:
+                p, g, c, u, lr_g = flat, grad, coef, update, lr
+            else:
+                p, g, u = flat.index_select(0, idx), grad.index_select(0, idx), update.index_select(0, idx)
+                c, lr_g = coef.index_select(0, idx), None if lr is None else lr.index_select(0, idx)
+            c = torch.where(u.unsqueeze(1), c.to(torch.float32), self.identity)  # one op: the masked coefficients
+            if grp.kind in ("adam", "adamw") and self.scaled:
+                c = self._bias_corrected(grp, c, u, lr_g)
+            _STEP[grp.kind](grp, p, g, c, u)
+            if idx is not None:
+                flat.index_copy_(0, idx, p)
+
+    def _bias_corrected(self, grp: _Group, c: torch.Tensor, update: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """Adam's step size and second-moment correction from each run's own count of applied updates."""
+        beta1, beta2 = ADAM_BETAS
+        live = (grp.state["step"] + update).clamp_min(1.0)
+        c = c.clone()
+        c[:, NEG_LR] = torch.where(update, -(lr / (1 - beta1 ** live)), 0.0).to(c.dtype)
+        c[:, BIAS2] = torch.where(update, (1 - beta2 ** live).sqrt(), 1.0).to(c.dtype)
+        return c
 
     def state_of(self, k: int) -> dict:
         """Run ``k``'s optimizer state (copies on the CPU): its kind, updates applied, and [P] tensors."""
@@ -143,54 +182,47 @@ class StackedOptimizer:
 
 
 def _masked(grp: _Group, p, g, update):
-    """(gradient with weight decay where torch adds it, zero for runs not updating; the update mask [Kg, 1])."""
-    u = update.unsqueeze(1)
-    if grp.decays and grp.kind != "adamw":  # coupled L2: g + wd * p (torch: _foreach_add(grads, params, alpha=wd))
+    """The gradient with weight decay where torch adds it (coupled L2), zero for runs not updating."""
+    if grp.decays and grp.kind != "adamw":  # g + wd * p (torch: _foreach_add(grads, params, alpha=wd))
         g = torch.addcmul(g, p, grp.wd)
-    return torch.where(u, g, 0.0), u
+    return torch.where(update.unsqueeze(1), g, 0.0)
 
 
-def _sgd(grp: _Group, p, g, lr, update):
-    g, u = _masked(grp, p, g, update)
-    grp.state["step"].add_(update.to(grp.state["step"].dtype))
-    if grp.momentum is not None:  # buf = momentum * buf + g (the first step: g, as torch's clone)
-        buf = grp.state["momentum_buffer"]
-        buf.mul_(torch.where(u, grp.momentum, 1.0)).add_(g)
-        g = buf
-    p.add_(g * torch.where(update, -lr, 0.0).to(p.dtype).unsqueeze(1))
+def _col(c: torch.Tensor, j: int) -> torch.Tensor:
+    return c[:, j:j + 1]
 
 
-def _adam(grp: _Group, p, g, lr, update):
+def _sgd(grp: _Group, p, g, c, update):
+    g = _masked(grp, p, g, update)
+    grp.state["step"].add_(update)
+    if grp.heavy:  # buf = momentum * buf + g (the first step: g, as torch's clone)
+        g = grp.state["momentum_buffer"].mul_(_col(c, MOMENTUM)).add_(g)
+    p.add_(g * _col(c, NEG_LR))
+
+
+def _adam(grp: _Group, p, g, c, update):
     st = grp.state
-    u = update.unsqueeze(1)
-    if grp.kind == "adamw" and grp.decays:  # decoupled: p *= 1 - lr * wd (torch: a Python double)
-        p.mul_(torch.where(update, 1 - lr * grp.wd64, 1.0).to(p.dtype).unsqueeze(1))
-    g, _ = _masked(grp, p, g, update)
-    steps = st["step"]
-    steps.add_(update.to(steps.dtype))
-    beta1, beta2 = ADAM_BETAS
-    st["exp_avg"].lerp_(g, torch.where(u, 1 - beta1, 0.0).to(p.dtype))
-    st["exp_avg_sq"].mul_(torch.where(u, beta2, 1.0).to(p.dtype)).addcmul_(g, g, value=1 - beta2)
-    live = steps.clamp_min(1.0)  # (a run that never updated: bias corrections of step 1, unused)
-    step_size = torch.where(update, -(lr / (1 - beta1 ** live)), 0.0)
-    bias2_sqrt = (1 - beta2 ** live).sqrt()
-    denom = st["exp_avg_sq"].sqrt().div_(bias2_sqrt.to(p.dtype).unsqueeze(1)).add_(ADAM_EPS)
-    p.addcdiv_(st["exp_avg"] * step_size.to(p.dtype).unsqueeze(1), denom)
+    if grp.kind == "adamw" and grp.decays:  # decoupled: p *= 1 - lr * wd
+        p.mul_(_col(c, DECAY))
+    g = _masked(grp, p, g, update)
+    st["step"].add_(update)
+    st["exp_avg"].lerp_(g, _col(c, W1))
+    st["exp_avg_sq"].mul_(_col(c, BETA2)).addcmul_(g, g, value=1 - ADAM_BETAS[1])
+    denom = st["exp_avg_sq"].sqrt().div_(_col(c, BIAS2)).add_(ADAM_EPS)
+    p.addcdiv_(st["exp_avg"] * _col(c, NEG_LR), denom)
 
 
-def _rmsprop(grp: _Group, p, g, lr, update):
+def _rmsprop(grp: _Group, p, g, c, update):
     st = grp.state
-    g, u = _masked(grp, p, g, update)
-    st["step"].add_(update.to(st["step"].dtype))
-    st["square_avg"].mul_(torch.where(u, RMSPROP_ALPHA, 1.0).to(p.dtype)).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
+    g = _masked(grp, p, g, update)
+    st["step"].add_(update)
+    st["square_avg"].mul_(_col(c, BETA2)).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
     avg = st["square_avg"].sqrt().add_(RMSPROP_EPS)
-    neg_lr = torch.where(update, -lr, 0.0).to(p.dtype).unsqueeze(1)
-    if grp.momentum is not None:
-        buf = st["momentum_buffer"]
-        buf.mul_(torch.where(u, grp.momentum, 1.0)).addcdiv_(g, avg)
-        p.add_(buf * neg_lr)
+    if grp.heavy:
+        buf = st["momentum_buffer"].mul_(_col(c, MOMENTUM)).addcdiv_(g, avg)
+        p.add_(buf * _col(c, NEG_LR))
     else:
-        p.addcdiv_(g * neg_lr, avg)
+        p.addcdiv_(g * _col(c, NEG_LR), avg)
 
 
 _STEP = {"sgd": _sgd, "adam": _adam, "adamw": _adam, "rmsprop": _rmsprop}
