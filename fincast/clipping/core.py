@@ -102,10 +102,25 @@ def tensor_norms(g: torch.Tensor, layout: Layout, p: float = 2.0) -> torch.Tenso
     dtype = norm_dtype(g)
     kw = {} if g.dtype == dtype else {"dtype": dtype}
     if p in (1.0, 2.0, math.inf):
+        if g.shape[0] == 1 and g.dtype == dtype and g.device.type in ("cpu", "cuda"):  # one run: one foreach op
+            return torch.stack(torch._foreach_norm(_row_views(g, layout), p)).unsqueeze(0)
         return torch.stack([torch.linalg.vector_norm(g[:, a:b], p, dim=1, **kw) for a, b in layout.offsets], 1)
     peaks = tensor_norms(g, layout, math.inf).clamp_min(torch.finfo(dtype).tiny)
     return torch.stack([torch.linalg.vector_norm(g[:, a:b].to(dtype) / peaks[:, j:j + 1], p, dim=1)
                         for j, (a, b) in enumerate(layout.offsets)], 1) * peaks
+
+
+def _row_views(g: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Each tensor's slice of a one-run gradient row [1, P], cached per gradient tensor (the engine's gradient is
+    the same tensor every step; a view keeps its tensor alive, so a cached address is never reused)."""
+    key = ("views", g.data_ptr(), g.shape, g.stride(), g.device)
+    views = layout._maps.get(key)
+    if views is None:
+        stale = [k for k in layout._maps if k[0] == "views"]
+        for k in stale[:-1]:  # keep one older entry: the solo API's fresh gradient rows would pile up
+            del layout._maps[k]
+        views = layout._maps[key] = [g[0, a:b] for a, b in layout.offsets]
+    return views
 
 
 def pnorm(v: torch.Tensor, p: float) -> torch.Tensor:

@@ -1,9 +1,10 @@
 // The time loops of fincast.models.grouped_lstm.GroupedLSTM, one LSTM layer for K runs at once (CPU).
 //
-// Built on first use by torch.utils.cpp_extension (g++ and ninja; cached per machine). Per time step: one
-// batched matrix product through ATen (MKL), then every elementwise op of the step in one pass over the
-// gates. torch's per-op dispatch (~10 ops per step, each a separate pass over memory) is what made the
-// Python loop of the same algorithm slower than a run trained alone; see bench/batched_study.py.
+// Built on first use by torch.utils.cpp_extension (g++ with OpenMP, and ninja; cached per machine). Per time step,
+// in one parallel loop over the runs: each run's matrix product (BLAS, the library torch links) and then every
+// elementwise op of its step in one pass over the gates. torch's per-op dispatch (~10 ops per step, each a
+// separate pass over memory; and ~4 us per small product) is what made the Python loop of the same algorithm
+// slower than a run trained alone; see bench/run_axis.py.
 //
 // Layouts (all contiguous): z [T+1, K, H+F+1, B] holds [h_t; x_t; 1] (the 1 carries the bias, so the bias is
 // the last column of w and its gradient comes out of the weight-gradient product); w [K, 4H, H+F+1] is
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -61,11 +63,53 @@ inline T sigmoid(T x) { return T(1) / (T(1) + exp_f(-x)); }
 template <typename T>
 inline T tanh_(T x) { return T(1) - T(2) / (exp_f(T(2) * x) + T(1)); }
 
+// Fortran BLAS from the library torch itself links (MKL's sgemm_/dgemm_ in torch's CPU builds), called once per run
+// and product: at these sizes (e.g. [128 x 39] x [39 x 64]) ATen's dispatch costs about as much as the product, and
+// a call per run lets each thread take its runs' products and elementwise passes together, in cache. Weak: where
+// a torch build exports no BLAS, the loops below take ATen's batched products instead.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // (the C entry; mkl_set_num_threads_local is Fortran)
+}
+
+// MKL on one thread inside a worker of the runs' parallel loop (the cores are already split by run)
+struct SequentialBlas {
+  int saved = 0;
+  SequentialBlas() { if (MKL_Set_Num_Threads_Local != nullptr) saved = MKL_Set_Num_Threads_Local(1); }
+  ~SequentialBlas() { if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(saved); }
+};
+
+// Row-major C[m x n] = alpha * op(A) op(B) + beta * C, as the column-major call C^T = op(B)^T op(A)^T.
+template <typename T>
+bool gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ == nullptr) return false;
+    sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+  } else {
+    if (dgemm_ == nullptr) return false;
+    dgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+  }
+  return true;
+}
+
+template <typename T>
+bool have_blas() {
+  if constexpr (std::is_same_v<T, float>) return sgemm_ != nullptr;
+  return dgemm_ != nullptr;
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& w, at::Tensor& z, at::Tensor& pre, at::Tensor& sig, at::Tensor& act_g,
                   at::Tensor& cells, at::Tensor& tanh_c) {
   const int64_t steps = sig.size(0), k_runs = sig.size(1), hid = sig.size(3), b = sig.size(4);
   const int64_t zrows = z.size(2);
+  const T* wp = w.data_ptr<T>();
   T* zp = z.data_ptr<T>();
   T* pp = pre.data_ptr<T>();
   T* sp = sig.data_ptr<T>();
@@ -73,11 +117,16 @@ void forward_impl(const at::Tensor& w, at::Tensor& z, at::Tensor& pre, at::Tenso
   T* cp = cells.data_ptr<T>();
   T* tp = tanh_c.data_ptr<T>();
   const int64_t hb = hid * b;
+  const bool blas = have_blas<T>();
   for (int64_t t = 0; t < steps; ++t) {
-    at::bmm_out(pre, w, z.select(0, t));
+    if (!blas) at::bmm_out(pre, w, z.select(0, t));
     for_runs(k_runs, [&](int64_t k0, int64_t k1) {
+      SequentialBlas one;
       for (int64_t k = k0; k < k1; ++k) {
-        const T* g = pp + k * 4 * hb;
+        T* g = pp + k * 4 * hb;
+        if (blas)  // pre_k = w_k z_t,k: [4H x (H+F+1)] x [(H+F+1) x B]
+          gemm<T>(false, false, 4 * hid, b, zrows, T(1), wp + k * 4 * hid * zrows, zrows,
+                  zp + (t * k_runs + k) * zrows * b, b, T(0), g, b);
         T* s = sp + (t * k_runs + k) * 4 * hb;
         T* ag = gp + (t * k_runs + k) * hb;
         const T* c_prev = cp + (t * k_runs + k) * hb;
@@ -107,7 +156,7 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
                    const at::Tensor& act_g, const at::Tensor& cells, const at::Tensor& tanh_c, at::Tensor& d_w_t,
                    at::Tensor& d_x, bool x_grad) {
   const int64_t steps = sig.size(0), k_runs = sig.size(1), hid = sig.size(3), b = sig.size(4);
-  const int64_t feats = z.size(2) - hid - 1;
+  const int64_t zrows = z.size(2), feats = zrows - hid - 1;
   const int64_t hb = hid * b;
   auto opts = w.options();
   at::Tensor d = at::empty({k_runs, 4 * hid, b}, opts);
@@ -121,18 +170,25 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
   const T* gp = act_g.data_ptr<T>();
   const T* cp = cells.data_ptr<T>();
   const T* tp = tanh_c.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const T* zp = z.data_ptr<T>();
   T* dp = d.data_ptr<T>();
   T* dcp = d_c.data_ptr<T>();
   T* dzp = d_z.data_ptr<T>();
+  T* dwp = d_w_t.data_ptr<T>();
+  T* dxp = x_grad ? d_x.data_ptr<T>() : nullptr;
+  const bool blas = have_blas<T>();
   for (int64_t t = steps - 1; t >= 0; --t) {
     for_runs(k_runs, [&](int64_t k0, int64_t k1) {
+      SequentialBlas one;
       for (int64_t k = k0; k < k1; ++k) {
         const T* s = sp + (t * k_runs + k) * 4 * hb;
         const T* ag = gp + (t * k_runs + k) * hb;
         const T* c_prev = cp + (t * k_runs + k) * hb;
         const T* tc = tp + (t * k_runs + k) * hb;
         const T* dout = op + (t * k_runs + k) * hb;
-        const T* dh_in = dzp + k * dz_rows * b;
+        T* dz = dzp + k * dz_rows * b;
+        const T* dh_in = dz;
         T* dd = dp + k * 4 * hb;
         T* dc = dcp + k * hb;
 #pragma omp simd
@@ -146,8 +202,18 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
           dd[3 * hb + i] = dh * th * so * (T(1) - so);
           dc[i] = dcn * sf;
         }
+        if (!blas) continue;
+        const T* zt = zp + (t * k_runs + k) * zrows * b;
+        // d_w^T_k += z_t,k d_k^T: [(H+F+1) x B] x [B x 4H] (transposed: 1.6x the speed of d_w += d z^T)
+        gemm<T>(false, true, zrows, 4 * hid, b, T(1), zt, b, dd, b, T(1), dwp + k * zrows * 4 * hid, 4 * hid);
+        if (x_grad || t > 0) {  // d_z_k = w[:, :rows]_k^T d_k: [rows x 4H] x [4H x B]
+          gemm<T>(true, false, dz_rows, b, 4 * hid, T(1), wp + k * 4 * hid * zrows, zrows, dd, b, T(0), dz, b);
+          if (x_grad)
+            std::memcpy(dxp + (t * k_runs + k) * feats * b, dz + hid * b, sizeof(T) * feats * b);
+        }
       }
     });
+    if (blas) continue;
     d_w_t.baddbmm_(z.select(0, t), d.transpose(1, 2));  // [K, H+F+1, 4H]: 1.6x the speed of d_w += d z^T
     if (x_grad) {
       at::bmm_out(d_z, w_t, d);
@@ -157,6 +223,7 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
     }
   }
 }
+
 
 void forward_loop(const at::Tensor& w, at::Tensor z, at::Tensor pre, at::Tensor sig, at::Tensor act_g,
                   at::Tensor cells, at::Tensor tanh_c) {

@@ -50,10 +50,7 @@ class GroupedLSTM(torch.autograd.Function):
         buf = _workspace(ws, x, (steps, k, hid, feats, b))
         sig, act_g, cells, z, tanh_c, pre = (buf[n] for n in ("sig", "act_g", "cells", "z", "tanh_c", "pre"))
         w = torch.cat([w_hh, w_ih, bias], 2)  # [K, 4H, H + F + 1]
-        cells[0].zero_()
-        z[0, :, :hid].zero_()
-        z[:steps, :, hid:hid + feats].copy_(x)
-        z[:, :, -1].fill_(1.0)
+        z[:steps, :, hid:hid + feats].copy_(x)  # (c_0 = 0, h_0 = 0 and the row of ones are set once)
         kernel = cpu_kernel() if x.device.type == "cpu" else None
         if kernel is not None:
             kernel.forward_loop(w, z, pre, sig, act_g, cells, tanh_c)
@@ -142,6 +139,9 @@ def _workspace(ws: dict | None, x: torch.Tensor, shape: tuple[int, ...]) -> dict
            "cells": new(steps + 1, k, hid, b), "z": new(steps + 1, k, hid + feats + 1, b),
            "tanh_c": new(steps, k, hid, b), "pre": new(k, 4 * hid, b), "d": new(k, 4, hid, b),
            "d_z": new(k, hid + feats, b), "d_c": new(k, hid, b), "tmp": new(k, hid, b)}
+    buf["cells"][0].zero_()  # c_0 and h_0, and the constant row of z that carries the bias: the loops never write them
+    buf["z"][0, :, :hid].zero_()
+    buf["z"][:, :, -1].fill_(1.0)
     if ws is not None:
         if len(ws) >= 4:  # (shapes come and go only in tests and between studies' batches)
             ws.clear()
@@ -178,7 +178,9 @@ def _build_kernel():
     from torch.utils import cpp_extension
 
     src = Path(__file__).with_name("grouped_lstm.cpp")
-    flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+    # -fopenmp: ATen's parallel_for is a header template that runs serially in a translation unit built without
+    # OpenMP; the library resolves to the libgomp torch has loaded already (one OpenMP runtime in the process)
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     # -march=native: the build is for this CPU; a home directory shared with other CPUs gets one build per kind
     cpu = platform.machine() + _cpu_flags()
     tag = hashlib.sha256((src.read_text() + " ".join(flags) + cpu + torch.__version__).encode()).hexdigest()[:12]
@@ -195,7 +197,8 @@ def _build_kernel():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cpp_extension.load(name=name, sources=[str(src)], extra_cflags=flags, verbose=False)
+            return cpp_extension.load(name=name, sources=[str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                      verbose=False)
     except Exception as exc:  # no compiler or ninja: the same algorithm in torch ops
         lines = str(exc).strip().splitlines()
         log.warning("stacked runs use the slower torch-ops LSTM: building %s failed (%s)", src.name,

@@ -186,8 +186,6 @@ class StackedNet:
         with torch.autocast(device_type, enabled=False):
             if low is not None:
                 seq = seq.to(low)
-            if not seq.is_contiguous():
-                seq = seq.contiguous()
             for layer in range(a.num_layers):
                 if layer and a.dropout > 0 and train:  # nn.LSTM: dropout on the outputs of all but the last layer
                     seq = F.dropout(seq, a.dropout, training=True)

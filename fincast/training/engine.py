@@ -22,7 +22,6 @@ every rank clips identically and stateful clippers stay in step; only rank 0 log
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -37,7 +36,6 @@ from fincast.clipping import Layout, StackClipper
 from fincast.clipping.core import finite
 from fincast.config import ClipConfig, MonitorConfig, TrainConfig
 from fincast.features import Split
-from fincast.models.grouped_lstm import cpu_kernel
 from fincast.models.stacked import StackedNet
 from fincast.training import checkpoint as ckpt
 from fincast.training.device import dist_info, rng_states, set_rng_state
@@ -56,8 +54,7 @@ class _DeviceState:
     def __init__(self, cfgs: list[TrainConfig], device: torch.device):
         k = len(cfgs)
         self.step = torch.zeros(k, dtype=torch.long, device=device)  # steps taken (schedules, clip state)
-        self.active = torch.ones(k, dtype=torch.bool, device=device)  # the host's mask: not stopped
-        self.diverged = torch.zeros(k, dtype=torch.bool, device=device)
+        self.live = torch.ones(k, dtype=torch.bool, device=device)  # not stopped (the host) nor diverged (here)
         self.max_steps = torch.tensor([_NO_LIMIT if c.max_steps is None else c.max_steps for c in cfgs],
                                       dtype=torch.long, device=device)
 
@@ -112,6 +109,7 @@ class Engine:
         self.start = (0, 0)  # (epoch, batch) to start from
         self._pinned: list[torch.Tensor] = []
         self._quiet_backward = True
+        self._no_skip = torch.zeros(k_runs, dtype=torch.bool, device=device)
         self.graphs = self._graphs(cuda_graphs)
 
     def _graphs(self, wanted: bool) -> StepGraphs | None:
@@ -152,21 +150,23 @@ class Engine:
             torch.distributed.all_reduce(grad)
             torch.distributed.all_reduce(loss)
         found = scaler.unscale(grad) if scaler is not None else None
-        going = dev.active & ~dev.diverged & (dev.step < dev.max_steps)
+        going = dev.live & (dev.step < dev.max_steps)  # not stopped, not diverged, within max_steps
         if monitor:
             layer_grads = self._layer_norms(grad)
             before = net.flat.clone()
         stats = self.clipper.step(grad, net.flat, thr, dev.step, going)
-        sound = finite(loss) if scaler is not None else finite(loss) & finite(stats[:, PRE])
-        newly = going & ~sound  # diverged at this step: recorded, then frozen (no update)
-        dev.diverged |= newly
-        update = going & ~newly if found is None else going & ~newly & ~found
+        # divergence: a non-finite loss, or gradient norm outside fp16 scaling (where the scaler skips the step);
+        # that step is recorded, and the run frozen from it on (no update)
+        update = going & finite(loss if scaler is not None else loss + stats[:, PRE] * 0)
+        dev.live &= update | ~going
+        if found is not None:
+            update &= ~found
         self.opt.step(net.flat, grad, coef, update, lr)
         if scaler is not None:
             scaler.update(found, going)
         dev.step += going
-        skipped = found.float() if found is not None else torch.zeros_like(loss)
-        row = torch.cat([loss.unsqueeze(1), stats, skipped.unsqueeze(1), going.float().unsqueeze(1)], 1)
+        skipped = found if found is not None else self._no_skip
+        row = torch.cat([loss.unsqueeze(1), stats, torch.stack([skipped, going], 1).float()], 1)
         if not monitor:
             return row, None
         ratio = self._layer_norms(net.flat - before) / self._layer_norms(before).clamp_min(1e-12)
@@ -195,23 +195,7 @@ class Engine:
 
     def run(self) -> list[FitResult]:
         """Train until every run has stopped; the runs' models get their best (or last) weights."""
-        with self._threads():
-            return self._run()
-
-    @contextlib.contextmanager
-    def _threads(self):
-        """One run on the compiled CPU kernel trains on one thread: its per-step products are too small to split
-        (a [128 x 39] x [39 x 64] product takes 9.6 us on one thread, 14.4 us on two, measured on the 2-core
-        machine), while stacked runs gain from every core (the kernel splits them by run)."""
-        threads = torch.get_num_threads()
-        solo = self.device.type == "cpu" and self.runs == 1 and threads > 1 and cpu_kernel() is not None
-        if solo:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            if solo:
-                torch.set_num_threads(threads)
+        return self._run()
 
     def _run(self) -> list[FitResult]:
         self._stop_resumed()
@@ -367,9 +351,10 @@ class Engine:
     # -----------------------------------------------------------------------------------------
 
     def _set_active(self, running: list[int]) -> None:
+        """The runs that train this epoch (a run that diverged is out already: the host only learns it at reads)."""
         mask = np.zeros(self.runs, dtype=bool)
         mask[running] = True
-        self.dev.active.copy_(self._to_device(mask, torch.bool))
+        self.dev.live &= self._to_device(mask, torch.bool)
 
     def _orders(self, first: int, running: list[int]) -> torch.Tensor:
         """[K, n] each run's data order for this epoch (its generator; a resumed run's from the checkpoint).
