@@ -16,7 +16,7 @@ created beforehand (as a user's store exists after the first run):
   study auto, torch ops
                stacked 2 x 12 with FINCAST_LSTM_KERNEL=python: the stacked model's time loops in torch ops, what
                a machine without a C++ compiler gets (there auto trains one at a time; here batch_runs is set).
-  fit only     training.fit of each run alone vs training.fit_batched of all 24 at once, in one process with
+  fit only     training.fit of each run alone vs training.train_runs of all 24 at once, in one process with
                one thread: the training loop alone, without data loading, MLflow and artifacts.
 
 Printed: wall time, runs/hour and the ratio to the plain loop, peak resident memory (the process and its
@@ -117,12 +117,13 @@ def measure(mode: str, epochs: int) -> dict:
         solo_s = time.perf_counter() - t0
         peak_solo = peak_mb()[0]
         t0 = time.perf_counter()
-        batched = training.fit_batched([model(j) for j in jobs], fs.train, fs.val, [j.cfg.train for j in jobs],
-                                       [j.cfg.clip for j in jobs], device=device, monitor=cfg.monitor)
+        batched = training.train_runs([model(j) for j in jobs], fs.train, fs.val, [j.cfg.train for j in jobs],
+                                     [j.cfg.clip for j in jobs], device=device, monitor=cfg.monitor)
         batched_s = time.perf_counter() - t0
         steps = sum(r.steps for r in solo)
         return {"solo_s": solo_s, "batched_s": batched_s, "solo_steps": steps,
-                "batched_steps": sum(r.steps for r in batched), "peak_solo": peak_solo, "peak": peak_mb()}
+                "batched_steps": sum(r.steps for r in batched), "peak_solo": peak_solo, "peak": peak_mb(),
+                "slots": len(batched) * max(r.steps for r in batched)}
     finally:
         os.chdir(ROOT)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -173,9 +174,11 @@ def main() -> None:
               f"{extra}; readings {r['all']}")
     f = results["fit"]
     print(f"\ntraining loop only (1 thread, 24 runs): fit one at a time {f['solo_s']:.1f} s "
-          f"({1000 * f['solo_s'] / f['solo_steps']:.2f} ms per run-step), fit_batched {f['batched_s']:.1f} s "
+          f"({1000 * f['solo_s'] / f['solo_steps']:.2f} ms per run-step), all 24 stacked {f['batched_s']:.1f} s "
           f"({1000 * f['batched_s'] / f['batched_steps']:.2f} ms per run-step): "
-          f"x{(f['solo_s'] / f['solo_steps']) / (f['batched_s'] / f['batched_steps']):.2f}; "
+          f"x{(f['solo_s'] / f['solo_steps']) / (f['batched_s'] / f['batched_steps']):.2f}; the stack computed "
+          f"{f['slots']} run-steps for {f['batched_steps']} that trained ({100 * f['batched_steps'] / f['slots']:.0f}%: "
+          "stopped runs keep their slot); "
           f"peak RSS {f['peak_solo']:.0f} MB after the solo fits, {f['peak'][0]:.0f} MB after the batched one")
     ratio = plain / results["studyauto"]["seconds"]
     print(f"\nbatched study vs plain loop: x{ratio:.2f} (target >= 3 on 2 CPU cores: {'yes' if ratio >= 3 else 'NO'}); "

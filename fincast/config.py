@@ -416,9 +416,9 @@ class StudySettings:
     workers: int | None = _opt(None, "parallel worker processes; null = one per CPU core", ge=1, le=256)
     threads: int | None = _opt(None, "torch CPU threads per worker; null = cores / workers (at least 1)", ge=1, le=1024)
     batch_runs: int | Literal["auto"] = _opt(
-        "auto", "runs trained together as one stacked model (same data and architecture; any seed, lr, optimizer "
-                "or clip config): auto = as many as fit the memory budget, split evenly across workers; 1 = one run "
-                "at a time", ge=1, le=100000)
+        "auto", "runs trained together as one stack by the training engine (same task, data, features, model and "
+                "precision; any seed, lr, optimizer, schedule, step limits, checkpoints or clip config): auto = "
+                "split across the workers within the memory budget; 1 = one run at a time", ge=1, le=100000)
     divergence_factor: float = _opt(
         3.0, "a run also counts as diverged when its final validation loss exceeds this multiple of the zero "
              "forecast's validation loss (non-finite loss always counts)", gt=1)

@@ -417,7 +417,7 @@ def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkey
     from fincast import study as study_mod
 
     study = _tiny_study(tmp_path, "fail", "study.batch_runs=6", "study.workers=1")
-    real = pipeline.fit_batched
+    real = pipeline.train_runs
     calls = []
 
     def second_batch_breaks(models, *args, **kw):
@@ -426,7 +426,7 @@ def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkey
             raise RuntimeError("simulated crash in a batch")
         return real(models, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "fit_batched", second_batch_breaks)
+    monkeypatch.setattr(pipeline, "train_runs", second_batch_breaks)
     out = study_mod.run(study)
     assert calls == [6, 6] and out.finished == 6 and len(out.failed) == 6
     assert all("simulated crash in a batch" in e for _, e in out.failed)
@@ -436,7 +436,7 @@ def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkey
     exp = client.get_experiment_by_name("tiny_study")
     runs = client.search_runs([exp.experiment_id], "tags.`fincast.study_role` = 'child'")
     assert sorted(r.info.status for r in runs) == ["FAILED"] * 6 + ["FINISHED"] * 6
-    monkeypatch.setattr(pipeline, "fit_batched", real)
+    monkeypatch.setattr(pipeline, "train_runs", real)
     out = study_mod.run(study)
     assert (out.skipped, out.finished, out.failed) == (6, 6, [])
 

@@ -26,7 +26,14 @@ def _structure(s: NormClip):
 
 def _init(sections, layout, device, steps_total):
     p, scope = _structure(sections[0])
+    if scope != "global":  # the index maps the step uses, built here: creating them in a step would sync a GPU
+        layout.expand(torch.zeros(1, len(layout.names), device=device))
+        _layer_index(layout, torch.device(device))
     return {"p": p, "scope": scope}, {}
+
+
+def _layer_index(layout, device):
+    return layout.cached(("layer", device), lambda: torch.tensor(layout.layer_of_tensor(), device=device))
 
 
 def _step(g, w, layout, params, state, thr, step, active):
@@ -46,8 +53,7 @@ def _step(g, w, layout, params, state, thr, step, active):
         groups, per_tensor = norms, None
     else:  # per layer: the p-norm of the layer's tensor norms
         groups = torch.stack([pnorm(norms[:, a:b], p) for a, b in layout.spans], 1)
-        per_tensor = layout.cached(("layer", g.device), lambda: torch.tensor(layout.layer_of_tensor(),
-                                                                              device=g.device))
+        per_tensor = _layer_index(layout, g.device)
     coefs = torch.clamp(torch.reciprocal(groups + EPS) * m.unsqueeze(1), max=1.0)  # [K, groups]
     tensor_coefs = coefs if per_tensor is None else coefs.index_select(1, per_tensor)  # [K, T]
     g.mul_(layout.expand(tensor_coefs.to(g.dtype)))

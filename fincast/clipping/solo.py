@@ -62,8 +62,9 @@ def clip_gradients(params: list[torch.Tensor], cfg: ClipConfig, state: ClipState
     g = torch.cat([x.detach().reshape(1, -1) for x in grads], 1)
     w = torch.cat([params[i].detach().reshape(1, -1).to(g.dtype) for i in used], 1)
     base = threshold_at(cfg, state.step)
-    thr = torch.tensor([math.nan if base is None else base], dtype=torch.float64, device=g.device)
-    stats = state.clipper.step(g, w, thr, torch.tensor([state.step], device=g.device),
+    # (fill kernels, not tensors from host data: those would be a blocking copy, a sync, on a GPU)
+    thr = torch.full((1,), math.nan if base is None else base, dtype=torch.float64, device=g.device)
+    stats = state.clipper.step(g, w, thr, torch.full((1,), state.step, dtype=torch.long, device=g.device),
                                torch.ones(1, dtype=torch.bool, device=g.device))
     torch._foreach_copy_(grads, [g[0, a:b].view(x.shape) for x, (a, b) in zip(grads, layout.offsets)])
     state.step += 1

@@ -106,7 +106,7 @@ bool have_blas() {
 
 template <typename T>
 void forward_impl(const at::Tensor& w, at::Tensor& z, at::Tensor& pre, at::Tensor& sig, at::Tensor& act_g,
-                  at::Tensor& cells, at::Tensor& tanh_c) {
+                  at::Tensor& cells, at::Tensor& tanh_c, const bool* live) {
   const int64_t steps = sig.size(0), k_runs = sig.size(1), hid = sig.size(3), b = sig.size(4);
   const int64_t zrows = z.size(2);
   const T* wp = w.data_ptr<T>();
@@ -123,6 +123,7 @@ void forward_impl(const at::Tensor& w, at::Tensor& z, at::Tensor& pre, at::Tenso
     for_runs(k_runs, [&](int64_t k0, int64_t k1) {
       SequentialBlas one;
       for (int64_t k = k0; k < k1; ++k) {
+        if (live != nullptr && !live[k]) continue;  // a stopped run: its slot stays, its work is skipped
         T* g = pp + k * 4 * hb;
         if (blas)  // pre_k = w_k z_t,k: [4H x (H+F+1)] x [(H+F+1) x B]
           gemm<T>(false, false, 4 * hid, b, zrows, T(1), wp + k * 4 * hid * zrows, zrows,
@@ -154,7 +155,7 @@ void forward_impl(const at::Tensor& w, at::Tensor& z, at::Tensor& pre, at::Tenso
 template <typename T>
 void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tensor& z, const at::Tensor& sig,
                    const at::Tensor& act_g, const at::Tensor& cells, const at::Tensor& tanh_c, at::Tensor& d_w_t,
-                   at::Tensor& d_x, bool x_grad) {
+                   at::Tensor& d_x, bool x_grad, const bool* live) {
   const int64_t steps = sig.size(0), k_runs = sig.size(1), hid = sig.size(3), b = sig.size(4);
   const int64_t zrows = z.size(2), feats = zrows - hid - 1;
   const int64_t hb = hid * b;
@@ -182,6 +183,10 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
     for_runs(k_runs, [&](int64_t k0, int64_t k1) {
       SequentialBlas one;
       for (int64_t k = k0; k < k1; ++k) {
+        if (live != nullptr && !live[k]) {  // a stopped run: zero gradients (d_w_t starts at zero)
+          if (x_grad) std::memset(dxp + (t * k_runs + k) * feats * b, 0, sizeof(T) * feats * b);
+          continue;
+        }
         const T* s = sp + (t * k_runs + k) * 4 * hb;
         const T* ag = gp + (t * k_runs + k) * hb;
         const T* c_prev = cp + (t * k_runs + k) * hb;
@@ -225,17 +230,26 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
 }
 
 
+const bool* live_runs(const at::Tensor& live, int64_t k_runs) {
+  if (!live.defined() || live.numel() == 0) return nullptr;
+  TORCH_CHECK(live.scalar_type() == at::kBool && live.is_contiguous() && live.numel() == k_runs && !live.is_cuda(),
+              "grouped_lstm: the runs mask is a contiguous bool CPU tensor of one entry per run");
+  return live.data_ptr<bool>();
+}
+
 void forward_loop(const at::Tensor& w, at::Tensor z, at::Tensor pre, at::Tensor sig, at::Tensor act_g,
-                  at::Tensor cells, at::Tensor tanh_c) {
+                  at::Tensor cells, at::Tensor tanh_c, const at::Tensor& live) {
   TORCH_CHECK(!w.is_cuda(), "grouped_lstm: CPU tensors only");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w, &z, &pre, &sig, &act_g, &cells, &tanh_c})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == w.scalar_type(), "grouped_lstm: contiguous, one dtype");
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "grouped_lstm_forward",
-                             [&] { forward_impl<scalar_t>(w, z, pre, sig, act_g, cells, tanh_c); });
+                             [&] { forward_impl<scalar_t>(w, z, pre, sig, act_g, cells, tanh_c,
+                                                          live_runs(live, sig.size(1))); });
 }
 
 std::vector<at::Tensor> backward_loop(const at::Tensor& d_out, const at::Tensor& w, const at::Tensor& z, const at::Tensor& sig,
-                         const at::Tensor& act_g, const at::Tensor& cells, const at::Tensor& tanh_c, bool x_grad) {
+                         const at::Tensor& act_g, const at::Tensor& cells, const at::Tensor& tanh_c, bool x_grad,
+                         const at::Tensor& live) {
   at::Tensor dout = d_out.contiguous();
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&dout, &w, &z, &sig, &act_g, &cells, &tanh_c})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == w.scalar_type(), "grouped_lstm: contiguous, one dtype");
@@ -244,7 +258,7 @@ std::vector<at::Tensor> backward_loop(const at::Tensor& d_out, const at::Tensor&
   at::Tensor d_x = x_grad ? at::empty({sig.size(0), sig.size(1), z.size(2) - hid - 1, sig.size(4)}, w.options())
                           : at::empty({0}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "grouped_lstm_backward", [&] {
-    backward_impl<scalar_t>(dout, w, z, sig, act_g, cells, tanh_c, d_w_t, d_x, x_grad);
+    backward_impl<scalar_t>(dout, w, z, sig, act_g, cells, tanh_c, d_w_t, d_x, x_grad, live_runs(live, sig.size(1)));
   });
   return {d_w_t.transpose(1, 2).contiguous(), d_x};
 }

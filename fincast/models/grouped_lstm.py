@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("fincast.models")
+_NONE = torch.empty(0, dtype=torch.bool)  # no runs mask
 _sigmoid_backward = torch.ops.aten.sigmoid_backward
 _tanh_backward = torch.ops.aten.tanh_backward
 
@@ -34,8 +35,9 @@ _tanh_backward = torch.ops.aten.tanh_backward
 class GroupedLSTM(torch.autograd.Function):
     """One LSTM layer for K runs. ``x``: [T, K, F, B] (time, run, feature, sample); ``w_ih`` [K, 4H, F],
     ``w_hh`` [K, 4H, H], ``bias`` [K, 4H, 1] (b_ih + b_hh), gates in nn.LSTM's order (i, f, g, o); ``ws`` a
-    dict this layer's buffers are kept in between steps (or None). Returns the hidden states of every time step,
-    [T, K, H, B].
+    dict this layer's buffers are kept in between steps (or None); ``live`` [K] (bool, CPU) the runs to compute
+    (the compiled kernel skips the others, whose outputs and gradients are then meaningless; None: all). Returns
+    the hidden states of every time step, [T, K, H, B].
 
     Per time step the forward is one ``bmm`` of w = [W_hh W_ih b] with z_t = [h_t; x_t; 1] (kept for the
     backward) and the gates' elementwise ops; the backward two matrix products (the gradient of z_t, and the
@@ -44,7 +46,7 @@ class GroupedLSTM(torch.autograd.Function):
     (CUDA, or no C++ compiler) in Python with one torch op per elementwise step."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, bias, ws):
+    def forward(ctx, x, w_ih, w_hh, bias, ws, live=None):
         steps, k, feats, b = x.shape
         hid = w_hh.shape[1] // 4
         buf = _workspace(ws, x, (steps, k, hid, feats, b))
@@ -53,13 +55,14 @@ class GroupedLSTM(torch.autograd.Function):
         z[:steps, :, hid:hid + feats].copy_(x)  # (c_0 = 0, h_0 = 0 and the row of ones are set once)
         kernel = cpu_kernel() if x.device.type == "cpu" else None
         if kernel is not None:
-            kernel.forward_loop(w, z, pre, sig, act_g, cells, tanh_c)
+            kernel.forward_loop(w, z, pre, sig, act_g, cells, tanh_c, _NONE if live is None else live)
         else:
             _forward_steps(w, z, pre, sig, act_g, cells, tanh_c)
         ctx.save_for_backward(w, sig, act_g, cells, z, tanh_c)
         ctx.x_grad = ctx.needs_input_grad[0]
         ctx.kernel = kernel
         ctx.buf = buf
+        ctx.live = live
         return z[1:, :, :hid]
 
     @staticmethod
@@ -69,10 +72,12 @@ class GroupedLSTM(torch.autograd.Function):
         hid = sig.shape[3]
         feats = w.shape[2] - hid - 1
         if ctx.kernel is not None:
-            d_w, d_x = ctx.kernel.backward_loop(d_out, w, z, sig, act_g, cells, tanh_c, ctx.x_grad)
+            d_w, d_x = ctx.kernel.backward_loop(d_out, w, z, sig, act_g, cells, tanh_c, ctx.x_grad,
+                                                _NONE if ctx.live is None else ctx.live)
         else:
             d_w, d_x = _backward_steps(ctx.buf, d_out, w, z, sig, act_g, cells, tanh_c, ctx.x_grad)
-        return (d_x if ctx.x_grad else None), d_w[:, :, hid:hid + feats], d_w[:, :, :hid], d_w[:, :, hid + feats:], None
+        return (d_x if ctx.x_grad else None), d_w[:, :, hid:hid + feats], d_w[:, :, :hid], d_w[:, :, hid + feats:], \
+            None, None
 
 
 def _forward_steps(w, z, pre, sig, act_g, cells, tanh_c) -> None:

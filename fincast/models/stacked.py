@@ -13,7 +13,9 @@ activations run ``[K, features, samples]``. A single run (K = 1) without the com
 CPU without a C++ compiler) runs its recurrence through ATen's LSTM (cuDNN on CUDA) instead. Dropout draws one
 mask per run and sample from torch's generator, so a stacked run with dropout equals its solo run in
 distribution, not bitwise (without dropout: to float precision, tests/test_engine.py). Under CUDA autocast
-(bf16/fp16) the recurrence runs in the autocast dtype, as ``nn.LSTM`` does.
+(bf16/fp16) the grouped recurrence runs in fp32 and the linear layers in the autocast dtype; a single run's
+cuDNN LSTM runs in fp16 under fp16 autocast (as ``nn.LSTM`` does) and in fp32 under bf16 (cuDNN's autocast
+would make it fp16).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class StackedNet:
         self.runs = len(models)
         self.params = self._views()
         self._ws: list[dict] = [{} for _ in range(self.arch.num_layers)]  # per-layer training buffers
+        self._eval_ws: list[dict] = [{} for _ in range(self.arch.num_layers)]  # and inference buffers
 
     def _views(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -132,14 +135,16 @@ class StackedNet:
     # forward
     # -----------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, train: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, train: bool = True, live: torch.Tensor | None = None) -> torch.Tensor:
+        """``live`` [K] (bool): the runs whose outputs matter; on the CPU kernel the others' recurrence is
+        skipped (their outputs and gradients are then meaningless)."""
         a = self.arch
         if a.kind == "option":
             contract, floor = x[..., :a.n_contract], x[..., a.n_contract]
             seq = x[..., a.n_contract + 1:].reshape(*x.shape[:2], a.lookback, a.channels)
         else:
             seq = x
-        state = self._dropout(self._last_state(seq, train), train)  # [K, H, B]
+        state = self._dropout(self._last_state(seq, train, live), train)  # [K, H, B]
         p = self.params
         if a.kind == "forecast":
             return _linear(p["head.weight"], p["head.bias"], state).squeeze(1)
@@ -151,13 +156,14 @@ class StackedNet:
 
     __call__ = forward
 
-    def _last_state(self, seq: torch.Tensor, train: bool) -> torch.Tensor:
+    def _last_state(self, seq: torch.Tensor, train: bool, live: torch.Tensor | None = None) -> torch.Tensor:
         """The LSTM over ``seq`` [K, B, T, F] -> the last hidden state [K, H, B], LayerNorm applied."""
         a, p = self.arch, self.params
-        if self.runs == 1 and (seq.device.type != "cpu" or cpu_kernel() is None):
+        if self.runs == 1 and (seq.device.type != "cpu" or cpu_kernel() is None) and \
+                (a.dropout == 0 or a.num_layers == 1):  # (cuDNN's dropout state is outside torch's RNG state)
             last = self._solo_lstm(seq[0], train)
         else:
-            last = self._grouped_lstm(seq.permute(2, 0, 3, 1), train)
+            last = self._grouped_lstm(seq.permute(2, 0, 3, 1), train, live)
         if last.dtype in (torch.float16, torch.bfloat16):
             last = last.float()
         if a.layer_norm:
@@ -174,41 +180,41 @@ class StackedNet:
         weights = [p[f"lstm.{w}_l{layer}"][0] for layer in range(a.num_layers)
                    for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
         h0 = seq.new_zeros(a.num_layers, seq.shape[0], a.hidden)
-        out, _, _ = torch.lstm(seq, (h0, h0), weights, True, a.num_layers, a.dropout if train else 0.0, train, False,
-                               True)
+        device_type = seq.device.type
+        # autocast runs cuDNN's RNN in fp16 whatever the autocast dtype: under bf16 the recurrence stays fp32
+        bf16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+        with torch.autocast(device_type, enabled=not bf16 and torch.is_autocast_enabled(device_type)):
+            out, _, _ = torch.lstm(seq.float() if bf16 else seq, (h0, h0), weights, True, a.num_layers,
+                                   a.dropout if train else 0.0, train, False, True)
         return out[:, -1].transpose(0, 1).unsqueeze(0)
 
-    def _grouped_lstm(self, seq: torch.Tensor, train: bool) -> torch.Tensor:
-        """The grouped recurrence over ``seq`` [T, K, F, B] -> [K, H, B] (in the autocast dtype under autocast)."""
+    def _grouped_lstm(self, seq: torch.Tensor, train: bool, live: torch.Tensor | None = None) -> torch.Tensor:
+        """The grouped recurrence over ``seq`` [T, K, F, B] -> [K, H, B]. Under autocast it stays in fp32: its cell
+        state, gate activations and weight-gradient sums would lose ~3x the accuracy in bf16 over a sequence."""
         a, p = self.arch, self.params
-        device_type = seq.device.type
-        low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        with torch.autocast(device_type, enabled=False):
-            if low is not None:
-                seq = seq.to(low)
+        with torch.autocast(seq.device.type, enabled=False):
+            seq = seq.float() if seq.dtype in (torch.float16, torch.bfloat16) else seq
             for layer in range(a.num_layers):
                 if layer and a.dropout > 0 and train:  # nn.LSTM: dropout on the outputs of all but the last layer
                     seq = F.dropout(seq, a.dropout, training=True)
                 w_ih, w_hh = p[f"lstm.weight_ih_l{layer}"], p[f"lstm.weight_hh_l{layer}"]
                 bias = (p[f"lstm.bias_ih_l{layer}"] + p[f"lstm.bias_hh_l{layer}"]).unsqueeze(-1)
-                if low is not None:
-                    w_ih, w_hh, bias = w_ih.to(low), w_hh.to(low), bias.to(low)
-                ws = self._ws[layer] if torch.is_grad_enabled() else None  # inference: fresh buffers
-                seq = GroupedLSTM.apply(seq, w_ih, w_hh, bias, ws)
-            return seq[-1].float() if low is not None else seq[-1]
+                ws = (self._ws if torch.is_grad_enabled() else self._eval_ws)[layer]
+                seq = GroupedLSTM.apply(seq, w_ih, w_hh, bias, ws, live if seq.device.type == "cpu" else None)
+            return seq[-1]
 
     def _dropout(self, state: torch.Tensor, train: bool) -> torch.Tensor:
         return F.dropout(state, self.arch.dropout, training=True) if train and self.arch.dropout > 0 else state
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, chunk: int = 4096, live: torch.Tensor | None = None) -> torch.Tensor:
         """Every run's predictions [K, N] (float32, on the device) for the same samples ``x`` [N, ...], in chunks
-        of about ``chunk`` run-samples."""
+        of about ``chunk`` run-samples, whose buffers are reused (``live``: as in ``forward``)."""
         size = max(1, chunk // self.runs)
         out = []
         for i in range(0, len(x), size):
             part = x[i:i + size]
-            out.append(self.forward(part.unsqueeze(0).expand(self.runs, *part.shape), train=False).float())
+            out.append(self.forward(part.unsqueeze(0).expand(self.runs, *part.shape), False, live).float())
         return torch.cat(out, 1) if out else x.new_zeros((self.runs, 0))
 
 

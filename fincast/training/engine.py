@@ -131,9 +131,10 @@ class Engine:
         net, dev, scaler = self.net, self.dev, self.scaler
         lr, thr, coef = plan[:, 0], plan[:, 1], plan[:, 2:]
         x, y, weight = self._shard(idx)
+        going = dev.live & (dev.step < dev.max_steps)  # not stopped, not diverged, within max_steps
         net.grad.zero_()
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            pred = net(x, train=True).float()
+            pred = net(x, True, going).float()
         sq = (pred - y).square()
         loss = sq.mean(1) if weight is None else sq.sum(1) * weight  # a DDP shard: its share of the global mean
         total = (loss if scaler is None else loss * scaler.scale).sum()
@@ -150,7 +151,6 @@ class Engine:
             torch.distributed.all_reduce(grad)
             torch.distributed.all_reduce(loss)
         found = scaler.unscale(grad) if scaler is not None else None
-        going = dev.live & (dev.step < dev.max_steps)  # not stopped, not diverged, within max_steps
         if monitor:
             layer_grads = self._layer_norms(grad)
             before = net.flat.clone()
@@ -294,7 +294,9 @@ class Engine:
     def _validate(self, epoch: int, judged: list[int]) -> None:
         """Every judged run's validation loss and metrics (one stacked forward), early-stopping bookkeeping and
         best weights."""
-        preds = self.net.predict(self.xv).cpu().numpy().astype(np.float64)
+        live = torch.zeros(self.runs, dtype=torch.bool)
+        live[judged] = True
+        preds = self.net.predict(self.xv, live=live.to(self.device)).cpu().numpy().astype(np.float64)
         scores = {k: score(preds[k], self.val)[:2] for k in judged}
         losses = [scores[k][0] for k in judged]
         if self.world > 1:  # decide on rank 0's numbers everywhere, so every rank stops at the same epoch

@@ -40,9 +40,11 @@ class StepGraphs:
                     out = self.step(idx, plan)
                 torch.cuda.current_stream().wait_stream(side)
                 return out
+            stream = torch.cuda.current_stream()
             try:
                 entry = self.graphs[key] = self._capture(idx, plan)
             except Exception as exc:  # capture refused: eager steps from here on
+                torch.cuda.set_stream(stream)  # (a failed capture leaves its side stream current)
                 self.failed = f"{type(exc).__name__}: {exc}"
                 log.warning("training without CUDA graphs: capturing the step failed (%s)", self.failed)
                 return self.step(idx, plan)
