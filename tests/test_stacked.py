@@ -1,162 +1,24 @@
-"""Stacked nets and stacked runs: K runs along a run dimension train exactly as each would alone; the grouped LSTM
-(compiled CPU kernel and torch-ops loop) against torch's nn.LSTM; how studies plan their stacks.
-
-The references are torch's own modules (nn.LSTM, the solo models) and each run trained alone (K = 1)."""
+"""Stacked nets: K models of one architecture as one computation against torch's own modules (nn.LSTM, the solo
+forecaster and option net), for the grouped LSTM's compiled CPU kernel and its torch-ops loop; how studies plan
+their stacks, and a stacked study against an unbatched one. (Stacked training runs against runs alone:
+tests/test_engine.py.)"""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from fincast.config import from_dict
-from fincast.features import Split
 from fincast.models import LSTMForecaster
 from fincast.models.options import OptionLSTM
 from fincast.models.stacked import StackedNet
-from fincast.training import fit, train_runs
-
-
-def _split(n, seed, lookback=12, f=4):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, lookback, f, generator=g)
-    y = (x[:, -3:, 0].sum(1) * 0.5 + 0.3 * torch.randn(n, generator=g)).float()
-    dates = np.arange(n).astype("datetime64[D]")
-    return Split(x.numpy(), y.numpy(), y.numpy().astype(float) * 0.02, np.full(n, 0.02), dates, dates + 1,
-                 np.full(n, "T", dtype=object))
-
-
-TRAIN, VAL = _split(96, 0), _split(40, 1)
-
-# four runs that differ in seed, learning rate, optimizer and clip method (stateful ones included)
-RUNS = [
-    {"train": {"seed": 0, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9}, "clip": {"method": "none"}},
-    {"train": {"seed": 1, "lr": 0.01, "optimizer": "adamw", "weight_decay": 0.01, "schedule": "cosine",
-               "warmup_steps": 5}, "clip": {"method": "norm", "norm": {"max_norm": 0.5}}},
-    {"train": {"seed": 2, "lr": 0.1, "optimizer": "sgd", "momentum": 0.5},
-     "clip": {"method": "autoclip", "autoclip": {"percentile": 25}}},
-    {"train": {"seed": 3, "lr": 0.005, "optimizer": "rmsprop", "momentum": 0.0},
-     "clip": {"method": "zclip", "zclip": {"warmup": 5, "z_thresh": 1.5}}},
-]
-
-
-def _cfgs(runs, **train):
-    out = []
-    for r in runs:
-        t = {"epochs": 5, "batch_size": 16, "patience": None, **r["train"], **train}
-        out.append(from_dict({"train": t, "clip": r["clip"], "monitor": {"every": 4}, "tracking": {"log_every": 7}}))
-    return out
 
 
 def _model(seed, hidden=8, f=4, **kw):
     torch.manual_seed(seed)
     return LSTMForecaster(f, hidden, **kw)
-
-
-def _solo(cfg, model):
-    rows = []
-    res = fit(model, TRAIN, VAL, cfg.train, cfg.clip, device=torch.device("cpu"), log_every=cfg.tracking.log_every,
-              sink=rows.extend, monitor=cfg.monitor)
-    return res, rows
-
-
-def _batched(cfgs, models):
-    rows = [[] for _ in cfgs]
-    res = train_runs(models, TRAIN, VAL, [c.train for c in cfgs], [c.clip for c in cfgs], device=torch.device("cpu"),
-                     log_every=cfgs[0].tracking.log_every, sinks=[r.extend for r in rows], monitor=cfgs[0].monitor)
-    return res, rows
-
-
-def _assert_rows_match(batched, solo, what):
-    assert [(k, s) for k, _, s in batched] == [(k, s) for k, _, s in solo], what  # same keys at the same steps
-    b = np.array([v for _, v, _ in batched])
-    s = np.array([v for _, v, _ in solo])
-    np.testing.assert_allclose(b, s, rtol=2e-4, atol=1e-6, err_msg=what)
-
-
-def _assert_same_run(rb, rs, mb, ms, rows_b, rows_s, what):
-    assert (rb.steps, rb.epochs, rb.stop_reason, rb.best_epoch, rb.diverged_step) == \
-        (rs.steps, rs.epochs, rs.stop_reason, rs.best_epoch, rs.diverged_step), what
-    for key in ("loss", "norm_pre", "norm_post", "threshold", "clipped"):
-        np.testing.assert_allclose(rb.history[key], rs.history[key], rtol=2e-4, atol=1e-6, err_msg=f"{what}: {key}")
-    np.testing.assert_allclose(rb.val_history, rs.val_history, rtol=2e-4, err_msg=what)
-    for (name, pb), (_, ps) in zip(mb.named_parameters(), ms.named_parameters()):
-        torch.testing.assert_close(pb, ps, rtol=1e-3, atol=1e-5, msg=f"{what}: {name}")
-    _assert_rows_match(rows_b, rows_s, what)
-
-
-def test_four_runs_batched_equal_each_run_alone():
-    cfgs = _cfgs(RUNS)
-    solo = [_solo(c, _model(c.train.seed)) for c in cfgs]
-    models = [_model(c.train.seed) for c in cfgs]
-    results, rows = _batched(cfgs, models)
-    for k, c in enumerate(cfgs):
-        ref_model = _model(c.train.seed)
-        fit(ref_model, TRAIN, VAL, c.train, c.clip, device=torch.device("cpu"), log_every=7, monitor=c.monitor)
-        _assert_same_run(results[k], solo[k][0], models[k], ref_model, rows[k], solo[k][1], f"run {k} ({c.clip.method})")
-    # the runs really differ (the comparison is not trivially between identical runs), and clipping happened
-    assert len({round(r.history["loss"][-1], 6) for r in results}) == 4
-    assert max(results[1].history["clipped"]) == 1.0 and max(results[2].history["clipped"]) == 1.0
-    assert any(k.startswith("grad/layer/") for k, _, _ in rows[0])  # per-layer monitoring rows too
-
-
-def test_a_diverging_run_leaves_the_others_identical():
-    cfgs = _cfgs(RUNS)
-    models = [_model(c.train.seed) for c in cfgs]
-    with torch.no_grad():  # run 2 starts with weights that overflow: its loss is inf/nan from step 1
-        models[2].head.weight.mul_(1e38)
-        models[2].lstm.weight_ih_l0.mul_(1e30)
-    blown = copy.deepcopy(models[2])
-    results, rows = _batched(cfgs, models)
-    assert results[2].diverged and results[2].stop_reason == "diverged"
-    alone, _ = _solo(cfgs[2], blown)
-    assert results[2].diverged_step == alone.diverged_step
-    for k in (0, 1, 3):
-        ref_model = _model(cfgs[k].train.seed)
-        res, ref_rows = _solo(cfgs[k], ref_model)
-        _assert_same_run(results[k], res, models[k], ref_model, rows[k], ref_rows, f"run {k} beside a diverged run")
-
-
-def test_early_stopping_and_max_steps_freeze_single_runs():
-    runs = copy.deepcopy(RUNS)
-    runs[0]["train"].update(patience=1, min_delta=10.0)  # stops after epoch 2, the others go on
-    runs[1]["train"]["epochs"] = 3
-    runs[3]["train"]["max_steps"] = 9  # stops mid-epoch (6 steps per epoch)
-    cfgs = [from_dict(_raw(r)) for r in runs]
-    solo = [_solo(c, _model(c.train.seed)) for c in cfgs]
-    models = [_model(c.train.seed) for c in cfgs]
-    results, rows = _batched(cfgs, models)
-    assert results[0].stop_reason == "early_stopping" and results[0].epochs < 5
-    assert results[1].stop_reason == "epochs" and results[1].epochs == 3
-    assert results[3].stop_reason == "max_steps" and results[3].steps == 9
-    assert results[2].epochs == 5
-    for k, c in enumerate(cfgs):
-        ref_model = _model(c.train.seed)
-        fit(ref_model, TRAIN, VAL, c.train, c.clip, device=torch.device("cpu"), log_every=7, monitor=c.monitor)
-        _assert_same_run(results[k], solo[k][0], models[k], ref_model, rows[k], solo[k][1], f"run {k}")
-
-
-def _raw(run):
-    return {"train": {"epochs": 5, "batch_size": 16, "patience": None, **run["train"]}, "clip": run["clip"],
-            "monitor": {"every": 4}, "tracking": {"log_every": 7}}
-
-
-def test_agc_and_per_layer_norm_clip_unit_wise_per_run():
-    runs = [{"train": {"seed": 5, "lr": 0.05, "optimizer": "sgd"}, "clip": {"method": "agc", "agc": {"clip_factor": 0.01}}},
-            {"train": {"seed": 6, "lr": 0.05, "optimizer": "sgd"},
-             "clip": {"method": "norm", "norm": {"max_norm": 0.05, "scope": "per_layer"}}},
-            {"train": {"seed": 7, "lr": 0.05, "optimizer": "sgd"}, "clip": {"method": "value", "value": {"value": 0.01}}}]
-    cfgs = _cfgs(runs, epochs=2)
-    models = [_model(c.train.seed) for c in cfgs]
-    results, rows = _batched(cfgs, models)
-    for k, c in enumerate(cfgs):
-        ref_model = _model(c.train.seed)
-        res, ref_rows = _solo(c, ref_model)
-        assert max(res.history["clipped"]) == 1.0
-        _assert_same_run(results[k], res, models[k], ref_model, rows[k], ref_rows, c.clip.method)
 
 
 @pytest.fixture(params=["cpp", "python"])
@@ -279,14 +141,6 @@ def test_rows_give_each_runs_weights_back():
         other = _model(99)
         net.load_into(k, other)
         assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), m.state_dict().values()))
-
-
-def test_stacked_runs_need_one_batch_size():
-    cfgs = _cfgs(RUNS[:2])
-    other = from_dict({**_raw(RUNS[1]), "train": {**_raw(RUNS[1])["train"], "batch_size": 8}})
-    with pytest.raises(ValueError, match="batch_size"):
-        _batched([cfgs[0], other], [_model(0), _model(1)])
-    assert math.isfinite(cfgs[0].train.lr)
 
 
 # ---------------------------------------------------------------------------------------------
