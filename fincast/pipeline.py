@@ -95,7 +95,8 @@ def warm_up() -> None:
     from fincast.models.stacked import StackedNet
 
     if loaded_kernel() is not None:  # a study driver loaded it before forking: the engine's first step too
-        StackedNet([LSTMForecaster(4, 4), LSTMForecaster(4, 4)])(torch.randn(2, 2, 3, 4)).sum().backward()
+        net = StackedNet([LSTMForecaster(4, 4), LSTMForecaster(4, 4)])
+        net.backward(net(torch.randn(2, 2, 3, 4)).sum())
     with tempfile.TemporaryDirectory() as tmp:
         plots.training_curves(Path(tmp) / "warm.png", loss=[1.0, 0.5], norm_pre=[1.0, 2.0], norm_post=[1.0, 1.0],
                               val_loss=[0.7], val_steps=[2], threshold=1.0, title="warm-up")

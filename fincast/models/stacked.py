@@ -21,6 +21,7 @@ would make it fp16).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,7 @@ class StackedNet:
         self.params = self._views()
         self._ws: list[dict] = [{} for _ in range(self.arch.num_layers)]  # per-layer training buffers
         self._eval_ws: list[dict] = [{} for _ in range(self.arch.num_layers)]  # and inference buffers
+        self._quiet = True  # the first backward: torch's once-per-process warning about the strided gradients
 
     def _views(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -205,6 +207,17 @@ class StackedNet:
 
     def _dropout(self, state: torch.Tensor, train: bool) -> torch.Tensor:
         return F.dropout(state, self.arch.dropout, training=True) if train and self.arch.dropout > 0 else state
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; the gradients are strided views of one [K, P] tensor on purpose, which torch
+        flags once per process ("grad and param do not obey the gradient layout contract"): not shown."""
+        if not self._quiet:
+            loss.backward()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            loss.backward()
+        self._quiet = False
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, chunk: int = 4096, live: torch.Tensor | None = None) -> torch.Tensor:

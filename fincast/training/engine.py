@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -108,7 +107,6 @@ class Engine:
         self.host_step = 0  # steps of the runs still training (they step together)
         self.start = (0, 0)  # (epoch, batch) to start from
         self._pinned: list[torch.Tensor] = []
-        self._quiet_backward = True
         self._no_skip = torch.zeros(k_runs, dtype=torch.bool, device=device)
         self.graphs = self._graphs(cuda_graphs)
 
@@ -137,14 +135,7 @@ class Engine:
             pred = net(x, True, going).float()
         sq = (pred - y).square()
         loss = sq.mean(1) if weight is None else sq.sum(1) * weight  # a DDP shard: its share of the global mean
-        total = (loss if scaler is None else loss * scaler.scale).sum()
-        if self._quiet_backward:  # gradients are strided views of one [K, P] tensor, on purpose: torch warns once
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-                total.backward()
-            self._quiet_backward = False
-        else:
-            total.backward()
+        net.backward((loss if scaler is None else loss * scaler.scale).sum())
         loss = loss.detach()
         grad = net.grad
         if self.world > 1:  # every rank clips the global batch's gradients, and judges its global loss
