@@ -443,7 +443,9 @@ def train_stacked(cfgs: list[PipelineConfig], models: list[torch.nn.Module], spl
                   tags: list[dict[str, str]] | None, parent_run_id: str | None, progress: bool) -> list[TrainOutcome]:
     """Open one MLflow run per config (``open_one(cfg, model, extra_tags) -> (run, name)``), train all of them
     as one stack, each with its own sink and checkpoint, then close each (``close_one(run, name, cfg, model,
-    result, checkpoint_path)``). A failure marks every run of the stack FAILED."""
+    result, checkpoint_path)``). A failure while opening or training marks every run of the stack FAILED; once
+    trained, each run is closed on its own, so one that fails to close (FAILED) costs the others nothing: they
+    finish, and :class:`StackCloseError` then carries every run's outcome or error."""
     runs = []
     with contextlib.ExitStack() as stack:
         for i, cfg in enumerate(cfgs):
@@ -451,15 +453,39 @@ def train_stacked(cfgs: list[PipelineConfig], models: list[torch.nn.Module], spl
             if parent_run_id is not None:
                 extra["mlflow.parentRunId"] = parent_run_id
             run, name = open_one(cfg, models[i], extra)
-            stack.enter_context(ended(run))
+            stack.enter_context(ended_on_error(run))
             runs.append((run, name, *checkpointer(cfg, run.run_id, fingerprint)))
         cfg0 = cfgs[0]
         results = train_runs(models, *splits, [c.train for c in cfgs], [c.clip for c in cfgs], device=device,
                              precision=precision, log_every=cfg0.tracking.log_every,
                              sinks=[r.log_metrics for r, *_ in runs], monitor=cfg0.monitor, progress=progress,
                              checkpoints=[save for _, _, save, _ in runs], cuda_graphs=cfg0.train.cuda_graphs)
-        return [close_one(run, name, cfg, model, result, path)
-                for (run, name, _, path), cfg, model, result in zip(runs, cfgs, models, results)]
+        stack.pop_all()  # trained: from here each run ends on its own
+    outcomes: list[TrainOutcome | Exception] = []
+    for i, ((run, name, _, path), cfg, model, result) in enumerate(zip(runs, cfgs, models, results)):
+        try:
+            with ended(run):
+                outcomes.append(close_one(run, name, cfg, model, result, path))
+        except Exception as error:  # noqa: BLE001 - this run is FAILED; the others still close
+            outcomes.append(error)
+        except BaseException:  # an interrupt: the runs not closed yet are KILLED too
+            for later, *_ in runs[i + 1:]:
+                later.end("KILLED")
+            raise
+    if any(isinstance(o, Exception) for o in outcomes):
+        raise StackCloseError(outcomes, [name for _, name, *_ in runs])
+    return outcomes
+
+
+class StackCloseError(FincastError):
+    """Some runs of a trained stack failed to close (test metrics, artifacts, model); the others finished.
+    ``outcomes[k]`` is run k's :class:`TrainOutcome` or the error that failed it."""
+
+    def __init__(self, outcomes: list, names: list[str]):
+        self.outcomes = outcomes
+        failed = [f"{n}: {type(o).__name__}: {o}" for n, o in zip(names, outcomes) if isinstance(o, Exception)]
+        super().__init__(f"{len(failed)} of {len(outcomes)} stacked runs failed after training (the others "
+                         f"finished): " + "; ".join(failed))
 
 
 def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,

@@ -595,9 +595,13 @@ def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int) -> lis
     try:
         outs = pipeline.train_batch([_worker_cfg(j, threads) for j in jobs], tags=[j.tags(study) for j in jobs],
                                     parent_run_id=parent_id)
+    except pipeline.StackCloseError as exc:  # trained; some runs failed to close (FAILED), the others finished
+        outs = exc.outcomes
     except Exception as exc:  # every run of the batch is marked FAILED in MLflow; the study goes on
         return [{"name": n, "error": f"{type(exc).__name__}: {exc}", "diverged": False} for n in names]
-    return [{"name": n, "error": None, "diverged": o.fit.diverged, "run_id": o.run_id} for n, o in zip(names, outs)]
+    return [{"name": n, "error": f"{type(o).__name__}: {o}", "diverged": False} if isinstance(o, Exception)
+            else {"name": n, "error": None, "diverged": o.fit.diverged, "run_id": o.run_id}
+            for n, o in zip(names, outs)]
 
 
 def _run_job(job: Job, parent_id: str, study: str, threads: int) -> dict:

@@ -504,3 +504,41 @@ def test_amp_stacks_on_cuda(precision):
     (solo,) = train_runs([alone], TRAIN, VAL, [cfgs[0].train], [cfgs[0].clip], device=torch.device("cuda"),
                          precision=precision)
     np.testing.assert_allclose(results[0].history["loss"], solo.history["loss"], rtol=5e-2, atol=1e-3)
+
+
+def test_step_time_charges_each_run_only_the_steps_it_took(monkeypatch):
+    """``step_ms`` is the stack's wall time per step for every run: a run stopped early in an epoch is charged its
+    share of that epoch, not the whole epoch (a clock that advances one second per reading: each epoch takes 1 s)."""
+    from types import SimpleNamespace
+
+    from fincast.training import engine as engine_mod
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(engine_mod, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    cfgs = [_cfg({"seed": 0, "max_steps": 2}, {"method": "none"}), _cfg({"seed": 1}, {"method": "none"})]
+    (short, full), _ = _run([_model(0), _model(1)], cfgs)
+    assert (short.steps, full.steps) == (2, 18)  # 6 steps per epoch, 3 epochs
+    assert full.step_ms == pytest.approx(1000.0 / 6)
+    assert short.step_ms == pytest.approx(1000.0 / 6)  # 2/6 of the first epoch's second for its 2 steps
+
+
+def test_a_run_stopped_by_max_steps_mid_epoch_writes_one_validated_checkpoint_there():
+    """The mid-epoch checkpoint due at the step where max_steps stops the run is left to the epoch's end, which
+    writes it after validation (with what a resume needs to undo that validation)."""
+    saved = []
+    cfg = _cfg({"seed": 0, "max_steps": 4, "checkpoint": False, "checkpoint_every": 2}, {"method": "norm"})
+    (result,), _ = _run([_model(0)], [cfg], checkpoints=[saved.append])
+    assert result.steps == 4 and result.stop_reason == "max_steps"
+    assert [s["run"]["step"] for s in saved] == [2, 4]
+    assert "rewind" not in saved[0]["loop"] and saved[1]["loop"]["rewind"]["validations"] == 0
+    assert len(saved[1]["loop"]["val_history"]) == 1
+
+
+def test_a_pruned_run_resumed_from_its_last_checkpoint_stays_pruned():
+    saved = []
+    cfg = _cfg({"seed": 0, "epochs": 4}, {"method": "norm"})
+    (pruned,), _ = _run([_model(0)], [cfg], checkpoints=[saved.append], on_epochs=[lambda epoch, loss: epoch == 2])
+    assert pruned.stop_reason == "pruned" and pruned.epochs == 2 and saved[-1]["loop"]["pruned"]
+    model = _model(0)
+    (again,), _ = _run([model], [cfg], resumes=[saved[-1]])
+    assert again.stop_reason == "pruned" and again.steps == pruned.steps  # no further epoch

@@ -295,6 +295,40 @@ def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkey
     assert (out.skipped, out.finished, out.failed) == (6, 6, [])
 
 
+@pytest.mark.slow  # one study (~5 s)
+def test_a_run_that_fails_to_close_fails_alone_its_stack_mates_finish(tmp_path, monkeypatch):
+    """After the stack trained, each run is closed (test metrics, artifacts, model) on its own: one failing
+    there is FAILED with its error, the other runs of the stack finish with everything logged."""
+    from mlflow.tracking import MlflowClient
+
+    from fincast import pipeline
+    from fincast import study as study_mod
+
+    study = _tiny_study(tmp_path, "close", "study.batch_runs=6", "study.workers=1")
+    real = pipeline._close_forecast_run
+    closed = []
+
+    def third_close_breaks(run, name, *args, **kw):
+        closed.append(name)
+        if len(closed) == 3:
+            raise OSError("simulated disk full while logging artifacts")
+        return real(run, name, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "_close_forecast_run", third_close_breaks)
+    out = study_mod.run(study)
+    assert len(closed) == 12  # every run of both stacks was closed, also after the failure
+    assert out.finished == 11 and len(out.failed) == 1
+    (name, error), = out.failed
+    assert name == closed[2] and "simulated disk full" in error
+    client = MlflowClient(f"sqlite:///{tmp_path / 'close'}.db")
+    exp = client.get_experiment_by_name("tiny_study")
+    runs = client.search_runs([exp.experiment_id], "tags.`fincast.study_role` = 'child'")
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status.pop(closed[2]) == "FAILED" and set(status.values()) == {"FINISHED"} and len(status) == 11
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert all("best_val_loss" in r.data.metrics for r in finished)
+
+
 def test_study_driver_does_not_query_cuda_before_it_forks_workers(tmp_path, monkeypatch):
     """torch.cuda.is_available() sets up the CUDA driver, after which forked workers cannot use the GPU: the
     driver decides whether to load the CPU kernel without it."""

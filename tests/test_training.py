@@ -410,11 +410,37 @@ def test_max_steps_mid_epoch_resumes_where_it_stopped():
     saved = []
     _, short = _ckpt_run(_cfg(train={**base, "max_steps": 7}), split, saved=saved)
     assert short.steps == 7 and (saved[-1]["loop"]["epoch"], saved[-1]["loop"]["batch"]) == (1, 2)
+    assert len(short.val_history) == 2  # the stopped run is validated where it stopped
     longer = _cfg(train={**base, "max_steps": 10})
-    _, resumed = _ckpt_run(longer, split, resume=saved[-1])
-    _, straight = _ckpt_run(longer, split)
+    resumed_model, resumed = _ckpt_run(longer, split, resume=saved[-1])
+    straight_model, straight = _ckpt_run(longer, split)
     assert resumed.steps == 10
     assert resumed.history["loss"] == straight.history["loss"]  # the epoch's rest, not a skipped epoch
+    # the validation at step 7 belongs to the stopped run only: the continued run validates epoch 2 once, at its
+    # end, with the early-stopping bookkeeping and best weights of a run that never stopped
+    assert resumed.val_history == straight.val_history and len(straight.val_history) == 2
+    assert (resumed.best_epoch, resumed.best_val_loss) == (straight.best_epoch, straight.best_val_loss)
+    for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values()):
+        assert torch.equal(a, b)
+    # resumed with the same limit, it stays the run that stopped
+    _, again = _ckpt_run(_cfg(train={**base, "max_steps": 7}), split, resume=saved[-1])
+    assert again.stop_reason == "max_steps" and again.val_history == short.val_history
+
+
+def test_a_validation_at_a_mid_epoch_stop_is_undone_when_a_resume_raises_the_limit():
+    """The partial validation at a max_steps stop improves the best loss: a resume with a higher limit must not
+    keep that epoch as the best (a run that never stopped never saw it)."""
+    x, y = _batch(n=40)
+    split = _split(x, y)
+    base = {"epochs": 4, "batch_size": 8, "patience": 1, "lr": 1e-2}
+    saved = []
+    _, short = _ckpt_run(_cfg(train={**base, "max_steps": 12}), split, saved=saved)
+    rewind = saved[-1]["loop"]["rewind"]
+    assert rewind["validations"] == 2 and len(short.val_history) == 3
+    _, resumed = _ckpt_run(_cfg(train={**base, "max_steps": None}), split, resume=saved[-1])
+    _, straight = _ckpt_run(_cfg(train={**base, "max_steps": None}), split)
+    assert resumed.val_history == straight.val_history
+    assert (resumed.best_epoch, resumed.stop_reason) == (straight.best_epoch, straight.stop_reason)
 
 
 def test_checkpoint_every_alone_also_saves_at_epoch_ends_and_resume_after_early_stop_stops():

@@ -48,6 +48,8 @@ def load_run(engine, k: int, saved: dict) -> tuple[int, int, int]:
     engine.clipper.load(k, clip, int(run["step"]))
     engine.recs[k].load(loop, run)
     engine.dev.step[k] = int(run["step"])
+    engine.rewinds[k] = loop.get("rewind")
+    engine.resumed_pruned[k] = bool(loop.get("pruned", False))
     engine.gen_states[k] = loop["gen_state"].cpu()
     engine.gens[k].set_state(engine.gen_states[k])
     return int(loop["epoch"]), int(loop["batch"]), int(run["step"])

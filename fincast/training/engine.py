@@ -106,6 +106,8 @@ class Engine:
         self.layer_rows: list[tuple[int, torch.Tensor]] = []  # (batch, [K, 2 x layers]) of monitor steps
         self.host_step = 0  # steps of the runs still training (they step together)
         self.start = (0, 0)  # (epoch, batch) to start from
+        self.rewinds: list[dict | None] = [None] * self.runs  # resumed runs' undo of a mid-epoch validation
+        self.resumed_pruned = [False] * self.runs  # resumed from the checkpoint of the epoch it was pruned at
         self._pinned: list[torch.Tensor] = []
         self._no_skip = torch.zeros(k_runs, dtype=torch.bool, device=device)
         self.graphs = self._graphs(cuda_graphs)
@@ -222,6 +224,7 @@ class Engine:
         stopped_at = {k: first + n for k, n in left.items() if n < self.spe - first}
         drained = done = first
         t0, every = time.perf_counter(), self.monitor.every
+        clock = self._clock(running)
         for b in range(first, self.spe):
             if not any(self.host_step < limits[k] and self.recs[k].diverged is None for k in running):
                 break
@@ -239,17 +242,17 @@ class Engine:
             if self.device.type == "cpu" and done - drained >= self.log_every:  # reading costs nothing here
                 drained = self._drain(drained, done, lrs)
             due = [k for k in running if self.cfgs[k].checkpoint_every and done < self.spe
-                   and self.host_step % self.cfgs[k].checkpoint_every == 0 and self.host_step <= limits[k]
+                   and self.host_step % self.cfgs[k].checkpoint_every == 0 and self.host_step < limits[k]
                    and (self.checkpoints[k] is not None or self.world > 1)]
             if due:
                 drained = self._drain(drained, done, lrs)
-                self._add_time(running, t0)
+                self._add_time(clock, t0)
                 for k in due:
                     if self.recs[k].diverged is None:
                         self._save(k, epoch, done)
-                t0 = time.perf_counter()
+                t0, clock = time.perf_counter(), self._clock(running)
         self._drain(drained, done, lrs)
-        self._add_time(running, t0)
+        self._add_time(clock, t0)
         return stopped_at
 
     def _end_epoch(self, epoch: int, running: list[int], stopped_at: dict[int, int]) -> None:
@@ -258,6 +261,7 @@ class Engine:
             if self.recs[k].diverged is not None:
                 self.recs[k].stop = "diverged"
         judged = [k for k in running if self.recs[k].stop is None]
+        partial = {k: self._rewind_point(k) for k in judged if stopped_at.get(k, self.spe) < self.spe}
         if judged:
             self._validate(epoch, judged)
         for k in judged:
@@ -274,10 +278,10 @@ class Engine:
             elif prune and epoch + 1 < cfg.epochs:
                 stop = "pruned"
             if cfg.checkpoint or (cfg.checkpoint_every and rec.step % cfg.checkpoint_every == 0):
-                if k in stopped_at and stopped_at[k] < self.spe:  # max_steps mid-epoch: resume goes on from here
-                    self._save(k, epoch, stopped_at[k])
+                if k in partial:  # max_steps mid-epoch: a resume with a higher limit goes on from here
+                    self._save(k, epoch, stopped_at[k], rewind=partial[k])
                 else:
-                    self._save(k, epoch + 1, 0, next_epoch=True)
+                    self._save(k, epoch + 1, 0, next_epoch=True, pruned=stop == "pruned")
             rec.stop = stop
         for rec in self.recs:
             rec.flush()
@@ -373,11 +377,20 @@ class Engine:
         self._pinned.append(t)
         return t.to(self.device, non_blocking=True)
 
-    def _add_time(self, running: list[int], t0: float) -> float:
-        seconds = time.perf_counter() - t0
-        for k in running:
-            self.recs[k].train_seconds += seconds
-        return time.perf_counter()
+    def _clock(self, running: list[int]) -> tuple[int, dict[int, int]]:
+        """Where an interval of training starts: the loop's step and each running run's."""
+        return self.host_step, {k: self.recs[k].step for k in running}
+
+    def _add_time(self, clock: tuple[int, dict[int, int]], t0: float) -> None:
+        """Charge the interval's wall time since ``t0`` (drained up to now) to its runs, each by its share of the
+        interval's steps: a run that stopped or diverged early in the interval pays only for the steps it took, so
+        ``step_ms`` is the stack's time per step for every run."""
+        host0, steps0 = clock
+        seconds, steps = time.perf_counter() - t0, self.host_step - host0
+        if steps <= 0:
+            return
+        for k, s0 in steps0.items():
+            self.recs[k].train_seconds += seconds * (self.recs[k].step - s0) / steps
 
     def _postfix(self) -> dict:
         if self.runs == 1:
@@ -398,10 +411,12 @@ class Engine:
     # checkpoints and resume (a run's state, sliced out of the stack: resumable alone)
     # -----------------------------------------------------------------------------------------
 
-    def _save(self, k: int, epoch: int, batch: int, next_epoch: bool = False) -> None:
+    def _save(self, k: int, epoch: int, batch: int, next_epoch: bool = False, rewind: dict | None = None,
+              pruned: bool = False) -> None:
         """Checkpoint run ``k`` after ``batch`` batches of ``epoch`` (everything drained and sent first, so a
         resumed run logs from the next step on). Under torchrun every rank comes here (the RNG states are
-        gathered); rank 0 writes."""
+        gathered); rank 0 writes. ``rewind``: the early-stopping bookkeeping before a mid-epoch validation (see
+        ``_rewind_point``). ``pruned``: the run was pruned here (a resume keeps it stopped)."""
         rng = rng_states(self.world)
         write = self.checkpoints[k]
         if write is None:
@@ -410,7 +425,21 @@ class Engine:
         rec.flush(force=True)
         gen = self.gens[k].get_state() if next_epoch else self.gen_states[k]
         write(ckpt.run_state(self, k, rng, {"epoch": epoch, "batch": batch, "gen_state": gen,
-                                            "steps_per_epoch": self.spe, **rec.state()}))
+                                            "steps_per_epoch": self.spe, **rec.state(),
+                                            **({"rewind": rewind} if rewind is not None else {}),
+                                            **({"pruned": True} if pruned else {})}))
+
+    def _rewind_point(self, k: int) -> dict | None:
+        """Run ``k`` stopped by max_steps mid-epoch and is validated there, where a run with a higher limit is
+        not: what its checkpoint needs to undo that validation when a resume raises the limit (validation changes
+        no weight and draws no random number, so the continued run equals one that never stopped)."""
+        if self.checkpoints[k] is None:
+            return None
+        rec = self.recs[k]
+        return {"best_val": rec.best_val, "best_epoch": rec.best_epoch, "bad_epochs": rec.bad_epochs,
+                "validations": len(rec.val_history),
+                "best_weights": {n: t.cpu() for n, t in self.net.row(k, self.best).items()} if rec.best_epoch > 0
+                else None}
 
     def resume(self, saved: list[dict | None]) -> None:
         """Continue from per-run checkpoints (``_save``'s dicts; all runs, at one loop position)."""
@@ -428,11 +457,24 @@ class Engine:
             torch.distributed.broadcast(self.net.flat, 0)
 
     def _stop_resumed(self) -> None:
-        """A resumed run that had already stopped stops again (unless --set raised the limit)."""
-        for rec, cfg in zip(self.recs, self.cfgs):
+        """A resumed run that had already stopped stops again (unless --set raised the limit); one that goes on
+        past its mid-epoch max_steps stop forgets the validation made there."""
+        for k, (rec, cfg) in enumerate(zip(self.recs, self.cfgs)):
+            if self.resumed_pruned[k]:  # its pruner decided: no limit brings it back
+                rec.stop = "pruned"
+                continue
             if cfg.max_steps is not None and rec.step >= cfg.max_steps:
                 rec.stop = "max_steps"
-            elif cfg.patience is not None and rec.bad_epochs >= cfg.patience:
+                continue
+            rewind = self.rewinds[k]
+            if rewind is not None:
+                rec.best_val, rec.best_epoch, rec.bad_epochs = (rewind["best_val"], rewind["best_epoch"],
+                                                                rewind["bad_epochs"])
+                del rec.val_history[rewind["validations"]:]
+                if rewind["best_weights"] is not None:
+                    with torch.no_grad():
+                        self.best[k] = self.net.vector(rewind["best_weights"])
+            if cfg.patience is not None and rec.bad_epochs >= cfg.patience:
                 rec.stop = "early_stopping"
 
 
