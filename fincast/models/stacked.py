@@ -12,7 +12,7 @@ grouped_lstm.GroupedLSTM` (one matrix product per time step for all runs), linea
 activations run ``[K, features, samples]``. A single run (K = 1) without the compiled CPU kernel (on CUDA, or a
 CPU without a C++ compiler) runs its recurrence through ATen's LSTM (cuDNN on CUDA) instead. Dropout draws one
 mask per run and sample from torch's generator, so a stacked run with dropout equals its solo run in
-distribution, not bitwise (without dropout: to float precision, tests/test_engine.py). Under CUDA autocast
+distribution, not bitwise (without dropout: to float precision, tests/training/test_engine.py). Under CUDA autocast
 (bf16/fp16) the grouped recurrence runs in fp32 and the linear layers in the autocast dtype; a single run's
 cuDNN LSTM runs in fp16 under fp16 autocast (as ``nn.LSTM`` does) and in fp32 under bf16 (cuDNN's autocast
 would make it fp16).

@@ -4,7 +4,7 @@ step for all of them.
 
 The update rules are torch's (``torch.optim`` SGD, Adam, AdamW, RMSprop with ``foreach=True``), op for op, with
 the per-run numbers as [K, 1] columns where torch has Python scalars: on a CPU each run's weights come out
-bitwise equal to its own ``torch.optim`` optimizer's (tests/test_engine.py checks against torch on each run
+bitwise equal to its own ``torch.optim`` optimizer's (tests/training/test_engine.py checks against torch on each run
 alone). Scalars that torch computes in double (the learning rate, bias corrections, ``1 - lr * wd``) are computed
 in float64 here too, then rounded once.
 

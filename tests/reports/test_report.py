@@ -117,7 +117,7 @@ def test_steps_to_target():
 def test_study_jobs_write_the_tags_the_report_reads():
     from pathlib import Path
 
-    job = study_mod.load(Path(__file__).resolve().parents[1] / "pipelines" / "stability_crypto.yaml").jobs[7]
+    job = study_mod.load(Path(__file__).resolve().parents[2] / "pipelines" / "stability_crypto.yaml").jobs[7]
     tags = job.tags("s")
     assert {"fincast.study", "fincast.study_role", "fincast.config_hash", "fincast.cell", "fincast.group",
             "fincast.study_clip", "fincast.study_lr", "fincast.seed"} <= set(tags)

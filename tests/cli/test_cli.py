@@ -18,7 +18,7 @@ from fincast import cli
 from fincast import config as config_mod
 from fincast.config import TrackingConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 
 

@@ -14,7 +14,7 @@ from fincast.data import COLUMNS, DataError, csvsource, load_prices, synthetic
 
 YAHOO_NAMES = {"open": "Open", "high": "High", "low": "Low", "close": "Close", "adj_close": "Adj Close",
                "volume": "Volume"}
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def data_cfg(**data):

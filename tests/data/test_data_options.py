@@ -18,7 +18,7 @@ from fincast.data import options, yahoo
 from fincast.data.options import CHAIN_COLUMNS, DROP_REASONS
 from fincast.data.validate import DataError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "options"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "options"
 SPXW_HEADER = ("underlying,underlying_last,exchange,optionroot,optionext,type,expiration,quotedate,strike,last,bid,ask,"
                "volume,openinterest,impliedvol,delta,gamma,theta,vega,optionalias")
 RND_HEADER = ("quote_date,underlying_close,days_to_expiration,bidsize.c,bid.c,ask.c,asksize.c,chg.c,impvol.c,vol.c,"

@@ -22,7 +22,7 @@ from fincast import sweep as sw
 from fincast.clipping import MIN_ADVICE_STEPS, advise_thresholds
 from fincast.config import ConfigError, FincastError, TrackingConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # fincast.sweep silences these at import; pytest restores the warning filters for every test
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
               pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")]

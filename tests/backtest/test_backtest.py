@@ -23,7 +23,7 @@ from fincast.features import feature_names
 from fincast.models import build_model
 from fincast.training import seed_everything
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "pipelines" / "backtest_crypto.yaml"
 CPU = torch.device("cpu")
 PRICES = ["open", "high", "low", "close", "adj_close"]

@@ -2,7 +2,7 @@
 
 Tests use this to check generated self-contained reports the way a reader sees them:
 
-    from browser import check_page, find_chromium   # tests/ is on sys.path under pytest
+    from browser import check_page, find_chromium   # tests/support is on sys.path under pytest (conftest)
     if find_chromium() is None: pytest.skip(...)
     result = check_page("report.html")
     assert result.broken_images == [] and result.console_errors == []

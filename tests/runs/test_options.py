@@ -25,7 +25,7 @@ from fincast.features import options as ofeat
 from fincast.models import options as omodel
 from fincast.reports.stability import _test_numbers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 SPX_CHAIN = SHARED / "options" / "SPXW_eod_chain_2018-01-02_2018-02-28.csv"
 SYNTHETIC_SPEC = ROOT / "pipelines" / "options_synthetic.yaml"

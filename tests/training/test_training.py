@@ -372,7 +372,7 @@ def test_distributed_data_parallel_matches_one_process_with_the_same_global_batc
     import sys
     from pathlib import Path
 
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[1] / "support"
     sys.path.insert(0, str(here))
     try:
         import ddp_fit

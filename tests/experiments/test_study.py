@@ -15,8 +15,7 @@ import yaml
 from fincast import study as study_mod
 from fincast.config import ConfigError, TrackingConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ["data.source=synthetic", "data.start=2019-01-01", "data.end=2021-06-30", "features.lookback=8",
         "features.vol_windows=[5]", "model.hidden_size=4", "train.epochs=2", "train.batch_size=128",

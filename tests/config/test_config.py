@@ -27,7 +27,7 @@ from fincast.config import (
     to_dict,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(p for p in (ROOT / "pipelines").glob("*.yaml")  # study and sweep specs: test_study/test_sweep.py
                if not {"matrix", "search"} & set(yaml.safe_load(p.read_text()) or {}))
 SPEC_IDS = [p.name for p in SPECS]
