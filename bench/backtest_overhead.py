@@ -4,7 +4,7 @@ Target (issue): on a 10-year daily backtest with monthly refits, the backtest ma
 (feature building, splitting and scaling per fold, prediction, the walk-forward table, evaluation, the report
 and MLflow logging) costs < 10% of the total time.
 
-Runs ``fincast.pipeline.backtest`` end to end, as ``fincast backtest`` does, on pipelines/backtest_equities.yaml
+Runs ``fincast.runs.backtest.backtest`` end to end, as ``fincast backtest`` does, on pipelines/backtest_equities.yaml
 with the synthetic source (an equity calendar, data from 2012; cutoffs monthly, every 21 bars, from 2015-01-01 to
 the end of 2024: ten years, 120 folds), into a temporary MLflow store and report folder. Model training is the
 time inside the LSTMs' fit (training steps and per-epoch validation) and ridge's fits (its penalty search
@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fincast import config
-    from fincast.pipeline import backtest
+    from fincast.runs.backtest import backtest
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"

@@ -8,7 +8,7 @@ there, else on synthetic prices (the output says which).
 Each measurement runs in a fresh process (its imports not counted), into its own temporary MLflow store,
 created beforehand (as a user's store exists after the first run):
 
-  plain loop   every run through pipeline.train, one after another (torch threads: fincast's default, all
+  plain loop   every run through driver.train, one after another (torch threads: fincast's default, all
                cores); one 1-epoch warm-up run first, not counted. What a user without studies would do.
   study x1     study.run with batch_runs=1: runs one at a time in warm worker processes (one per core).
   study auto   study.run with batch_runs=auto (the default): the runs stacked, about four batches per worker
@@ -46,7 +46,7 @@ CLIPS = "[none, {method: norm, norm: {max_norm: 1.0}}, {method: autoclip}, {meth
 
 
 def load(tmp: Path, epochs: int, extra: list[str]):
-    from fincast import study as study_mod
+    from fincast.experiments import study as study_mod
 
     if (DATA / "BTC-USD.csv").is_file():
         data = ["data.source=csv", f"data.path={DATA}"]
@@ -66,9 +66,12 @@ def peak_mb() -> tuple[float, float]:
 def measure(mode: str, epochs: int) -> dict:
     import torch
 
-    from fincast import features, pipeline, training
-    from fincast import study as study_mod
+    from fincast import features, training
+    from fincast.experiments import study as study_mod
+    from fincast.experiments.workers import plan_chunks
     from fincast.models import build_model
+    from fincast.runs import driver
+    from fincast.runs.setup import cores
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fincast-bench-batched-{mode}-"))
     os.chdir(tmp)
@@ -80,17 +83,17 @@ def measure(mode: str, epochs: int) -> dict:
         if mode == "plain":
             study = load(tmp, epochs, [])
             first = study.jobs[0].cfg
-            pipeline.train(dataclasses.replace(first, train=dataclasses.replace(first.train, epochs=1)))
+            driver.train(dataclasses.replace(first, train=dataclasses.replace(first.train, epochs=1)))
             t0 = time.perf_counter()
-            outs = [pipeline.train(j.cfg, tags=j.tags(study.name)) for j in study.jobs]
+            outs = [driver.train(j.cfg, tags=j.tags(study.name)) for j in study.jobs]
             seconds = time.perf_counter() - t0
             return {"seconds": seconds, "runs": len(outs), "diverged": sum(o.fit.diverged for o in outs),
                     "steps": sum(o.fit.steps for o in outs), "peak": peak_mb()}
         if mode in ("study1", "studyauto", "studytorch"):
-            k = {"study1": "1", "studyauto": "auto", "studytorch": str(-(-24 // study_mod._cores()))}[mode]
+            k = {"study1": "1", "studyauto": "auto", "studytorch": str(-(-24 // cores()))}[mode]
             study = load(tmp, epochs, [f"study.batch_runs={k}"])
-            chunks = study_mod.plan_chunks(list(study.jobs), study.settings.batch_runs,
-                                           min(study.settings.workers or study_mod._cores(), len(study.jobs)))
+            chunks = plan_chunks(list(study.jobs), study.settings.batch_runs,
+                                           min(study.settings.workers or cores(), len(study.jobs)))
             t0 = time.perf_counter()
             out = study_mod.run(study)
             seconds = time.perf_counter() - t0
@@ -100,7 +103,7 @@ def measure(mode: str, epochs: int) -> dict:
         torch.set_num_threads(1)
         study = load(tmp, epochs, [])
         cfg = study.jobs[0].cfg
-        prices = pipeline.load_data(cfg)
+        prices = driver.load_data(cfg)
         fs = features.build(prices.frames, cfg.features, price=cfg.data.price)
         device = torch.device("cpu")
 

@@ -56,9 +56,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 import fincast  # noqa: E402
 from fincast import config as config_mod  # noqa: E402
-from fincast import study as study_mod  # noqa: E402
 from fincast import tracking  # noqa: E402
 from fincast.clipping import label as clip_label  # noqa: E402
+from fincast.experiments import study as study_mod  # noqa: E402
 from fincast.reports import stability  # noqa: E402
 
 SPEC = ROOT / "pipelines" / "stability_crypto.yaml"

@@ -47,14 +47,15 @@ for candidate in (ROOT / ".gpu-data" / "crypto",):  # the GPU machine gets the d
 
 
 def features():
-    from fincast import config, pipeline
+    from fincast import config
     from fincast import features as feats
+    from fincast.runs import driver
 
     source = ["data.source=csv", f"data.path={DATA}"] if (DATA / "BTC-USD.csv").is_file() else \
         ["data.source=synthetic"]
     cfg = config.load(ROOT / "pipelines" / "price_crypto.yaml",
                       ["data.tickers=[BTC-USD]", "features.lookback=30", "train.batch_size=64", *source])
-    prices = pipeline.load_data(cfg)
+    prices = driver.load_data(cfg)
     return cfg, feats.build(prices.frames, cfg.features, price=cfg.data.price), source[0].split("=")[1]
 
 

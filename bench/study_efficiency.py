@@ -8,8 +8,8 @@ Workers = cores (os.sched_getaffinity), torch threads per worker = max(1, cores 
 chooses them. Then:
 
   single runs  every job of the study trained alone, one after another, in this (warmed-up) process with
-               pipeline.train(job.cfg with train.threads = the per-worker threads), into a temp MLflow store;
-               each timed with perf_counter around pipeline.train (data load, MLflow logging and artifacts
+               driver.train(job.cfg with train.threads = the per-worker threads), into a temp MLflow store;
+               each timed with perf_counter around driver.train (data load, MLflow logging and artifacts
                included: a study's runs do all of that too). One warm-up run (1 epoch) first, not counted.
   study        study.run(study) into a temp MLflow store created beforehand (as the single-run store is by
                the warm-up run): wall time including starting the workers, which is part of a study's
@@ -44,8 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from fincast import pipeline, tracking  # noqa: E402
-from fincast import study as study_mod  # noqa: E402
+from fincast import tracking  # noqa: E402
+from fincast.experiments import study as study_mod  # noqa: E402
+from fincast.runs import driver  # noqa: E402
+from fincast.runs.setup import cores as count_cores  # noqa: E402
 
 DATA = (ROOT.parent / "shared" / "data" / "crypto").resolve()
 CLIPS = ["none", "{method: norm, norm: {max_norm: 1.0}}", "{method: autoclip}", "{method: zclip}"]
@@ -100,7 +102,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     jobs = study.jobs
-    cores = study_mod._cores()
+    cores = count_cores()
     workers = min(study.settings.workers or cores, max(1, len(jobs)))  # as study.run chooses them
     threads = study.settings.threads or max(1, cores // workers)
     n_lr = len({j.lr for j in jobs})
@@ -117,7 +119,7 @@ def main() -> None:
     try:
         single_uri, single_art = f"sqlite:///{tmp}/single.db", f"{tmp}/art-single"
         t0 = time.perf_counter()
-        pipeline.train(with_store(jobs[0].cfg, single_uri, single_art, threads=threads, epochs=1),
+        driver.train(with_store(jobs[0].cfg, single_uri, single_art, threads=threads, epochs=1),
                        tags={"bench": "warm-up"})
         print(f"warm-up run (1 epoch, also creates the single-run store): {time.perf_counter() - t0:.1f} s, "
               "not counted")
@@ -127,7 +129,7 @@ def main() -> None:
             for i, job in enumerate(jobs):
                 cfg = with_store(job.cfg, single_uri, single_art, threads=threads)
                 t0 = time.perf_counter()
-                out = pipeline.train(cfg, tags=job.tags(study.name))
+                out = driver.train(cfg, tags=job.tags(study.name))
                 times.append(time.perf_counter() - t0)
                 if sys.stdout.isatty():
                     print(f"\r  {label} single run {i + 1}/{len(jobs)}: {times[-1]:.2f} s ({out.fit.steps} steps"

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fincast import cli, pipeline
+from fincast import cli
 from fincast import config as config_mod
 from fincast.backtest import BacktestError, model_names, walk_forward
 from fincast.backtest import walkforward as wfm
@@ -21,6 +21,7 @@ from fincast.data import load_prices
 from fincast.data.validate import validate
 from fincast.features import feature_names
 from fincast.models import build_model
+from fincast.runs import backtest as backtest_run
 from fincast.training import seed_everything
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +65,7 @@ def _run(cfg, frames, monkeypatch) -> tuple[wfm.WalkForward, list[FitCall]]:
     """walk_forward on CPU with the pipeline's LSTM fitter, recording every fit (its splits' dates, start and end
     weights)."""
     calls: list[FitCall] = []
-    real_fit = pipeline.fit
+    real_fit = backtest_run.fit
 
     def recording_fit(model, train, val, train_cfg, clip, **kw):
         initial = _state(model)
@@ -73,8 +74,8 @@ def _run(cfg, frames, monkeypatch) -> tuple[wfm.WalkForward, list[FitCall]]:
                              train_cfg.epochs, clip.method, initial, _state(model)))
         return res
 
-    monkeypatch.setattr(pipeline, "fit", recording_fit)
-    wf = walk_forward(frames, cfg, fit_lstm=pipeline.lstm_fitter(cfg, CPU))
+    monkeypatch.setattr(backtest_run, "fit", recording_fit)
+    wf = walk_forward(frames, cfg, fit_lstm=backtest_run.lstm_fitter(cfg, CPU))
     return wf, calls
 
 
@@ -337,7 +338,7 @@ def test_a_ticker_joins_the_folds_once_it_has_enough_training_data():
     cuts, _ = wfm.cutoffs(panel, cfg)
     first = wfm._fold_split(panel["ETH-USD"], cuts[0], cuts[1], None, cfg, None)
     assert first is None  # 2021-01-01: too few samples
-    wf = walk_forward(frames, cfg, fit_lstm=pipeline.lstm_fitter(cfg, CPU))
+    wf = walk_forward(frames, cfg, fit_lstm=backtest_run.lstm_fitter(cfg, CPU))
     eth = wf.forecasts[wf.forecasts["ticker"] == "ETH-USD"]
     assert eth["fold"].min() > 1 and len(eth) > 0
     for k in eth["fold"].unique():
@@ -401,7 +402,7 @@ def test_a_start_with_too_little_training_data_is_refused(start):
     cfg = _cfg(f"backtest.start={start}", "data.end=2020-06-30")
     frames = load_prices(cfg.data).frames
     with pytest.raises(BacktestError, match=r"backtest\.start") as exc:
-        walk_forward(frames, cfg, fit_lstm=pipeline.lstm_fitter(cfg, CPU))
+        walk_forward(frames, cfg, fit_lstm=backtest_run.lstm_fitter(cfg, CPU))
     assert "training" in str(exc.value) and start in str(exc.value)
 
 
@@ -411,14 +412,14 @@ def test_a_start_after_the_data_is_refused(start):
     cfg = _cfg(f"backtest.start={start}")
     frames = load_prices(cfg.data).frames
     with pytest.raises(BacktestError, match=rf"backtest\.start = {start}.*nothing to forecast"):
-        walk_forward(frames, cfg, fit_lstm=pipeline.lstm_fitter(cfg, CPU))
+        walk_forward(frames, cfg, fit_lstm=backtest_run.lstm_fitter(cfg, CPU))
 
 
 def test_a_start_before_any_training_data_is_refused():
     cfg = _cfg("backtest.start=2020-01-01", "data.end=2020-06-30")
     frames = load_prices(cfg.data).frames
     with pytest.raises(BacktestError, match=r"backtest\.start"):
-        walk_forward(frames, cfg, fit_lstm=pipeline.lstm_fitter(cfg, CPU))
+        walk_forward(frames, cfg, fit_lstm=backtest_run.lstm_fitter(cfg, CPU))
 
 
 def test_a_bad_window_is_refused_by_the_config():

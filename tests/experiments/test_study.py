@@ -11,29 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_study import TINY, _spec  # noqa: F401 (TINY: also used by the sweep tests)
 
-from fincast import study as study_mod
 from fincast.config import ConfigError, TrackingConfig
+from fincast.experiments import study as study_mod
+from fincast.experiments.spec import config_hash
+from fincast.runs.setup import cores
 
 ROOT = Path(__file__).resolve().parents[2]
-
-TINY = ["data.source=synthetic", "data.start=2019-01-01", "data.end=2021-06-30", "features.lookback=8",
-        "features.vol_windows=[5]", "model.hidden_size=4", "train.epochs=2", "train.batch_size=128",
-        "train.warmup_steps=2", "tracking.log_every=20", "monitor.every=null"]
-
-
-def _spec(tmp_path: Path, **matrix) -> Path:
-    spec = {
-        "name": "tiny_study", "base": str(ROOT / "pipelines" / "price_crypto.yaml"),
-        "set": {"data.tickers": ["BTC-USD"], "train.checkpoint": False, "tracking.log_model": False},
-        "matrix": {"clip": ["none", {"method": "norm", "norm": {"max_norm": 0.5}}], "lr": [1e-2, 3.0], "seeds": 3,
-                   **matrix},
-        "study": {"workers": 1},
-    }
-    path = tmp_path / "tiny_study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
 
 def _store(tmp_path: Path) -> list[str]:
     return [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_dir={tmp_path / 'art'}"]
@@ -93,9 +78,9 @@ def test_config_hash_ignores_tracking_threads_and_checkpoints_only(tmp_path):
     cfg = job.cfg
     same = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name="x", uri="sqlite:///y.db"),
                                train=dataclasses.replace(cfg.train, threads=7, checkpoint=True))
-    assert study_mod.config_hash(same) == job.hash
+    assert config_hash(same) == job.hash
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size + 1))
-    assert study_mod.config_hash(other) != job.hash
+    assert config_hash(other) != job.hash
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
@@ -145,11 +130,12 @@ def test_rerun_after_a_kill_redoes_only_unfinished_runs_and_keeps_each_once(tmp_
     """Simulated kill: the 4th run is interrupted (its MLflow run ends KILLED), and a run left RUNNING by a
     SIGKILLed worker is in the store too. The rerun keeps the 3 finished runs, deletes the leftovers and
     trains the rest: every run of the plan present exactly once."""
-    from fincast import pipeline, tracking
+    from fincast import tracking
+    from fincast.runs import driver
 
     # one run at a time (the kill hits the 4th run); a killed batch: tests/test_batched.py
     s = study_mod.load(_spec(tmp_path, lr=[3.0]), [*TINY, *_store(tmp_path), "study.batch_runs=1"])
-    real_train, calls = pipeline.train, []
+    real_train, calls = driver.train, []
 
     def train_then_die(cfg, **kw):
         calls.append(cfg)
@@ -161,10 +147,10 @@ def test_rerun_after_a_kill_redoes_only_unfinished_runs_and_keeps_each_once(tmp_
             raise KeyboardInterrupt
         return real_train(cfg, **kw)
 
-    monkeypatch.setattr(pipeline, "train", train_then_die)
+    monkeypatch.setattr(driver, "train", train_then_die)
     with pytest.raises(KeyboardInterrupt):
         study_mod.run(s)
-    monkeypatch.setattr(pipeline, "train", real_train)
+    monkeypatch.setattr(driver, "train", real_train)
     finished = _children(tmp_path, "FINISHED")
     assert len(finished) == 3
     kept = {r.info.run_id for r in finished}
@@ -202,21 +188,21 @@ def test_an_amp_axis_without_cuda_is_refused_before_any_work(tmp_path):
 
 
 def test_a_failing_run_does_not_stop_the_study(tmp_path, monkeypatch):
-    from fincast import pipeline
+    from fincast.runs import driver
 
     s = study_mod.load(_spec(tmp_path, lr=[3.0]), [*TINY, *_store(tmp_path), "study.batch_runs=1"])
-    real_train = pipeline.train
+    real_train = driver.train
 
     def sometimes_broken(cfg, **kw):
         if cfg.train.seed == 1 and cfg.train.lr == 3.0:
             raise RuntimeError("simulated crash")
         return real_train(cfg, **kw)
 
-    monkeypatch.setattr(pipeline, "train", sometimes_broken)
+    monkeypatch.setattr(driver, "train", sometimes_broken)
     out = study_mod.run(s)
     assert out.finished == len(s.jobs) - 2 and len(out.failed) == 2
     assert all("simulated crash" in e for _, e in out.failed)
-    monkeypatch.setattr(pipeline, "train", real_train)
+    monkeypatch.setattr(driver, "train", real_train)
     out = study_mod.run(s)
     assert (out.skipped, out.finished, out.failed) == (len(s.jobs) - 2, 2, [])
 
@@ -266,7 +252,7 @@ def test_study_then_report_end_to_end(tmp_path, capsys):
     assert "12 runs trained now" in out.out
     runs = _children(tmp_path, "FINISHED")
     assert len(runs) == 12 and {r.data.tags["fincast.study_clip"] for r in runs} == {"none", "norm0.5"}
-    assert {r.data.tags["fincast.threads"] for r in runs} == {str(max(1, study_mod._cores() // 2))}
+    assert {r.data.tags["fincast.threads"] for r in runs} == {str(max(1, cores() // 2))}
 
     code = cli.main(["report", "stability", "--study", "tiny_study", "--tracking-uri",
                      f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(tmp_path / "reports")])

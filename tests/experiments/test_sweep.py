@@ -16,11 +16,11 @@ import pytest
 import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from test_study import TINY  # the tiny synthetic pipeline of the study tests
+from tiny_study import TINY  # the tiny synthetic pipeline of the study tests
 
-from fincast import sweep as sw
 from fincast.clipping import MIN_ADVICE_STEPS, advise_thresholds
 from fincast.config import ConfigError, FincastError, TrackingConfig
+from fincast.experiments import sweep as sw
 
 ROOT = Path(__file__).resolve().parents[2]
 # fincast.sweep silences these at import; pytest restores the warning filters for every test
@@ -252,7 +252,9 @@ def test_objective_is_best_val_loss_or_the_penalty(best, diverged, expect_penalt
     (["sweep.workers=2", "sweep.threads=3"], 1, 8, (2, 3, [0, 0])),
 ])
 def test_plan_workers(tmp_path, monkeypatch, overrides, gpus, cores, expected):
-    monkeypatch.setattr(sw, "_cores", lambda: cores)
+    from fincast.experiments import workers
+
+    monkeypatch.setattr(workers, "cores", lambda: cores)
     path = write_spec(tmp_path, SEARCH, {"trials": 30, "workers": None})
     s = sw.load(path, overrides)
     workers, threads, assigned = sw.plan_workers(s, gpus)
@@ -508,8 +510,9 @@ def test_advice_at_exactly_the_minimum_works():
 
 
 def test_advise_end_to_end_matches_the_logged_gradient_norms(tmp_path, stores):
-    from fincast import advise, tracking
     from fincast import config as config_mod
+    from fincast import tracking
+    from fincast.experiments import advise
 
     cfg = config_mod.load(PIPELINE, [*stores.overrides, "data.tickers=[BTC-USD]", "tracking.metrics_writer=inline"])
     assert cfg.clip.method != "none"  # the probe is unclipped whatever the pipeline says

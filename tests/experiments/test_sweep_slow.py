@@ -17,7 +17,7 @@ import pytest
 import test_sweep
 from test_sweep import check_runs_match_trials, finished, load_study, write_spec
 
-from fincast import sweep as sw
+from fincast.experiments import sweep as sw
 
 # the fast tests' fixtures: fresh MLflow and Optuna stores in tmp_path, copied from empty ones made once
 empty_stores, stores = test_sweep.empty_stores, test_sweep.stores

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fincast.experiments import workers
 from fincast.models import LSTMForecaster
 from fincast.models.options import OptionLSTM
 from fincast.models.stacked import StackedNet
@@ -149,9 +150,9 @@ def test_rows_give_each_runs_weights_back():
 
 
 def _tiny_study(tmp_path, name, *extra):
-    from test_study import TINY, _spec
+    from tiny_study import TINY, _spec
 
-    from fincast import study as study_mod
+    from fincast.experiments import study as study_mod
 
     spec = _spec(tmp_path, lr=[1e-2, 3e-2])
     store = [f"tracking.uri=sqlite:///{tmp_path / name}.db", f"tracking.artifact_dir={tmp_path / name}"]
@@ -161,53 +162,51 @@ def _tiny_study(tmp_path, name, *extra):
 def test_plan_chunks_groups_stackable_runs_and_splits_them_evenly(tmp_path):
     import dataclasses
 
-    from fincast import study as study_mod
 
     study = _tiny_study(tmp_path, "plan", "train.device=cpu")  # (auto would pick a GPU where there is one)
     jobs = list(study.jobs)  # 2 clips x 2 lrs x 3 seeds = 12 runs of one architecture
-    assert [len(c) for c in study_mod.plan_chunks(jobs, 5, 1)] == [4, 4, 4]
-    assert [len(c) for c in study_mod.plan_chunks(jobs, 1, 1)] == [1] * 12
-    six = study_mod.plan_chunks(jobs, 6, 2)
+    assert [len(c) for c in workers.plan_chunks(jobs, 5, 1)] == [4, 4, 4]
+    assert [len(c) for c in workers.plan_chunks(jobs, 1, 1)] == [1] * 12
+    six = workers.plan_chunks(jobs, 6, 2)
     assert [len(c) for c in six] == [6, 6] and [j for c in six for j in c] == jobs
     # auto on a CPU: stacked with the compiled kernel, ~4 batches per worker of at least 2 runs; one at a time
     # without the kernel (the torch-ops loop gains nothing over a run alone there: bench/run_axis.py)
     from fincast.models import grouped_lstm as batched
 
     if batched.cpu_kernel() is not None:
-        assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 2)] == [2] * 6
-        assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 1)] == [3] * 4
+        assert [len(c) for c in workers.plan_chunks(jobs, "auto", 2)] == [2] * 6
+        assert [len(c) for c in workers.plan_chunks(jobs, "auto", 1)] == [3] * 4
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(batched._KERNEL, "module", None)
-        assert [len(c) for c in study_mod.plan_chunks(jobs, "auto", 1)] == [1] * 12
+        assert [len(c) for c in workers.plan_chunks(jobs, "auto", 1)] == [1] * 12
     # checkpoints and precision stack (each run writes its own checkpoint); another model config (dropout here)
     # is another architecture setting: a stack of its own
     drop = dataclasses.replace(jobs[0].cfg, model=dataclasses.replace(jobs[0].cfg.model, dropout=0.1))
     ckpt = dataclasses.replace(jobs[1].cfg, train=dataclasses.replace(jobs[1].cfg.train, checkpoint=True,
                                                                       checkpoint_every=7))
     mixed = [dataclasses.replace(jobs[0], cfg=drop), dataclasses.replace(jobs[1], cfg=ckpt), *jobs[2:]]
-    chunks = study_mod.plan_chunks(mixed, 100, 1)
+    chunks = workers.plan_chunks(mixed, 100, 1)
     assert sorted(len(c) for c in chunks) == [1, 11]
 
 
 def test_auto_batch_is_bounded_by_the_memory_budget(tmp_path):
-    from fincast import study as study_mod
 
     cfg = _tiny_study(tmp_path, "auto").jobs[0].cfg
-    per_run = study_mod.run_bytes(cfg)
-    assert study_mod.budget_batch(4 * 10 * per_run, per_run, 100, 1) == 10  # a quarter of the memory holds 10
-    assert study_mod.budget_batch(4 * 10 * per_run, per_run, 6, 1) == 6
-    assert study_mod.budget_batch(4 * 10 * per_run, per_run, 100, 4) == 10
-    assert study_mod.budget_batch(4 * 10 * per_run, per_run, 12, 4) == 3  # split across the workers
-    assert study_mod.available_ram() > 0
+    per_run = workers.run_bytes(cfg)
+    assert workers.budget_batch(4 * 10 * per_run, per_run, 100, 1) == 10  # a quarter of the memory holds 10
+    assert workers.budget_batch(4 * 10 * per_run, per_run, 6, 1) == 6
+    assert workers.budget_batch(4 * 10 * per_run, per_run, 100, 4) == 10
+    assert workers.budget_batch(4 * 10 * per_run, per_run, 12, 4) == 3  # split across the workers
+    assert workers.available_ram() > 0
     if not torch.cuda.is_available():
         from fincast.models import grouped_lstm as batched
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(study_mod, "available_ram", lambda: 4 * 10 * per_run * 3)  # 10 runs per worker's quarter
+            mp.setattr(workers, "available_ram", lambda: 4 * 10 * per_run * 3)  # 10 runs per worker's quarter
             mp.setitem(batched._KERNEL, "module", object())  # (as if built)
-            assert study_mod.auto_batch(cfg, 100, 3) == 9  # about four batches per worker
-            assert study_mod.auto_batch(cfg, 400, 3) == 10  # the memory budget binds
-            assert study_mod.auto_batch(cfg, 12, 3) == 2  # at least two runs per batch
+            assert workers.auto_batch(cfg, 100, 3) == 9  # about four batches per worker
+            assert workers.auto_batch(cfg, 400, 3) == 10  # the memory budget binds
+            assert workers.auto_batch(cfg, 12, 3) == 2  # at least two runs per batch
 
 
 def test_batch_runs_setting_is_checked(tmp_path):
@@ -227,7 +226,7 @@ def test_batched_study_report_equals_the_unbatched_one(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from fincast import study as study_mod
+    from fincast.experiments import study as study_mod
     from fincast.reports import stability
 
     out = {}
@@ -267,11 +266,11 @@ def test_batched_study_report_equals_the_unbatched_one(tmp_path):
 
 @pytest.mark.slow  # two studies (~10 s)
 def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkeypatch):
-    from fincast import pipeline
-    from fincast import study as study_mod
+    from fincast.experiments import study as study_mod
+    from fincast.runs import driver
 
     study = _tiny_study(tmp_path, "fail", "study.batch_runs=6", "study.workers=1")
-    real = pipeline.train_runs
+    real = driver.train_runs
     calls = []
 
     def second_batch_breaks(models, *args, **kw):
@@ -280,7 +279,7 @@ def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkey
             raise RuntimeError("simulated crash in a batch")
         return real(models, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "train_runs", second_batch_breaks)
+    monkeypatch.setattr(driver, "train_runs", second_batch_breaks)
     out = study_mod.run(study)
     assert calls == [6, 6] and out.finished == 6 and len(out.failed) == 6
     assert all("simulated crash in a batch" in e for _, e in out.failed)
@@ -290,7 +289,7 @@ def test_a_failing_batch_fails_its_runs_and_a_rerun_redoes_them(tmp_path, monkey
     exp = client.get_experiment_by_name("tiny_study")
     runs = client.search_runs([exp.experiment_id], "tags.`fincast.study_role` = 'child'")
     assert sorted(r.info.status for r in runs) == ["FAILED"] * 6 + ["FINISHED"] * 6
-    monkeypatch.setattr(pipeline, "train_runs", real)
+    monkeypatch.setattr(driver, "train_runs", real)
     out = study_mod.run(study)
     assert (out.skipped, out.finished, out.failed) == (6, 6, [])
 
@@ -301,11 +300,11 @@ def test_a_run_that_fails_to_close_fails_alone_its_stack_mates_finish(tmp_path, 
     there is FAILED with its error, the other runs of the stack finish with everything logged."""
     from mlflow.tracking import MlflowClient
 
-    from fincast import pipeline
-    from fincast import study as study_mod
+    from fincast.experiments import study as study_mod
+    from fincast.runs import driver
 
     study = _tiny_study(tmp_path, "close", "study.batch_runs=6", "study.workers=1")
-    real = pipeline._close_forecast_run
+    real = driver.close_one
     closed = []
 
     def third_close_breaks(run, name, *args, **kw):
@@ -314,7 +313,7 @@ def test_a_run_that_fails_to_close_fails_alone_its_stack_mates_finish(tmp_path, 
             raise OSError("simulated disk full while logging artifacts")
         return real(run, name, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "_close_forecast_run", third_close_breaks)
+    monkeypatch.setattr(driver, "close_one", third_close_breaks)
     out = study_mod.run(study)
     assert len(closed) == 12  # every run of both stacks was closed, also after the failure
     assert out.finished == 11 and len(out.failed) == 1
@@ -334,8 +333,8 @@ def test_study_driver_does_not_query_cuda_before_it_forks_workers(tmp_path, monk
     driver decides whether to load the CPU kernel without it."""
     import contextlib
 
-    from fincast import study as study_mod
-    from fincast.pipeline import batch_key as pipeline_batch_key
+    from fincast.experiments import study as study_mod
+    from fincast.runs.driver import batch_key
 
     events = []
     real_available = torch.cuda.is_available
@@ -349,7 +348,7 @@ def test_study_driver_does_not_query_cuda_before_it_forks_workers(tmp_path, monk
 
     monkeypatch.setattr(study_mod, "worker_pool", pool)
     study = _tiny_study(tmp_path, "nocuda", "train.device=auto")
-    assert any(pipeline_batch_key(j.cfg) for j in study.jobs)  # a study that stacks: the kernel is loaded first
+    assert any(batch_key(j.cfg) for j in study.jobs)  # a study that stacks: the kernel is loaded first
     with pytest.raises(RuntimeError, match="stop before forking"):
         study_mod.run(study)
     assert events == ["workers start"]

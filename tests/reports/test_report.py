@@ -11,8 +11,8 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from fincast import study as study_mod
 from fincast.config import FincastError
+from fincast.experiments import study as study_mod
 from fincast.reports import stability
 
 STUDY = "fab_study"

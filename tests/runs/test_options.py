@@ -17,13 +17,14 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from fincast import cli, pipeline_options
+from fincast import cli
 from fincast import config as config_mod
 from fincast.config import TrackingConfig
 from fincast.features import FeatureError
 from fincast.features import options as ofeat
 from fincast.models import options as omodel
 from fincast.reports.stability import _test_numbers
+from fincast.runs import options as options_task
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
@@ -656,14 +657,14 @@ def _frame_for_baselines() -> pd.DataFrame:
 
 def test_baseline_prices_are_black_scholes_with_each_vol():
     c = _frame_for_baselines()
-    out = pipeline_options.baseline_prices(c, (10, 20))
+    out = options_task.baseline_prices(c, (10, 20))
     assert set(out) == {"bs_hv10", "bs_hv20"}
     for w in (10, 20):
         np.testing.assert_allclose(out[f"bs_hv{w}"], ref_bs(c["S"], c["strike"], c["tau"], c["r"], c[f"hv{w}"],
                                                            c["call"], c["q"]), rtol=1e-9, atol=1e-12)
     c["true_price"] = np.arange(len(c), dtype=float)
     c["vol_index"] = 0.3
-    out = pipeline_options.baseline_prices(c, (20,))
+    out = options_task.baseline_prices(c, (20,))
     assert set(out) == {"bs_hv20", "true_model", "bs_vol_index"}
     np.testing.assert_array_equal(out["true_model"], np.arange(len(c), dtype=float))
     np.testing.assert_allclose(out["bs_vol_index"], ref_bs(c["S"], c["strike"], c["tau"], c["r"], 0.3, c["call"],
@@ -673,9 +674,9 @@ def test_baseline_prices_are_black_scholes_with_each_vol():
 def test_to_prices_multiplies_by_strike_or_reprices_the_vol():
     c = _frame_for_baselines()
     raw = np.linspace(0.01, 0.2, len(c))
-    np.testing.assert_allclose(pipeline_options.to_prices(raw, c, "price"), raw * c["strike"], rtol=1e-15)
+    np.testing.assert_allclose(options_task.to_prices(raw, c, "price"), raw * c["strike"], rtol=1e-15)
     vols = np.linspace(0.1, 0.6, len(c))
-    np.testing.assert_allclose(pipeline_options.to_prices(vols, c, "iv"),
+    np.testing.assert_allclose(options_task.to_prices(vols, c, "iv"),
                                ref_bs(c["S"], c["strike"], c["tau"], c["r"], vols, c["call"], c["q"]),
                                rtol=1e-9, atol=1e-12)
 
@@ -685,17 +686,17 @@ def test_pipeline_prepare_on_a_small_heston_market_round_trips_the_target(target
     cfg = config_mod.from_dict({"task": "options", "options": {
         "source": "synthetic", "target": target, "hist_vols": [5, 10],
         "heston": {"days": 120, "contracts_per_day": 10}}, "features": {"lookback": 10}})
-    market = pipeline_options.load_market(cfg)
+    market = options_task.load(cfg)
     assert len(market.close) == 121 and market.chain["quote_date"].nunique() == 120
-    os_, contracts, dropped = pipeline_options.prepare(cfg, market)
+    os_, contracts, dropped = options_task.align(cfg, market)
     # days 1..10 have fewer than 10 returns before them
     assert dropped == {"fewer than 10 daily returns of the underlying before the quote date": 100}
     assert (contracts["r"] == cfg.options.heston.rate).all() and (contracts["q"] == 0).all()
     assert np.isfinite(contracts["iv"]).mean() > 0.95
     f = os_.frames["test"]
-    back = pipeline_options.to_prices(os_.test.y_raw, f, target)
+    back = options_task.to_prices(os_.test.y_raw, f, target)
     np.testing.assert_allclose(back, f["price"], rtol=1e-7, atol=1e-9)
-    assert set(pipeline_options.baseline_prices(f, (5, 10))) == {"bs_hv5", "bs_hv10", "true_model"}
+    assert set(options_task.baseline_prices(f, (5, 10))) == {"bs_hv5", "bs_hv10", "true_model"}
 
 
 def test_stability_report_reads_option_metrics_for_options_runs():
@@ -774,7 +775,7 @@ def test_train_options_end_to_end(tmp_path, monkeypatch, capsys):
 
     # the zero forecast's validation loss: mean squared (scaled) validation target, rebuilt independently
     cfg = config_mod.load(SYNTHETIC_SPEC, overrides)
-    os_, _, _ = pipeline_options.prepare(cfg, pipeline_options.load_market(cfg))
+    os_, _, _ = options_task.align(cfg, options_task.load(cfg))
     assert m["baseline_naive/val_loss"] == pytest.approx(float(np.mean(os_.val.y.astype(np.float64) ** 2)), rel=1e-6)
     assert len(os_.test) == len(pred)
 
@@ -838,8 +839,8 @@ def test_data_command_on_the_synthetic_options_spec(tmp_path, monkeypatch, capsy
 def test_real_spx_chain_aligns_with_the_index():
     cfg = config_mod.load(SPX_SPEC, [f"data.path={SHARED / 'equities'}", f"options.path={SPX_CHAIN}",
                                      f"options.aux_path={SHARED / 'rates_vol'}"])
-    market = pipeline_options.load_market(cfg)
-    os_, contracts, dropped = pipeline_options.prepare(cfg, market)
+    market = options_task.load(cfg)
+    os_, contracts, dropped = options_task.align(cfg, market)
     close_on = market.close.reindex(pd.DatetimeIndex(contracts["quote_date"])).to_numpy()
     assert np.isfinite(close_on).all()
     assert (np.abs(contracts["S"].to_numpy() / close_on - 1) < 0.01).all()

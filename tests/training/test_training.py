@@ -320,7 +320,7 @@ def _roundtrip(payload):
     buf = io.BytesIO()
     torch.save(payload, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=True)  # what pipeline.load_checkpoint does
+    return torch.load(buf, weights_only=True)  # what runs.checkpoints.load_checkpoint does
 
 
 @pytest.mark.parametrize("method", ["autoclip", "zclip", "norm"])

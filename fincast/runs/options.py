@@ -1,11 +1,7 @@
-"""The options-pricing pipeline (layer L4): chains + underlying + rate -> samples -> clipped LSTM training ->
-test prices beside Black-Scholes baselines -> one MLflow run.
-
-Same shape as the price pipeline (``fincast.pipeline``), whose run set-up, checkpoints, DDP and metric writer
-it shares: params and tags first, per-step metrics while training, then the test evaluation of the LSTM and
-every baseline on the same contracts, then artifacts (config, predictions, tables, the bucket heatmap and the
-predicted-vs-market scatter, the model). ``fincast train`` and studies reach it through ``pipeline.train`` for
-configs with ``task: options``.
+"""The options-pricing task (layer L4, runs): chains + underlying + rate -> samples -> an LSTM + MLP pricing
+each contract -> test prices beside Black-Scholes baselines on the same contracts; tables, the bucket heatmap
+and the predicted-vs-market scatter in ``reports/options/<name>/``. See ``fincast.runs.task`` for the protocol;
+the run driver does the rest (``task: options`` in a config picks this module).
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ import dataclasses
 import functools
 import hashlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,18 +18,19 @@ import pandas as pd
 import torch
 
 from fincast import config as config_mod
-from fincast import pipeline, tracking
 from fincast.clipping import bounds_global_l2
 from fincast.clipping import label as clip_label
 from fincast.config import FincastError, PipelineConfig, short_float
 from fincast.data import fingerprint as frames_fingerprint
 from fincast.data import heston, load_prices
 from fincast.data import options as chains
-from fincast.features import options as ofeat
-from fincast.models import options as omodel
+from fincast.features import options as option_features
+from fincast.models import options as option_model
 from fincast.models import pricing
 from fincast.reports import plots
-from fincast.training import dist_info, fit, predict, resolve_device, resolve_precision, seed_everything
+from fincast.runs.record import TrainOutcome, metric_name, summary_head, summary_tail
+from fincast.runs.task import Description, Finished
+from fincast.training import FitResult, predict
 
 LSTM = "lstm"
 
@@ -82,8 +78,8 @@ def _heston_market(h: config_mod.HestonConfig) -> tuple[pd.DataFrame, pd.DataFra
     return heston.generate_market(h)
 
 
-def load_market(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = False) -> Market:
-    """Load the chain, the underlying and the rate for the options task (``cfg.task == 'options'``)."""
+def load(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = False) -> Market:
+    """Load the chain, the underlying, the rate and the volatility index."""
     o = cfg.options
     if o.source == "synthetic":
         under, chain = _heston_market(o.heston)
@@ -100,12 +96,12 @@ def load_market(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = 
                   fp, ticker, dict(chain.dropped), [*prices.warnings, *chain.warnings], chain.rows_read)
 
 
-def collect(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = True) -> list[str]:
+def fetch(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = True) -> list[str]:
     """``fincast data`` on an options pipeline: refresh the underlying (and rate, vol index) caches and, for the
     store source, append today's chains from yfinance to options.store_dir. Returns lines to print."""
     o = cfg.options
     if o.source == "synthetic":
-        m = load_market(cfg)
+        m = load(cfg)
         return [f"synthetic Heston market: {len(m.close)} days, {len(m.chain)} contracts over "
                 f"{m.chain['quote_date'].nunique()} quote dates, fingerprint {m.fingerprint} (nothing to fetch)"]
     ticker = cfg.data.tickers[0]
@@ -131,16 +127,16 @@ def collect(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = True
     return lines
 
 
-def prepare(cfg: PipelineConfig, market: Market) -> tuple[ofeat.OptionSet, pd.DataFrame, dict[str, int]]:
+def align(cfg: PipelineConfig, market: Market) -> tuple[option_features.OptionSet, pd.DataFrame, dict[str, int]]:
     """Samples for the network and the contracts for evaluation; also the rows dropped when aligning."""
     o = cfg.options
     if o.source == "synthetic":  # the synthetic market's own rate, no dividends
         o = dataclasses.replace(o, rate=o.heston.rate, dividend_yield=0.0)
-    contracts, windows, dropped = ofeat.prepare(market.chain, market.close, o, cfg.features.lookback,
+    contracts, windows, dropped = option_features.prepare(market.chain, market.close, o, cfg.features.lookback,
                                                 rates=market.rates, vol_index=market.vol_index)
-    contracts["iv"] = omodel.implied_vols(contracts["price"].to_numpy(float), contracts)
-    os_ = ofeat.build(contracts, windows, o, cfg.features, market.underlying)
-    return os_, contracts, dropped
+    contracts["iv"] = option_model.implied_vols(contracts["price"].to_numpy(float), contracts)
+    samples = option_features.build(contracts, windows, o, cfg.features, market.underlying)
+    return samples, contracts, dropped
 
 
 def baseline_prices(c: pd.DataFrame, hist_vols: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -170,128 +166,119 @@ def run_name(cfg: PipelineConfig, underlying: str) -> str:
     return f"options-{underlying}-{clip_label(cfg.clip)}-lr{short_float(cfg.train.lr)}-s{cfg.train.seed}"
 
 
-def train_options(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
-                  resume_overrides: list[str], extra_tags: dict[str, str], on_epoch=None):
-    """One options-pricing run end to end (``pipeline._train`` for task = options)."""
-    rank, world = dist_info()
-    market = load_market(cfg, progress=progress and rank == 0)
-    if resume is not None and market.fingerprint != resume["data_fingerprint"]:
-        raise FincastError(f"the data changed since the checkpoint (fingerprint {market.fingerprint}, checkpoint "
-                           f"{resume['data_fingerprint']}); a resumed run needs exactly the data it started with")
-    os_, _, align_dropped = prepare(cfg, market)
-    device = resolve_device(cfg.train.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.set_num_threads(pipeline._threads(cfg, writer, device))
-    precision = resolve_precision(cfg.train.precision, device)
-    seed_everything(cfg.train.seed)
-    model = omodel.build_option_model(cfg.model, os_.n_contract, os_.lookback, os_.channels).to(device)
-    if rank != 0:
-        fit(model, os_.train, os_.val, cfg.train, cfg.clip, device=device, precision=precision,
-            log_every=cfg.tracking.log_every, monitor=cfg.monitor, resume=resume, on_epoch=on_epoch,
-            cuda_graphs=cfg.train.cuda_graphs)
-        return None
-    run, name = _open_run(cfg, market, os_, align_dropped, model, device, precision, writer=writer,
-                          extra_tags=extra_tags, resume=resume, resume_overrides=resume_overrides)
-    with pipeline.ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
-        checkpoint, path = pipeline.checkpointer(cfg, run.run_id, market.fingerprint)
-        result = fit(model, os_.train, os_.val, cfg.train, cfg.clip, device=device, precision=precision,
-                     log_every=cfg.tracking.log_every, sink=run.log_metrics, progress=progress,
-                     monitor=cfg.monitor, checkpoint=checkpoint, resume=resume, on_epoch=on_epoch,
-                     cuda_graphs=cfg.train.cuda_graphs)
-        return _close_run(run, name, cfg, market, os_, align_dropped, model, device, precision, result, path)
+@dataclass
+class Samples:
+    """The options task's splits: the network's samples and the rows dropped (market loading and alignment)."""
+    set: option_features.OptionSet
+    dropped: dict[str, int]
+
+    @property
+    def train(self):
+        return self.set.train
+
+    @property
+    def val(self):
+        return self.set.val
+
+    @property
+    def test(self):
+        return self.set.test
 
 
-def train_options_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None = None,
-                        parent_run_id: str | None = None, progress: bool = False) -> list[pipeline.TrainOutcome]:
-    """Options runs of one ``pipeline.batch_key`` trained as one stack (``pipeline.train_stacked``): the market
-    and its samples are prepared once."""
-    cfg0 = cfgs[0]
-    market = load_market(cfg0, progress=progress)
-    os_, _, align_dropped = prepare(cfg0, market)
-    device = resolve_device(cfg0.train.device)
-    torch.set_num_threads(pipeline._threads(cfg0, None, device))
-    precision = resolve_precision(cfg0.train.precision, device)
-    models = []
-    for cfg in cfgs:
-        seed_everything(cfg.train.seed)
-        models.append(omodel.build_option_model(cfg.model, os_.n_contract, os_.lookback, os_.channels).to(device))
-
-    def open_one(cfg, model, extra):
-        return _open_run(cfg, market, os_, align_dropped, model, device, precision, writer=None, extra_tags=extra)
-
-    def close_one(run, name, cfg, model, result, path):
-        return _close_run(run, name, cfg, market, os_, align_dropped, model, device, precision, result, path)
-
-    return pipeline.train_stacked(cfgs, models, (os_.train, os_.val), market.fingerprint, device, precision, open_one,
-                                  close_one, tags=tags, parent_run_id=parent_run_id, progress=progress)
+def prepare(cfg: PipelineConfig, data: Market) -> Samples:
+    samples, _, align_dropped = align(cfg, data)
+    return Samples(samples, {k: v for k, v in {**data.dropped, **align_dropped}.items() if v})
 
 
-def _dropped(market, align_dropped: dict[str, int]) -> dict[str, int]:
-    return {k: v for k, v in {**market.dropped, **align_dropped}.items() if v}
+def build_model(cfg: PipelineConfig, splits: Samples) -> torch.nn.Module:
+    s = splits.set
+    return option_model.build_option_model(cfg.model, s.n_contract, s.lookback, s.channels)
 
 
-def _open_run(cfg: PipelineConfig, market, os_: ofeat.OptionSet, align_dropped: dict[str, int], model, device,
-              precision: str, *, writer, extra_tags: dict[str, str], resume: dict | None = None,
-              resume_overrides: list[str] | None = None):
-    """Start an options run: tags, then params (what a crashed run still says it was)."""
-    name = run_name(cfg, market.underlying)
-    tags = pipeline.run_tags(cfg, device, precision, source=market.source, fingerprint=market.fingerprint,
-                             tickers=market.underlying, extra={"fincast.kind": "options", **extra_tags})
-    run = pipeline.open_run(cfg, name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides or [])
-    if resume is None:
-        with pipeline.ended_on_error(run):
-            dropped = _dropped(market, align_dropped)
-            qd = market.chain["quote_date"]
-            run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
-            run.log_params({
-                "data.underlying": market.underlying, "data.chain_rows_read": market.rows_read,
-                "data.first_quote_date": f"{qd.min():%Y-%m-%d}", "data.last_quote_date": f"{qd.max():%Y-%m-%d}",
-                "data.dropped": "; ".join(f"{k}: {v}" for k, v in dropped.items()) or "none",
-                "features.names": os_.names, "split.val_start": os_.val_start.isoformat(),
-                "split.test_start": os_.test_start.isoformat(), "samples.train": len(os_.train),
-                "samples.val": len(os_.val), "samples.test": len(os_.test),
-                "samples.test_dates": int(os_.frames["test"]["quote_date"].nunique()),
-                "model.parameters": sum(p.numel() for p in model.parameters()),
-            })
-    return run, name
+def describe(cfg: PipelineConfig, data: Market, splits: Samples) -> Description:
+    s, qd = splits.set, data.chain["quote_date"]
+    params = {
+        "data.underlying": data.underlying, "data.chain_rows_read": data.rows_read,
+        "data.first_quote_date": f"{qd.min():%Y-%m-%d}", "data.last_quote_date": f"{qd.max():%Y-%m-%d}",
+        "data.dropped": "; ".join(f"{k}: {v}" for k, v in splits.dropped.items()) or "none",
+        "features.names": s.names, "split.val_start": s.val_start.isoformat(),
+        "split.test_start": s.test_start.isoformat(), "samples.train": len(s.train),
+        "samples.val": len(s.val), "samples.test": len(s.test),
+        "samples.test_dates": int(s.frames["test"]["quote_date"].nunique()),
+    }
+    return Description(run_name(cfg, data.underlying), data.underlying, {"fincast.kind": "options"}, params)
 
 
-def _close_run(run, name: str, cfg: PipelineConfig, market, os_: ofeat.OptionSet, align_dropped: dict[str, int],
-               model, device, precision: str, result, path: Path | None) -> pipeline.TrainOutcome:
-    """After training: test prices of the LSTM and the baselines, the closing metrics, tables, figures, model."""
-    dropped = _dropped(market, align_dropped)
-    ev, table = evaluate_test(model, os_, cfg, device, usable=result.best_epoch > 0)
+def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.Module, device: torch.device,
+           result: FitResult, name: str, artifact_dir: Path) -> Finished:
+    """Test prices of the LSTM and the baselines; tables and figures into reports/options/<name>/ (the run's
+    artifacts too; ``artifact_dir`` is not used)."""
+    ev, table = evaluate_test(model, splits.set, cfg, device, usable=result.best_epoch > 0)
     test_metrics = []
     for model_name, row in ev.stats.iterrows():
         prefix = "test" if model_name == LSTM else f"baseline_{model_name}"
-        test_metrics += [(f"{prefix}/{pipeline._metric_name(k)}", float(v)) for k, v in row.items()
+        test_metrics += [(f"{prefix}/{metric_name(k)}", float(v)) for k, v in row.items()
                          if k != "Contracts" and math.isfinite(float(v))]
-    zero_val = pipeline.log_fit_outcome(run, result, os_.val.y, test_metrics)
     out_dir = Path("reports") / "options" / cfg.name
-    for f in write_outputs(out_dir, cfg, os_, ev, table, result, name, dropped, market.warnings):
-        run.log_artifact(f)
-    if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
-        pipeline.log_model(run, model, os_.test.x[:2], device)
+    files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
-    return pipeline.TrainOutcome(run.run_id, name, cfg.tracking.experiment or cfg.name, run.uri, str(device),
-                                 precision, result, metrics,
-                                 {"train": len(os_.train), "val": len(os_.val), "test": len(os_.test)},
-                                 market.warnings, str(path) if path is not None and path.is_file() else None,
-                                 task="options", report=str(out_dir), dropped=dropped, zero_val_loss=zero_val)
+    return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped})
 
 
-def evaluate_test(model, os_: ofeat.OptionSet, cfg: PipelineConfig, device, *, usable: bool):
+OPTION_NAMES = {"lstm": "LSTM", "bs_vol_index": "BS vol index", "true_model": "true model"}
+
+
+def summary(out: TrainOutcome, seconds: float) -> str:
+    """Test price and implied-vol errors of the LSTM beside every baseline, on the same contracts."""
+    lines = summary_head(out, seconds, "contracts")
+    if out.dropped:
+        lines.append("  dropped: " + "; ".join(f"{k} {v}" for k, v in out.dropped.items()))
+    lines += ["", f"  {'model':<14}{'price RMSE':>12}{'MAE':>10}{'IV RMSE':>10}{'no-arb viol.':>14}",
+              f"  {'':<14}{'':>12}{'':>10}{'[vol pts]':>10}{'[%]':>14}"]
+    for name, m in out.metrics.items():
+        label = OPTION_NAMES.get(name, name.replace("bs_hv", "BS hist vol ").replace("bs_", "BS "))
+        if not math.isfinite(m["Price RMSE"]):
+            lines.append(f"  {label:<14}{'(no finite epoch)':>30}")
+            continue
+        lines.append(f"  {label:<14}{m['Price RMSE']:>12.4f}{m['Price MAE']:>10.4f}{m['IV RMSE [vol pts]']:>10.2f}"
+                     f"{m['Any violation [%]']:>14.2f}")
+    lstm = out.metrics.get("lstm", {}).get("Price RMSE", math.nan)
+    for name in [k for k in out.metrics if k.startswith("bs_hv")]:
+        ref = out.metrics[name]["Price RMSE"]
+        if math.isfinite(lstm) and ref > 0:
+            rel = lstm / ref - 1
+            lines.append(f"  LSTM price RMSE vs BS hist vol {name[len('bs_hv'):]}: {100 * rel:+.1f}% "
+                         f"({'better' if rel < 0 else 'not better'})")
+    lines += ["", f"  tables and figures: {out.report}/ (stats.csv, buckets.csv, bucket_errors.png, "
+                  "predicted_vs_market.png), also in the run's artifacts",
+              "  look: make ui  (MLflow UI at http://127.0.0.1:5000; PORT=... to change)"]
+    return "\n".join(lines + summary_tail(out))
+
+
+def missing_local_data(cfg: PipelineConfig) -> list[str]:
+    missing = []
+    if cfg.data.source == "csv" and cfg.data.path and not Path(cfg.data.path).exists():
+        missing.append(f"data.path {cfg.data.path}")
+    o = cfg.options
+    if o.source == "csv" and o.path and not Path(o.path).exists():
+        missing.append(f"options.path {o.path}")
+    if o.source != "synthetic" and cfg.data.source == "csv" and o.aux_path and not Path(o.aux_path).exists() \
+            and (o.rate_ticker or o.vol_index):
+        missing.append(f"options.aux_path {o.aux_path}")
+    return missing
+
+
+def evaluate_test(model, samples: option_features.OptionSet, cfg: PipelineConfig, device, *, usable: bool):
     """The LSTM's and every baseline's prices on the test contracts, scored; and the per-contract table."""
-    c = os_.frames["test"]
+    c = samples.frames["test"]
     preds: dict[str, np.ndarray] = {}
     if usable:  # weights from an epoch that validated finitely
-        raw = predict(model, os_.test.x, device) * os_.target_scale
-        preds[LSTM] = to_prices(raw, c, os_.target)
+        raw = predict(model, samples.test.x, device) * samples.target_scale
+        preds[LSTM] = to_prices(raw, c, samples.target)
     else:
         preds[LSTM] = np.full(len(c), np.nan)
     preds.update(baseline_prices(c, cfg.options.hist_vols))
-    ev = omodel.evaluate(c, preds, moneyness_edges=cfg.options.moneyness_buckets,
+    ev = option_model.evaluate(c, preds, moneyness_edges=cfg.options.moneyness_buckets,
                          maturity_edges=cfg.options.maturity_buckets)
     keep = [k for k in ("quote_date", "expiry", "contract", "call", "strike", "S", "tau", "r", "q", "price", "iv",
                         "bid", "ask", "volume") if k in c]
@@ -302,7 +289,7 @@ def evaluate_test(model, os_: ofeat.OptionSet, cfg: PipelineConfig, device, *, u
     return ev, table
 
 
-def write_outputs(out_dir: Path, cfg: PipelineConfig, os_: ofeat.OptionSet, ev: omodel.OptionEvaluation,
+def write_outputs(out_dir: Path, cfg: PipelineConfig, samples: option_features.OptionSet, ev: option_model.OptionEvaluation,
                   table: pd.DataFrame, result, name: str, dropped: dict[str, int], warnings: list[str]) -> list[Path]:
     """Tables and figures into ``out_dir`` (atomic writes); returns the files to log to the run."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +308,7 @@ def write_outputs(out_dir: Path, cfg: PipelineConfig, os_: ofeat.OptionSet, ev: 
     write("dropped.txt", "".join(f"{k}: {v}\n" for k, v in dropped.items()) or "nothing dropped\n")
     if warnings:
         write("data_warnings.txt", "\n".join(warnings) + "\n")
-    steps_per_epoch = math.ceil(len(os_.train) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(len(samples.train) / cfg.train.batch_size)
     val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
     l2_global = bounds_global_l2(cfg.clip)  # such thresholds can be drawn against the norm
     files.append(plots.training_curves(out_dir / "training_curves.png", loss=result.history["loss"],
@@ -329,8 +316,8 @@ def write_outputs(out_dir: Path, cfg: PipelineConfig, os_: ofeat.OptionSet, ev: 
                                        val_loss=result.val_history, val_steps=val_steps,
                                        threshold=result.history.get("threshold") if l2_global else None, title=name,
                                        diverged_step=result.diverged_step))
-    m_order = omodel.bucket_order(cfg.options.moneyness_buckets, omodel.MONEYNESS_FMT)
-    t_order = omodel.bucket_order(tuple(int(e) for e in cfg.options.maturity_buckets), omodel.MATURITY_FMT)
+    m_order = option_model.bucket_order(cfg.options.moneyness_buckets, option_model.MONEYNESS_FMT)
+    t_order = option_model.bucket_order(tuple(int(e) for e in cfg.options.maturity_buckets), option_model.MATURITY_FMT)
     files.append(plots.option_bucket_heatmap(out_dir / "bucket_errors.png", ev.buckets, list(ev.stats.index),
                                              m_order, t_order, title=f"{name}: test price RMSE by bucket"))
     files.append(plots.option_scatter(out_dir / "predicted_vs_market.png", table, list(ev.stats.index),

@@ -1,4 +1,4 @@
-"""Stability studies (layer L4): one base pipeline trained over a grid of clip configs x learning rates x
+"""Stability studies (layer L4, experiments): one base pipeline trained over a grid of clip configs x learning rates x
 seeds (x optional other axes), each run an MLflow child run of one parent study run.
 
 A study spec (``pipelines/stability_*.yaml``)::
@@ -14,10 +14,9 @@ A study spec (``pipelines/stability_*.yaml``)::
     study: {workers: null}           # StudySettings
 
 Runs execute in warm worker processes (imports paid once per worker, torch threads = cores / workers), in
-batches that train stacked (``study.batch_runs``; ``pipeline.train_batch``) where the runs allow it.
+batches that train stacked (``study.batch_runs``; ``driver.train_batch``) where the runs allow it.
 Rerunning a study skips runs that finished (matched by a hash of their resolved config) and redoes the
-others; leftovers of killed or failed attempts are deleted so every run appears exactly once.
-"""
+others; leftovers of killed or failed attempts are deleted so every run appears exactly once."""
 
 from __future__ import annotations
 
@@ -29,12 +28,8 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import signal
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,16 +42,22 @@ from fincast import config as config_mod
 from fincast import tracking
 from fincast.clipping import label as clip_label
 from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, short_float
+from fincast.experiments.spec import _UNHASHED, _merge, config_hash, read_spec
+from fincast.experiments.workers import plan_chunks, worker_pool
+from fincast.runs import driver
+from fincast.runs.setup import cores
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
 
 log = logging.getLogger("fincast.study")
 
+
 SPEC_KEYS = ("name", "base", "set", "matrix", "study")
+
+
 MATRIX_KEYS = ("clip", "lr", "seeds", "axes")
+
+
 MIN_SEEDS = 3
-# keys that do not change what a run computes (so they are left out of its hash)
-_UNHASHED = ("tracking.", "train.threads", "train.checkpoint", "train.checkpoint_every", "train.checkpoint_dir",
-             "backtest.")
 
 
 @dataclass(frozen=True)
@@ -89,51 +90,6 @@ class Study:
     @property
     def cells(self) -> list[str]:
         return list(dict.fromkeys(j.cell for j in self.jobs))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading and expanding a spec
-# ---------------------------------------------------------------------------------------------
-
-
-def _merge(base: Any, extra: Any) -> Any:
-    if isinstance(base, dict) and isinstance(extra, dict):
-        out = dict(base)
-        for k, v in extra.items():
-            out[k] = _merge(base.get(k), v)
-        return out
-    return extra
-
-
-def read_spec(path: str | Path, overrides: list[str] | tuple[str, ...], keys: tuple[str, ...],
-              kind: str) -> tuple[dict, Any, Path | None, list[str]]:
-    """(raw spec, name, base pipeline path, errors) of a study or sweep spec: ``--set`` overrides applied (keys of
-    the spec change it; any other key is a pipeline key put into its ``set``), then the keys, ``name`` and
-    ``base`` checked."""
-    path = Path(path)
-    raw = config_mod.read_yaml(path)
-    for text in overrides:
-        key, value = config_mod.parse_override(text)
-        if key[0] in keys and key[0] != "set":
-            config_mod.set_key(raw, key, value, f"--set {text!r}")
-        else:
-            raw.setdefault("set", {})
-            if not isinstance(raw["set"], dict):
-                raise ConfigError(f"{kind} spec {path}: 'set' must be a mapping of pipeline keys to values")
-            raw["set"][".".join(key[1:] if key[0] == "set" else key)] = value
-    errors = [f"{k}: unknown key; a {kind} spec has: {', '.join(keys)}" for k in raw if k not in keys]
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        errors.append(f"name: required, the {kind}'s name (also its MLflow experiment)")
-    base = raw.get("base")
-    base_path = None
-    if not isinstance(base, str):
-        errors.append(f"base: required, the pipeline spec the {kind} trains (e.g. price_crypto.yaml)")
-    else:
-        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-        if not base_path.is_file():
-            errors.append(f"base = {base!r}: no such pipeline spec ({base_path})")
-    return raw, name, base_path, errors
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
@@ -248,17 +204,6 @@ def _fmt(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def config_hash(cfg: PipelineConfig) -> str:
-    """Hash of what a run computes: the resolved config without tracking, threads and checkpoint keys."""
-    flat = {k: v for k, v in config_mod.flatten(config_mod.to_dict(cfg)).items() if not k.startswith(_UNHASHED)}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# Running
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
 class StudyOutcome:
     name: str
@@ -271,10 +216,6 @@ class StudyOutcome:
     diverged: int         # of those finished now
     failed: list[tuple[str, str]]  # (run name, error)
     seconds: float
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def lock_path(study: Study) -> Path:
@@ -311,19 +252,17 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     t0 = time.perf_counter()
     import torch
 
-    from fincast import pipeline
-
     amp = sorted({j.cfg.train.precision for j in study.jobs} - {"fp32"})
     if amp and not torch.cuda.is_available():  # they would silently train in fp32: cells that differ in name only
         raise FincastError(f"study {study.name}: train.precision={','.join(amp)} needs CUDA, and this machine has "
                            "none; drop that axis or run the study on a GPU machine")
-    workers = min(study.settings.workers or _cores(), len(study.jobs))
-    threads = study.settings.threads or max(1, _cores() // workers)
+    workers = min(study.settings.workers or cores(), len(study.jobs))
+    threads = study.settings.threads or max(1, cores() // workers)
     device = study.jobs[0].cfg.train.device
     # no CUDA query here (torch.cuda.is_available() would set up the driver and poison the fork below): CPU means
     # device: cpu, or a torch built without CUDA
     cpu = device == "cpu" or (device == "auto" and not torch.backends.cuda.is_built())
-    if cpu and study.settings.batch_runs != 1 and any(pipeline.batch_key(j.cfg) for j in study.jobs):
+    if cpu and study.settings.batch_runs != 1 and any(driver.batch_key(j.cfg) for j in study.jobs):
         from fincast.models.grouped_lstm import cpu_kernel
 
         cpu_kernel()  # built (once per machine) or loaded here, before the workers fork: they inherit it
@@ -331,7 +270,7 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     with _lock(study), worker_pool(workers, threads, tracking.resolve_uri(study.tracking)) as (pool, store_ready):
         # load (and cache) the data once here: a bad source fails now, with its own message, not in every
         # worker; the workers then use exactly these data (no refresh), and runs on other data are not "done"
-        fingerprint = pipeline.load_data(study.jobs[0].cfg, progress=progress).fingerprint
+        fingerprint = driver.load_data(study.jobs[0].cfg, progress=progress).fingerprint
         store = tracking.StudyStore(study.tracking, study.name)
         store_ready()  # the workers may open the store now (two processes creating it at once collide)
         parent = store.parent_run(params=_parent_params(study))
@@ -401,129 +340,6 @@ def _parent_params(study: Study) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True):
-    """(worker pool, store_ready): the worker processes (None: run in this process) and the function that tells
-    them the MLflow store exists. Workers start at once and warm up while this process loads the data and sets
-    up the parent run.
-
-    On Linux, with one torch thread per worker, no other Python threads here and CUDA not initialised here,
-    the workers are forked from this process before it opens the store or reads data: they start in
-    milliseconds with everything imported. (With more torch threads a fork is unsafe if this process ever ran
-    a parallel torch op: the child's OpenMP pool would deadlock.) Otherwise they come from a forkserver that
-    imports fincast once."""
-    if workers <= 1:
-        yield None, lambda: None
-        return
-    import torch
-
-    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
-    fork = (fork_ok and sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
-            and threads == 1 and not torch.cuda.is_initialized())
-    if fork:
-        ctx = mp.get_context("fork")
-    else:
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload(["fincast.pipeline"])  # (includes the metric writer's fincast.tracking)
-    ready, opened = ctx.Event(), ctx.Value("b", 0)
-
-    def store_ready() -> None:
-        opened.value = 1
-        ready.set()
-
-    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                  initargs=(threads, uri, ready, opened))
-    try:
-        pool.submit(int)  # start the workers now (a fork pool starts all of them at once)
-        yield pool, store_ready
-    finally:
-        ready.set()  # workers still waiting go on (without opening the store) and exit
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def plan_chunks(jobs: list[Job], batch_runs: int | str, workers: int) -> list[list[Job]]:
-    """The jobs in the batches they train in: jobs that can train stacked (equal ``pipeline.batch_key``) in
-    chunks of at most ``batch_runs`` (``auto``: the group split evenly across the workers, within the memory
-    budget), every other job alone. Job order is kept within each chunk."""
-    from fincast import pipeline
-
-    groups: dict[str, list[Job]] = {}
-    chunks: list[list[Job]] = []
-    for job in jobs:
-        key = pipeline.batch_key(job.cfg) if batch_runs != 1 else None
-        if key is None:
-            chunks.append([job])
-        else:
-            groups.setdefault(key, []).append(job)
-    for group in groups.values():
-        k = batch_runs if isinstance(batch_runs, int) else auto_batch(group[0].cfg, len(group), workers)
-        n = math.ceil(len(group) / max(1, k))
-        size, extra = divmod(len(group), n)  # as even as possible: 24 in chunks of 10 -> 8 + 8 + 8
-        start = 0
-        for i in range(n):
-            end = start + size + (i < extra)
-            chunks.append(group[start:end])
-            start = end
-    return chunks
-
-
-def auto_batch(cfg: PipelineConfig, runs: int, workers: int) -> int:
-    """``batch_runs: auto``, within a quarter of each worker's share of the free memory (GPU memory on CUDA, RAM
-    on a CPU). On CUDA the group split evenly across the workers: there a small run is bound by kernel
-    launches, which K stacked runs share. On a CPU about four batches per worker (at least 2 runs each when
-    there are more runs than workers): the
-    compiled kernel (``models.grouped_lstm.cpu_kernel``) costs about the same per run-step at K = 2 or 24 (1.3-1.6 ms
-    in ``fit_batched``, 2.0-2.3 ms for a run alone), so smaller batches lose nothing and let a worker whose
-    batch ended early (early stopping, divergence) take the next one instead of idling. Where the kernel
-    cannot be built (no C++ compiler), 1: the torch-ops fallback gains nothing over a run alone (the 24-run
-    study: 27.7 s stacked in torch ops, 28.3 s one at a time)."""
-    import torch
-
-    from fincast.training import resolve_device
-
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info()[0] // max(1, min(workers, torch.cuda.device_count() or 1))
-        return budget_batch(free, run_bytes(cfg), runs, workers)
-    if device.type != "cpu":
-        return 1
-    from fincast.models.grouped_lstm import cpu_kernel
-
-    if cpu_kernel() is None:
-        return 1
-    k = max(2, math.ceil(runs / (4 * max(1, workers))))
-    return min(k, budget_batch(available_ram() // max(1, workers), run_bytes(cfg), runs, workers))
-
-
-def available_ram() -> int:
-    """Bytes of RAM available to new allocations (Linux MemAvailable; elsewhere the free pages, else 4 GiB)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return 4 << 30
-
-
-def budget_batch(free_bytes: int, per_run: int, runs: int, workers: int) -> int:
-    """Runs per batch: the group split evenly across the workers, at most what a quarter of ``free_bytes``
-    (one worker's share of the memory) holds."""
-    fit_in = max(1, int(free_bytes * 0.25 // max(1, per_run)))
-    return max(1, min(math.ceil(runs / max(1, workers)), fit_in))
-
-
-def run_bytes(cfg: PipelineConfig, features: int = 32) -> int:
-    """Memory one stacked run needs during a step (float32): per layer and time step the saved gates, cell and
-    hidden states and inputs (~10 H + F values per sample), twice for the backward's buffers, plus parameters,
-    optimizer state and best weights (x 4). ``features`` is a generous guess at the feature count."""
-    m, t = cfg.model, cfg.features.lookback
-    per_step = 4 * m.num_layers * (t + 1) * cfg.train.batch_size * (10 * m.hidden_size + features) * 2
-    params = 4 * m.num_layers * 4 * m.hidden_size * (m.hidden_size + features + 2) * 4
-    return per_step + params
-
-
 def _execute(pool: cf.ProcessPoolExecutor | None, chunks: list[list[Job]], parent_id: str, study: str,
              threads: int):
     """Yield one result dict per job as runs complete (in this process when there is no pool); a chunk of
@@ -546,36 +362,6 @@ def _execute(pool: cf.ProcessPoolExecutor | None, chunks: list[list[Job]], paren
         raise
 
 
-def _worker_init(threads: int, uri: str, ready: Any, opened: Any) -> None:
-    """A worker process: its share of the cores, quiet logs (the driver reports), death with the driver, and
-    the first run's one-off costs paid while the driver sets up."""
-    import torch
-
-    torch.set_num_threads(threads)
-    logging.getLogger("fincast").setLevel(logging.ERROR)
-    _die_with_parent()
-    from fincast import pipeline
-
-    pipeline.warm_up()
-    if ready.wait(timeout=600) and opened.value:
-        tracking.open_store(uri)
-
-
-def _die_with_parent() -> None:
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the driver, even on SIGKILL
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    def watch() -> None:  # elsewhere: notice the driver is gone within a second
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _worker_cfg(job: Job, threads: int) -> PipelineConfig:
     """The job's config as a worker trains it: the driver's data (no refresh), a share of the cores (the hash
     ignores threads)."""
@@ -587,15 +373,13 @@ def _worker_cfg(job: Job, threads: int) -> PipelineConfig:
 
 def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int) -> list[dict]:
     """Train the chunk's jobs, stacked when there are several: one result dict per job."""
-    from fincast import pipeline
-
     if len(jobs) == 1:
         return [_run_job(jobs[0], parent_id, study, threads)]
     names = [j.cfg.tracking.run_name for j in jobs]
     try:
-        outs = pipeline.train_batch([_worker_cfg(j, threads) for j in jobs], tags=[j.tags(study) for j in jobs],
+        outs = driver.train_batch([_worker_cfg(j, threads) for j in jobs], tags=[j.tags(study) for j in jobs],
                                     parent_run_id=parent_id)
-    except pipeline.StackCloseError as exc:  # trained; some runs failed to close (FAILED), the others finished
+    except driver.StackCloseError as exc:  # trained; some runs failed to close (FAILED), the others finished
         outs = exc.outcomes
     except Exception as exc:  # every run of the batch is marked FAILED in MLflow; the study goes on
         return [{"name": n, "error": f"{type(exc).__name__}: {exc}", "diverged": False} for n in names]
@@ -605,12 +389,10 @@ def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int) -> lis
 
 
 def _run_job(job: Job, parent_id: str, study: str, threads: int) -> dict:
-    from fincast import pipeline
-
     cfg = _worker_cfg(job, threads)
     name = job.cfg.tracking.run_name
     try:
-        out = pipeline.train(cfg, tags=job.tags(study), parent_run_id=parent_id)
+        out = driver.train(cfg, tags=job.tags(study), parent_run_id=parent_id)
     except Exception as exc:  # the run is marked FAILED in MLflow; the study goes on
         return {"name": name, "error": f"{type(exc).__name__}: {exc}", "diverged": False}
     return {"name": name, "error": None, "diverged": out.fit.diverged, "run_id": out.run_id}

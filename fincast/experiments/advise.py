@@ -1,11 +1,10 @@
-"""Clipping-threshold advisor (layer L4): ``fincast advise-clip PIPELINE.yaml``.
+"""Clipping-threshold advisor (layer L4, experiments): ``fincast advise-clip PIPELINE.yaml``.
 
 A short unclipped probe run of the pipeline (an ordinary tracked run, tagged ``fincast.kind=advise-clip``)
 records the global L2 gradient norm of every step; :func:`fincast.clipping.advise_thresholds` turns that
 distribution into three proposals (an AutoClip-style percentile, a multiple of the median, and the norm where
 spikes begin). They are printed, logged to the probe run (metrics ``advice/*``, the histogram and the norms),
-and written to ``reports/advise/<pipeline name>/``. A sweep with ``sweep.range: advised`` starts from them.
-"""
+and written to ``reports/advise/<pipeline name>/``. A sweep with ``sweep.range: advised`` starts from them."""
 
 from __future__ import annotations
 
@@ -18,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fincast import pipeline, tracking
+from fincast import tracking
 from fincast.clipping import ClipAdvice, advise_thresholds
 from fincast.config import FincastError, PipelineConfig, atomic_write
 from fincast.reports import plots
+from fincast.runs import driver
 
 DEFAULT_STEPS = 300
 
@@ -56,7 +56,7 @@ def advise(cfg: PipelineConfig, *, steps: int = DEFAULT_STEPS, percentile: float
     """Run the probe and propose thresholds. ``percentile`` defaults to the spec's clip.autoclip.percentile."""
     t0 = time.perf_counter()
     q = cfg.clip.autoclip.percentile if percentile is None else percentile
-    out = pipeline.train(probe_config(cfg, steps), progress=progress, parent_run_id=parent_run_id,
+    out = driver.train(probe_config(cfg, steps), progress=progress, parent_run_id=parent_run_id,
                          tags={"fincast.kind": "advise-clip", **(tags or {})})
     if out is None:  # a non-zero rank under torchrun
         raise FincastError("advise-clip runs in one process; launch it without torchrun")

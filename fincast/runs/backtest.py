@@ -1,0 +1,209 @@
+"""The walk-forward backtest run (layer L4, runs): data -> folds (refit, forecast) -> evaluation -> report, into
+one MLflow run. The forecast task's data; its own models (``fincast.backtest``) and report."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import fincast
+from fincast import backtest as bt
+from fincast import config as config_mod
+from fincast import features, tracking
+from fincast.backtest import FoldFit
+from fincast.backtest import evaluate as bt_eval
+from fincast.backtest.walkforward import concat_splits
+from fincast.config import FincastError, PipelineConfig
+from fincast.models import build_model
+from fincast.reports import backtest as report_mod
+from fincast.runs import forecast, setup
+from fincast.runs.record import device_tag, ended, git_commit, metric_name
+from fincast.training import fit, predict, seed_everything
+
+
+@dataclass
+class BacktestOutcome:
+    run_id: str
+    experiment: str
+    tracking_uri: str
+    report: Path
+    stats: pd.DataFrame  # one row per (ticker, model), buy and hold included
+    training: pd.DataFrame  # per LSTM: divergence, clipping, time
+    folds: int
+    forecasts: int
+    device: str
+    seconds: dict[str, float]  # where the time went; "total" and "model_training" included
+    warnings: list[str] = field(default_factory=list)
+
+
+def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp32"):
+    """The backtest's LSTM trainer: (clip, train, val, warm-start weights, max epochs) -> FoldFit. A fresh model
+    seeded with train.seed (or the warm-start weights), trained by training.fit with early stopping on val, the
+    best epoch's weights kept."""
+    monitor = dataclasses.replace(cfg.monitor, every=None)  # no per-layer monitoring inside folds
+
+    def train_once(clip, train, val, warm, epochs, refit: bool = False):
+        """refit: a fixed number of epochs (no early stopping), keeping the last epoch's weights."""
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model, train.x.shape[2]).to(device)
+        if warm is not None:
+            model.load_state_dict(warm)
+        train_cfg = dataclasses.replace(cfg.train, epochs=epochs,
+                                        **({"patience": None, "max_steps": None} if refit else {}))
+        res = fit(model, train, val, train_cfg, clip, device=device, precision=precision,
+                  log_every=cfg.tracking.log_every, monitor=monitor, restore_best=not refit,
+                  cuda_graphs=cfg.train.cuda_graphs)
+        return model, res
+
+    def fit_fold(clip, train: features.Split, val: features.Split, warm: dict | None, epochs: int) -> FoldFit:
+        model, res = train_once(clip, train, val, warm, epochs)
+        h = res.history
+        steps, norms, clipped = res.steps, list(h["norm_pre"]), list(h["clipped"])
+        usable = res.best_epoch > 0  # weights from an epoch that validated finitely
+        refit, diverged = "off", res.diverged
+        if usable and cfg.backtest.refit_full:  # the same recipe on everything up to the cutoff, best epoch count
+            again, res2 = train_once(clip, concat_splits(train, val), val, warm, res.best_epoch, refit=True)
+            steps += res2.steps
+            norms += res2.history["norm_pre"]
+            clipped += res2.history["clipped"]
+            refit = "diverged: kept the early-stopped model" if res2.diverged else f"{res.best_epoch} epochs"
+            diverged = diverged or res2.diverged
+            if not res2.diverged:
+                model = again
+        info = {"steps": steps, "epochs": res.epochs, "stop_reason": res.stop_reason,
+                "best_val_loss": res.best_val_loss, "diverged": diverged, "refit": refit,
+                "clip_rate": float(np.mean(clipped)) if clipped else math.nan,
+                "grad_norm_median": float(np.nanmedian(norms)) if norms else math.nan,
+                "grad_norm_max": float(np.nanmax(norms)) if norms else math.nan}
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if usable else None
+        return FoldFit(lambda x: predict(model, x, device), usable, weights, info)
+
+    return fit_fold
+
+
+def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path = "reports") -> BacktestOutcome:
+    """Walk-forward backtest of ``cfg`` (its ``backtest`` section): one MLflow run holding the configuration,
+    each fold's training outcome as metrics stepped by fold, the final statistics, the walk-forward table and
+    the report, which is also written to ``out_dir/backtest/<name>/``."""
+    if cfg.task != "forecast":
+        raise FincastError(f"{cfg.name}: task = {cfg.task}; walk-forward backtests trade return forecasts "
+                           "(task: forecast)")
+    t_start = time.perf_counter()
+    prices = forecast.load(cfg, progress=progress)
+    t_data = time.perf_counter() - t_start
+    device, precision = setup.prepare(cfg)
+    b = cfg.backtest
+    experiment = cfg.tracking.experiment or cfg.name
+    window = "expanding" if b.window == "expanding" else f"rolling{b.window}"
+    name = cfg.tracking.run_name or f"backtest-{'+'.join(cfg.data.tickers)}-{window}-every{b.refit_every}"
+    run = tracking.start_run(cfg.tracking, experiment, name, _tags(cfg, prices, device, precision))
+    with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
+        run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
+        fold_keys = ("test_rmse", "test_rmse_vs_naive_pct", "best_val_loss", "steps", "clip_rate", "grad_norm_median",
+                     "grad_norm_max", "fit_seconds")
+        log_seconds = 0.0
+
+        def on_fold(k: int, rows: pd.DataFrame) -> None:  # folds as metrics stepped by fold number
+            nonlocal log_seconds
+            t = time.perf_counter()
+            out = []
+            for r in rows.to_dict("records"):
+                out += [(f"fold/{r['model']}/{key}", float(r[key]), k) for key in fold_keys
+                        if r.get(key) is not None and math.isfinite(float(r[key]))]
+                if isinstance(r.get("diverged"), bool | np.bool_):
+                    out.append((f"fold/{r['model']}/diverged", float(r["diverged"]), k))
+            run.log_metrics(out)
+            log_seconds += time.perf_counter() - t
+
+        wf = bt.walk_forward(prices.frames, cfg, fit_lstm=lstm_fitter(cfg, device, precision), progress=progress,
+                             on_fold=on_fold)
+        t = time.perf_counter()
+        ev = bt_eval.evaluate(wf.forecasts, prices.frames, models=wf.models, horizon=cfg.features.horizon,
+                              rule=b.position, max_position=b.max_position, cost_bps=b.cost_bps,
+                              vol_target=b.vol_target, vol_window=b.vol_window, price=cfg.data.price)
+        t_eval = time.perf_counter() - t
+        t = time.perf_counter()
+        exp_id = tracking.get_run(run.run_id, cfg.tracking).info.experiment_id
+        ctx = report_mod.Context(
+            name=cfg.name, tickers=list(cfg.data.tickers), source=prices.source, horizon=cfg.features.horizon,
+            window=b.window, refit_every=b.refit_every, warm_start=b.warm_start, rule=b.position,
+            cost_bps=b.cost_bps, max_position=b.max_position, vol_target=b.vol_target, sharpe_window=b.sharpe_window,
+            device=f"{device} ({precision})", run_id=run.run_id, tracking_uri=run.uri, experiment_id=exp_id,
+            refit_full=b.refit_full, notes=[*wf.notes, *prices.warnings])
+        out = Path(out_dir) / "backtest" / cfg.name
+        training = report_mod.training_summary(wf.folds, wf.lstms)
+        index = report_mod.build(out, ctx, wf.forecasts, wf.folds, ev, wf.lstms, training)
+        t_report = time.perf_counter() - t
+        t = time.perf_counter()
+        _log_results(run, cfg, ev, out)
+        log_seconds += time.perf_counter() - t
+    seconds = {"data": t_data, **wf.seconds, "evaluate": t_eval, "report": t_report, "tracking": log_seconds}
+    seconds["total"] = time.perf_counter() - t_start
+    seconds["model_training"] = wf.seconds["lstm_fit"] + wf.seconds["ridge"]
+    return BacktestOutcome(run.run_id, experiment, run.uri, index, ev.stats, training, int(wf.folds["fold"].nunique()),
+                           len(wf.forecasts), f"{device} ({precision})", seconds, [*wf.notes, *prices.warnings])
+
+
+def _tags(cfg: PipelineConfig, prices, device: torch.device, precision: str) -> dict[str, str]:
+    return {
+        "fincast.kind": "backtest", "fincast.version": fincast.__version__, "fincast.git_commit": git_commit(),
+        "fincast.data_source": prices.source, "fincast.data_fingerprint": prices.fingerprint,
+        "fincast.tickers": ",".join(cfg.data.tickers), "fincast.pipeline": cfg.name,
+        "fincast.device": device_tag(device), "fincast.precision": precision,
+        "fincast.models": ",".join(bt.model_names(cfg)),
+    }
+
+
+def _log_results(run: tracking.Run, cfg: PipelineConfig, ev, out: Path) -> None:
+    """The final statistics as metrics (per ticker when there are several), the config and the report files."""
+    multi = len(ev.periods) > 1
+    final = []
+    for r in ev.stats.to_dict("records"):
+        prefix = f"{r['ticker']}/{r['model']}" if multi else r["model"]
+        final += [(f"{prefix}/{metric_name(k)}", float(v), 0) for k, v in r.items()
+                  if k not in ("ticker", "model") and isinstance(v, float | int) and math.isfinite(v)]
+    run.log_metrics(final)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(config_mod.dump_yaml(cfg))
+        run.log_artifact(Path(tmp) / "config.yaml")
+    for f in sorted(out.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            run.log_artifact(f, "backtest")
+
+
+def summary(out: BacktestOutcome) -> str:
+    """``fincast backtest``'s printed summary."""
+    s = out.seconds
+    machinery = s["total"] - s["model_training"]
+    lines = [f"backtest run {out.run_id}  (experiment {out.experiment!r} in {out.tracking_uri})",
+             f"  {out.folds} folds, {out.forecasts} forecasts on {out.device}; {s['total']:.0f} s in all, "
+             f"model training {s['model_training']:.0f} s, everything else {machinery:.1f} s "
+             f"({100 * machinery / max(s['total'], 1e-9):.1f}%)", ""]
+    cols = [("RMSE vs Naive [%]", "vs naive", "{:+.2f}%"), ("Directional Accuracy [%]", "dir.acc", "{:.1f}%"),
+            ("R2 OOS [%]", "R2 OOS", "{:+.2f}%"), ("DM p-value", "DM p", "{:.3f}"),
+            ("Total Return [%]", "return", "{:+.0f}%"), ("CAGR [%]", "CAGR", "{:+.1f}%"),
+            ("Sharpe Ratio", "Sharpe", "{:.2f}"), ("Max. Drawdown [%]", "max DD", "{:.1f}%"),
+            ("Turnover (ann.) [x]", "turnover", "{:.0f}x")]
+    for ticker, rows in out.stats.groupby("ticker", sort=True):
+        table = [[ticker, *(h for _, h, _ in cols)]]
+        for r in rows.to_dict("records"):
+            table.append([r["model"], *(fmt.format(v) if isinstance(v := r.get(key), float) and v == v else ""
+                                        for key, _, fmt in cols)])
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines += ["  " + row[0].ljust(widths[0]) + "".join(c.rjust(w + 2) for c, w in zip(row[1:], widths[1:]))
+                  for row in table]
+        lines.append("")
+    for r in out.training.to_dict("records"):
+        lines.append(f"  {r['model']}: {r['diverged']} of {r['folds']} folds diverged, {r['unusable']} unusable; "
+                     f"median clip rate {100 * r['clip_rate_median']:.1f}%, max grad norm {r['grad_norm_max']:.3g}")
+    lines += [f"  report {out.report}", "  look: make ui  (the run's metrics fold/<model>/* are stepped by fold)"]
+    lines += [f"  note: {w}" for w in out.warnings]
+    return "\n".join(lines)

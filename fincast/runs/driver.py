@@ -1,0 +1,273 @@
+"""The run driver (layer L4, runs): one training run of any task end to end, or several of one task trained as
+one stack, each into its own MLflow run.
+
+What every run does is here, once: the torchrun process group and rank, the device, torch threads and precision,
+the seed, data loaded by rank 0 first, the MLflow run (tags and params first, so a crashed run still says what
+it was), checkpoints and exact resume, training on the engine, the closing metrics and tags, artifacts and the
+model, and the run's end state (FINISHED, FAILED, KILLED). What differs between tasks (data, samples, model,
+evaluation, artifacts) comes from the task module that ``cfg.task`` names (``fincast.runs.registry``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fincast import config as config_mod
+from fincast import tracking
+from fincast.config import FincastError, PipelineConfig
+from fincast.runs import setup
+from fincast.runs.checkpoints import RESUME_KEYS, checkpointer, load_checkpoint
+from fincast.runs.record import (
+    BATCH_TAG,
+    TrainOutcome,
+    ended,
+    ended_on_error,
+    log_fit_outcome,
+    log_model,
+    open_run,
+    run_tags,
+)
+from fincast.runs.registry import task as task_named
+from fincast.runs.task import Data, Splits
+from fincast.training import FitResult, dist_info, fit, seed_everything, train_runs
+
+OnEpoch = Callable[[int, float], bool]
+
+
+def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = False) -> Data:
+    """The run's data, as its task loads it."""
+    return task_named(cfg.task).load(cfg, progress=progress, refresh=refresh)
+
+
+def train(cfg: PipelineConfig, *, progress: bool = False, tags: dict[str, str] | None = None,
+          parent_run_id: str | None = None, on_epoch: OnEpoch | None = None) -> TrainOutcome | None:
+    """Run one training run end to end; returns what the CLI summarises.
+
+    ``tags`` are added to the run's tags; ``parent_run_id`` makes it a child run (a study's runs).
+    ``on_epoch(epoch, val_loss) -> stop?`` sees each epoch's validation loss (a sweep's pruner).
+    Under ``torchrun`` every rank trains its shard of each global batch (DDP); only rank 0 tracks the run,
+    writes checkpoints and returns an outcome (the others return None)."""
+    extra = dict(tags or {})
+    if parent_run_id is not None:
+        extra["mlflow.parentRunId"] = parent_run_id
+    return _run(cfg, progress=progress, extra_tags=extra, on_epoch=on_epoch)
+
+
+def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoint_dir: str = "checkpoints",
+           progress: bool = False) -> TrainOutcome | None:
+    """Continue a run from its checkpoint (``checkpoint_dir/<run_id>.pt``) into the same MLflow run, exactly
+    as if it had not stopped: same data (checked by fingerprint), weights, optimizer, schedule, scaler,
+    clipper state, data order and RNG. ``overrides`` may change only RESUME_KEYS (e.g. more epochs)."""
+    path = Path(checkpoint_dir) / f"{run_id}.pt"
+    saved = load_checkpoint(path)
+    raw = config_mod.apply_overrides(saved["config"], list(overrides))
+    raw["train"]["checkpoint_dir"] = str(checkpoint_dir)  # new checkpoints go beside the one resumed from
+    for text in overrides:
+        key = ".".join(config_mod.parse_override(text)[0])
+        if key not in RESUME_KEYS:
+            raise config_mod.ConfigError(f"--set {text!r}: a resumed run keeps its config; only "
+                                         f"{', '.join(sorted(RESUME_KEYS))} may change")
+    cfg = config_mod.from_dict(raw, f"checkpoint {path}")
+    return _run(cfg, progress=progress, resume=saved, resume_overrides=list(overrides))
+
+
+def resume_spec(cfg: PipelineConfig, run_id: str, *, checkpoint_dir: str = "checkpoints",
+                progress: bool = False) -> TrainOutcome | None:
+    """``fincast train SPEC --resume RUN_ID``: continue the run from its checkpoint, provided the spec (with
+    its --set overrides) resolves to the run's config; only RESUME_KEYS may differ (e.g. more epochs)."""
+    saved = load_checkpoint(Path(checkpoint_dir) / f"{run_id}.pt")
+    then = config_mod.flatten(saved["config"])
+    now = config_mod.flatten(config_mod.to_dict(cfg))
+    ignore = RESUME_KEYS | {"train.checkpoint_dir"}
+    changed = [k for k in sorted(set(then) | set(now))
+               if k not in ignore and not k.startswith("backtest.") and then.get(k) != now.get(k)]
+    if changed:
+        raise config_mod.ConfigError(
+            f"--resume {run_id}: the spec does not match the run's config; a resumed run keeps its config "
+            f"(only {', '.join(sorted(RESUME_KEYS))} may change). Differences: "
+            + "; ".join(f"{k}: run {then.get(k)!r}, spec {now.get(k)!r}" for k in changed[:8])
+            + (f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""))
+    overrides = [f"{k}={'null' if now[k] is None else now[k]}" for k in sorted(RESUME_KEYS)
+                 if then.get(k) != now.get(k)]
+    return resume(run_id, overrides, checkpoint_dir=checkpoint_dir, progress=progress)
+
+
+def _run(cfg: PipelineConfig, *, progress: bool, resume: dict | None = None,
+         resume_overrides: list[str] | None = None, extra_tags: dict[str, str] | None = None,
+         on_epoch: OnEpoch | None = None) -> TrainOutcome | None:
+    owns_group = setup.init_distributed(cfg)
+    rank, _ = dist_info()
+    writer = tracking.MetricWriter.maybe(cfg.tracking) if rank == 0 else None  # opens the store while data loads
+    try:
+        return _train(cfg, writer, progress=progress and rank == 0, resume=resume,
+                      resume_overrides=resume_overrides or [], extra_tags=extra_tags or {}, on_epoch=on_epoch)
+    finally:
+        if writer is not None:
+            writer.close()
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _load_for_run(cfg: PipelineConfig, rank: int, resume: dict | None, progress: bool) -> Data:
+    """Rank 0 fetches (and caches) first, the other ranks then read the cache. A resumed run never
+    refreshes the cache: it needs exactly the data it started with."""
+    if resume is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, refresh_after_hours=math.inf))
+    data = load_data(cfg, progress=progress) if rank == 0 else None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if data is None:
+        data = load_data(cfg)
+    if resume is not None and data.fingerprint != resume["data_fingerprint"]:
+        raise FincastError(f"the data changed since the checkpoint (fingerprint {data.fingerprint}, checkpoint "
+                           f"{resume['data_fingerprint']}); a resumed run needs exactly the data it started with")
+    return data
+
+
+def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
+           resume_overrides: list[str], extra_tags: dict[str, str],
+           on_epoch: OnEpoch | None = None) -> TrainOutcome | None:
+    task = task_named(cfg.task)
+    rank, _ = dist_info()
+    data = _load_for_run(cfg, rank, resume, progress)
+    splits = task.prepare(cfg, data)
+    device, precision = setup.prepare(cfg, writer=writer is not None)
+    seed_everything(cfg.train.seed)
+    model = task.build_model(cfg, splits).to(device)
+    fit_args = dict(device=device, precision=precision, log_every=cfg.tracking.log_every, monitor=cfg.monitor,
+                    resume=resume, on_epoch=on_epoch, cuda_graphs=cfg.train.cuda_graphs)
+    if rank != 0:  # the other ranks train their shards; rank 0 tracks, checkpoints and evaluates
+        fit(model, splits.train, splits.val, cfg.train, cfg.clip, **fit_args)
+        return None
+    run, name = open_one(cfg, data, splits, model, device, precision, writer=writer, extra_tags=extra_tags,
+                         resume=resume, resume_overrides=resume_overrides)
+    with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
+        checkpoint, path = checkpointer(cfg, run.run_id, data.fingerprint)
+        result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics, progress=progress,
+                     checkpoint=checkpoint, **fit_args)
+        return close_one(run, name, cfg, data, splits, model, device, precision, result, path)
+
+
+def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Module, device: torch.device,
+             precision: str, *, writer: tracking.MetricWriter | None, extra_tags: dict[str, str],
+             resume: dict | None = None, resume_overrides: list[str] | None = None) -> tuple[tracking.Run, str]:
+    """Start a run: tags, then params (what a crashed run still says it was); a resumed run is reopened."""
+    about = task_named(cfg.task).describe(cfg, data, splits)
+    tags = run_tags(cfg, device, precision, source=data.source, fingerprint=data.fingerprint, tickers=about.tickers,
+                    extra={**about.tags, **extra_tags})
+    run = open_run(cfg, about.name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides or [])
+    if resume is None:
+        with ended_on_error(run):
+            run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
+            run.log_params({**about.params, "model.parameters": sum(p.numel() for p in model.parameters())})
+    return run, about.name
+
+
+def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, splits: Splits,
+              model: torch.nn.Module, device: torch.device, precision: str, result: FitResult,
+              path: Path | None) -> TrainOutcome:
+    """After training: the task's test evaluation beside its baselines, the closing metrics and tags, the
+    artifacts, the model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        done = task_named(cfg.task).finish(cfg, data, splits, model, device, result, name, Path(tmp))
+        zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics)
+        for f in done.files:
+            run.log_artifact(f)
+    if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
+        log_model(run, model, splits.test.x[:2], device)
+    return TrainOutcome(run.run_id, name, cfg.tracking.experiment or cfg.name, run.uri, str(device), precision, result,
+                        done.metrics, {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+                        data.warnings, str(path) if path is not None and path.is_file() else None, task=cfg.task,
+                        zero_val_loss=zero_val, **done.outcome)
+
+
+def batch_key(cfg: PipelineConfig) -> str | None:
+    """Runs with the same key can train stacked (``train_batch``): the same task, data, features, model (dropout
+    included: each run draws its own masks), batch size, precision, device and tracking store; they may differ in
+    seed, learning rate, optimizer, schedule, early stopping, epochs, step limits, checkpoints and clipping."""
+    per_run = ("train.seed", "train.lr", "train.optimizer", "train.weight_decay", "train.momentum", "train.schedule",
+               "train.warmup_steps", "train.step_size", "train.gamma", "train.min_lr_ratio", "train.patience",
+               "train.min_delta", "train.epochs", "train.max_steps", "train.threads", "train.checkpoint",
+               "clip.", "tracking.run_name", "backtest.")
+    flat = {k: v for k, v in config_mod.flatten(config_mod.to_dict(cfg)).items() if not k.startswith(per_run)}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None = None,
+                parent_run_id: str | None = None, progress: bool = False) -> list[TrainOutcome]:
+    """Train runs of equal ``batch_key`` as one stack (``training.train_runs``). Each run is its own MLflow run
+    with the params, metrics, tags, artifacts and checkpoint ``train`` would give it, plus the tag
+    ``fincast.batch_runs`` = K. Data and samples are prepared once for all of them.
+
+    A failure while opening or training marks every run of the stack FAILED; once trained, each run is closed
+    on its own, so one that fails to close (FAILED) costs the others nothing: they finish, and
+    :class:`StackCloseError` then carries every run's outcome or error."""
+    keys = {batch_key(c) for c in cfgs}
+    if None in keys or len(keys) != 1:
+        raise FincastError("train_batch: these runs cannot train stacked (see runs.driver.batch_key)")
+    cfg0 = cfgs[0]
+    task = task_named(cfg0.task)
+    data = load_data(cfg0, progress=progress)
+    splits = task.prepare(cfg0, data)
+    device, precision = setup.prepare(cfg0)
+    models = []
+    for cfg in cfgs:
+        seed_everything(cfg.train.seed)
+        models.append(task.build_model(cfg, splits).to(device))
+    runs = []
+    with contextlib.ExitStack() as stack:
+        for i, cfg in enumerate(cfgs):
+            extra = {**((tags or [{}] * len(cfgs))[i]), BATCH_TAG: str(len(cfgs))}
+            if parent_run_id is not None:
+                extra["mlflow.parentRunId"] = parent_run_id
+            run, name = open_one(cfg, data, splits, models[i], device, precision, writer=None, extra_tags=extra)
+            stack.enter_context(ended_on_error(run))
+            runs.append((run, name, *checkpointer(cfg, run.run_id, data.fingerprint)))
+        results = train_runs(models, splits.train, splits.val, [c.train for c in cfgs], [c.clip for c in cfgs],
+                             device=device, precision=precision, log_every=cfg0.tracking.log_every,
+                             sinks=[r.log_metrics for r, *_ in runs], monitor=cfg0.monitor, progress=progress,
+                             checkpoints=[save for _, _, save, _ in runs], cuda_graphs=cfg0.train.cuda_graphs)
+        stack.pop_all()  # trained: from here each run ends on its own
+
+    def close(run, name, cfg, model, result, path):
+        return close_one(run, name, cfg, data, splits, model, device, precision, result, path)
+
+    return _close_stack(runs, cfgs, models, results, close)
+
+
+def _close_stack(runs: list, cfgs: list[PipelineConfig], models: list, results: list, close: Callable[..., Any]
+                 ) -> list[TrainOutcome]:
+    outcomes: list[TrainOutcome | Exception] = []
+    for i, ((run, name, _, path), cfg, model, result) in enumerate(zip(runs, cfgs, models, results)):
+        try:
+            with ended(run):
+                outcomes.append(close(run, name, cfg, model, result, path))
+        except Exception as error:  # noqa: BLE001 - this run is FAILED; the others still close
+            outcomes.append(error)
+        except BaseException:  # an interrupt: the runs not closed yet are KILLED too
+            for later, *_ in runs[i + 1:]:
+                later.end("KILLED")
+            raise
+    if any(isinstance(o, Exception) for o in outcomes):
+        raise StackCloseError(outcomes, [name for _, name, *_ in runs])
+    return outcomes
+
+
+class StackCloseError(FincastError):
+    """Some runs of a trained stack failed to close (test metrics, artifacts, model); the others finished.
+    ``outcomes[k]`` is run k's :class:`TrainOutcome` or the error that failed it."""
+
+    def __init__(self, outcomes: list, names: list[str]):
+        self.outcomes = outcomes
+        failed = [f"{n}: {type(o).__name__}: {o}" for n, o in zip(names, outcomes) if isinstance(o, Exception)]
+        super().__init__(f"{len(failed)} of {len(outcomes)} stacked runs failed after training (the others "
+                         f"finished): " + "; ".join(failed))
