@@ -14,13 +14,13 @@ OWNERS = {
     "yfinance": "fincast/data/yahoo.py",
     "mlflow": "fincast/tracking.py",
     "matplotlib": "fincast/reports/plots.py",
-    "optuna": "fincast/sweep.py",
+    "optuna": "fincast/experiments/sweep/coordination.py",
 }
 
-LAYER = {  # DEVELOPERS.md: L0 config -> L1 -> L2 -> L3 reports -> L4 pipeline/cli (-> __main__, the entry point)
+LAYER = {  # docs/architecture.md: config -> L1 -> L2 -> reports -> runs -> experiments -> cli (-> __main__)
     "config": 0, "data": 1, "features": 1, "models": 1, "clipping": 1, "tracking": 1,
-    "training": 2, "backtest": 2, "reports": 3, "pipeline": 4, "pipeline_options": 4, "study": 4, "sweep": 4, "advise": 4, "cli": 4,
-    "__main__": 5,
+    "training": 2, "backtest": 2, "reports": 3, "runs": 4, "experiments": 5, "cli": 6,
+    "__main__": 7,
 }
 
 
@@ -60,6 +60,6 @@ def test_layers_import_only_downward():
             if parts[0] != "fincast" or len(parts) < 2 or parts[1] == "__init__":
                 continue
             target = parts[1]
-            if target != own and LAYER.get(target, -1) >= LAYER[own] and not (LAYER[own] == 4 and LAYER[target] == 4):
+            if target != own and LAYER.get(target, -1) >= LAYER[own]:
                 bad.append(f"{rel} imports fincast.{target}")
     assert not bad, bad

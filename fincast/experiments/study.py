@@ -45,6 +45,7 @@ from fincast.config import ConfigError, FincastError, PipelineConfig, StudySetti
 from fincast.experiments.spec import _UNHASHED, _merge, config_hash, read_spec
 from fincast.experiments.workers import plan_chunks, worker_pool
 from fincast.runs import driver
+from fincast.runs.record import ended
 from fincast.runs.setup import cores
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
 
@@ -102,25 +103,39 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     if not isinstance(common, dict):
         errors.append("set: expected a mapping of pipeline keys to values, e.g. {train.optimizer: sgd}")
         common = {}
+    settings = config_mod.build_section(StudySettings, raw.get("study"), "study.", errors)
+    clips, lrs, seeds, axes = _matrix(raw, errors)
+    if errors or base_path is None:
+        raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
+    base_raw = config_mod.read_yaml(base_path)
+    for key, value in config_mod.flatten({str(k): v for k, v in common.items()}).items():
+        config_mod.set_key(base_raw, key.split("."), value, f"{path}: set.{key}")  # nested mappings set keys, not whole sections
+    cells = _cells(path, base_raw, clips, lrs, axes, errors)
+    if errors:
+        raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
+    name = name.strip()
+    jobs: list[Job] = []
+    for seed in seeds:  # seed-major: a study stopped early has every cell for its first seeds
+        for cfg, label, group, lr, combo in cells:
+            cfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, seed=seed),
+                tracking=dataclasses.replace(cfg.tracking, experiment=name, metrics_writer="inline",
+                                             run_name=f"{label} {group} s{seed}"))
+            jobs.append(Job(cfg, f"{label} {group}", group, label, lr, combo, seed, config_hash(cfg)))
+    if len({j.hash for j in jobs}) != len(jobs):  # a bug guard: every run must be told apart by its hash
+        raise ConfigError(f"invalid study spec {path}: two runs resolve to the same config")
+    return Study(name, path, raw, settings, tuple(jobs), jobs[0].cfg.tracking)
+
+
+def _matrix(raw: dict, errors: list[str]) -> tuple[list[dict], list[float], list[int], dict]:
+    """The matrix's clip configs, learning rates, seeds and extra axes, each checked (problems into ``errors``)."""
     matrix = raw.get("matrix")
     if not isinstance(matrix, dict):
         errors.append("matrix: required, a mapping with clip, lr, seeds (and optionally axes)")
         matrix = {}
     errors += [f"matrix.{k}: unknown key; matrix has: {', '.join(MATRIX_KEYS)}" for k in matrix
                if k not in MATRIX_KEYS]
-    settings = config_mod.build_section(StudySettings, raw.get("study"), "study.", errors)
-
-    clips = matrix.get("clip")
-    if not isinstance(clips, list) or not clips:
-        errors.append("matrix.clip: required, a list of clip configs (e.g. none, {method: norm, norm: {max_norm: 1.0}})")
-        clips = []
-    clips = [{"method": c} if isinstance(c, str) else c for c in clips]
-    for i, c in enumerate(clips):
-        if not isinstance(c, dict):
-            errors.append(f"matrix.clip[{i}] = {c!r}: expected a method name or a clip section mapping")
-    clips = [c for c in clips if isinstance(c, dict)]
-    if clips and not any(c.get("method") == "none" for c in clips):
-        errors.append("matrix.clip: must include none (unclipped training is what every config is compared with)")
+    clips = _clips(matrix.get("clip"), errors)
     lrs = matrix.get("lr")
     lrs = [lrs] if isinstance(lrs, int | float | str) else lrs
     try:
@@ -142,24 +157,39 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     elif len(seeds) < MIN_SEEDS:
         errors.append(f"matrix.seeds = {matrix.get('seeds')!r}: at least {MIN_SEEDS} seeds (a comparison over fewer "
                       "cannot tell noise from effect)")
-    axes = matrix.get("axes") or {}
+    return clips, lrs, seeds, _axes(matrix.get("axes") or {}, errors)
+
+
+def _clips(clips: Any, errors: list[str]) -> list[dict]:
+    if not isinstance(clips, list) or not clips:
+        errors.append("matrix.clip: required, a list of clip configs (e.g. none, {method: norm, norm: {max_norm: 1.0}})")
+        clips = []
+    clips = [{"method": c} if isinstance(c, str) else c for c in clips]
+    for i, c in enumerate(clips):
+        if not isinstance(c, dict):
+            errors.append(f"matrix.clip[{i}] = {c!r}: expected a method name or a clip section mapping")
+    clips = [c for c in clips if isinstance(c, dict)]
+    if clips and not any(c.get("method") == "none" for c in clips):
+        errors.append("matrix.clip: must include none (unclipped training is what every config is compared with)")
+    return clips
+
+
+def _axes(axes: Any, errors: list[str]) -> dict:
     if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
         errors.append("matrix.axes: expected a mapping of pipeline key -> list of values, e.g. "
                       "{features.lookback: [30, 60]}")
-        axes = {}
+        return {}
     for key in axes:
         if key in ("train.lr", "train.seed") or key.startswith("clip."):
             errors.append(f"matrix.axes.{key}: use matrix.lr, matrix.seeds or matrix.clip for this axis")
         elif key.startswith(_UNHASHED):
             errors.append(f"matrix.axes.{key}: does not change what a run computes (tracking, threads and "
                           "checkpoint keys), so it cannot be an axis")
-    if errors or base_path is None:
-        raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
+    return axes
 
-    base_raw = config_mod.read_yaml(base_path)
-    for key, value in config_mod.flatten({str(k): v for k, v in common.items()}).items():
-        config_mod.set_key(base_raw, key.split("."), value, f"{path}: set.{key}")  # nested mappings set keys, not whole sections
-    jobs: list[Job] = []
+
+def _cells(path: Path, base_raw: dict, clips: list[dict], lrs: list[float], axes: dict, errors: list[str]) -> list:
+    """(config, clip label, group, lr, axis values) of every cell of the grid; duplicates into ``errors``."""
     seen: dict[tuple, int] = {}
     axis_items = [[(k, v) for v in vals] for k, vals in axes.items()]
     cells = []
@@ -185,19 +215,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
         if any(c[1] == label and c[2] == group for c in cells):  # differs in keys the label does not show
             label = f"{label}#{ci}"
         cells.append((cfg, label, group, lr, tuple(combo)))
-    if errors:
-        raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
-    name = name.strip()
-    for seed in seeds:  # seed-major: a study stopped early has every cell for its first seeds
-        for cfg, label, group, lr, combo in cells:
-            cfg = dataclasses.replace(
-                cfg, train=dataclasses.replace(cfg.train, seed=seed),
-                tracking=dataclasses.replace(cfg.tracking, experiment=name, metrics_writer="inline",
-                                             run_name=f"{label} {group} s{seed}"))
-            jobs.append(Job(cfg, f"{label} {group}", group, label, lr, combo, seed, config_hash(cfg)))
-    if len({j.hash for j in jobs}) != len(jobs):  # a bug guard: every run must be told apart by its hash
-        raise ConfigError(f"invalid study spec {path}: two runs resolve to the same config")
-    return Study(name, path, raw, settings, tuple(jobs), jobs[0].cfg.tracking)
+    return cells
 
 
 def _fmt(v: Any) -> str:
@@ -275,55 +293,46 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
         store_ready()  # the workers may open the store now (two processes creating it at once collide)
         parent = store.parent_run(params=_parent_params(study))
         finished, diverged, failed = 0, 0, []
-        status = "FINISHED"
         bar = None
-        try:
-            done = store.settle(fingerprint)
-            todo = [j for j in study.jobs if j.hash not in done]
-            skipped = len(study.jobs) - len(todo)
-            with tempfile.TemporaryDirectory() as tmp:
-                spec = Path(tmp) / "study.yaml"
-                spec.write_text(yaml.safe_dump(study.raw, sort_keys=False))
-                plan = Path(tmp) / "plan.json"
-                plan.write_text(json.dumps([{"cell": j.cell, "group": j.group, "clip": j.clip, "lr": j.lr, "seed": j.seed,
-                                             "axes": dict(j.axes), "hash": j.hash} for j in study.jobs], indent=1,
-                                           default=str))
-                settings = Path(tmp) / "settings.json"  # what the report judges by (params keep the first run's)
-                settings.write_text(json.dumps({**dataclasses.asdict(study.settings), "data_fingerprint": fingerprint},
-                                               indent=1))
-                for f in (spec, plan, settings):
-                    parent.log_artifact(f)
-            if skipped:
-                log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
-                         len(study.jobs), len(todo))
-            bar = tqdm(total=len(study.jobs), initial=skipped, desc=f"study {study.name}", unit="run",
-                       disable=not progress)
-            chunks = plan_chunks(todo, study.settings.batch_runs, workers)
-            if any(len(c) > 1 for c in chunks):
-                log.info("study %s: %d runs in %d batches (%s runs each)", study.name, len(todo), len(chunks),
-                         "/".join(str(n) for n in sorted({len(c) for c in chunks}, reverse=True)))
-            for result in _execute(pool, chunks, parent.run_id, study.name, threads):
-                bar.update(1)
-                if result["error"] is None:
-                    finished += 1
-                    diverged += int(result["diverged"])
-                else:
-                    failed.append((result["name"], result["error"]))
-                    log.warning("run %s failed: %s", result["name"], result["error"])
-                bar.set_postfix(diverged=diverged, failed=len(failed), refresh=False)
-        except Exception:
-            status = "FAILED"
-            raise
-        except BaseException:
-            status = "KILLED"
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            if status == "FINISHED" and failed:
-                status = "FAILED"
-            parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": len(failed)})
-            parent.end(status)
+        with ended(parent, lambda: "FAILED" if failed else "FINISHED"):
+            try:
+                done = store.settle(fingerprint)
+                todo = [j for j in study.jobs if j.hash not in done]
+                skipped = len(study.jobs) - len(todo)
+                with tempfile.TemporaryDirectory() as tmp:
+                    spec = Path(tmp) / "study.yaml"
+                    spec.write_text(yaml.safe_dump(study.raw, sort_keys=False))
+                    plan = Path(tmp) / "plan.json"
+                    plan.write_text(json.dumps([{"cell": j.cell, "group": j.group, "clip": j.clip, "lr": j.lr, "seed": j.seed,
+                                                 "axes": dict(j.axes), "hash": j.hash} for j in study.jobs], indent=1,
+                                               default=str))
+                    settings = Path(tmp) / "settings.json"  # what the report judges by (params keep the first run's)
+                    settings.write_text(json.dumps({**dataclasses.asdict(study.settings), "data_fingerprint": fingerprint},
+                                                   indent=1))
+                    for f in (spec, plan, settings):
+                        parent.log_artifact(f)
+                if skipped:
+                    log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
+                             len(study.jobs), len(todo))
+                bar = tqdm(total=len(study.jobs), initial=skipped, desc=f"study {study.name}", unit="run",
+                           disable=not progress)
+                chunks = plan_chunks(todo, study.settings.batch_runs, workers)
+                if any(len(c) > 1 for c in chunks):
+                    log.info("study %s: %d runs in %d batches (%s runs each)", study.name, len(todo), len(chunks),
+                             "/".join(str(n) for n in sorted({len(c) for c in chunks}, reverse=True)))
+                for result in _execute(pool, chunks, parent.run_id, study.name, threads):
+                    bar.update(1)
+                    if result["error"] is None:
+                        finished += 1
+                        diverged += int(result["diverged"])
+                    else:
+                        failed.append((result["name"], result["error"]))
+                        log.warning("run %s failed: %s", result["name"], result["error"])
+                    bar.set_postfix(diverged=diverged, failed=len(failed), refresh=False)
+            finally:
+                if bar is not None:
+                    bar.close()
+                parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": len(failed)})
     return StudyOutcome(study.name, parent.run_id, study.name, parent.uri, len(study.jobs), skipped, finished,
                         diverged, failed, time.perf_counter() - t0)
 

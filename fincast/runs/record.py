@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,11 +102,13 @@ def ended_on_error(run: tracking.Run) -> Iterator[tracking.Run]:
 
 
 @contextlib.contextmanager
-def ended(run: tracking.Run) -> Iterator[tracking.Run]:
-    """End ``run`` when the block ends: FINISHED, FAILED on an error, KILLED on an interrupt (re-raised)."""
+def ended(run: tracking.Run, status: Callable[[], str] = lambda: "FINISHED") -> Iterator[tracking.Run]:
+    """End ``run`` when the block ends: ``status()`` when it completes (FINISHED; a study or sweep whose runs
+    partly failed says FAILED), FAILED on an error, KILLED on an interrupt (re-raised). The one place runs,
+    studies and sweeps get their end state."""
     with ended_on_error(run):
         yield run
-    run.end("FINISHED")
+    run.end(status())
 
 
 def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,

@@ -49,7 +49,7 @@ from fincast.experiments.sweep.coordination import (
 from fincast.experiments.sweep.spec import SWEEP_TAG, TRIAL_TAG, Sweep, redact, storage_url, trial_config
 from fincast.experiments.workers import _gpu_count, plan_workers
 from fincast.runs import driver
-from fincast.runs.record import git_commit
+from fincast.runs.record import ended, git_commit
 
 log = logging.getLogger("fincast.sweep")
 
@@ -297,56 +297,50 @@ def run(sweep: Sweep, *, storage: str | None = None, progress: bool = False,
     parent = _parent(sweep, study, url, fingerprint)
     status = "FINISHED"
     bar = None
-    try:
-        advice = _advice(sweep, study, parent.run_id, progress=progress)
-        if advice is not None:
-            sweep = sweep.with_range("norm", advice["low"], advice["high"])
-        recovered = _recover(study)
-        if recovered:
-            log.info("sweep %s: %d trial(s) of a stopped worker failed and queued again", sweep.name, recovered)
-        if sweep.settings.sampler == "grid":
-            _ensure_grid(sweep, study)
-        _settle_runs(study, parent.uri, parent.run_id)
-        before = _counts(study)["finished"]
-        if before:
-            log.info("sweep %s: %d of %d trials finished before; going on", sweep.name, before, sweep.trials)
-        bar = tqdm(total=sweep.trials, initial=min(before, sweep.trials), desc=f"sweep {sweep.name}", unit="trial",
-                   disable=not progress)
-        results = _execute(sweep, url, parent.run_id, study, bar, parent.uri)
-        # workers elsewhere may still run trials (or a last one failed and was queued again): finish them
-        while True:
-            c = _counts(study)
-            if c["finished"] >= sweep.trials:
-                break
-            if c["running"]:
-                time.sleep(2.0)
-                _recover(study)
-                continue
-            if c["waiting"] or (sweep.settings.sampler != "grid" and not _gave_up(results)):
-                more = work(sweep, url, parent.run_id, worker=len(results), threads=sweep.settings.threads)
-                results.append(more)
-                if not any(more[k] for k in ("complete", "pruned")) and not _counts(study)["running"]:
+    with ended(parent, lambda: status):
+        try:
+            advice = _advice(sweep, study, parent.run_id, progress=progress)
+            if advice is not None:
+                sweep = sweep.with_range("norm", advice["low"], advice["high"])
+            recovered = _recover(study)
+            if recovered:
+                log.info("sweep %s: %d trial(s) of a stopped worker failed and queued again", sweep.name, recovered)
+            if sweep.settings.sampler == "grid":
+                _ensure_grid(sweep, study)
+            _settle_runs(study, parent.uri, parent.run_id)
+            before = _counts(study)["finished"]
+            if before:
+                log.info("sweep %s: %d of %d trials finished before; going on", sweep.name, before, sweep.trials)
+            bar = tqdm(total=sweep.trials, initial=min(before, sweep.trials), desc=f"sweep {sweep.name}", unit="trial",
+                       disable=not progress)
+            results = _execute(sweep, url, parent.run_id, study, bar, parent.uri)
+            # workers elsewhere may still run trials (or a last one failed and was queued again): finish them
+            while True:
+                c = _counts(study)
+                if c["finished"] >= sweep.trials:
                     break
-                continue
-            break
-        if bar is not None:
-            bar.n = min(_counts(study)["finished"], sweep.trials)
-            bar.close()
-        _settle_runs(study, parent.uri, parent.run_id)
-        out = _summarise(sweep, study, parent, url, out_dir, results, before, t0, advice)
-        if out.complete + out.pruned < sweep.trials:
-            status = "FAILED"
-        return out
-    except Exception:
-        status = "FAILED"
-        raise
-    except BaseException:
-        status = "KILLED"
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        parent.end(status)
+                if c["running"]:
+                    time.sleep(2.0)
+                    _recover(study)
+                    continue
+                if c["waiting"] or (sweep.settings.sampler != "grid" and not _gave_up(results)):
+                    more = work(sweep, url, parent.run_id, worker=len(results), threads=sweep.settings.threads)
+                    results.append(more)
+                    if not any(more[k] for k in ("complete", "pruned")) and not _counts(study)["running"]:
+                        break
+                    continue
+                break
+            if bar is not None:
+                bar.n = min(_counts(study)["finished"], sweep.trials)
+                bar.close()
+            _settle_runs(study, parent.uri, parent.run_id)
+            out = _summarise(sweep, study, parent, url, out_dir, results, before, t0, advice)
+            if out.complete + out.pruned < sweep.trials:
+                status = "FAILED"
+        finally:
+            if bar is not None:
+                bar.close()
+    return out
 
 
 def _gave_up(results: list[dict]) -> bool:
