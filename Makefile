@@ -15,7 +15,7 @@ SWEEP ?= pipelines/sweep_crypto.yaml
 STUDY_NAME ?= $(basename $(notdir $(STUDY)))
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-price train-crypto train-options train-ddp resume data stability report sweep advise-clip backtest ui test test-slow lint bench clean distclean
+.PHONY: help install train train-price train-crypto train-options train-ddp resume data stability report sweep advise-clip backtest ui test test-slow lint docs bench clean distclean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -82,6 +82,9 @@ test-slow: $(STAMP)  ## slower end-to-end tests (CLI runs into temporary MLflow 
 lint: $(STAMP)  ## ruff, and the import-linter contract for the package layers
 	$(BIN)/ruff check fincast tests bench
 	$(BIN)/lint-imports
+
+docs: $(STAMP)  ## regenerate docs/config.md, the configuration reference, from the config schema
+	$(BIN)/fincast keys --markdown > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
 
 bench: $(STAMP)  ## benchmarks in bench/ (print ratios measured in one run)
 	$(BIN)/python bench/logging_overhead.py

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from fincast import config as config_mod
 from fincast.cli.parser import build_parser
 from fincast.config import FincastError
@@ -203,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(getattr(args, "quiet", False))
     try:
-        return {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "study": cmd_study, "sweep": cmd_sweep,
-                "advise-clip": cmd_advise, "report": cmd_report, "backtest": cmd_backtest,
-                "keys": cmd_keys}[args.command](args)
+        # log lines go above the progress bars (tqdm.write) instead of through them
+        with logging_redirect_tqdm(loggers=[logging.getLogger("fincast")]):
+            return COMMANDS[args.command](args)
     except FincastError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -214,3 +216,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "study": cmd_study, "sweep": cmd_sweep,
+            "advise-clip": cmd_advise, "report": cmd_report, "backtest": cmd_backtest, "keys": cmd_keys}

@@ -443,3 +443,26 @@ def test_torchrun_trains_one_tracked_run_equal_to_one_process(tmp_path):
     assert a["run"]["step"] == b["run"]["step"] == 12
     for name, p in b["model"].items():
         torch.testing.assert_close(a["model"][name], p, rtol=1e-4, atol=1e-6)
+
+
+def test_log_lines_go_above_progress_bars_while_a_command_runs(monkeypatch, capsys):
+    """While a command runs, fincast's log handler writes through tqdm (a line printed above a bar, not into
+    it); afterwards the CLI's own handler is back."""
+    import logging
+
+    from tqdm.contrib.logging import _TqdmLoggingHandler
+
+    from fincast.cli import commands
+
+    seen = []
+
+    def fake(args):
+        seen.append([type(h) for h in logging.getLogger("fincast").handlers])
+        logging.getLogger("fincast.test").warning("a message during the bar")
+        return 0
+
+    monkeypatch.setitem(commands.COMMANDS, "keys", fake)
+    assert cli.main(["keys"]) == 0
+    assert seen == [[_TqdmLoggingHandler]]
+    assert "warning: a message during the bar" in capsys.readouterr().err
+    assert [type(h) for h in logging.getLogger("fincast").handlers] == [logging.StreamHandler]
