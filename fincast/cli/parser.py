@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fincast",
         description="Train LSTM forecasters on market data with configurable gradient clipping, tracked in MLflow.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES)
     p.add_argument("--version", action="version", version=f"fincast {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
@@ -84,14 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
-    t = sub.add_parser(
-        "train", help="train one model from a pipeline spec and log it to MLflow",
+    t = _command(
+        sub, "train", help="train one model from a pipeline spec and log it to MLflow",
         description="Load data, build features, train an LSTM with the configured gradient clipping, evaluate it "
                     "on the test split beside the naive (zero-return) and ridge baselines, and log params, "
                     "per-step metrics, artifacts and the model to MLflow. Prints the run id and a summary. "
                     "Exit status: 0 when the run finished (a diverged run is a recorded result, not a failure), "
                     "2 for bad config or data, 130 when interrupted.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES)
     t.add_argument("pipeline", help="pipeline spec (YAML), e.g. pipelines/price_equities.yaml")
     _add_set(t, SET_HELP)
     t.add_argument("--resume", metavar="RUN_ID", default=None,
@@ -103,40 +103,40 @@ def _add_train(sub) -> None:
     t.add_argument("--skip-missing-data", action="store_true",
                    help="exit 0 with a message, instead of failing, when the spec's local CSV data (data.path, "
                         "options.path, options.aux_path) are absent (make train-options runs the real-chain spec so)")
-    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings, summary only (for CI)")
+    _add_quiet(t, "no progress bars or warnings, summary only (for CI)")
 
 
 def _add_resume(sub) -> None:
-    r = sub.add_parser(
-        "resume", help="continue a run from its last checkpoint, into the same MLflow run",
+    r = _command(
+        sub, "resume", help="continue a run from its last checkpoint, into the same MLflow run",
         description="Continue a run exactly where its last checkpoint left it (saved at each epoch end, and every "
                     "train.checkpoint_every steps, in train.checkpoint_dir/<run id>.pt): same data (checked), "
                     "weights, optimizer, learning-rate schedule, GradScaler, clipper state (AutoClip history, "
                     "ZClip EMAs), data order and RNG. Metrics continue in the same MLflow run. Only "
                     "train.epochs, train.max_steps, train.patience, train.threads, train.checkpoint_every and "
                     "tracking.log_every may be changed with --set.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES)
     r.add_argument("run_id", help="the MLflow run id printed by `fincast train`")
     _add_set(r, "e.g. --set train.epochs=60 to train longer")
     r.add_argument("--checkpoint-dir", default="checkpoints", help="where the checkpoint is (default: checkpoints)")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings, summary only")
+    _add_quiet(r, "no progress bars or warnings, summary only")
 
 
 def _add_data(sub) -> None:
-    d = sub.add_parser(
-        "data", help="fetch or refresh the data cache only (no training)",
+    d = _command(
+        sub, "data", help="fetch or refresh the data cache only (no training)",
         description="Fetch the pipeline's tickers into the cache (yfinance source), or check the CSV/synthetic "
                     "source, and print what each ticker holds. For yfinance the missing tail is fetched even when "
                     "the cache is fresh, unless --no-refresh.")
     d.add_argument("pipeline", help="pipeline spec (YAML)")
     _add_set(d, SET_HELP)
     d.add_argument("--no-refresh", action="store_true", help="use a fresh cache as is (no network call)")
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_quiet(d, "no progress bars")
 
 
 def _add_study(sub) -> None:
-    st = sub.add_parser(
-        "study", help="run a stability study: clip configs x learning rates x seeds, in parallel workers",
+    st = _command(
+        sub, "study", help="run a stability study: clip configs x learning rates x seeds, in parallel workers",
         description="Expand a study spec (pipelines/stability_*.yaml: a base pipeline, a matrix of clip configs, "
                     "learning rates, seeds and optional axes) and train every run in study.workers parallel "
                     "processes, runs of one architecture stacked into batches trained as one model "
@@ -144,19 +144,18 @@ def _add_study(sub) -> None:
                     "same command skips finished runs (matched by a hash of their resolved config) and redoes "
                     "killed or failed ones. A diverged run is a result, not a failure. Exit status: 0 when every "
                     "run finished, 1 when some failed (rerun to retry them), 2 for bad specs or data.",
-        epilog=STUDY_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=STUDY_EXAMPLES)
     st.add_argument("spec", help="study spec (YAML), e.g. pipelines/stability_crypto.yaml")
     _add_set(st, "study.*/matrix.* keys change the study (--set matrix.seeds=3, --set 'matrix.lr=[0.1,1]', "
                          "--set study.workers=2); any other key is a pipeline key set for every run "
                          "(--set data.source=synthetic)")
     st.add_argument("--dry-run", action="store_true", help="list the runs the spec expands to, and stop")
-    st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_quiet(st, "no progress bar")
 
 
 def _add_sweep(sub) -> None:
-    sw = sub.add_parser(
-        "sweep", help="search the clipping threshold (and lr): grid, random or Bayesian (TPE), on Optuna",
+    sw = _command(
+        sub, "sweep", help="search the clipping threshold (and lr): grid, random or Bayesian (TPE), on Optuna",
         description="Search clip.method and its threshold (log-uniform ranges or value lists), and optionally the "
                     "learning rate, as given by a sweep spec (pipelines/sweep_*.yaml: a base pipeline, `search` "
                     "and `sweep` settings). Each trial trains the base pipeline once, as an MLflow child run of the "
@@ -168,7 +167,7 @@ def _add_sweep(sub) -> None:
                     "At the end the parent run gets the best trial, trials.csv, importance.csv, summary.md and "
                     "objective_vs_threshold.png (also in reports/sweep/<name>/). Exit status: 0 when the trial "
                     "budget is spent, 1 when failures left it short (rerun to retry), 2 for bad specs or data.",
-        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=SWEEP_EXAMPLES)
     sw.add_argument("spec", help="sweep spec (YAML), e.g. pipelines/sweep_crypto.yaml")
     _add_set(sw, "sweep.*/search.*/name/base change the sweep (--set sweep.sampler=grid, --set sweep.trials=50, "
                  "--set 'search.lr={low: 0.1, high: 3}'); any other key is a pipeline key for every trial "
@@ -180,13 +179,13 @@ def _add_sweep(sub) -> None:
                     help="work on the running sweep NAME in --storage (started elsewhere with the same spec) "
                          "instead of starting one; its driver writes the summary")
     sw.add_argument("--dry-run", action="store_true", help="print the search space (and the grid), and stop")
-    sw.add_argument("--out", default="reports", help="reports directory (default: reports)")
-    sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_out(sw)
+    _add_quiet(sw, "no progress bar")
 
 
 def _add_advise_clip(sub) -> None:
-    ad = sub.add_parser(
-        "advise-clip", help="propose clipping thresholds from a short unclipped probe run's gradient norms",
+    ad = _command(
+        sub, "advise-clip", help="propose clipping thresholds from a short unclipped probe run's gradient norms",
         description="Train the pipeline unclipped for --steps optimizer steps (an ordinary MLflow run tagged "
                     "fincast.kind=advise-clip), record the global L2 gradient norm of every step and propose "
                     "thresholds for clip.norm.max_norm: an AutoClip-style percentile of the norms, a multiple of "
@@ -194,36 +193,35 @@ def _add_advise_clip(sub) -> None:
                     "histogram marking them to reports/advise/<name>/grad_norms.png (with advice.json and "
                     "grad_norms.csv), and logs all of it to the probe run. A sweep with sweep.range: advised "
                     "searches around them.",
-        epilog=ADVISE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=ADVISE_EXAMPLES)
     ad.add_argument("pipeline", help="pipeline spec (YAML); its optimizer and lr are probed (clip is ignored)")
     _add_set(ad, SET_HELP)
     ad.add_argument("--steps", type=int, default=300, help="optimizer steps of the probe (default 300, at least 20)")
     ad.add_argument("--percentile", type=float, default=None,
                     help="AutoClip percentile (default: the spec's clip.autoclip.percentile, 10)")
     ad.add_argument("--multiple", type=float, default=2.0, help="median multiple (default 2)")
-    ad.add_argument("--out", default="reports", help="reports directory (default: reports)")
-    ad.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_out(ad)
+    _add_quiet(ad, "no progress bar")
 
 
 def _add_report(sub) -> None:
-    rp = sub.add_parser(
-        "report", help="write a report from MLflow (stability: clipped vs unclipped runs of a study)",
+    rp = _command(
+        sub, "report", help="write a report from MLflow (stability: clipped vs unclipped runs of a study)",
         description="Build a report from what is stored in MLflow only (so it works against a remote tracking "
                     "server too). `report stability --study NAME` writes reports/stability/NAME/index.html "
                     "(self-contained), its PNGs, summary.csv and summary.json, and logs them to the study's "
-                    "parent run.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "parent run.")
     rp.add_argument("kind", choices=["stability"], help="which report")
     rp.add_argument("--study", required=True, help="the study's name (its spec's `name`, e.g. stability_crypto)")
     rp.add_argument("--tracking-uri", default=None,
                     help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
-    rp.add_argument("--out", default="reports", help="reports directory (default: reports)")
-    rp.add_argument("-q", "--quiet", action="store_true", help="print only the report's path")
+    _add_out(rp)
+    _add_quiet(rp, "print only the report's path")
 
 
 def _add_backtest(sub) -> None:
-    bt = sub.add_parser(
-        "backtest", help="walk-forward backtest: refit at each cutoff, forecast, trade after costs, report",
+    bt = _command(
+        sub, "backtest", help="walk-forward backtest: refit at each cutoff, forecast, trade after costs, report",
         description="Walk forward from backtest.start: at each cutoff (every backtest.refit_every bars) train fresh "
                     "models on what was known by then (expanding or rolling backtest.window; scalers refit per "
                     "fold), forecast the next bars, move on. Models compared: the LSTM under each of backtest.clips "
@@ -234,12 +232,12 @@ def _add_backtest(sub) -> None:
                     "reports/backtest/<name>/index.html with its PNGs and CSVs, and logs everything to one MLflow run "
                     "(folds as metrics stepped by fold). Every backtest.* key is listed by `fincast keys`. Exit "
                     "status: 0 when done, 2 for bad config or data, 130 when interrupted.",
-        epilog=BACKTEST_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=BACKTEST_EXAMPLES)
     bt.add_argument("pipeline", help="pipeline spec (YAML) with an optional backtest section, e.g. "
                                      "pipelines/backtest_crypto.yaml")
     _add_set(bt, SET_HELP)
-    bt.add_argument("--out", default="reports", help="reports directory (default: reports)")
-    bt.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print the stats table and paths")
+    _add_out(bt)
+    _add_quiet(bt, "no progress bar; print the stats table and paths")
 
 
 def _add_keys(sub) -> None:
@@ -258,3 +256,16 @@ def _version() -> str:
     import fincast
 
     return fincast.__version__
+
+
+def _command(sub, name: str, help: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_quiet(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help=help)
+
+
+def _add_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="reports", help="reports directory (default: reports)")

@@ -60,3 +60,21 @@ def config_hash(cfg: PipelineConfig) -> str:
     """Hash of what a run computes: the resolved config without tracking, threads and checkpoint keys."""
     flat = {k: v for k, v in config_mod.flatten(config_mod.to_dict(cfg)).items() if not k.startswith(_UNHASHED)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def spec_common(raw: dict, errors: list[str]) -> dict:
+    """The spec's ``set``: pipeline keys set for every run (problems into ``errors``)."""
+    common = raw.get("set") or {}
+    if not isinstance(common, dict):
+        errors.append("set: expected a mapping of pipeline keys to values, e.g. {train.optimizer: sgd}")
+        return {}
+    return common
+
+
+def base_config(path: Path, base_path: Path, common: dict) -> dict:
+    """The base pipeline (raw) with the spec's ``set`` applied key by key (a nested mapping sets its keys, not
+    a whole section)."""
+    base_raw = config_mod.read_yaml(base_path)
+    for key, value in config_mod.flatten({str(k): v for k, v in common.items()}).items():
+        config_mod.set_key(base_raw, key.split("."), value, f"{path}: set.{key}")
+    return base_raw

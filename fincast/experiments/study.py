@@ -42,7 +42,7 @@ from fincast import config as config_mod
 from fincast import tracking
 from fincast.clipping import label as clip_label
 from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, short_float
-from fincast.experiments.spec import _UNHASHED, _merge, config_hash, read_spec
+from fincast.experiments.spec import _UNHASHED, _merge, base_config, config_hash, read_spec, spec_common
 from fincast.experiments.workers import plan_chunks, worker_pool
 from fincast.runs import driver
 from fincast.runs.record import ended
@@ -99,17 +99,12 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study
     is reported before any work starts, naming the file and key."""
     raw, name, base_path, errors = read_spec(path, overrides, SPEC_KEYS, "study")
     path = Path(path)
-    common = raw.get("set") or {}
-    if not isinstance(common, dict):
-        errors.append("set: expected a mapping of pipeline keys to values, e.g. {train.optimizer: sgd}")
-        common = {}
+    common = spec_common(raw, errors)
     settings = config_mod.build_section(StudySettings, raw.get("study"), "study.", errors)
     clips, lrs, seeds, axes = _matrix(raw, errors)
     if errors or base_path is None:
         raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))
-    base_raw = config_mod.read_yaml(base_path)
-    for key, value in config_mod.flatten({str(k): v for k, v in common.items()}).items():
-        config_mod.set_key(base_raw, key.split("."), value, f"{path}: set.{key}")  # nested mappings set keys, not whole sections
+    base_raw = base_config(path, base_path, common)
     cells = _cells(path, base_raw, clips, lrs, axes, errors)
     if errors:
         raise ConfigError(f"invalid study spec {path}:\n  " + "\n  ".join(errors))

@@ -98,7 +98,7 @@ def _train_trial(sweep: Sweep, study: OptunaStudy, trial: Trial, parent_id: str,
     return "diverged" if diverged else state
 
 
-def work(sweep: Sweep, url: str, parent_id: str, *, worker: int = 0, threads: int | None = None,
+def train_trials(sweep: Sweep, url: str, parent_id: str, *, worker: int = 0, threads: int | None = None,
          gpu: int | None = None, on_trial=None) -> dict[str, Any]:
     """One worker: ask, train and tell trials until ``sweep.trials`` have finished (counted across every worker
     of the storage). Returns its counts."""
@@ -190,13 +190,13 @@ def _execute(sweep: Sweep, url: str, parent_id: str, study: OptunaStudy, bar: tq
             bar.refresh()
 
     if workers == 1:
-        return [work(sweep, url, parent_id, worker=0, threads=threads, gpu=gpus[0], on_trial=refresh)]
+        return [train_trials(sweep, url, parent_id, worker=0, threads=threads, gpu=gpus[0], on_trial=refresh)]
     from fincast.experiments.workers import worker_pool
 
     # GPU workers come from a forkserver: a process forked after this one touched CUDA could not use it
     with worker_pool(workers, threads, tracking_uri, fork_ok=all(g is None for g in gpus)) as (pool, store_ready):
         store_ready()
-        futures = {pool.submit(work, sweep, url, parent_id, worker=i, threads=threads, gpu=gpus[i])
+        futures = {pool.submit(train_trials, sweep, url, parent_id, worker=i, threads=threads, gpu=gpus[i])
                    for i in range(workers)}
         pending = set(futures)
         while pending:
@@ -324,7 +324,7 @@ def run(sweep: Sweep, *, storage: str | None = None, progress: bool = False,
                     _recover(study)
                     continue
                 if c["waiting"] or (sweep.settings.sampler != "grid" and not _gave_up(results)):
-                    more = work(sweep, url, parent.run_id, worker=len(results), threads=sweep.settings.threads)
+                    more = train_trials(sweep, url, parent.run_id, worker=len(results), threads=sweep.settings.threads)
                     results.append(more)
                     if not any(more[k] for k in ("complete", "pruned")) and not _counts(study)["running"]:
                         break

@@ -22,6 +22,7 @@ from fincast.config import (
     SweepSettings,
     short_float,
 )
+from fincast.experiments.spec import base_config, read_spec, spec_common
 
 SPEC_KEYS = ("name", "base", "set", "search", "sweep")
 
@@ -153,14 +154,9 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep
     """Read a sweep spec, apply ``--set`` overrides (``sweep.*``/``search.*``/``name``/``base`` change the spec;
     any other key is a pipeline key set for every trial), and check everything before any work: the spec's
     keys, each range, and the pipeline config at both ends of every range."""
-    from fincast.experiments.spec import read_spec
-
     raw, name, base_path, errors = read_spec(path, overrides, SPEC_KEYS, "sweep")
     path = Path(path)
-    common = raw.get("set") or {}
-    if not isinstance(common, dict):
-        errors.append("set: expected a mapping of pipeline keys to values, e.g. {train.optimizer: sgd}")
-        common = {}
+    common = spec_common(raw, errors)
     settings = config_mod.build_section(SweepSettings, raw.get("sweep"), "sweep.", errors)
     search = raw.get("search")
     if not isinstance(search, dict):
@@ -198,9 +194,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep
     if errors or base_path is None:
         raise ConfigError(f"invalid sweep spec {path}:\n  " + "\n  ".join(errors))
 
-    base_raw = config_mod.read_yaml(base_path)
-    for key, value in config_mod.flatten({str(k): v for k, v in common.items()}).items():
-        config_mod.set_key(base_raw, key.split("."), value, f"{path}: set.{key}")
+    base_raw = base_config(path, base_path, common)
     base_cfg = config_mod.from_dict(base_raw, f"{base_path} with {path}: set")
     sweep = Sweep(name.strip(), path, raw, settings, methods, lr, base_raw, base_cfg)
     # every range's ends must make a valid pipeline config (e.g. autoclip percentiles <= 100)
