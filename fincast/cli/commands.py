@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fincast keys | head`: the reader left; nothing more to say
+        sys.stdout = None
+        return 0
 
 
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "study": cmd_study, "sweep": cmd_sweep,

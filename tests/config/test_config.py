@@ -13,6 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fincast import config as config_mod
 from fincast.config import (
     ClipConfig,
     ConfigError,
@@ -540,3 +541,19 @@ def test_clip_sections_point_to_the_right_key(raw, fragments):
     msg = config_error(raw)
     for fragment in fragments:
         assert fragment in msg, (fragment, msg)
+
+
+def test_the_reference_lists_every_key_with_type_default_and_rule():
+    """docs/config.md's source: one row per key of the schema, in its section, with what the schema says."""
+    import re
+
+    text = config_mod.reference_markdown()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9_.]+)` \|.*$", text, re.M)}
+    assert set(rows) == {k for k, _, _ in config_mod.describe_keys()}
+    # values known from the schema's definition of train.epochs: an integer, default 30, between 1 and 100000
+    assert rows["train.epochs"] == "| `train.epochs` | an integer | `30` | >= 1, <= 100000 | maximum epochs |"
+    assert "| `train.optimizer` | one of 'adamw', 'adam', 'rmsprop', 'sgd' | `'adamw'` |" in rows["train.optimizer"]
+    assert "`null`" in rows["train.max_steps"] and ">= 1" in rows["train.max_steps"]
+    sections = re.findall(r"^## (.+)$", text, re.M)
+    assert sections[:3] == ["top level", "data", "features"] and len(sections) == len(set(sections))
+    assert text.index("`train.epochs`") > text.index("## train") > text.index("## model")

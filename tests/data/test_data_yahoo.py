@@ -490,7 +490,7 @@ def test_crash_in_rename_leaves_previous_cache_intact(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fincast.config.os.replace", crash)
+    monkeypatch.setattr("fincast.config.files.os.replace", crash)
     _stale_load_must_fail(tmp_path, cfg, fake, OSError)
     monkeypatch.undo()
     # the next run recovers and writes the new data
