@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fincast"
 
 OWNERS = {
     "yfinance": "fincast/data/yahoo.py",
-    "mlflow": "fincast/tracking.py",
+    "mlflow": "fincast/tracking/store.py",
     "matplotlib": "fincast/reports/plots.py",
     "optuna": "fincast/experiments/sweep/coordination.py",
 }

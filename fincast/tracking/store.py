@@ -1,30 +1,12 @@
-"""MLflow tracking (layer L1): the only module that imports mlflow.
-
-Store: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
-directory, with artifacts of new experiments under ``tracking.artifact_dir`` (``mlartifacts/``).
-A team points ``MLFLOW_TRACKING_URI`` at an MLflow server instead; nothing else changes.
-
-Everything goes through an explicit ``MlflowClient`` and run id (no fluent active-run state), and
-metrics are sent in batches (``log_batch``): one call per flush instead of one per value, because a
-single ``log_metric`` costs milliseconds on SQLite, as much as a training step of a small model.
-
-Even batched, MLflow's ORM spends ~100 us of Python per stored value, a third of a small model's step.
-So by default (``tracking.metrics_writer: process``) a :class:`MetricWriter` process stores the batches:
-it is started before the data loads, so its imports are done when training begins, and the trainer
-only enqueues tuples. (MLflow's async logging thread was measured too and was slower:
-it shares the trainer's GIL.) ``Run.end()`` waits until every metric is stored and raises if one failed.
-"""
+"""MLflow itself (layer L1, tracking): the only module that imports mlflow. Runs, batches of metrics, the writer
+process's storing loop, and a study's runs found by tags."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import multiprocessing as mp
 import os
-import queue
 import signal
-import sqlite3
 import tempfile
 import time
 import warnings
@@ -36,42 +18,29 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no dow
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
-from fincast.config import FincastError, TrackingConfig
+from fincast.config import TrackingConfig  # noqa: E402
+from fincast.tracking.common import (  # noqa: E402
+    _MAX_METRICS,
+    _MAX_PARAMS,
+    _MAX_TAGS,
+    HASH_TAG,
+    ROLE_TAG,
+    STUDY_TAG,
+    TrackingError,
+    WriterError,
+    _is_local,
+    _param_str,
+    _receive,
+    _tune_sqlite,
+    resolve_uri,
+)
 
 log = logging.getLogger("fincast.tracking")
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import; keep its chatter out
-
-_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
-_PARAM_LEN = 6000
-
-
-def resolve_uri(cfg: TrackingConfig) -> str:
-    if cfg.uri:
-        return cfg.uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
-def _is_local(uri: str) -> bool:
-    return uri.startswith("sqlite:")
-
-
-def _tune_sqlite(uri: str) -> None:
-    """Put a local SQLite store in WAL mode (a persistent setting of the file): commits cost one fsync instead
-    of three, and readers (the report, the UI) never block the runs writing. Study workers write at once."""
-    if not uri.startswith("sqlite:///"):
-        return
-    try:
-        with contextlib.closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=30)) as con:
-            con.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.Error as exc:  # e.g. a file system without shared memory: the default journal still works
-        log.debug("could not switch %s to WAL: %s", uri, exc)
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str, artifact_dir: str) -> str:
@@ -93,7 +62,9 @@ def _experiment_id(client: MlflowClient, name: str, uri: str, artifact_dir: str)
 class Run:
     """One MLflow run, written through an explicit client."""
 
-    def __init__(self, client: MlflowClient, run_id: str, uri: str, writer: MetricWriter | None = None):
+    def __init__(self, client: MlflowClient, run_id: str, uri: str, writer: Any = None):
+        # writer: a tracking.writer.MetricWriter, or None (metrics stored from this process); not imported here
+        # because the writer imports this module (its process runs _writer_main)
         self.client = client
         self.run_id = run_id
         self.uri = uri
@@ -167,7 +138,7 @@ class Run:
 
 
 def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, Any] | None = None,
-              writer: MetricWriter | None = None, resume_run_id: str | None = None) -> Run:
+              writer: Any = None, resume_run_id: str | None = None) -> Run:
     """A new run in ``experiment``, or, with ``resume_run_id``, that run reopened (status RUNNING again)."""
     uri = resolve_uri(cfg)
     if writer is not None:
@@ -250,135 +221,6 @@ def _insert_rows(store: Any, run_id: str, rows: list[tuple[str, float, int]], no
                     rec["is_nan"]
 
 
-class TrackingError(FincastError):
-    """The tracking store cannot be used (unreachable server, unreadable database, ...)."""
-
-
-class WriterError(TrackingError):
-    """The metric writer could not open the store or store a value."""
-
-
-_CONTEXT: Any = None
-
-
-def _context() -> Any:
-    """forkserver with this module preloaded: a writer starts without re-importing mlflow in each process,
-    and nothing is forked from a trainer whose torch threads are running."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["fincast.tracking"])
-    return _CONTEXT
-
-
-class MetricWriter:
-    """A child process that owns an MlflowClient and stores the metric batches it is sent, in order.
-
-    Start it early (``MetricWriter(uri)`` returns at once, its imports happen in the background), hand it
-    to ``start_run`` (which has it open the store), and ``close()`` it when done. One writer can serve
-    several runs in turn."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        ctx = _context()
-        self._inbox = ctx.Queue()
-        self._outbox = ctx.Queue()
-        self._proc = ctx.Process(target=_writer_main, args=(uri, self._inbox, self._outbox, os.getpid()),
-                                 name="fincast-metric-writer", daemon=True)
-        self._proc.start()
-        self._closed = False
-        self._ready = False
-
-    @classmethod
-    def maybe(cls, cfg: TrackingConfig) -> MetricWriter | None:
-        """A writer when ``tracking.metrics_writer == 'process'`` and processes can be started, else None."""
-        if cfg.metrics_writer != "process" or "forkserver" not in mp.get_all_start_methods():
-            return None
-        return cls(resolve_uri(cfg))
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
-
-    def ready(self) -> None:
-        """Wait until the child has opened the store. Until then nobody else may touch a new SQLite store:
-        two processes creating its tables at once collide in MLflow's migrations."""
-        if not self._ready:
-            self._inbox.put(("open", None, None, 0))
-            self._wait("ready")
-            self._ready = True
-
-    def put(self, run_id: str, rows: list[tuple[str, float, int]], now: int) -> None:
-        if self._closed:
-            raise WriterError("the metric writer is closed")
-        if not self._proc.is_alive():  # never queue into a dead process: its pipe fills and exit would hang
-            raise WriterError(f"the metric writer process died (exit code {self._proc.exitcode}); "
-                              "metrics since its last flush are lost")
-        self._inbox.put(("rows", run_id, rows, now))
-
-    def _wait(self, what: str, timeout: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                kind, detail = self._outbox.get(timeout=1.0)
-            except queue.Empty:
-                if not self._proc.is_alive():
-                    raise WriterError(
-                        f"the metric writer process died (exit code {self._proc.exitcode}). If fincast runs from "
-                        "your own script, guard it with `if __name__ == '__main__':` (the writer process imports "
-                        "the main module), or set tracking.metrics_writer=inline") from None
-                if time.monotonic() > deadline:
-                    raise WriterError(f"the metric writer did not {what} within {timeout:.0f} s") from None
-                continue
-            if kind == "error":
-                raise WriterError(f"storing metrics in MLflow failed: {detail}")
-            if kind == what:
-                return
-
-    def flush(self) -> None:
-        """Wait until everything put so far is stored; raise WriterError if anything failed."""
-        if self._closed:
-            return
-        self._inbox.put(("flush", None, None, 0))
-        self._wait("flush")
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        try:
-            if not self._proc.is_alive():
-                return  # (the finally below still releases the queue)
-            self._inbox.put(("close", None, None, 0))
-            self._wait("close", timeout=60.0)
-        finally:
-            self._closed = True
-            self._inbox.cancel_join_thread()  # nothing left to deliver; a dead reader must not block exit
-            self._proc.join(timeout=10)
-            if self._proc.is_alive():
-                self._proc.terminate()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` (of this machine) still runs."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _receive(inbox: Any, parent: int) -> tuple | None:
-    """The next message, or None once the trainer is gone (nothing more will come)."""
-    while True:
-        try:
-            return inbox.get(timeout=2.0)
-        except queue.Empty:
-            if not pid_alive(parent):  # (under forkserver the writer's parent is the server)
-                return None
-
-
 def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the trainer handles it and still flushes through us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -427,18 +269,6 @@ def metric_history(run_id: str, key: str, cfg: TrackingConfig) -> list[tuple[int
 def list_artifacts(run_id: str, cfg: TrackingConfig, path: str | None = None) -> list[str]:
     client = MlflowClient(tracking_uri=resolve_uri(cfg))
     return [a.path for a in client.list_artifacts(run_id, path)]
-
-
-def _param_str(v: Any) -> str:
-    s = str(v) if not isinstance(v, list | tuple) else "[" + ", ".join(map(str, v)) + "]"
-    return s if len(s) <= _PARAM_LEN else s[: _PARAM_LEN - 3] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# Studies: a parent run and its child runs, found by tags
-# ---------------------------------------------------------------------------------------------
-
-STUDY_TAG, ROLE_TAG, HASH_TAG = "fincast.study", "fincast.study_role", "fincast.config_hash"
 
 
 def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Any]:
@@ -579,11 +409,6 @@ def metric_histories(uri: str, run_ids: list[str], keys: list[str],
             last = np.append(steps[1:] != steps[:-1], True)
             result[key][run_id] = (steps[last], values[last])
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweeps: a parent run whose children are found by parent id
-# ---------------------------------------------------------------------------------------------
 
 
 def attach(uri: str, run_id: str) -> Run:

@@ -1,0 +1,49 @@
+"""MLflow tracking (layer L1): mlflow is imported only in ``tracking.store``.
+
+Store: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working
+directory, with artifacts of new experiments under ``tracking.artifact_dir`` (``mlartifacts/``).
+A team points ``MLFLOW_TRACKING_URI`` at an MLflow server instead; nothing else changes.
+
+Everything goes through an explicit ``MlflowClient`` and run id (no fluent active-run state), and
+metrics are sent in batches (``log_batch``): one call per flush instead of one per value, because a
+single ``log_metric`` costs milliseconds on SQLite, as much as a training step of a small model.
+
+Even batched, MLflow's ORM spends ~100 us of Python per stored value, a third of a small model's step.
+So by default (``tracking.metrics_writer: process``) a :class:`MetricWriter` process stores the batches:
+it is started before the data loads, so its imports are done when training begins, and the trainer
+only enqueues tuples. (MLflow's async logging thread was measured too and was slower:
+it shares the trainer's GIL.) ``Run.end()`` waits until every metric is stored and raises if one failed.
+
+Modules: ``common`` (store location, errors, limits), ``store`` (mlflow: runs, metrics, study queries), ``writer``
+(the metric writer process).
+"""
+
+from fincast.tracking.common import (
+    HASH_TAG,
+    ROLE_TAG,
+    STUDY_TAG,
+    TrackingError,
+    WriterError,
+    pid_alive,
+    resolve_uri,
+)
+from fincast.tracking.store import (
+    Run,
+    StudyStore,
+    _log_rows,
+    attach,
+    child_runs,
+    delete_runs,
+    get_run,
+    list_artifacts,
+    metric_histories,
+    metric_history,
+    open_store,
+    preload_store,
+    start_run,
+)
+from fincast.tracking.writer import MetricWriter
+
+__all__ = ["HASH_TAG", "ROLE_TAG", "STUDY_TAG", "MetricWriter", "Run", "StudyStore", "TrackingError", "WriterError",
+           "_log_rows", "attach", "child_runs", "delete_runs", "get_run", "list_artifacts", "metric_histories",
+           "metric_history", "open_store", "pid_alive", "preload_store", "resolve_uri", "start_run"]

@@ -1,0 +1,84 @@
+"""What the tracking room shares without importing mlflow: where the store is, SQLite tuning, errors, the
+limits of a batch, and the writer process's message loop helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from fincast.config import FincastError, TrackingConfig
+
+log = logging.getLogger("fincast.tracking")
+
+
+_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
+
+
+_PARAM_LEN = 6000
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    if cfg.uri:
+        return cfg.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def _tune_sqlite(uri: str) -> None:
+    """Put a local SQLite store in WAL mode (a persistent setting of the file): commits cost one fsync instead
+    of three, and readers (the report, the UI) never block the runs writing. Study workers write at once."""
+    if not uri.startswith("sqlite:///"):
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=30)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:  # e.g. a file system without shared memory: the default journal still works
+        log.debug("could not switch %s to WAL: %s", uri, exc)
+
+
+class TrackingError(FincastError):
+    """The tracking store cannot be used (unreachable server, unreadable database, ...)."""
+
+
+class WriterError(TrackingError):
+    """The metric writer could not open the store or store a value."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this machine) still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _receive(inbox: Any, parent: int) -> tuple | None:
+    """The next message, or None once the trainer is gone (nothing more will come)."""
+    while True:
+        try:
+            return inbox.get(timeout=2.0)
+        except queue.Empty:
+            if not pid_alive(parent):  # (under forkserver the writer's parent is the server)
+                return None
+
+
+def _param_str(v: Any) -> str:
+    s = str(v) if not isinstance(v, list | tuple) else "[" + ", ".join(map(str, v)) + "]"
+    return s if len(s) <= _PARAM_LEN else s[: _PARAM_LEN - 3] + "..."
+
+
+STUDY_TAG, ROLE_TAG, HASH_TAG = "fincast.study", "fincast.study_role", "fincast.config_hash"
