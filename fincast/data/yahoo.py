@@ -28,7 +28,7 @@ from collections.abc import Callable
 import pandas as pd
 import yfinance as yf
 
-from fincast.data.options import CHAIN_COLUMNS
+from fincast.data.chain_columns import CHAIN_COLUMNS
 from fincast.data.validate import DataError, normalize_columns
 
 _log = logging.getLogger("yfinance")
