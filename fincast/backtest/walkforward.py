@@ -243,7 +243,7 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
                  progress: bool = False, on_fold: FoldCallback | None = None) -> WalkForward:
     """Run the walk-forward backtest of ``cfg`` on ``frames`` (one OHLCV frame per ticker).
 
-    ``fit_lstm`` trains one LSTM on a fold (``fincast.pipeline.lstm_fitter``). ``on_fold(k, rows)`` is called
+    ``fit_lstm`` trains one LSTM on a fold (``fincast.runs.backtest.lstm_fitter``). ``on_fold(k, rows)`` is called
     after each fold with its rows of the folds table (the pipeline logs them to MLflow as stepped metrics)."""
     seconds = dict.fromkeys(("features", "split", "lstm_fit", "lstm_predict", "ridge", "table"), 0.0)
     t0 = time.perf_counter()
@@ -257,12 +257,7 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     lstms = lstm_names(cfg)
     seconds["features"] += time.perf_counter() - t0
 
-    notes = []
-    weekend = {t: periods_per_year(p.origin) == 365 for t, p in panel.items()}
-    if len(set(weekend.values())) > 1:
-        notes.append("the tickers trade on different calendars (" + ", ".join(
-            f"{t}: {'7-day' if w else 'weekdays'}" for t, w in weekend.items()) + "): cutoffs step through their "
-            "combined calendar, so backtest.refit_every counts its bars (rolling windows count each ticker's own)")
+    notes = _calendar_notes(panel)
     rows: list[pd.DataFrame] = []
     fold_rows: list[dict] = []
     previous: dict[str, dict] = {}  # warm start: each LSTM's weights after the last fold
@@ -286,52 +281,15 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
         seconds["split"] += time.perf_counter() - t
         base = {"fold": k + 1, "cutoff": pd.Timestamp(cutoff), "train_start": pd.Timestamp(full.origin.min()),
                 "samples_train": len(full), "samples_test": len(test)}
-        preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # model -> (test forecasts, training-input forecasts)
-        folds_now = []
-
-        for clip, name in zip(clips, lstms):
-            t = time.perf_counter()
-            warm = previous.get(name) if b.warm_start else None
-            epochs = b.warm_epochs if warm is not None and b.warm_epochs is not None else cfg.train.epochs
-            fold_fit = fit_lstm(clip, train, val, warm, epochs)
-            fit_s = time.perf_counter() - t
-            seconds["lstm_fit"] += fit_s
-            t = time.perf_counter()
-            if fold_fit.usable:
-                preds[name] = (fold_fit.predict(test.x) * test.scale, fold_fit.predict(full.x) * full.scale)
-                if b.warm_start:
-                    previous[name] = fold_fit.weights
-            else:
-                preds[name] = (np.full(len(test), np.nan), np.full(len(full), np.nan))
-                previous.pop(name, None)  # the next fold starts afresh
-            seconds["lstm_predict"] += time.perf_counter() - t
-            folds_now.append({**base, "model": name, **fold_fit.info, "usable": fold_fit.usable, "fit_seconds": fit_s})
-
+        preds, folds_now = _fit_lstms(clips, lstms, (train, val, test, full), previous, base, cfg, fit_lstm, seconds)
         t = time.perf_counter()
         alpha = _ridge_alpha(train, val, cfg) if b.ridge_tune else cfg.model.ridge_alpha
-        ridge = Ridge(alpha=alpha).fit(_flat(full), full.y)
-        preds[RIDGE] = (ridge.predict(_flat(test)) * test.scale, ridge.predict(_flat(full)) * full.scale)
-        mean = {tk: float(np.mean(full.y_raw[full.ticker == tk])) for tk in parts}
-        preds[MEAN] = (np.array([mean[tk] for tk in test.ticker]), np.array([mean[tk] for tk in full.ticker]))
-        preds[NAIVE] = (np.zeros(len(test)), np.zeros(len(full)))
+        preds.update(_baselines(full, test, parts, alpha))
         seconds["ridge"] += time.perf_counter() - t
-
         t = time.perf_counter()
-        for name, (pred, insample) in preds.items():
-            rms = {tk: _rms(insample[full.ticker == tk]) for tk in parts}
-            rows.append(pd.DataFrame({
-                "date": test.date, "ticker": test.ticker, "cutoff": np.full(len(test), cutoff), "model": name,
-                "y_true": test.y_raw, "y_pred": pred, "origin": test.origin, "fold": k + 1,
-                "pred_rms_train": [rms[tk] for tk in test.ticker]}))
-        folds_now.append({**base, "model": RIDGE, "ridge_alpha": alpha})
-        for name in (MEAN, NAIVE):
-            folds_now.append({**base, "model": name})
-        naive_rmse = math.sqrt(float(np.mean(np.square(test.y_raw))))
-        for row in folds_now:  # missing forecasts count as zero (no view), as in the evaluation
-            pred = preds[row["model"]][0]
-            e = np.where(np.isfinite(pred), pred, 0.0) - test.y_raw
-            row["test_rmse"] = math.sqrt(float(np.mean(e**2)))
-            row["test_rmse_vs_naive_pct"] = 100 * (row["test_rmse"] / naive_rmse - 1) if naive_rmse > 0 else math.nan
+        rows += _forecast_rows(preds, full, test, parts, cutoff, k)
+        folds_now += [{**base, "model": RIDGE, "ridge_alpha": alpha}, {**base, "model": MEAN}, {**base, "model": NAIVE}]
+        _score_folds(folds_now, preds, test)
         folds_frame = pd.DataFrame(folds_now)
         fold_rows.extend(folds_now)
         seconds["table"] += time.perf_counter() - t
@@ -349,3 +307,72 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     table["model"] = table["model"].astype(str)
     seconds["table"] += time.perf_counter() - t
     return WalkForward(table, pd.DataFrame(fold_rows), lstms + [RIDGE, MEAN, NAIVE], lstms, seconds, notes)
+
+
+def _calendar_notes(panel: dict) -> list[str]:
+    weekend = {t: periods_per_year(p.origin) == 365 for t, p in panel.items()}
+    if len(set(weekend.values())) <= 1:
+        return []
+    return ["the tickers trade on different calendars (" + ", ".join(
+        f"{t}: {'7-day' if w else 'weekdays'}" for t, w in weekend.items()) + "): cutoffs step through their "
+        "combined calendar, so backtest.refit_every counts its bars (rolling windows count each ticker's own)"]
+
+
+def _fit_lstms(clips, lstms, splits, previous: dict, base: dict, cfg: PipelineConfig, fit_lstm: LSTMFitter,
+               seconds: dict) -> tuple[dict, list[dict]]:
+    """Each LSTM (one per clip config) trained on the fold: (model -> (test forecasts, training-input
+    forecasts)), and its rows of the folds table. ``previous`` holds the warm-start weights, updated here."""
+    train, val, test, full = splits
+    b = cfg.backtest
+    preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    rows = []
+    for clip, name in zip(clips, lstms):
+        t = time.perf_counter()
+        warm = previous.get(name) if b.warm_start else None
+        epochs = b.warm_epochs if warm is not None and b.warm_epochs is not None else cfg.train.epochs
+        fold_fit = fit_lstm(clip, train, val, warm, epochs)
+        fit_s = time.perf_counter() - t
+        seconds["lstm_fit"] += fit_s
+        t = time.perf_counter()
+        if fold_fit.usable:
+            preds[name] = (fold_fit.predict(test.x) * test.scale, fold_fit.predict(full.x) * full.scale)
+            if b.warm_start:
+                previous[name] = fold_fit.weights
+        else:
+            preds[name] = (np.full(len(test), np.nan), np.full(len(full), np.nan))
+            previous.pop(name, None)  # the next fold starts afresh
+        seconds["lstm_predict"] += time.perf_counter() - t
+        rows.append({**base, "model": name, **fold_fit.info, "usable": fold_fit.usable, "fit_seconds": fit_s})
+    return preds, rows
+
+
+def _baselines(full, test, parts: dict, alpha: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Ridge on the fold's features, each ticker's historical mean, and the naive zero forecast."""
+    ridge = Ridge(alpha=alpha).fit(_flat(full), full.y)
+    mean = {tk: float(np.mean(full.y_raw[full.ticker == tk])) for tk in parts}
+    return {RIDGE: (ridge.predict(_flat(test)) * test.scale, ridge.predict(_flat(full)) * full.scale),
+            MEAN: (np.array([mean[tk] for tk in test.ticker]), np.array([mean[tk] for tk in full.ticker])),
+            NAIVE: (np.zeros(len(test)), np.zeros(len(full)))}
+
+
+def _forecast_rows(preds: dict, full, test, parts: dict, cutoff, k: int) -> list[pd.DataFrame]:
+    """The fold's rows of the walk-forward table, one frame per model."""
+    out = []
+    for name, (pred, insample) in preds.items():
+        rms = {tk: _rms(insample[full.ticker == tk]) for tk in parts}
+        out.append(pd.DataFrame({
+            "date": test.date, "ticker": test.ticker, "cutoff": np.full(len(test), cutoff), "model": name,
+            "y_true": test.y_raw, "y_pred": pred, "origin": test.origin, "fold": k + 1,
+            "pred_rms_train": [rms[tk] for tk in test.ticker]}))
+    return out
+
+
+def _score_folds(rows: list[dict], preds: dict, test) -> None:
+    """Each model's test RMSE on the fold, and against the naive forecast's; missing forecasts count as zero
+    (no view), as in the evaluation."""
+    naive_rmse = math.sqrt(float(np.mean(np.square(test.y_raw))))
+    for row in rows:
+        pred = preds[row["model"]][0]
+        e = np.where(np.isfinite(pred), pred, 0.0) - test.y_raw
+        row["test_rmse"] = math.sqrt(float(np.mean(e**2)))
+        row["test_rmse_vs_naive_pct"] = 100 * (row["test_rmse"] / naive_rmse - 1) if naive_rmse > 0 else math.nan

@@ -88,6 +88,20 @@ def validate(df: pd.DataFrame, ticker: str, where: str, *, max_fill_gap: int = 3
                 s += f" (line {line})"
         return s
 
+    df = _dated(df, label, warnings)
+    df = _numeric(df, label, at)
+    df = _fill_missing(df, label, at, max_fill_gap, warnings)
+    _check_values(df, label, at, positive)
+    if len(df) < min_rows:
+        span = f" ({df.index[0]:%Y-%m-%d} to {df.index[-1]:%Y-%m-%d})" if len(df) else ""
+        raise DataError(f"{label}: history too short: {len(df)} bars{span}, the pipeline needs at least {min_rows} "
+                        "(lookback + feature warm-up + horizon + enough samples for train/val/test); "
+                        "use an earlier data.start or a shorter features.lookback")
+    return Checked(df, warnings)
+
+
+def _dated(df: pd.DataFrame, label: str, warnings: list[str]) -> pd.DataFrame:
+    """Normalised, unique, ascending dates (a copy)."""
     if not isinstance(df.index, pd.DatetimeIndex):
         raise DataError(f"{label}: index must be dates")
     if df.index.tz is not None:
@@ -105,6 +119,11 @@ def validate(df: pd.DataFrame, ticker: str, where: str, *, max_fill_gap: int = 3
         warnings.append(f"{label}: dates were not in ascending order; sorted")
         df = df.sort_index()
 
+    return df
+
+
+def _numeric(df: pd.DataFrame, label: str, at) -> pd.DataFrame:
+    """Every column as float64; a value that is neither a number nor empty is an error naming it."""
     # non-numeric values (anything that is not a number and not empty)
     for col in COLUMNS:
         s = df[col]
@@ -119,6 +138,11 @@ def validate(df: pd.DataFrame, ticker: str, where: str, *, max_fill_gap: int = 3
             df[col] = num
         df[col] = df[col].astype("float64")
 
+    return df
+
+
+def _fill_missing(df: pd.DataFrame, label: str, at, max_fill_gap: int, warnings: list[str]) -> pd.DataFrame:
+    """No infinite values; missing values forward-filled over runs of at most ``max_fill_gap`` bars."""
     values = df[list(COLUMNS)].to_numpy()
     inf = np.isinf(values)
     if inf.any():
@@ -144,6 +168,11 @@ def validate(df: pd.DataFrame, ticker: str, where: str, *, max_fill_gap: int = 3
         df[list(COLUMNS)] = df[list(COLUMNS)].ffill()
         warnings.append(f"{label}: forward-filled {len(filled)} bar(s) with missing values: {_fmt_dates(filled)}")
 
+    return df
+
+
+def _check_values(df: pd.DataFrame, label: str, at, positive: bool) -> None:
+    """Positive prices (unless a rate series), non-negative volume, high >= low."""
     prices = df[list(PRICE_COLUMNS)].to_numpy()
     nonpos = prices <= 0
     if nonpos.any() and positive:  # rate series (positive=False) may go negative: T-bills did in March 2020
@@ -158,12 +187,6 @@ def validate(df: pd.DataFrame, ticker: str, where: str, *, max_fill_gap: int = 3
         d = df.index[bad_hl][0]
         raise DataError(f"{label}: high < low at {at(d)} (high {df.at[d, 'high']:g}, low {df.at[d, 'low']:g}); "
                         f"{int(bad_hl.sum())} such row(s)")
-    if len(df) < min_rows:
-        span = f" ({df.index[0]:%Y-%m-%d} to {df.index[-1]:%Y-%m-%d})" if len(df) else ""
-        raise DataError(f"{label}: history too short: {len(df)} bars{span}, the pipeline needs at least {min_rows} "
-                        "(lookback + feature warm-up + horizon + enough samples for train/val/test); "
-                        "use an earlier data.start or a shorter features.lookback")
-    return Checked(df, warnings)
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
