@@ -123,7 +123,18 @@ def build(out: Path, ctx: Context, forecasts: pd.DataFrame, folds: pd.DataFrame,
     atomic_write(out / "daily.csv", ev.daily.to_csv(index=False, date_format="%Y-%m-%d"))
     train = training_summary(folds, lstms) if train is None else train
     atomic_write(out / "training.csv", train.to_csv(index=False))
+    parts = _intro(ctx, folds, ev)
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in ctx.notes]
+    for ticker in sorted(ev.periods):
+        parts += _ticker_section(out, ctx, ticker, forecasts, ev, lstms)
+    parts += _training_table(train)
+    parts.append("</table><p class='note'>Files beside this page: stats.csv, forecasts.csv (the walk-forward table), "
+                 "folds.csv, training.csv, daily.csv.</p></body></html>")
+    return atomic_write(out / "index.html", "\n".join(parts))
 
+
+def _intro(ctx: Context, folds: pd.DataFrame, ev: Evaluation) -> list[str]:
+    """The page head and the paragraph that says how the backtest was run."""
     e = html.escape
     cut = pd.to_datetime(folds["cutoff"])
     first, last = cut.min(), cut.max()
@@ -150,41 +161,54 @@ def build(out: Path, ctx: Context, forecasts: pd.DataFrame, folds: pd.DataFrame,
                  f"{t}: {p} bars a year" for t, p in ev.periods.items()) + f"). Trained on {e(ctx.device)}."
              + (f" MLflow run {ui_link(ctx.tracking_uri, ctx.experiment_id, ctx.run_id)}." if ctx.run_id else "")
              + "</p>"]
-    parts += [f"<p class='note'>{e(n)}</p>" for n in ctx.notes]
-    for ticker in sorted(ev.periods):
-        s = ev.stats[ev.stats["ticker"] == ticker]
-        tag = _slug(ticker)
-        parts.append(f"<h2>{e(ticker)}</h2><h3>Forecasts</h3><p class='note'>Over all out-of-sample forecasts. "
-                     "RMSE vs naive: relative to the zero-return forecast. R2 OOS: Campbell-Thompson, against the "
-                     "historical-mean forecast (the mean of each fold's training targets"
-                     + (", a rolling mean with this window" if ctx.window != "expanding" else "") + "). DM: Diebold-Mariano test of squared errors against naive (negative: "
-                     "smaller errors; HAC variance for h &gt; 1, Harvey-Leybourne-Newbold correction). Missing: "
-                     "forecasts of folds whose LSTM never validated finitely, counted as zero (no view).</p>")
-        parts.append(_table(s[s["model"] != BUY_AND_HOLD], FORECAST_COLS))
-        parts.append("<h3>Trading</h3>" + _table(s, TRADING_COLS))
-        versus = _versus(forecasts, ticker, lstms, ctx.horizon)
-        if versus:
-            parts.append("<h3>Clipped vs unclipped LSTM</h3>" + "".join(f"<p class='verdict'>{e(v)}</p>" for v in versus))
-        daily = ev.daily[ev.daily["ticker"] == ticker]
-        models = list(dict.fromkeys(daily["model"]))
-        eq = {m: daily[daily["model"] == m].set_index("date")["equity"] for m in models}
-        net = {m: daily[daily["model"] == m].set_index("date")["net"] for m in models}
-        plots.equity_drawdown(out / f"equity_{tag}.png", eq, title=f"{ticker}: equity (log scale) and drawdown")
-        plots.rolling_sharpe(out / f"sharpe_{tag}.png", net, window=ctx.sharpe_window, periods=ev.periods[ticker],
-                             title=f"{ticker}: rolling {ctx.sharpe_window}-bar Sharpe ratio")
-        f = forecasts[forecasts["ticker"] == ticker]
-        pairs = {m: (f.loc[f["model"] == m, "y_pred"].to_numpy(), f.loc[f["model"] == m, "y_true"].to_numpy())
-                 for m in models if m != BUY_AND_HOLD}
-        plots.forecast_scatter(out / f"scatter_{tag}.png", pairs, title=f"{ticker}: forecast vs realised log return")
-        fe = ev.fold_errors[ev.fold_errors["ticker"] == ticker]
-        per_fold = fe.pivot(index="cutoff", columns="model", values="rmse_vs_naive_pct")
-        per_fold = per_fold[[m for m in models if m in per_fold.columns]]
-        per_fold.index = pd.to_datetime(per_fold.index)
-        plots.fold_errors(out / f"folds_{tag}.png", per_fold, title=f"{ticker}: test RMSE per fold, relative to naive")
-        parts += [img(out, f"equity_{tag}.png", f"{ticker} equity curves and drawdowns"),
-                  img(out, f"sharpe_{tag}.png", f"{ticker} rolling Sharpe"),
-                  img(out, f"scatter_{tag}.png", f"{ticker} forecast vs realised"),
-                  img(out, f"folds_{tag}.png", f"{ticker} per-fold error")]
+    return parts
+
+
+def _ticker_section(out: Path, ctx: Context, ticker: str, forecasts: pd.DataFrame, ev: Evaluation,
+                    lstms: list[str]) -> list[str]:
+    """One ticker's tables, verdicts and figures (the figures written into ``out``)."""
+    e = html.escape
+    parts = []
+    s = ev.stats[ev.stats["ticker"] == ticker]
+    tag = _slug(ticker)
+    parts.append(f"<h2>{e(ticker)}</h2><h3>Forecasts</h3><p class='note'>Over all out-of-sample forecasts. "
+                 "RMSE vs naive: relative to the zero-return forecast. R2 OOS: Campbell-Thompson, against the "
+                 "historical-mean forecast (the mean of each fold's training targets"
+                 + (", a rolling mean with this window" if ctx.window != "expanding" else "") + "). DM: Diebold-Mariano test of squared errors against naive (negative: "
+                 "smaller errors; HAC variance for h &gt; 1, Harvey-Leybourne-Newbold correction). Missing: "
+                 "forecasts of folds whose LSTM never validated finitely, counted as zero (no view).</p>")
+    parts.append(_table(s[s["model"] != BUY_AND_HOLD], FORECAST_COLS))
+    parts.append("<h3>Trading</h3>" + _table(s, TRADING_COLS))
+    versus = _versus(forecasts, ticker, lstms, ctx.horizon)
+    if versus:
+        parts.append("<h3>Clipped vs unclipped LSTM</h3>" + "".join(f"<p class='verdict'>{e(v)}</p>" for v in versus))
+    daily = ev.daily[ev.daily["ticker"] == ticker]
+    models = list(dict.fromkeys(daily["model"]))
+    eq = {m: daily[daily["model"] == m].set_index("date")["equity"] for m in models}
+    net = {m: daily[daily["model"] == m].set_index("date")["net"] for m in models}
+    plots.equity_drawdown(out / f"equity_{tag}.png", eq, title=f"{ticker}: equity (log scale) and drawdown")
+    plots.rolling_sharpe(out / f"sharpe_{tag}.png", net, window=ctx.sharpe_window, periods=ev.periods[ticker],
+                         title=f"{ticker}: rolling {ctx.sharpe_window}-bar Sharpe ratio")
+    f = forecasts[forecasts["ticker"] == ticker]
+    pairs = {m: (f.loc[f["model"] == m, "y_pred"].to_numpy(), f.loc[f["model"] == m, "y_true"].to_numpy())
+             for m in models if m != BUY_AND_HOLD}
+    plots.forecast_scatter(out / f"scatter_{tag}.png", pairs, title=f"{ticker}: forecast vs realised log return")
+    fe = ev.fold_errors[ev.fold_errors["ticker"] == ticker]
+    per_fold = fe.pivot(index="cutoff", columns="model", values="rmse_vs_naive_pct")
+    per_fold = per_fold[[m for m in models if m in per_fold.columns]]
+    per_fold.index = pd.to_datetime(per_fold.index)
+    plots.fold_errors(out / f"folds_{tag}.png", per_fold, title=f"{ticker}: test RMSE per fold, relative to naive")
+    parts += [img(out, f"equity_{tag}.png", f"{ticker} equity curves and drawdowns"),
+              img(out, f"sharpe_{tag}.png", f"{ticker} rolling Sharpe"),
+              img(out, f"scatter_{tag}.png", f"{ticker} forecast vs realised"),
+              img(out, f"folds_{tag}.png", f"{ticker} per-fold error")]
+    return parts
+
+
+def _training_table(train: pd.DataFrame) -> list[str]:
+    """How the LSTMs trained, fold by fold (the table is closed by the caller)."""
+    e = html.escape
+    parts = []
     parts.append("<h2>How the LSTMs trained, fold by fold</h2><p class='note'>Diverged: training became non-finite "
                  "in that fold; unusable: no epoch validated finitely, so the fold's forecasts are missing. Clip rate: "
                  "share of optimizer steps clipped. Gradient norms: global L2 before clipping. Folds beating naive: "
@@ -199,6 +223,4 @@ def build(out: Path, ctx: Context, forecasts: pd.DataFrame, folds: pd.DataFrame,
                      f"<td>{num(r.grad_norm_max, '{:.3g}')}</td><td>{num(r.steps_median, '{:.0f}')}</td>"
                      f"<td>{num(r.best_val_loss_median, '{:.4g}')}</td>"
                      f"<td>{num(r.folds_beating_naive_pct, '{:.0f}%')}</td><td>{num(r.fit_seconds, '{:.0f} s')}</td></tr>")
-    parts.append("</table><p class='note'>Files beside this page: stats.csv, forecasts.csv (the walk-forward table), "
-                 "folds.csv, training.csv, daily.csv.</p></body></html>")
-    return atomic_write(out / "index.html", "\n".join(parts))
+    return parts
