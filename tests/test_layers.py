@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fincast"
 OWNERS = {
     "yfinance": "fincast/data/yahoo.py",
     "mlflow": "fincast/tracking/store.py",
-    "matplotlib": "fincast/reports/plots.py",
+    "matplotlib": "fincast/reports/figures/canvas.py",
     "optuna": "fincast/experiments/sweep/coordination.py",
 }
 

@@ -120,6 +120,15 @@ def strategy_returns(returns, held, cost_bps: float) -> pd.DataFrame:
                          "turnover": turnover})
 
 
+def drawdown(equity) -> np.ndarray:
+    """Drawdown from the running peak, as a fraction (0 at a peak, -0.5 when half is lost); the starting capital 1
+    counts as a peak; nan stays nan. The one drawdown of fincast: statistics and figures use it."""
+    eq = np.asarray(equity, dtype=float)
+    peak = np.fmax.accumulate(np.fmax(eq, 1.0))  # fmax ignores nan
+    with np.errstate(invalid="ignore"):  # inf / inf
+        return eq / peak - 1.0
+
+
 def trading_stats(net, position, periods: int) -> pd.Series:
     """Statistics of a daily return series (and the positions behind it), annualised with ``periods``."""
     r = np.asarray(net, float)
@@ -133,8 +142,7 @@ def trading_stats(net, position, periods: int) -> pd.Series:
     cagr = equity[-1] ** (1 / years) - 1 if equity[-1] > 0 else -1.0
     sd = float(np.std(r, ddof=1)) if n > 1 else math.nan
     downside = math.sqrt(np.mean(np.minimum(r, 0) ** 2))
-    peak = np.maximum.accumulate(np.maximum(equity, 1.0))  # the starting capital is a peak too
-    mdd = float(np.min(equity / peak - 1))
+    mdd = float(np.min(drawdown(equity)))
     active = pos != 0
     return pd.Series({
         "Days": float(n),

@@ -20,7 +20,7 @@ import numpy as np
 from fincast import tracking
 from fincast.clipping import ClipAdvice, advise_thresholds
 from fincast.config import FincastError, PipelineConfig, atomic_write
-from fincast.reports import plots
+from fincast.reports import figures
 from fincast.runs import driver
 
 DEFAULT_STEPS = 300
@@ -74,7 +74,7 @@ def advise(cfg: PipelineConfig, *, steps: int = DEFAULT_STEPS, percentile: float
         f"{multiple:g} x median": advice.median_multiple,
         "spike onset": advice.spike_onset,
     }
-    plot = plots.grad_norm_histogram(folder / "grad_norms.png", norms, marks,
+    plot = figures.grad_norm_histogram(folder / "grad_norms.png", norms, marks,
                                      title=f"{cfg.name}: gradient norms of {len(norms)} unclipped steps "
                                            f"(lr {cfg.train.lr:g}, {cfg.train.optimizer})")
     low, high = advice.sweep_range()

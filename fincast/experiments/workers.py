@@ -25,7 +25,7 @@ from fincast.config import (
     PipelineConfig,
 )
 from fincast.models import LSTMForecaster
-from fincast.reports import plots
+from fincast.reports import figures
 from fincast.runs import driver
 from fincast.runs.setup import cores
 
@@ -211,5 +211,5 @@ def warm_up() -> None:
         net = StackedNet([LSTMForecaster(4, 4), LSTMForecaster(4, 4)])
         net.backward(net(torch.randn(2, 2, 3, 4)).sum())
     with tempfile.TemporaryDirectory() as tmp:
-        plots.training_curves(Path(tmp) / "warm.png", loss=[1.0, 0.5], norm_pre=[1.0, 2.0], norm_post=[1.0, 1.0],
+        figures.training_curves(Path(tmp) / "warm.png", loss=[1.0, 0.5], norm_pre=[1.0, 2.0], norm_post=[1.0, 1.0],
                               val_loss=[0.7], val_steps=[2], threshold=1.0, title="warm-up")

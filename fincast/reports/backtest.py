@@ -19,7 +19,7 @@ import pandas as pd
 from fincast.backtest import diebold_mariano
 from fincast.backtest.evaluate import BUY_AND_HOLD, Evaluation
 from fincast.config import atomic_write
-from fincast.reports import plots
+from fincast.reports import figures
 from fincast.reports.html import CSS, img, num, ui_link
 
 
@@ -186,18 +186,18 @@ def _ticker_section(out: Path, ctx: Context, ticker: str, forecasts: pd.DataFram
     models = list(dict.fromkeys(daily["model"]))
     eq = {m: daily[daily["model"] == m].set_index("date")["equity"] for m in models}
     net = {m: daily[daily["model"] == m].set_index("date")["net"] for m in models}
-    plots.equity_drawdown(out / f"equity_{tag}.png", eq, title=f"{ticker}: equity (log scale) and drawdown")
-    plots.rolling_sharpe(out / f"sharpe_{tag}.png", net, window=ctx.sharpe_window, periods=ev.periods[ticker],
+    figures.equity_drawdown(out / f"equity_{tag}.png", eq, title=f"{ticker}: equity (log scale) and drawdown")
+    figures.rolling_sharpe(out / f"sharpe_{tag}.png", net, window=ctx.sharpe_window, periods=ev.periods[ticker],
                          title=f"{ticker}: rolling {ctx.sharpe_window}-bar Sharpe ratio")
     f = forecasts[forecasts["ticker"] == ticker]
     pairs = {m: (f.loc[f["model"] == m, "y_pred"].to_numpy(), f.loc[f["model"] == m, "y_true"].to_numpy())
              for m in models if m != BUY_AND_HOLD}
-    plots.forecast_scatter(out / f"scatter_{tag}.png", pairs, title=f"{ticker}: forecast vs realised log return")
+    figures.forecast_scatter(out / f"scatter_{tag}.png", pairs, title=f"{ticker}: forecast vs realised log return")
     fe = ev.fold_errors[ev.fold_errors["ticker"] == ticker]
     per_fold = fe.pivot(index="cutoff", columns="model", values="rmse_vs_naive_pct")
     per_fold = per_fold[[m for m in models if m in per_fold.columns]]
     per_fold.index = pd.to_datetime(per_fold.index)
-    plots.fold_errors(out / f"folds_{tag}.png", per_fold, title=f"{ticker}: test RMSE per fold, relative to naive")
+    figures.fold_errors(out / f"folds_{tag}.png", per_fold, title=f"{ticker}: test RMSE per fold, relative to naive")
     parts += [img(out, f"equity_{tag}.png", f"{ticker} equity curves and drawdowns"),
               img(out, f"sharpe_{tag}.png", f"{ticker} rolling Sharpe"),
               img(out, f"scatter_{tag}.png", f"{ticker} forecast vs realised"),

@@ -23,7 +23,7 @@ import pandas as pd
 from fincast import tracking
 from fincast.clipping import bounds_global_l2_of
 from fincast.config import FincastError, TrackingConfig, atomic_write
-from fincast.reports import plots, stats
+from fincast.reports import figures, stats
 from fincast.reports.html import CSS as _CSS
 from fincast.reports.html import img as _img
 from fincast.reports.html import num as _num
@@ -310,11 +310,11 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
     longest = int(max(runs["steps"].max(), 1))
     smooth = max(1, longest // 100)
     figs = {}
-    plots.band_curves(out / "loss_curves.png", per_cell("train/loss", smooth=smooth),
+    figures.band_curves(out / "loss_curves.png", per_cell("train/loss", smooth=smooth),
                       ylabel=f"training loss ({smooth}-step mean)", title="Training loss: median and IQR over seeds",
                       max_points=600)
     figs["loss"] = "loss_curves.png"
-    plots.band_curves(out / "val_curves.png", per_cell("val/loss", index="position"), xlabel="epoch",
+    figures.band_curves(out / "val_curves.png", per_cell("val/loss", index="position"), xlabel="epoch",
                       ylabel="validation loss", title="Validation loss per epoch: median and IQR over seeds")
     figs["val"] = "val_curves.png"
     # only thresholds on the global L2 norm belong on this axis (not value, agc, per-layer, L1 or inf clipping)
@@ -322,7 +322,7 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
     thresholds = {g: {c: (np.nanmedian(a, axis=0) if c in l2 and a.size and np.isfinite(a).any() else None)
                       for c, a in d.items()}
                   for g, d in per_cell("grad/threshold", fill=dict(zip(runs["run_id"], runs["steps"]))).items()}
-    plots.band_curves(out / "grad_norms.png", per_cell("grad/norm_pre", smooth=1), thresholds=thresholds,
+    figures.band_curves(out / "grad_norms.png", per_cell("grad/norm_pre", smooth=1), thresholds=thresholds,
                       ylabel="global L2 norm before clipping", max_points=600,
                       title="Gradient norm before clipping (median, IQR) and the effective threshold (dashed)")
     figs["norms"] = "grad_norms.png"
@@ -332,13 +332,13 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
                                      for x in r[r["clip"] == c]["run_id"]] or [np.array([])]) for c in clips}
         counts = {c: float(r.loc[r["clip"] == c, "spikes"].mean()) for c in clips}
         name = f"grad_norm_dist_{i + 1}.png"
-        plots.distributions(out / name, values, counts, xlabel="global L2 norm before clipping (all steps, all seeds)",
+        figures.distributions(out / name, values, counts, xlabel="global L2 norm before clipping (all steps, all seeds)",
                             title=f"Gradient norm distribution at {g}")
         figs[f"dist:{g}"] = name
     rate = cells.pivot(index="group", columns="clip", values="divergence_rate").reindex(index=groups, columns=clips)
     loss = cells.pivot(index="group", columns="clip", values="final_val_loss_median").reindex(index=groups,
                                                                                               columns=clips)
-    plots.heatmaps(out / "stability_map.png", [
+    figures.heatmaps(out / "stability_map.png", [
         ("divergence rate", rate, {"fmt": "{:.0%}", "cmap": "Reds", "vmin": 0, "vmax": 1}),
         ("final validation loss (median, runs that did not diverge)", loss, {"fmt": "{:.3g}", "cmap": "viridis_r"}),
     ])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from fincast.config import atomic_write
-from fincast.reports import plots
+from fincast.reports import figures
 
 # columns of the trials table, in order (trials.csv)
 COLUMNS = ("number", "state", "method", "threshold_key", "threshold", "lr", "value", "best_val_loss", "diverged",
@@ -95,7 +95,7 @@ def write(folder: str | Path, name: str, trials: pd.DataFrame, importance: pd.Da
              atomic_write(folder / "summary.md", summary_text(name, trials, importance, sampler=sampler,
                                                               penalty=penalty, zero_loss=zero_loss, failed=failed,
                                                               parent_run_id=parent_run_id))]
-    files.append(plots.sweep_objective(folder / "objective_vs_threshold.png", trials, thresholds,
+    files.append(figures.sweep_objective(folder / "objective_vs_threshold.png", trials, thresholds,
                                        title=f"sweep {name}: objective vs threshold", zero_loss=zero_loss))
     for fname, text in (extra or {}).items():
         files.append(atomic_write(folder / fname, text))

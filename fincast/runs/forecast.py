@@ -19,7 +19,7 @@ from fincast.config import PipelineConfig, short_float
 from fincast.data import Prices, load_prices
 from fincast.models import build_model as build_forecaster
 from fincast.models import forecast_metrics, naive_forecast, ridge_forecast
-from fincast.reports import plots
+from fincast.reports import figures
 from fincast.runs.record import TrainOutcome, summary_head, summary_tail
 from fincast.runs.task import Description, Finished
 from fincast.training import FitResult, evaluate
@@ -98,7 +98,7 @@ def write_artifacts(d: Path, cfg: PipelineConfig, fs: features.FeatureSet, resul
     steps_per_epoch = math.ceil(len(fs.train) / cfg.train.batch_size)
     val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
     threshold = result.history.get("threshold") if bounds_global_l2(cfg.clip) else None  # drawn against the norm
-    plots.training_curves(d / "training_curves.png", loss=result.history["loss"],
+    figures.training_curves(d / "training_curves.png", loss=result.history["loss"],
                           norm_pre=result.history["norm_pre"], norm_post=result.history["norm_post"],
                           val_loss=result.val_history, val_steps=val_steps, threshold=threshold, title=name,
                           diverged_step=result.diverged_step)

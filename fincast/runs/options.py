@@ -27,7 +27,7 @@ from fincast.data import options as chains
 from fincast.features import options as option_features
 from fincast.models import options as option_model
 from fincast.models import pricing
-from fincast.reports import plots
+from fincast.reports import figures
 from fincast.runs.record import TrainOutcome, metric_name, summary_head, summary_tail
 from fincast.runs.task import Description, Finished
 from fincast.training import FitResult, predict
@@ -311,15 +311,15 @@ def write_outputs(out_dir: Path, cfg: PipelineConfig, samples: option_features.O
     steps_per_epoch = math.ceil(len(samples.train) / cfg.train.batch_size)
     val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
     l2_global = bounds_global_l2(cfg.clip)  # such thresholds can be drawn against the norm
-    files.append(plots.training_curves(out_dir / "training_curves.png", loss=result.history["loss"],
+    files.append(figures.training_curves(out_dir / "training_curves.png", loss=result.history["loss"],
                                        norm_pre=result.history["norm_pre"], norm_post=result.history["norm_post"],
                                        val_loss=result.val_history, val_steps=val_steps,
                                        threshold=result.history.get("threshold") if l2_global else None, title=name,
                                        diverged_step=result.diverged_step))
     m_order = option_model.bucket_order(cfg.options.moneyness_buckets, option_model.MONEYNESS_FMT)
     t_order = option_model.bucket_order(tuple(int(e) for e in cfg.options.maturity_buckets), option_model.MATURITY_FMT)
-    files.append(plots.option_bucket_heatmap(out_dir / "bucket_errors.png", ev.buckets, list(ev.stats.index),
+    files.append(figures.option_bucket_heatmap(out_dir / "bucket_errors.png", ev.buckets, list(ev.stats.index),
                                              m_order, t_order, title=f"{name}: test price RMSE by bucket"))
-    files.append(plots.option_scatter(out_dir / "predicted_vs_market.png", table, list(ev.stats.index),
+    files.append(figures.option_scatter(out_dir / "predicted_vs_market.png", table, list(ev.stats.index),
                                       title=f"{name}: test contracts"))
     return files

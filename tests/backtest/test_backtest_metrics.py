@@ -655,3 +655,13 @@ def test_a_stray_weekend_bar_does_not_make_an_equity_calendar_365():
     days = pd.bdate_range("2024-01-01", periods=250).append(pd.DatetimeIndex([pd.Timestamp("2024-06-08")]))
     assert pd.Timestamp("2024-06-08").day_of_week == 5
     assert periods_per_year(days.sort_values()) == 252
+
+
+def test_drawdown_from_the_running_peak():
+    from fincast.backtest.evaluate import drawdown
+
+
+    np.testing.assert_allclose(100 * drawdown(np.array([1.1, 0.99, 1.21, 0.605])), [0, -10, 0, -50], atol=1e-12)
+    np.testing.assert_allclose(100 * drawdown(np.array([0.9, 0.45])), [-10, -55])  # initial capital is a peak
+    np.testing.assert_allclose(100 * drawdown(np.array([2.0, np.nan, 1.0, 0.0, -1.0])),
+                               [0, np.nan, -50, -100, -150])

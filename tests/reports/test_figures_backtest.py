@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fincast.reports import plots
+from fincast.reports.figures import backtest as plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Awkward input must be handled, not just survived: no numpy RuntimeWarnings, no matplotlib UserWarnings.
@@ -51,13 +51,6 @@ def test_model_colors_distinct_and_stable():
     assert styles["other"]["color"] == "C9" and styles["ridge"]["color"] == "tab:purple"
     lstm = plots._model_colors([f"lstm-{i}" for i in range(5)])
     assert [s["color"] for s in lstm.values()] == ["C0", "C1", "C2", "C3", "C5"]  # C4 would clash with ridge
-
-
-def test_drawdown_pct():
-    np.testing.assert_allclose(plots.drawdown_pct(np.array([1.1, 0.99, 1.21, 0.605])), [0, -10, 0, -50], atol=1e-12)
-    np.testing.assert_allclose(plots.drawdown_pct(np.array([0.9, 0.45])), [-10, -55])  # initial capital is a peak
-    np.testing.assert_allclose(plots.drawdown_pct(np.array([2.0, np.nan, 1.0, 0.0, -1.0])),
-                               [0, np.nan, -50, -100, -150])
 
 
 def test_rolling_sharpe_values():
