@@ -70,3 +70,38 @@ def from_torch_optimizer(state: dict, net, kind: str) -> dict:
     steps = [float(entry["step"]) for entry in per.values() if "step" in entry]
     out["step"] = steps[0] if steps else 0.0
     return out
+
+
+def rewind_point(engine, k: int) -> dict | None:
+    """Run ``k`` stopped by max_steps mid-epoch and is validated there, where a run with a higher limit is
+    not: what its checkpoint needs to undo that validation when a resume raises the limit (validation changes
+    no weight and draws no random number, so the continued run equals one that never stopped)."""
+    if engine.checkpoints[k] is None:
+        return None
+    rec = engine.recs[k]
+    return {"best_val": rec.best_val, "best_epoch": rec.best_epoch, "bad_epochs": rec.bad_epochs,
+            "validations": len(rec.val_history),
+            "best_weights": {n: t.cpu() for n, t in engine.net.row(k, engine.best).items()} if rec.best_epoch > 0
+            else None}
+
+
+def stop_resumed(engine) -> None:
+    """A resumed run that had already stopped stops again (unless --set raised the limit); one that goes on
+    past its mid-epoch max_steps stop forgets the validation made there."""
+    for k, (rec, cfg) in enumerate(zip(engine.recs, engine.cfgs)):
+        if engine.resumed_pruned[k]:  # its pruner decided: no limit brings it back
+            rec.stop = "pruned"
+            continue
+        if cfg.max_steps is not None and rec.step >= cfg.max_steps:
+            rec.stop = "max_steps"
+            continue
+        rewind = engine.rewinds[k]
+        if rewind is not None:
+            rec.best_val, rec.best_epoch, rec.bad_epochs = (rewind["best_val"], rewind["best_epoch"],
+                                                            rewind["bad_epochs"])
+            del rec.val_history[rewind["validations"]:]
+            if rewind["best_weights"] is not None:
+                with torch.no_grad():
+                    engine.best[k] = engine.net.vector(rewind["best_weights"])
+        if cfg.patience is not None and rec.bad_epochs >= cfg.patience:
+            rec.stop = "early_stopping"

@@ -191,7 +191,7 @@ class Engine:
         return self._run()
 
     def _run(self) -> list[FitResult]:
-        self._stop_resumed()
+        ckpt.stop_resumed(self)
         epochs = max(c.epochs for c in self.cfgs)
         start_epoch, start_batch = self.start
         bar = tqdm(total=epochs, initial=start_epoch, desc="train" if self.runs == 1 else f"train x{self.runs}",
@@ -261,7 +261,7 @@ class Engine:
             if self.recs[k].diverged is not None:
                 self.recs[k].stop = "diverged"
         judged = [k for k in running if self.recs[k].stop is None]
-        partial = {k: self._rewind_point(k) for k in judged if stopped_at.get(k, self.spe) < self.spe}
+        partial = {k: ckpt.rewind_point(self, k) for k in judged if stopped_at.get(k, self.spe) < self.spe}
         if judged:
             self._validate(epoch, judged)
         for k in judged:
@@ -416,7 +416,7 @@ class Engine:
         """Checkpoint run ``k`` after ``batch`` batches of ``epoch`` (everything drained and sent first, so a
         resumed run logs from the next step on). Under torchrun every rank comes here (the RNG states are
         gathered); rank 0 writes. ``rewind``: the early-stopping bookkeeping before a mid-epoch validation (see
-        ``_rewind_point``). ``pruned``: the run was pruned here (a resume keeps it stopped)."""
+        ``checkpoint.rewind_point``). ``pruned``: the run was pruned here (a resume keeps it stopped)."""
         rng = rng_states(self.world)
         write = self.checkpoints[k]
         if write is None:
@@ -428,18 +428,6 @@ class Engine:
                                             "steps_per_epoch": self.spe, **rec.state(),
                                             **({"rewind": rewind} if rewind is not None else {}),
                                             **({"pruned": True} if pruned else {})}))
-
-    def _rewind_point(self, k: int) -> dict | None:
-        """Run ``k`` stopped by max_steps mid-epoch and is validated there, where a run with a higher limit is
-        not: what its checkpoint needs to undo that validation when a resume raises the limit (validation changes
-        no weight and draws no random number, so the continued run equals one that never stopped)."""
-        if self.checkpoints[k] is None:
-            return None
-        rec = self.recs[k]
-        return {"best_val": rec.best_val, "best_epoch": rec.best_epoch, "bad_epochs": rec.bad_epochs,
-                "validations": len(rec.val_history),
-                "best_weights": {n: t.cpu() for n, t in self.net.row(k, self.best).items()} if rec.best_epoch > 0
-                else None}
 
     def resume(self, saved: list[dict | None]) -> None:
         """Continue from per-run checkpoints (``_save``'s dicts; all runs, at one loop position)."""
@@ -456,26 +444,6 @@ class Engine:
         if self.world > 1:
             torch.distributed.broadcast(self.net.flat, 0)
 
-    def _stop_resumed(self) -> None:
-        """A resumed run that had already stopped stops again (unless --set raised the limit); one that goes on
-        past its mid-epoch max_steps stop forgets the validation made there."""
-        for k, (rec, cfg) in enumerate(zip(self.recs, self.cfgs)):
-            if self.resumed_pruned[k]:  # its pruner decided: no limit brings it back
-                rec.stop = "pruned"
-                continue
-            if cfg.max_steps is not None and rec.step >= cfg.max_steps:
-                rec.stop = "max_steps"
-                continue
-            rewind = self.rewinds[k]
-            if rewind is not None:
-                rec.best_val, rec.best_epoch, rec.bad_epochs = (rewind["best_val"], rewind["best_epoch"],
-                                                                rewind["bad_epochs"])
-                del rec.val_history[rewind["validations"]:]
-                if rewind["best_weights"] is not None:
-                    with torch.no_grad():
-                        self.best[k] = self.net.vector(rewind["best_weights"])
-            if cfg.patience is not None and rec.bad_epochs >= cfg.patience:
-                rec.stop = "early_stopping"
 
 
 def train_runs(models: list[torch.nn.Module], train: Split, val: Split, cfgs: list[TrainConfig],
