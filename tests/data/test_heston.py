@@ -266,12 +266,8 @@ def test_generate_market_sampling_and_seeds():
     assert not c3[["tau", "call"]].equals(c1[["tau", "call"]])
 
 
-def test_generate_market_default_size_is_fast_enough():
-    import time
-
-    t0 = time.perf_counter()
+def test_generate_market_default_size():
+    """The default market: 1,500 days of 40 contracts, every price finite and non-negative."""
     under, chain = heston.generate_market(HestonConfig())
-    elapsed = time.perf_counter() - t0
     assert len(under) == 1501 and len(chain) == 1500 * 40
     assert np.isfinite(chain["price"]).all() and (chain["price"] >= 0).all()
-    assert elapsed < 20  # a few seconds on one core; generous for loaded CI machines

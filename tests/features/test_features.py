@@ -444,10 +444,13 @@ def test_required_rows_is_enough_for_the_shipped_style_configs(kw):
     F.build({"BTC-USD": _long("BTC-USD").iloc[:n]}, cfg)
 
 
-def test_feature_error_is_a_fincast_error():
+def test_too_short_a_history_is_an_error_the_cli_reports():
+    """A history shorter than warm-up + lookback + horizon fails with a message saying so, as the error type the
+    CLI turns into `error: ...` and exit status 2 (FincastError), not a traceback."""
     from fincast.config import FincastError
 
-    assert issubclass(F.FeatureError, FincastError)
+    with pytest.raises(FincastError, match="no samples: every ticker's history is shorter than warm-up"):
+        F.build({"SPY": _long("SPY").iloc[:5]}, fcfg())
 
 
 def test_explicit_test_start_with_val_frac_takes_val_frac_of_all_dates():

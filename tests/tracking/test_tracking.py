@@ -96,14 +96,16 @@ def test_writer_exits_when_its_trainer_is_killed(tmp_path):
         writer_pid = int(trainer.stdout.readline())
         os.kill(trainer.pid, signal.SIGKILL)
         trainer.wait()
+        assert writer_pid != trainer.pid  # the writer is a process of its own
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        gone = False
+        while not gone and time.monotonic() < deadline:
             try:
                 os.kill(writer_pid, 0)
+                time.sleep(0.2)
             except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        pytest.fail(f"writer {writer_pid} still runs 15 s after its trainer was killed")
+                gone = True
+        assert gone, f"writer {writer_pid} still runs 15 s after its trainer was killed"
     finally:
         if trainer.poll() is None:
             trainer.kill()
