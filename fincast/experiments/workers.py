@@ -100,11 +100,10 @@ def auto_batch(cfg: PipelineConfig, runs: int, workers: int) -> int:
     on a CPU). On CUDA the group split evenly across the workers: there a small run is bound by kernel
     launches, which K stacked runs share. On a CPU about four batches per worker (at least 2 runs each when
     there are more runs than workers): the
-    compiled kernel (``models.grouped_lstm.cpu_kernel``) costs about the same per run-step at K = 2 or 24 (1.3-1.6 ms
-    in ``fit_batched``, 2.0-2.3 ms for a run alone), so smaller batches lose nothing and let a worker whose
-    batch ended early (early stopping, divergence) take the next one instead of idling. Where the kernel
-    cannot be built (no C++ compiler), 1: the torch-ops fallback gains nothing over a run alone (the 24-run
-    study: 27.7 s stacked in torch ops, 28.3 s one at a time)."""
+    compiled kernel (``models.grouped_lstm.cpu_kernel``) costs about the same per run-step at K = 2 as at 24, so
+    smaller batches lose nothing and let a worker whose batch ended early (early stopping, divergence) take the
+    next one instead of idling. Where the kernel cannot be built (no C++ compiler), 1: the torch-ops fallback
+    gains nothing over a run alone. The measurements: docs/performance.md (batched studies)."""
     import torch
 
     from fincast.training import resolve_device

@@ -89,7 +89,7 @@ def _forward_steps(w, z, pre, sig, act_g, cells, tanh_c) -> None:
         g[:, 2].mul_(2.0)
         s = sig[t]
         torch.sigmoid(g, out=s)
-        torch.mul(s[:, 2], 2.0, out=act_g[t]).sub_(1.0)  # tanh(x) = 2 sigmoid(2x) - 1: 20x faster on CPUs
+        torch.mul(s[:, 2], 2.0, out=act_g[t]).sub_(1.0)  # tanh(x) = 2 sigmoid(2x) - 1: much faster than tanh on CPUs
         c = cells[t + 1]
         torch.mul(s[:, 1], cells[t], out=c)
         c.addcmul_(s[:, 0], act_g[t])

@@ -8,8 +8,8 @@ Everything goes through an explicit ``MlflowClient`` and run id (no fluent activ
 metrics are sent in batches (``log_batch``): one call per flush instead of one per value, because a
 single ``log_metric`` costs milliseconds on SQLite, as much as a training step of a small model.
 
-Even batched, MLflow's ORM spends ~100 us of Python per stored value, a third of a small model's step.
-So by default (``tracking.metrics_writer: process``) a :class:`MetricWriter` process stores the batches:
+Even batched, MLflow's ORM spends a sizeable share of a small model's step per stored value (measurements:
+docs/performance.md, metric logging). So by default (``tracking.metrics_writer: process``) a :class:`MetricWriter` process stores the batches:
 it is started before the data loads, so its imports are done when training begins, and the trainer
 only enqueues tuples. (MLflow's async logging thread was measured too and was slower:
 it shares the trainer's GIL.) ``Run.end()`` waits until every metric is stored and raises if one failed.

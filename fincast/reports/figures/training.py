@@ -28,7 +28,7 @@ def training_curves(path: str | Path, *, loss: list[float], norm_pre: list[float
     thresholds)."""
     steps = np.arange(1, len(loss) + 1)
     loss_a, pre, post = (np.asarray(v, float) for v in (loss, norm_pre, norm_post))
-    # fixed margins: constrained layout measured every tick label and took half of the 0.37 s this figure cost
+    # fixed margins: constrained layout measures every tick label, about half of this figure's cost
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     fig.subplots_adjust(left=0.085, right=0.985, top=0.955, bottom=0.075, hspace=0.06)
     window = max(1, len(steps) // 100)
