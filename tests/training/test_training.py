@@ -474,7 +474,9 @@ def test_resume_leaves_the_checkpoint_as_saved_and_follows_a_changed_schedule():
     rows = []
     fit(_model(), split, split, longer.train, longer.clip, device=torch.device("cpu"), resume=ckpt, sink=rows.extend)
     lrs = dict((s, v) for k, v, s in rows if k == "lr")
-    assert lrs[11] == pytest.approx(1e-3 * lr_factor(10, longer.train, 5, 20))  # the new schedule from step 11
+    # the new schedule from step 11: cosine over 4 x 5 = 20 steps, step 11 halfway: 1e-3 x (1 + cos(pi / 2)) / 2
+    # (the old 10-step schedule would have ended at 0 there)
+    assert lrs[11] == pytest.approx(5e-4)
     assert ckpt["loop"]["history"] == before["loop"]["history"]
     for k, v in before["optimizer"].items():  # Adam moments untouched
         assert torch.equal(ckpt["optimizer"][k], v) if isinstance(v, torch.Tensor) else ckpt["optimizer"][k] == v
