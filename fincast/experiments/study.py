@@ -28,9 +28,12 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +274,17 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
                            "none; drop that axis or run the study on a GPU machine")
     workers = min(study.settings.workers or cores(), len(study.jobs))
     threads = study.settings.threads or max(1, cores() // workers)
+    # the bar shows from the start (kernel build, data, store, worker start-up), then moves once per run
+    bar = tqdm(total=len(study.jobs), desc=f"study {study.name} (starting)", unit="run", disable=not progress)
+    try:
+        return _run(study, bar, workers, threads, progress, t0)
+    finally:
+        bar.close()
+
+
+def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0: float) -> StudyOutcome:
+    import torch
+
     device = study.jobs[0].cfg.train.device
     # no CUDA query here (torch.cuda.is_available() would set up the driver and poison the fork below): CPU means
     # device: cpu, or a torch built without CUDA
@@ -288,48 +302,90 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
         store_ready()  # the workers may open the store now (two processes creating it at once collide)
         parent = store.parent_run(params=_parent_params(study))
         finished, diverged, failed = 0, 0, []
-        bar = None
         with ended(parent, lambda: "FAILED" if failed else "FINISHED"):
             try:
                 done = store.settle(fingerprint)
                 todo = [j for j in study.jobs if j.hash not in done]
                 skipped = len(study.jobs) - len(todo)
-                with tempfile.TemporaryDirectory() as tmp:
-                    spec = Path(tmp) / "study.yaml"
-                    spec.write_text(yaml.safe_dump(study.raw, sort_keys=False))
-                    plan = Path(tmp) / "plan.json"
-                    plan.write_text(json.dumps([{"cell": j.cell, "group": j.group, "clip": j.clip, "lr": j.lr, "seed": j.seed,
-                                                 "axes": dict(j.axes), "hash": j.hash} for j in study.jobs], indent=1,
-                                               default=str))
-                    settings = Path(tmp) / "settings.json"  # what the report judges by (params keep the first run's)
-                    settings.write_text(json.dumps({**dataclasses.asdict(study.settings), "data_fingerprint": fingerprint},
-                                                   indent=1))
-                    for f in (spec, plan, settings):
-                        parent.log_artifact(f)
+                _log_spec(parent, study, fingerprint)
                 if skipped:
                     log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
                              len(study.jobs), len(todo))
-                bar = tqdm(total=len(study.jobs), initial=skipped, desc=f"study {study.name}", unit="run",
-                           disable=not progress)
                 chunks = plan_chunks(todo, study.settings.batch_runs, workers)
                 if any(len(c) > 1 for c in chunks):
                     log.info("study %s: %d runs in %d batches (%s runs each)", study.name, len(todo), len(chunks),
                              "/".join(str(n) for n in sorted({len(c) for c in chunks}, reverse=True)))
-                for result in _execute(pool, chunks, parent.run_id, study.name, threads):
-                    bar.update(1)
-                    if result["error"] is None:
-                        finished += 1
-                        diverged += int(result["diverged"])
-                    else:
-                        failed.append((result["name"], result["error"]))
-                        log.warning("run %s failed: %s", result["name"], result["error"])
-                    bar.set_postfix(diverged=diverged, failed=len(failed), refresh=False)
+                bar.update(skipped)
+                bar.set_description(f"study {study.name}")
+                moved = _Progress(bar)
+                with _progress_feed(pool, moved if progress else None) as feed:
+                    for result in _execute(pool, chunks, parent.run_id, study.name, threads, moved, feed):
+                        moved.advance(result["name"])  # (a run whose stack failed before closing it)
+                        if result["error"] is None:
+                            finished += 1
+                            diverged += int(result["diverged"])
+                        else:
+                            failed.append((result["name"], result["error"]))
+                            log.warning("run %s failed: %s", result["name"], result["error"])
+                        bar.set_postfix(diverged=diverged, failed=len(failed), refresh=False)
             finally:
-                if bar is not None:
-                    bar.close()
                 parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": len(failed)})
     return StudyOutcome(study.name, parent.run_id, study.name, parent.uri, len(study.jobs), skipped, finished,
                         diverged, failed, time.perf_counter() - t0)
+
+
+def _log_spec(parent: tracking.Run, study: Study, fingerprint: str) -> None:
+    """The spec as resolved, the plan of runs and the settings the report judges by, on the parent run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "study.yaml"
+        spec.write_text(yaml.safe_dump(study.raw, sort_keys=False))
+        plan = Path(tmp) / "plan.json"
+        plan.write_text(json.dumps([{"cell": j.cell, "group": j.group, "clip": j.clip, "lr": j.lr, "seed": j.seed,
+                                     "axes": dict(j.axes), "hash": j.hash} for j in study.jobs], indent=1,
+                                   default=str))
+        settings = Path(tmp) / "settings.json"  # what the report judges by (params keep the first run's)
+        settings.write_text(json.dumps({**dataclasses.asdict(study.settings), "data_fingerprint": fingerprint},
+                                       indent=1))
+        for f in (spec, plan, settings):
+            parent.log_artifact(f)
+
+
+class _Progress:
+    """The study's bar, moved once per run as each finishes (a stack's runs one by one as they close), from the
+    result loop or from the thread that reads the workers' messages; a run is counted once."""
+
+    def __init__(self, bar: tqdm):
+        self.bar, self.seen, self.lock = bar, set(), threading.Lock()
+
+    def advance(self, name: str) -> None:
+        with self.lock:
+            if name not in self.seen:
+                self.seen.add(name)
+                self.bar.update(1)
+
+
+@contextlib.contextmanager
+def _progress_feed(pool: cf.ProcessPoolExecutor | None, progress: _Progress | None):
+    """A queue the worker processes put each closed run's name on (None: no workers, or no bar), and a thread
+    here that moves the bar by it."""
+    if pool is None or progress is None:
+        yield None
+        return
+    manager = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Manager()
+    feed = manager.Queue()
+
+    def drain() -> None:
+        while (name := feed.get()) is not None:
+            progress.advance(name)
+
+    reader = threading.Thread(target=drain, name="study-progress", daemon=True)
+    reader.start()
+    try:
+        yield feed
+    finally:
+        feed.put(None)
+        reader.join(timeout=5)
+        manager.shutdown()
 
 
 def _parent_params(study: Study) -> dict[str, Any]:
@@ -345,14 +401,16 @@ def _parent_params(study: Study) -> dict[str, Any]:
 
 
 def _execute(pool: cf.ProcessPoolExecutor | None, chunks: list[list[Job]], parent_id: str, study: str,
-             threads: int):
+             threads: int, progress: _Progress | None = None, feed: Any = None):
     """Yield one result dict per job as runs complete (in this process when there is no pool); a chunk of
-    several jobs trains stacked and its runs complete together."""
+    several jobs trains stacked and its results come together, while ``progress`` moves as each of its runs
+    closes (here directly, from workers through ``feed``)."""
     if pool is None:
         for chunk in chunks:
-            yield from _run_chunk(chunk, parent_id, study, threads)
+            yield from _run_chunk(chunk, parent_id, study, threads, progress.advance if progress else None)
         return
-    futures = [pool.submit(_run_chunk, chunk, parent_id, study, threads) for chunk in chunks]
+    futures = [pool.submit(_run_chunk, chunk, parent_id, study, threads, feed.put if feed is not None else None)
+               for chunk in chunks]
     try:
         for fut in cf.as_completed(futures):
             try:
@@ -375,14 +433,17 @@ def _worker_cfg(job: Job, threads: int) -> PipelineConfig:
     return cfg
 
 
-def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int) -> list[dict]:
-    """Train the chunk's jobs, stacked when there are several: one result dict per job."""
+def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int,
+               closed: Callable[[str], None] | None = None) -> list[dict]:
+    """Train the chunk's jobs, stacked when there are several: one result dict per job. ``closed(name)`` is
+    called as each run ends (its progress)."""
     if len(jobs) == 1:
         return [_run_job(jobs[0], parent_id, study, threads)]
     names = [j.cfg.tracking.run_name for j in jobs]
     try:
         outs = driver.train_batch([_worker_cfg(j, threads) for j in jobs], tags=[j.tags(study) for j in jobs],
-                                    parent_run_id=parent_id)
+                                  parent_run_id=parent_id,
+                                  on_closed=(lambda k, _: closed(names[k])) if closed is not None else None)
     except driver.StackCloseError as exc:  # trained; some runs failed to close (FAILED), the others finished
         outs = exc.outcomes
     except Exception as exc:  # every run of the batch is marked FAILED in MLflow; the study goes on

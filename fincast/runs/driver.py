@@ -203,14 +203,16 @@ def batch_key(cfg: PipelineConfig) -> str | None:
 
 
 def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None = None,
-                parent_run_id: str | None = None, progress: bool = False) -> list[TrainOutcome]:
+                parent_run_id: str | None = None, progress: bool = False,
+                on_closed: Callable[[int, TrainOutcome | Exception], None] | None = None) -> list[TrainOutcome]:
     """Train runs of equal ``batch_key`` as one stack (``training.train_runs``). Each run is its own MLflow run
     with the params, metrics, tags, artifacts and checkpoint ``train`` would give it, plus the tag
     ``fincast.batch_runs`` = K. Data and samples are prepared once for all of them.
 
     A failure while opening or training marks every run of the stack FAILED; once trained, each run is closed
     on its own, so one that fails to close (FAILED) costs the others nothing: they finish, and
-    :class:`StackCloseError` then carries every run's outcome or error."""
+    :class:`StackCloseError` then carries every run's outcome or error. ``on_closed(k, outcome or error)`` is
+    called as each run k is closed (a study's progress bar moves per run, not per stack)."""
     keys = {batch_key(c) for c in cfgs}
     if None in keys or len(keys) != 1:
         raise FincastError("train_batch: these runs cannot train stacked (see runs.driver.batch_key)")
@@ -241,11 +243,11 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
     def close(run, name, cfg, model, result, path):
         return close_one(run, name, cfg, data, splits, model, device, precision, result, path)
 
-    return _close_stack(runs, cfgs, models, results, close)
+    return _close_stack(runs, cfgs, models, results, close, on_closed)
 
 
-def _close_stack(runs: list, cfgs: list[PipelineConfig], models: list, results: list, close: Callable[..., Any]
-                 ) -> list[TrainOutcome]:
+def _close_stack(runs: list, cfgs: list[PipelineConfig], models: list, results: list, close: Callable[..., Any],
+                 on_closed: Callable[[int, TrainOutcome | Exception], None] | None = None) -> list[TrainOutcome]:
     outcomes: list[TrainOutcome | Exception] = []
     for i, ((run, name, _, path), cfg, model, result) in enumerate(zip(runs, cfgs, models, results)):
         try:
@@ -257,6 +259,8 @@ def _close_stack(runs: list, cfgs: list[PipelineConfig], models: list, results: 
             for later, *_ in runs[i + 1:]:
                 later.end("KILLED")
             raise
+        if on_closed is not None:
+            on_closed(i, outcomes[-1])
     if any(isinstance(o, Exception) for o in outcomes):
         raise StackCloseError(outcomes, [name for _, name, *_ in runs])
     return outcomes

@@ -340,3 +340,45 @@ def test_a_study_killed_with_sigkill_and_restarted_has_every_run_exactly_once(tm
     # no worker of the killed driver survived to add a duplicate later
     time.sleep(1)
     assert len(_children(tmp_path)) == len(s.jobs)
+
+
+def test_the_bar_shows_at_start_and_moves_once_per_run_as_each_closes(tmp_path, monkeypatch):
+    """A stack's runs move the study's bar one by one as each is closed, not all together when the stack's
+    results come back; the bar is there (described as starting) before any data is loaded."""
+    from fincast.runs import driver
+
+    events = []
+
+    class Bar:
+        def __init__(self, total, desc, **kw):
+            events.append(("bar", desc))
+            self.n = 0
+
+        def update(self, k=1):
+            if k:
+                self.n += k
+                events.append(("update", k))
+
+        def set_description(self, desc):
+            events.append(("desc", desc))
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            pass
+
+    real_load, real_close = driver.load_data, driver.close_one
+    monkeypatch.setattr(driver, "load_data", lambda *a, **kw: (events.append(("load",)), real_load(*a, **kw))[1])
+    monkeypatch.setattr(driver, "close_one", lambda run, name, *a: (events.append(("closed", name)),
+                                                                      real_close(run, name, *a))[1])
+    monkeypatch.setattr(study_mod, "tqdm", Bar)
+    s = study_mod.load(_spec(tmp_path, lr=[3.0]), [*TINY, *_store(tmp_path), "study.batch_runs=3",
+                                                   "study.workers=1"])
+    out = study_mod.run(s, progress=True)
+    assert out.finished == 6
+    assert events[0] == ("bar", "study tiny_study (starting)") and events[1] == ("load",)
+    runs = [e for e in events if e[0] in ("closed", "update")]
+    assert runs == [ev for name in [e[1] for e in events if e[0] == "closed"] for ev in (("closed", name),
+                                                                                      ("update", 1))]
+    assert len(runs) == 12  # each of the 6 runs: closed, then the bar moves
