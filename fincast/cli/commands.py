@@ -186,6 +186,15 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fincast.runs import export
+
+    out = export.export(args.run_id, tracking_uri=args.tracking_uri)
+    print(f"run {out.run_id}  {out.run_name}: model logged ({out.parameters} parameters) in {out.tracking_uri}")
+    print("  look: make ui  (the run's Models tab)")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.markdown:
         print(config_mod.reference_markdown(), end="")
@@ -220,4 +229,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "study": cmd_study, "sweep": cmd_sweep,
-            "advise-clip": cmd_advise, "report": cmd_report, "backtest": cmd_backtest, "keys": cmd_keys}
+            "advise-clip": cmd_advise, "report": cmd_report, "backtest": cmd_backtest, "export": cmd_export,
+            "keys": cmd_keys}

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_advise_clip(sub)
     _add_report(sub)
     _add_backtest(sub)
+    _add_export(sub)
     _add_keys(sub)
     return p
 
@@ -238,6 +239,19 @@ def _add_backtest(sub) -> None:
     _add_set(bt, SET_HELP)
     _add_out(bt)
     _add_quiet(bt, "no progress bar; print the stats table and paths")
+
+
+def _add_export(sub) -> None:
+    ex = _command(
+        sub, "export", help="log a study run's trained model as an MLflow model (on demand)",
+        description="A study's runs do not each export a model: the weights of each stacked batch go into one "
+                    "weights-only file on the study's parent run (weights/<id>.pt), and each run is tagged "
+                    "fincast.weights. This command rebuilds the run's model from its config.yaml, loads its weights, "
+                    "and logs it into the run as an MLflow model (signature and input example from the run's "
+                    "data, read from the cache). Single runs (fincast train) log their model themselves.")
+    ex.add_argument("run_id", help="the MLflow run id of a study's run (see the MLflow UI or the study's report)")
+    ex.add_argument("--tracking-uri", default=None,
+                    help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
 
 
 def _add_keys(sub) -> None:

@@ -443,7 +443,8 @@ def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int,
     try:
         outs = driver.train_batch([_worker_cfg(j, threads) for j in jobs], tags=[j.tags(study) for j in jobs],
                                   parent_run_id=parent_id,
-                                  on_closed=(lambda k, _: closed(names[k])) if closed is not None else None)
+                                  on_closed=(lambda k, _: closed(names[k])) if closed is not None else None,
+                                  model_export="weights")
     except driver.StackCloseError as exc:  # trained; some runs failed to close (FAILED), the others finished
         outs = exc.outcomes
     except Exception as exc:  # every run of the batch is marked FAILED in MLflow; the study goes on
@@ -457,7 +458,7 @@ def _run_job(job: Job, parent_id: str, study: str, threads: int) -> dict:
     cfg = _worker_cfg(job, threads)
     name = job.cfg.tracking.run_name
     try:
-        out = driver.train(cfg, tags=job.tags(study), parent_run_id=parent_id)
+        out = driver.train(cfg, tags=job.tags(study), parent_run_id=parent_id, model_export="weights")
     except Exception as exc:  # the run is marked FAILED in MLflow; the study goes on
         return {"name": name, "error": f"{type(exc).__name__}: {exc}", "diverged": False}
     return {"name": name, "error": None, "diverged": out.fit.diverged, "run_id": out.run_id}

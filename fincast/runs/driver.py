@@ -24,7 +24,7 @@ import torch
 from fincast import config as config_mod
 from fincast import tracking
 from fincast.config import FincastError, PipelineConfig
-from fincast.runs import setup
+from fincast.runs import setup, weights
 from fincast.runs.checkpoints import RESUME_KEYS, checkpointer, load_checkpoint
 from fincast.runs.record import (
     BATCH_TAG,
@@ -32,9 +32,11 @@ from fincast.runs.record import (
     ended,
     ended_on_error,
     log_fit_outcome,
-    log_model,
     open_run,
     run_tags,
+)
+from fincast.runs.record import (
+    log_model as log_run_model,
 )
 from fincast.runs.registry import task as task_named
 from fincast.runs.task import Data, Splits
@@ -49,17 +51,20 @@ def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = Fa
 
 
 def train(cfg: PipelineConfig, *, progress: bool = False, tags: dict[str, str] | None = None,
-          parent_run_id: str | None = None, on_epoch: OnEpoch | None = None) -> TrainOutcome | None:
+          parent_run_id: str | None = None, on_epoch: OnEpoch | None = None,
+          model_export: str = "log") -> TrainOutcome | None:
     """Run one training run end to end; returns what the CLI summarises.
 
     ``tags`` are added to the run's tags; ``parent_run_id`` makes it a child run (a study's runs).
     ``on_epoch(epoch, val_loss) -> stop?`` sees each epoch's validation loss (a sweep's pruner).
     Under ``torchrun`` every rank trains its shard of each global batch (DDP); only rank 0 tracks the run,
-    writes checkpoints and returns an outcome (the others return None)."""
+    writes checkpoints and returns an outcome (the others return None). ``model_export``: "log" logs the model
+    as an MLflow model (tracking.log_model); "weights" (a study's runs) puts its weights on the parent run
+    instead (``runs.weights``; ``fincast export RUN_ID`` makes the MLflow model on demand)."""
     extra = dict(tags or {})
     if parent_run_id is not None:
         extra["mlflow.parentRunId"] = parent_run_id
-    return _run(cfg, progress=progress, extra_tags=extra, on_epoch=on_epoch)
+    return _run(cfg, progress=progress, extra_tags=extra, on_epoch=on_epoch, model_export=model_export)
 
 
 def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoint_dir: str = "checkpoints",
@@ -103,13 +108,14 @@ def resume_spec(cfg: PipelineConfig, run_id: str, *, checkpoint_dir: str = "chec
 
 def _run(cfg: PipelineConfig, *, progress: bool, resume: dict | None = None,
          resume_overrides: list[str] | None = None, extra_tags: dict[str, str] | None = None,
-         on_epoch: OnEpoch | None = None) -> TrainOutcome | None:
+         on_epoch: OnEpoch | None = None, model_export: str = "log") -> TrainOutcome | None:
     owns_group = setup.init_distributed(cfg)
     rank, _ = dist_info()
     writer = tracking.MetricWriter.maybe(cfg.tracking) if rank == 0 else None  # opens the store while data loads
     try:
         return _train(cfg, writer, progress=progress and rank == 0, resume=resume,
-                      resume_overrides=resume_overrides or [], extra_tags=extra_tags or {}, on_epoch=on_epoch)
+                      resume_overrides=resume_overrides or [], extra_tags=extra_tags or {}, on_epoch=on_epoch,
+                      model_export=model_export)
     finally:
         if writer is not None:
             writer.close()
@@ -135,7 +141,7 @@ def _load_for_run(cfg: PipelineConfig, rank: int, resume: dict | None, progress:
 
 def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
            resume_overrides: list[str], extra_tags: dict[str, str],
-           on_epoch: OnEpoch | None = None) -> TrainOutcome | None:
+           on_epoch: OnEpoch | None = None, model_export: str = "log") -> TrainOutcome | None:
     task = task_named(cfg.task)
     rank, _ = dist_info()
     data = _load_for_run(cfg, rank, resume, progress)
@@ -154,7 +160,10 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         checkpoint, path = checkpointer(cfg, run.run_id, data.fingerprint)
         result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics, progress=progress,
                      checkpoint=checkpoint, **fit_args)
-        return close_one(run, name, cfg, data, splits, model, device, precision, result, path)
+        out = close_one(run, name, cfg, data, splits, model, device, precision, result, path,
+                        log_model=model_export == "log")
+    _save_weights(cfg, extra_tags.get("mlflow.parentRunId"), model_export, [(out, model)])
+    return out
 
 
 def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Module, device: torch.device,
@@ -174,7 +183,7 @@ def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Mo
 
 def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, splits: Splits,
               model: torch.nn.Module, device: torch.device, precision: str, result: FitResult,
-              path: Path | None) -> TrainOutcome:
+              path: Path | None, *, log_model: bool = True) -> TrainOutcome:
     """After training: the task's test evaluation beside its baselines, the closing metrics and tags, the
     artifacts, the model."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,8 +191,8 @@ def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, spl
         zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics)
         for f in done.files:
             run.log_artifact(f)
-    if cfg.tracking.log_model and result.best_epoch > 0:  # weights from an epoch that validated finitely
-        log_model(run, model, splits.test.x[:2], device)
+    if log_model and cfg.tracking.log_model and result.best_epoch > 0:  # weights of an epoch that validated finitely
+        log_run_model(run, model, splits.test.x[:2], device)
     return TrainOutcome(run.run_id, name, cfg.tracking.experiment or cfg.name, run.uri, str(device), precision, result,
                         done.metrics, {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
                         data.warnings, str(path) if path is not None and path.is_file() else None, task=cfg.task,
@@ -204,7 +213,8 @@ def batch_key(cfg: PipelineConfig) -> str | None:
 
 def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None = None,
                 parent_run_id: str | None = None, progress: bool = False,
-                on_closed: Callable[[int, TrainOutcome | Exception], None] | None = None) -> list[TrainOutcome]:
+                on_closed: Callable[[int, TrainOutcome | Exception], None] | None = None,
+                model_export: str = "log") -> list[TrainOutcome]:
     """Train runs of equal ``batch_key`` as one stack (``training.train_runs``). Each run is its own MLflow run
     with the params, metrics, tags, artifacts and checkpoint ``train`` would give it, plus the tag
     ``fincast.batch_runs`` = K. Data and samples are prepared once for all of them.
@@ -212,7 +222,8 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
     A failure while opening or training marks every run of the stack FAILED; once trained, each run is closed
     on its own, so one that fails to close (FAILED) costs the others nothing: they finish, and
     :class:`StackCloseError` then carries every run's outcome or error. ``on_closed(k, outcome or error)`` is
-    called as each run k is closed (a study's progress bar moves per run, not per stack)."""
+    called as each run k is closed (a study's progress bar moves per run, not per stack). ``model_export`` as
+    for :func:`train`: with "weights" the stack's weights go into one file on the parent run."""
     keys = {batch_key(c) for c in cfgs}
     if None in keys or len(keys) != 1:
         raise FincastError("train_batch: these runs cannot train stacked (see runs.driver.batch_key)")
@@ -241,9 +252,26 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
         stack.pop_all()  # trained: from here each run ends on its own
 
     def close(run, name, cfg, model, result, path):
-        return close_one(run, name, cfg, data, splits, model, device, precision, result, path)
+        return close_one(run, name, cfg, data, splits, model, device, precision, result, path,
+                         log_model=model_export == "log")
 
-    return _close_stack(runs, cfgs, models, results, close, on_closed)
+    outcomes: list = []
+    try:
+        outcomes = _close_stack(runs, cfgs, models, results, close, on_closed)
+    except StackCloseError as exc:
+        outcomes = exc.outcomes
+        raise
+    finally:
+        _save_weights(cfg0, parent_run_id, model_export, list(zip(outcomes, models)))
+    return outcomes
+
+
+def _save_weights(cfg: PipelineConfig, parent_run_id: str | None, model_export: str, trained: list) -> None:
+    """With model_export "weights" and a parent run: the usable runs' weights in one file on the parent."""
+    if model_export != "weights" or parent_run_id is None or not cfg.tracking.log_model:
+        return
+    usable = [(o.run_id, m) for o, m in trained if isinstance(o, TrainOutcome) and o.fit.best_epoch > 0]
+    weights.save_batch(tracking.resolve_uri(cfg.tracking), parent_run_id, usable)
 
 
 def _close_stack(runs: list, cfgs: list[PipelineConfig], models: list, results: list, close: Callable[..., Any],

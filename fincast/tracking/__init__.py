@@ -34,6 +34,7 @@ from fincast.tracking.store import (
     attach,
     child_runs,
     delete_runs,
+    download_artifact,
     get_run,
     list_artifacts,
     metric_histories,
@@ -45,5 +46,5 @@ from fincast.tracking.store import (
 from fincast.tracking.writer import MetricWriter
 
 __all__ = ["HASH_TAG", "ROLE_TAG", "STUDY_TAG", "MetricWriter", "Run", "StudyStore", "TrackingError", "WriterError",
-           "_log_rows", "attach", "child_runs", "delete_runs", "get_run", "list_artifacts", "metric_histories",
+           "_log_rows", "attach", "child_runs", "delete_runs", "download_artifact", "get_run", "list_artifacts", "metric_histories",
            "metric_history", "open_store", "pid_alive", "preload_store", "resolve_uri", "start_run"]

@@ -411,6 +411,14 @@ def metric_histories(uri: str, run_ids: list[str], keys: list[str],
     return result
 
 
+def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
+    """An artifact of a run into ``dst``; a clear error when the run has none by that name."""
+    try:
+        return Path(MlflowClient(tracking_uri=uri).download_artifacts(run_id, path, str(dst)))
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"run {run_id} in {uri} has no artifact {path!r} ({type(exc).__name__})") from None
+
+
 def attach(uri: str, run_id: str) -> Run:
     """A handle to log more into an existing run (also a finished one) without changing its status."""
     return Run(MlflowClient(tracking_uri=uri), run_id, uri)

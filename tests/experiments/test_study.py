@@ -370,8 +370,8 @@ def test_the_bar_shows_at_start_and_moves_once_per_run_as_each_closes(tmp_path, 
 
     real_load, real_close = driver.load_data, driver.close_one
     monkeypatch.setattr(driver, "load_data", lambda *a, **kw: (events.append(("load",)), real_load(*a, **kw))[1])
-    monkeypatch.setattr(driver, "close_one", lambda run, name, *a: (events.append(("closed", name)),
-                                                                      real_close(run, name, *a))[1])
+    monkeypatch.setattr(driver, "close_one", lambda run, name, *a, **kw: (events.append(("closed", name)),
+                                                                            real_close(run, name, *a, **kw))[1])
     monkeypatch.setattr(study_mod, "tqdm", Bar)
     s = study_mod.load(_spec(tmp_path, lr=[3.0]), [*TINY, *_store(tmp_path), "study.batch_runs=3",
                                                    "study.workers=1"])
