@@ -48,7 +48,7 @@ from fincast.config import ConfigError, FincastError, PipelineConfig, StudySetti
 from fincast.experiments.spec import _UNHASHED, _merge, base_config, config_hash, read_spec, spec_common
 from fincast.experiments.workers import plan_chunks, worker_pool
 from fincast.runs import driver
-from fincast.runs.record import ended
+from fincast.runs.record import Keeping, ended
 from fincast.runs.setup import cores
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
 
@@ -319,7 +319,8 @@ def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0
                 bar.set_description(f"study {study.name}")
                 moved = _Progress(bar)
                 with _progress_feed(pool, moved if progress else None) as feed:
-                    for result in _execute(pool, chunks, parent.run_id, study.name, threads, moved, feed):
+                    for result in _execute(pool, chunks, parent.run_id, study.name, threads, keeping(study), moved,
+                                           feed):
                         moved.advance(result["name"])  # (a run whose stack failed before closing it)
                         if result["error"] is None:
                             finished += 1
@@ -332,6 +333,22 @@ def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0
                 parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": len(failed)})
     return StudyOutcome(study.name, parent.run_id, study.name, parent.uri, len(study.jobs), skipped, finished,
                         diverged, failed, time.perf_counter() - t0)
+
+
+# what every run of a study records as params besides the keys that vary across the study
+KEY_SETTINGS = ("data.source", "data.tickers", "data.start", "data.end", "features.lookback", "features.horizon",
+                "model.type", "model.hidden_size", "model.num_layers", "model.dropout", "train.optimizer", "train.lr",
+                "train.seed", "train.epochs", "train.batch_size", "train.schedule", "train.precision", "clip.method")
+
+
+def keeping(study: Study) -> Keeping:
+    """What a study's runs keep: their weights on the parent run (no MLflow model each), and as params the keys
+    that vary across the study and the key settings (the whole config is each run's config.yaml)."""
+    flats = [config_mod.flatten(config_mod.to_dict(j.cfg)) for j in study.jobs]
+    varying = {k for k in flats[0] if any(json.dumps(f.get(k), default=str) != json.dumps(flats[0][k], default=str)
+                                          for f in flats[1:])}
+    varying -= {"tracking.run_name"}  # the run's name is its MLflow name already
+    return Keeping("weights", frozenset(varying | set(KEY_SETTINGS)))
 
 
 def _log_spec(parent: tracking.Run, study: Study, fingerprint: str) -> None:
@@ -401,15 +418,15 @@ def _parent_params(study: Study) -> dict[str, Any]:
 
 
 def _execute(pool: cf.ProcessPoolExecutor | None, chunks: list[list[Job]], parent_id: str, study: str,
-             threads: int, progress: _Progress | None = None, feed: Any = None):
+             threads: int, keep: Keeping, progress: _Progress | None = None, feed: Any = None):
     """Yield one result dict per job as runs complete (in this process when there is no pool); a chunk of
     several jobs trains stacked and its results come together, while ``progress`` moves as each of its runs
     closes (here directly, from workers through ``feed``)."""
     if pool is None:
         for chunk in chunks:
-            yield from _run_chunk(chunk, parent_id, study, threads, progress.advance if progress else None)
+            yield from _run_chunk(chunk, parent_id, study, threads, keep, progress.advance if progress else None)
         return
-    futures = [pool.submit(_run_chunk, chunk, parent_id, study, threads, feed.put if feed is not None else None)
+    futures = [pool.submit(_run_chunk, chunk, parent_id, study, threads, keep, feed.put if feed is not None else None)
                for chunk in chunks]
     try:
         for fut in cf.as_completed(futures):
@@ -433,18 +450,18 @@ def _worker_cfg(job: Job, threads: int) -> PipelineConfig:
     return cfg
 
 
-def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int,
+def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int, keep: Keeping,
                closed: Callable[[str], None] | None = None) -> list[dict]:
     """Train the chunk's jobs, stacked when there are several: one result dict per job. ``closed(name)`` is
     called as each run ends (its progress)."""
     if len(jobs) == 1:
-        return [_run_job(jobs[0], parent_id, study, threads)]
+        return [_run_job(jobs[0], parent_id, study, threads, keep)]
     names = [j.cfg.tracking.run_name for j in jobs]
     try:
         outs = driver.train_batch([_worker_cfg(j, threads) for j in jobs], tags=[j.tags(study) for j in jobs],
                                   parent_run_id=parent_id,
                                   on_closed=(lambda k, _: closed(names[k])) if closed is not None else None,
-                                  model_export="weights")
+                                  keep=keep)
     except driver.StackCloseError as exc:  # trained; some runs failed to close (FAILED), the others finished
         outs = exc.outcomes
     except Exception as exc:  # every run of the batch is marked FAILED in MLflow; the study goes on
@@ -454,11 +471,11 @@ def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int,
             for n, o in zip(names, outs)]
 
 
-def _run_job(job: Job, parent_id: str, study: str, threads: int) -> dict:
+def _run_job(job: Job, parent_id: str, study: str, threads: int, keep: Keeping) -> dict:
     cfg = _worker_cfg(job, threads)
     name = job.cfg.tracking.run_name
     try:
-        out = driver.train(cfg, tags=job.tags(study), parent_run_id=parent_id, model_export="weights")
+        out = driver.train(cfg, tags=job.tags(study), parent_run_id=parent_id, keep=keep)
     except Exception as exc:  # the run is marked FAILED in MLflow; the study goes on
         return {"name": name, "error": f"{type(exc).__name__}: {exc}", "diverged": False}
     return {"name": name, "error": None, "diverged": out.fit.diverged, "run_id": out.run_id}

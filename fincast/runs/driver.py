@@ -28,6 +28,7 @@ from fincast.runs import setup, weights
 from fincast.runs.checkpoints import RESUME_KEYS, checkpointer, load_checkpoint
 from fincast.runs.record import (
     BATCH_TAG,
+    Keeping,
     TrainOutcome,
     ended,
     ended_on_error,
@@ -43,6 +44,7 @@ from fincast.runs.task import Data, Splits
 from fincast.training import FitResult, dist_info, fit, seed_everything, train_runs
 
 OnEpoch = Callable[[int, float], bool]
+KEEP_ALL = Keeping()  # every config key as a param, the model as an MLflow model
 
 
 def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = False) -> Data:
@@ -52,19 +54,19 @@ def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = Fa
 
 def train(cfg: PipelineConfig, *, progress: bool = False, tags: dict[str, str] | None = None,
           parent_run_id: str | None = None, on_epoch: OnEpoch | None = None,
-          model_export: str = "log") -> TrainOutcome | None:
+          keep: Keeping = KEEP_ALL) -> TrainOutcome | None:
     """Run one training run end to end; returns what the CLI summarises.
 
     ``tags`` are added to the run's tags; ``parent_run_id`` makes it a child run (a study's runs).
     ``on_epoch(epoch, val_loss) -> stop?`` sees each epoch's validation loss (a sweep's pruner).
     Under ``torchrun`` every rank trains its shard of each global batch (DDP); only rank 0 tracks the run,
-    writes checkpoints and returns an outcome (the others return None). ``model_export``: "log" logs the model
-    as an MLflow model (tracking.log_model); "weights" (a study's runs) puts its weights on the parent run
-    instead (``runs.weights``; ``fincast export RUN_ID`` makes the MLflow model on demand)."""
+    writes checkpoints and returns an outcome (the others return None). ``keep`` (``record.Keeping``): whether the
+    model is logged as an MLflow model (tracking.log_model) or its weights go on the parent run (a study's runs;
+    ``fincast export RUN_ID`` makes the MLflow model on demand), and which config keys become params."""
     extra = dict(tags or {})
     if parent_run_id is not None:
         extra["mlflow.parentRunId"] = parent_run_id
-    return _run(cfg, progress=progress, extra_tags=extra, on_epoch=on_epoch, model_export=model_export)
+    return _run(cfg, progress=progress, extra_tags=extra, on_epoch=on_epoch, keep=keep)
 
 
 def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoint_dir: str = "checkpoints",
@@ -108,14 +110,14 @@ def resume_spec(cfg: PipelineConfig, run_id: str, *, checkpoint_dir: str = "chec
 
 def _run(cfg: PipelineConfig, *, progress: bool, resume: dict | None = None,
          resume_overrides: list[str] | None = None, extra_tags: dict[str, str] | None = None,
-         on_epoch: OnEpoch | None = None, model_export: str = "log") -> TrainOutcome | None:
+         on_epoch: OnEpoch | None = None, keep: Keeping = KEEP_ALL) -> TrainOutcome | None:
     owns_group = setup.init_distributed(cfg)
     rank, _ = dist_info()
     writer = tracking.MetricWriter.maybe(cfg.tracking) if rank == 0 else None  # opens the store while data loads
     try:
         return _train(cfg, writer, progress=progress and rank == 0, resume=resume,
                       resume_overrides=resume_overrides or [], extra_tags=extra_tags or {}, on_epoch=on_epoch,
-                      model_export=model_export)
+                      keep=keep)
     finally:
         if writer is not None:
             writer.close()
@@ -141,7 +143,7 @@ def _load_for_run(cfg: PipelineConfig, rank: int, resume: dict | None, progress:
 
 def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progress: bool, resume: dict | None,
            resume_overrides: list[str], extra_tags: dict[str, str],
-           on_epoch: OnEpoch | None = None, model_export: str = "log") -> TrainOutcome | None:
+           on_epoch: OnEpoch | None = None, keep: Keeping = KEEP_ALL) -> TrainOutcome | None:
     task = task_named(cfg.task)
     rank, _ = dist_info()
     data = _load_for_run(cfg, rank, resume, progress)
@@ -155,20 +157,21 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         fit(model, splits.train, splits.val, cfg.train, cfg.clip, **fit_args)
         return None
     run, name = open_one(cfg, data, splits, model, device, precision, writer=writer, extra_tags=extra_tags,
-                         resume=resume, resume_overrides=resume_overrides)
+                         resume=resume, resume_overrides=resume_overrides, params=keep.params)
     with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
         checkpoint, path = checkpointer(cfg, run.run_id, data.fingerprint)
         result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics, progress=progress,
                      checkpoint=checkpoint, **fit_args)
         out = close_one(run, name, cfg, data, splits, model, device, precision, result, path,
-                        log_model=model_export == "log")
-    _save_weights(cfg, extra_tags.get("mlflow.parentRunId"), model_export, [(out, model)])
+                        log_model=keep.models == "log")
+    _save_weights(cfg, extra_tags.get("mlflow.parentRunId"), keep, [(out, model)])
     return out
 
 
 def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Module, device: torch.device,
              precision: str, *, writer: tracking.MetricWriter | None, extra_tags: dict[str, str],
-             resume: dict | None = None, resume_overrides: list[str] | None = None) -> tuple[tracking.Run, str]:
+             resume: dict | None = None, resume_overrides: list[str] | None = None,
+             params: frozenset[str] | None = None) -> tuple[tracking.Run, str]:
     """Start a run: tags, then params (what a crashed run still says it was); a resumed run is reopened."""
     about = task_named(cfg.task).describe(cfg, data, splits)
     tags = run_tags(cfg, device, precision, source=data.source, fingerprint=data.fingerprint, tickers=about.tickers,
@@ -176,7 +179,8 @@ def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Mo
     run = open_run(cfg, about.name, tags, writer=writer, resume=resume, resume_overrides=resume_overrides or [])
     if resume is None:
         with ended_on_error(run):
-            run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
+            flat = config_mod.flatten(config_mod.to_dict(cfg))
+            run.log_params(flat if params is None else {k: v for k, v in flat.items() if k in params})
             run.log_params({**about.params, "model.parameters": sum(p.numel() for p in model.parameters())})
     return run, about.name
 
@@ -214,7 +218,7 @@ def batch_key(cfg: PipelineConfig) -> str | None:
 def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None = None,
                 parent_run_id: str | None = None, progress: bool = False,
                 on_closed: Callable[[int, TrainOutcome | Exception], None] | None = None,
-                model_export: str = "log") -> list[TrainOutcome]:
+                keep: Keeping = KEEP_ALL) -> list[TrainOutcome]:
     """Train runs of equal ``batch_key`` as one stack (``training.train_runs``). Each run is its own MLflow run
     with the params, metrics, tags, artifacts and checkpoint ``train`` would give it, plus the tag
     ``fincast.batch_runs`` = K. Data and samples are prepared once for all of them.
@@ -222,8 +226,8 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
     A failure while opening or training marks every run of the stack FAILED; once trained, each run is closed
     on its own, so one that fails to close (FAILED) costs the others nothing: they finish, and
     :class:`StackCloseError` then carries every run's outcome or error. ``on_closed(k, outcome or error)`` is
-    called as each run k is closed (a study's progress bar moves per run, not per stack). ``model_export`` as
-    for :func:`train`: with "weights" the stack's weights go into one file on the parent run."""
+    called as each run k is closed (a study's progress bar moves per run, not per stack). ``keep`` as for
+    :func:`train`: with models="weights" the stack's weights go into one file on the parent run."""
     keys = {batch_key(c) for c in cfgs}
     if None in keys or len(keys) != 1:
         raise FincastError("train_batch: these runs cannot train stacked (see runs.driver.batch_key)")
@@ -242,7 +246,8 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
             extra = {**((tags or [{}] * len(cfgs))[i]), BATCH_TAG: str(len(cfgs))}
             if parent_run_id is not None:
                 extra["mlflow.parentRunId"] = parent_run_id
-            run, name = open_one(cfg, data, splits, models[i], device, precision, writer=None, extra_tags=extra)
+            run, name = open_one(cfg, data, splits, models[i], device, precision, writer=None, extra_tags=extra,
+                                 params=keep.params)
             stack.enter_context(ended_on_error(run))
             runs.append((run, name, *checkpointer(cfg, run.run_id, data.fingerprint)))
         results = train_runs(models, splits.train, splits.val, [c.train for c in cfgs], [c.clip for c in cfgs],
@@ -253,7 +258,7 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
 
     def close(run, name, cfg, model, result, path):
         return close_one(run, name, cfg, data, splits, model, device, precision, result, path,
-                         log_model=model_export == "log")
+                         log_model=keep.models == "log")
 
     outcomes: list = []
     try:
@@ -262,13 +267,13 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
         outcomes = exc.outcomes
         raise
     finally:
-        _save_weights(cfg0, parent_run_id, model_export, list(zip(outcomes, models)))
+        _save_weights(cfg0, parent_run_id, keep, list(zip(outcomes, models)))
     return outcomes
 
 
-def _save_weights(cfg: PipelineConfig, parent_run_id: str | None, model_export: str, trained: list) -> None:
-    """With model_export "weights" and a parent run: the usable runs' weights in one file on the parent."""
-    if model_export != "weights" or parent_run_id is None or not cfg.tracking.log_model:
+def _save_weights(cfg: PipelineConfig, parent_run_id: str | None, keep: Keeping, trained: list) -> None:
+    """With models="weights" and a parent run: the usable runs' weights in one file on the parent."""
+    if keep.models != "weights" or parent_run_id is None or not cfg.tracking.log_model:
         return
     usable = [(o.run_id, m) for o, m in trained if isinstance(o, TrainOutcome) and o.fit.best_epoch > 0]
     weights.save_batch(tracking.resolve_uri(cfg.tracking), parent_run_id, usable)

@@ -22,6 +22,16 @@ from fincast.training import FitResult, dist_info
 BATCH_TAG = "fincast.batch_runs"
 
 
+@dataclass(frozen=True)
+class Keeping:
+    """What a run keeps in MLflow besides its metrics, tags and artifacts. ``models``: "log" (an MLflow model per
+    run, when tracking.log_model) or "weights" (a study's runs: one weights file per batch on the parent run,
+    ``runs.weights``). ``params``: the config keys logged as params (None: every key; the resolved config is
+    always an artifact, config.yaml)."""
+    models: str = "log"
+    params: frozenset[str] | None = None
+
+
 @dataclass
 class TrainOutcome:
     run_id: str

@@ -382,3 +382,13 @@ def test_the_bar_shows_at_start_and_moves_once_per_run_as_each_closes(tmp_path, 
     assert runs == [ev for name in [e[1] for e in events if e[0] == "closed"] for ev in (("closed", name),
                                                                                       ("update", 1))]
     assert len(runs) == 12  # each of the 6 runs: closed, then the bar moves
+
+
+def test_a_study_run_keeps_what_varies_and_the_key_settings_as_params(tmp_path):
+    s = study_mod.load(_spec(tmp_path), [*TINY, *_store(tmp_path)])
+    keep = study_mod.keeping(s)
+    assert keep.models == "weights"
+    # the spec varies the clip config (none vs norm 0.5), the learning rate and the seed
+    assert {"clip.method", "clip.norm.max_norm", "train.lr", "train.seed"} <= keep.params
+    assert {"data.tickers", "model.hidden_size", "train.optimizer"} <= keep.params  # key settings
+    assert not {"tracking.log_every", "tracking.run_name", "monitor.spike_window", "data.cache_dir"} & keep.params

@@ -35,6 +35,10 @@ def test_study_runs_keep_weights_on_the_parent_and_export_makes_the_model(tmp_pa
     children = client.search_runs([exp_id], "tags.`fincast.study_role` = 'child'")
     assert len(children) == 6
     assert all(not _models_of(client, exp_id, r.info.run_id) for r in children)  # no MLflow model per run
+    params = children[0].data.params  # what varies, the key settings, the run's data; config.yaml has the rest
+    assert {"clip.method", "train.seed", "samples.train", "model.parameters"} <= set(params)
+    assert "tracking.log_every" not in params and len(params) < 40
+    assert "config.yaml" in [a.path for a in client.list_artifacts(children[0].info.run_id)]
     files = {r.data.tags[weights.WEIGHTS_TAG] for r in children}
     assert len(files) == 2 and all(f.startswith("weights/") for f in files)  # one file per stacked batch
     assert sorted(a.path for a in client.list_artifacts(out.parent_run_id, "weights")) == sorted(files)
