@@ -192,7 +192,7 @@ def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, spl
     artifacts, the model."""
     with tempfile.TemporaryDirectory() as tmp:
         done = task_named(cfg.task).finish(cfg, data, splits, model, device, result, name, Path(tmp))
-        zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics)
+        zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics, name)
         for f in done.files:
             run.log_artifact(f)
     if log_model and cfg.tracking.log_model and result.best_epoch > 0:  # weights of an epoch that validated finitely

@@ -20,6 +20,7 @@ from fincast.config import PipelineConfig
 from fincast.training import FitResult, dist_info
 
 BATCH_TAG = "fincast.batch_runs"
+DIVERGED_SUFFIX = "[diverged]"  # appended to a diverged run's MLflow name
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,11 @@ def ended(run: tracking.Run, status: Callable[[], str] = lambda: "FINISHED") -> 
 
 
 def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,
-                    test_metrics: list[tuple[str, float]]) -> float:
+                    test_metrics: list[tuple[str, float]], name: str | None = None) -> float:
     """Log what every training run ends with (every task): its test metrics, step time, best validation loss,
     the zero forecast's validation loss (same units as val/loss), the share of steps clipped, and the
-    divergence tags. Returns the zero forecast's validation loss."""
+    divergence tags; a diverged run's name gets the suffix " [diverged]" (visible at a glance in the UI's run
+    lists). Returns the zero forecast's validation loss."""
     zero_val = float(np.mean(np.square(val_y, dtype=np.float64)))
     final = [(k, float(v), result.steps) for k, v in test_metrics]
     final += [("time/step_ms", result.step_ms, result.steps), ("best_val_loss", result.best_val_loss, result.steps),
@@ -138,6 +140,7 @@ def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,
         "fincast.stop_reason": result.stop_reason,
         **({"fincast.diverged_step": result.diverged_step, "fincast.diverged_reason": result.diverged_reason}
            if result.diverged else {}),
+        **({"mlflow.runName": f"{name} {DIVERGED_SUFFIX}"} if result.diverged and name else {}),
     })
     return zero_val
 

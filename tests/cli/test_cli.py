@@ -170,6 +170,7 @@ def test_diverged_run_is_recorded_not_a_traceback(tmp_path, capsys):
     run = tracking.get_run(_run_id(out), _tracking(tmp_path))
     assert run.info.status == "FINISHED"
     assert run.data.tags["fincast.diverged"] == "true"
+    assert run.info.run_name.endswith(" [diverged]")  # visible in the UI's run list at a glance
     step = int(run.data.tags["fincast.diverged_step"])
     reason = run.data.tags["fincast.diverged_reason"]
     assert reason.startswith(("non-finite training loss", "non-finite gradient norm"))
