@@ -3,6 +3,7 @@ process's storing loop, and a study's runs found by tags."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -10,7 +11,7 @@ import signal
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,8 @@ class Run:
 
         signature = infer_signature(example, prediction)
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False), warnings.catch_warnings():
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False), warnings.catch_warnings(), \
+                _cpu_prediction():
             # torch.export (MLflow's default pt2 format) warns about nn.LSTM's flat weights; harmless
             warnings.filterwarnings("ignore", message=".*were assigned during export.*")
             info = mlflow_pytorch.log_model(
@@ -135,6 +137,22 @@ class Run:
     @property
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
+
+
+@contextlib.contextmanager
+def _cpu_prediction() -> Iterator[None]:
+    """MLflow checks a logged model by loading it and predicting its input example, on the GPU when one is
+    visible; a model exported (torch.export) from the CPU cannot load there, and MLflow prints "Got error: ...
+    can't be loaded on 'cuda' device". The model is always logged from the CPU (portable), so its check runs
+    there too (MLFLOW_DEFAULT_PREDICTION_DEVICE, unless the user set it)."""
+    if os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE"):
+        yield
+        return
+    os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "cpu"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
 
 
 def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[str, Any] | None = None,

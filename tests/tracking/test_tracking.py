@@ -188,3 +188,29 @@ def test_sqlite_fast_path_refuses_what_log_batch_refuses(tmp_path):
     client.delete_run(run)
     with pytest.raises(MlflowException, match="must be in the 'active' state"):
         tracking._log_rows(client, run, [("loss", 1.0, 1)], 1000)
+
+
+def test_a_model_logged_on_a_gpu_machine_is_checked_on_the_cpu_quietly(tmp_path, monkeypatch, capfd):
+    """MLflow checks a logged model by predicting its input example, on the GPU when one is visible; a model
+    exported from the CPU cannot load there ("Got error: ... can't be loaded on 'cuda' device"). With a GPU
+    pretended, nothing is printed, the environment is left as it was, and the model predicts what it did."""
+    import mlflow.pyfunc
+    import numpy as np
+    import torch
+
+    cfg = _cfg(tmp_path, "inline")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 1)).eval()
+    example = np.arange(12, dtype=np.float32).reshape(2, 3, 2) / 10
+    with torch.no_grad():
+        prediction = model(torch.as_tensor(example)).numpy()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
+    run = tracking.start_run(cfg, "exp", "r")
+    uri = run.log_model(model, example, prediction)
+    run.end()
+    out, err = capfd.readouterr()
+    assert "Got error" not in out + err and "can't be loaded" not in out + err
+    assert "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded = mlflow.pyfunc.load_model(uri)
+    np.testing.assert_allclose(np.asarray(loaded.predict(example)).reshape(-1), prediction.reshape(-1), rtol=1e-6)
