@@ -1,6 +1,7 @@
 """Benchmark: time to build the stability report of a large study (fincast.reports.stability.build).
 
-Target (issue): the report for 100 runs x 2000 steps takes < 10 s.
+Targets (issues): the report for 100 runs x 2000 steps takes < 10 s; for a 1,000-run study (--runs 1000 --steps 700)
+< 10 s.
 
 The study is fabricated, not trained, in a temporary MLflow store (sqlite:///<tmp>/mlflow.db, deleted at the
 end unless --keep): pipelines/stability_crypto.yaml's grid sized by --runs (default 100 = its 5 clip configs x
@@ -15,15 +16,16 @@ baseline_ridge/*, best_val_loss, time/step_ms, grad/clip_rate. At the highest le
 diverge: non-finite (tag fincast.diverged=true, losses blowing up to nan, the run stops there) or finite
 but with a final validation loss far above the zero forecast's.
 
-Runs, params and tags are created through MlflowClient; the ~1.3M metric values are inserted straight into
-the store's `metrics` and `latest_metrics` tables with sqlite3 (log_batch costs ~100 us per value), in a
-child process, so the timed process opens the store for the first time when the report does, as a user's
-`fincast report` would. After the timing the script checks that MlflowClient.get_metric_history,
-get_run().data.metrics and tracking.metric_histories return exactly the values inserted.
+Runs, params, tags, the validation and final metrics are created through MlflowClient (its public API); the
+per-step series go into one series file per stack of STACK runs on the parent run (``series/<first run
+id>.parquet``, ``fincast.tracking.series``), as a study stores them, all in a child process, so the timed
+process opens the store for the first time when the report does, as a user's `fincast report` would. After
+the timing the script checks that the report's histories (``StudyStore.histories``) and
+``get_run().data.metrics`` return exactly the values fabricated.
 
 Timed: the first stability.build(study, tracking_uri=..., out_dir=<tmp>, log_to_mlflow=True) in this process
 (after imports), with a breakdown by phase (the phases' functions wrapped with timers during that call),
-then tracking.metric_histories alone once more.
+then StudyStore.histories alone once more.
 Run: .venv/bin/python bench/report_speed.py   (fabricating 100 x 2000 takes well under a minute; --quick: 20
 runs x 300 steps)
 """
@@ -39,7 +41,6 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -60,13 +61,16 @@ from fincast import tracking  # noqa: E402
 from fincast.clipping import label as clip_label  # noqa: E402
 from fincast.experiments import study as study_mod  # noqa: E402
 from fincast.reports import stability  # noqa: E402
+from fincast.tracking import series as series_mod  # noqa: E402
 
 SPEC = ROOT / "pipelines" / "stability_crypto.yaml"
 LRS = [0.1, 0.3, 1.0, 3.0]
 TARGET_S = 10.0
 EPOCH_STEPS, MONITOR_EVERY, LOG_EVERY, STEP_MS = 100, 50, 50, 3
+STACK = 8  # runs per stack (one series file each)
+PER_STEP = {"train/loss": "loss", "grad/norm_pre": "norm_pre", "grad/norm_post": "norm_post",
+            "grad/clipped": "clipped", "grad/clip_fraction": "clip_fraction", "lr": "lr"}
 LAYERS = ("lstm.l0", "head")  # the default LSTM's layers, as the monitor names them
-SQL_MAX = 1.7976931348623157e308  # MLflow stores +-inf as +-max float (and nan as 0 with is_nan)
 NAIVE_VAL = 0.9731  # the zero forecast's validation loss (training units): a property of the data, one value
 NAIVE = {"rmse": 0.0352, "mae": 0.0241, "directional_accuracy": 0.5}
 RIDGE = {"rmse": 0.0354, "mae": 0.0243, "directional_accuracy": 0.51}
@@ -144,7 +148,8 @@ def fake_run(index: int, job: study_mod.Job, steps: int, lrs: list[float], start
     lr = job.lr * np.minimum(1.0, t / 100) * 0.5 * (1 + np.cos(np.pi * t / steps))
 
     series = {"train/loss": (t, loss), "grad/norm_pre": (t, pre), "grad/norm_post": (t, post),
-              "grad/clipped": (t, clipped), "grad/clip_fraction": (t, frac), "lr": (t, lr)}
+              "grad/clipped": (t, clipped), "grad/clip_fraction": (t, frac), "lr": (t, lr),
+              "threshold (every step)": (t, np.full(n, np.nan) if thr is None else thr)}
     if method == "norm":
         series["grad/threshold"] = (t[:1], thr[:1])  # constant: one point
     elif thr is not None:
@@ -194,12 +199,6 @@ def fake_run(index: int, job: study_mod.Job, steps: int, lrs: list[float], start
     return series, tags, end_ms, stamp
 
 
-def stored(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(value, is_nan) as MLflow stores them."""
-    is_nan = np.isnan(values)
-    return np.where(is_nan, 0.0, np.clip(values, -SQL_MAX, SQL_MAX)), is_nan
-
-
 # ---------------------------------------------------------------------------------------------
 # Fabricating the store (in a child process)
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +220,11 @@ def fabricate(runs: int, steps: int, tmp: str) -> None:
         parent.log_artifact(plan)
     lrs = sorted({j.lr for j in study.jobs})
     start0 = int(time.time() * 1000) - 3_600_000
-    db = sqlite3.connect(tmp_path / "mlflow.db")
-    db.execute("PRAGMA synchronous=OFF")  # a throwaway store
-    manifest, values, nonfinite = {}, 0, 0
+    manifest, values, nonfinite, stack = {}, 0, 0, []
+    kept = study_mod.keeping(study).params
     for i, job in enumerate(study.jobs):
         start_ms = start0 + i * 10_000
-        series, end_tags, end_ms, stamp = fake_run(i, job, steps, lrs, start_ms)
+        fake, end_tags, end_ms, _ = fake_run(i, job, steps, lrs, start_ms)
         tags = {"fincast.version": fincast.__version__, "fincast.git_commit": "bench", "fincast.data_source":
                 "synthetic", "fincast.data_fingerprint": "bench", "fincast.tickers": ",".join(job.cfg.data.tickers),
                 "fincast.device": "cpu", "fincast.precision": "fp32", "fincast.threads": "1",
@@ -236,27 +234,28 @@ def fabricate(runs: int, steps: int, tmp: str) -> None:
                                 run_name=job.cfg.tracking.run_name)
         rid = run.info.run_id
         r = tracking.Run(client, rid, store.uri)
-        r.log_params(config_mod.flatten(config_mod.to_dict(job.cfg)))
+        flat = config_mod.flatten(config_mod.to_dict(job.cfg))
+        r.log_params({k: v for k, v in flat.items() if k in kept})  # as a study logs them (study.keeping)
         r.log_params({"data.rows": 3900, "samples.train": 2700, "samples.val": 580, "samples.test": 580,
                       "model.parameters": 5409})
-        rows, latest = [], []
-        for key, (s, v) in series.items():
-            val, is_nan = stored(v)
-            ts = stamp(key, s)
-            rows += zip(itertools.repeat(key), val.tolist(), ts.tolist(), itertools.repeat(rid), s.tolist(),
-                        is_nan.astype(int).tolist(), strict=False)
-            latest.append((key, float(val[-1]), int(ts[-1]), int(s[-1]), int(is_nan[-1]), rid))
-        with db:
-            db.executemany("INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
-            db.executemany("INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", latest)
+        # MLflow: what is not per step (validations, the final metrics); the series file: every step
+        r.log_metrics([(k, float(v), int(st)) for k, (ss, vv) in fake.items()
+                       if in_mlflow(k)
+                       for st, v in zip(ss, vv)])
+        t_steps, _ = fake["train/loss"]
+        history = {col: fake[key][1] for key, col in PER_STEP.items()} | {"threshold": fake["threshold (every step)"][1]}
+        stack.append(series_mod.frame(rid, history, list(fake["val/loss"][0]) if "val/loss" in fake else [],
+                                      list(fake["val/loss"][1]) if "val/loss" in fake else []))
+        values += len(t_steps) * len(series_mod.HISTORY)
+        if len(stack) == STACK or i == len(study.jobs) - 1:
+            with tempfile.TemporaryDirectory() as d:
+                path = series_mod.write(stack, Path(d) / f"{stack[0]['run_id'].iloc[0]}.parquet")
+                parent.log_artifact(path, series_mod.FOLDER)
+            stack = []
         r.set_tags(end_tags)
         client.set_terminated(rid, "FINISHED", end_time=end_ms)
         manifest[rid] = i
-        values += len(rows)
         nonfinite += end_tags["fincast.diverged"] == "true"
-    db.close()
     parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": 0})
     parent.end("FINISHED")
     (tmp_path / "manifest.json").write_text(json.dumps({
@@ -301,6 +300,17 @@ class Phases:
                 setattr(obj, attr, fn)
 
 
+def in_mlflow(key: str) -> bool:
+    """Whether the fabricated store has this series in MLflow (validations, final metrics, spike counts) rather
+    than only in the series files (per-step series)."""
+    return key not in PER_STEP and key not in ("grad/threshold", "threshold (every step)") \
+        and not key.startswith(("grad/layer/", "update/ratio/"))
+
+
+def summary_parent(store: tracking.StudyStore) -> str:
+    return store.runs("parent")[-1].info.run_id
+
+
 def check(uri: str, study: study_mod.Study, manifest: dict, steps: int) -> tuple[list[str], int]:
     """Compare what MLflow returns with what was inserted, for a few runs (first, last, a non-finite one, one
     with a per-step threshold). Returns the problems found and how many runs were checked."""
@@ -319,23 +329,21 @@ def check(uri: str, study: study_mod.Study, manifest: dict, steps: int) -> tuple
         rid, job = by_index[i], study.jobs[i]
         series, *_ = fake_run(i, job, steps, lrs, 0)
         got_latest = client.get_run(rid).data.metrics
-        if set(got_latest) != set(series):
-            problems.append(f"run {i}: get_run metrics keys differ: {sorted(set(got_latest) ^ set(series))}")
-        hists = tracking.metric_histories(uri, [rid], list(series))
-        for key, (s, v) in series.items():
-            val, is_nan = stored(v)
-            want = np.where(is_nan, np.nan, val)
-            hist = sorted((m.step, m.value) for m in client.get_metric_history(rid, key))
-            got_s = np.array([h[0] for h in hist])
-            got_v = np.array([h[1] for h in hist])
-            if not (np.array_equal(got_s, s) and np.array_equal(got_v, want, equal_nan=True)):
-                problems.append(f"run {i} {key}: get_metric_history differs ({len(hist)} points, {len(s)} inserted)")
+        logged = {k for k in series if in_mlflow(k)}
+        if set(got_latest) != logged:
+            problems.append(f"run {i}: get_run metrics keys differ: {sorted(set(got_latest) ^ logged)}")
+        store = tracking.StudyStore(study.tracking, study.name, create=False)
+        parent = store.runs("parent")[-1].info.run_id
+        hists = store.histories(parent, [rid], [*PER_STEP, "val/loss"])
+        for key in [*PER_STEP, "val/loss"]:
+            s, want = series.get(key, (np.array([], dtype=np.int64), np.array([])))
             bs, bv = hists[key].get(rid, (np.array([]), np.array([])))
             if not (np.array_equal(bs, s) and np.array_equal(bv, want, equal_nan=True)):
-                problems.append(f"run {i} {key}: tracking.metric_histories differs")
-            last = got_latest.get(key)
-            if last is None or not (last == want[-1] or (math.isnan(last) and math.isnan(want[-1]))):
-                problems.append(f"run {i} {key}: get_run().data.metrics = {last}, inserted latest {want[-1]}")
+                problems.append(f"run {i} {key}: StudyStore.histories differs ({len(bs)} points, {len(s)} made)")
+        for key in logged:
+            last, want = got_latest.get(key), series[key][1][-1]
+            if last is None or not (last == want or (math.isnan(last) and math.isnan(want))):
+                problems.append(f"run {i} {key}: get_run().data.metrics = {last}, logged latest {want}")
     return problems, len(picks)
 
 
@@ -375,7 +383,7 @@ def main() -> None:
             (tracking.StudyStore, "__init__", "open store"),
             (tracking.StudyStore, "runs", "find runs (search_runs)"),
             (tracking.StudyStore, "download", "plan.json"),
-            (tracking, "metric_histories", "metric histories"),
+            (tracking.StudyStore, "histories", "series files (histories)"),
             (stability, "comparisons", "statistics"),
             (stability, "_figures", "figures"),
             (stability, "_html", "html"),
@@ -385,10 +393,11 @@ def main() -> None:
             t0 = time.perf_counter()
             report = stability.build(manifest["name"], tracking_uri=uri, out_dir=tmp / "reports", log_to_mlflow=True)
             build_s = time.perf_counter() - t0
-        hist = phases.results["metric histories"]
+        hist = phases.results["series files (histories)"]
         hist_values = sum(len(v) for per_run in hist.values() for _, v in per_run.values())
         t0 = time.perf_counter()
-        tracking.metric_histories(uri, list(manifest["runs"]), stability.STEP_KEYS)
+        again = tracking.StudyStore(study.tracking, manifest["name"], create=False)
+        again.histories(summary_parent(again), list(manifest["runs"]), stability.STEP_KEYS)
         hist_again = time.perf_counter() - t0
         summary = json.loads((tmp / "reports" / manifest["name"] / "summary.json").read_text())
         problems, checked = check(uri, study, manifest, args.steps)
@@ -407,18 +416,18 @@ def main() -> None:
           f"{'yes' if build_s < TARGET_S else 'NO'}; first call in this process, the store not opened here before)")
     other = build_s - sum(phases.seconds.values())
     for _, _, label in phases.targets:
-        extra = f"  ({hist_values:,} values of {', '.join(stability.STEP_KEYS)})" if label == "metric histories" \
+        extra = f"  ({hist_values:,} values of {', '.join(stability.STEP_KEYS)})" if label.startswith("series") \
             else ""
         print(f"  {label:<25}{phases.seconds.get(label, 0.0):7.2f} s{extra}")
     print(f"  {'other (tables, json)':<25}{other:7.2f} s")
-    print(f"tracking.metric_histories alone, again: {hist_again:.2f} s")
+    print(f"StudyStore.histories alone, again: {hist_again:.2f} s")
     if problems:
-        print(f"CHECK FAILED: MLflow does not return what was inserted ({len(problems)} problems):")
+        print(f"CHECK FAILED: the store does not return what was fabricated ({len(problems)} problems):")
         for p in problems[:20]:
             print(f"  {p}")
     else:
-        print("check: get_metric_history, get_run().data.metrics and tracking.metric_histories return exactly the "
-              f"inserted values ({checked} runs, every key)")
+        print("check: StudyStore.histories (the series files) and get_run().data.metrics return exactly the "
+              f"fabricated values ({checked} runs, every key)")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def _add_train(sub) -> None:
     t.add_argument("--resume", metavar="RUN_ID", default=None,
                    help="continue this run from its last checkpoint instead of starting a new one; the spec with "
                         "its --set overrides must resolve to the run's config (only train.epochs, max_steps, "
-                        "patience, threads, checkpoint_every and tracking.log_every may differ)")
+                        "patience, threads, checkpoint_every, tracking.log_every and tracking.metric_every may differ)")
     t.add_argument("--checkpoint-dir", default=None,
                    help="with --resume: where the checkpoint is (default: the spec's train.checkpoint_dir)")
     t.add_argument("--skip-missing-data", action="store_true",
@@ -114,8 +114,8 @@ def _add_resume(sub) -> None:
                     "train.checkpoint_every steps, in train.checkpoint_dir/<run id>.pt): same data (checked), "
                     "weights, optimizer, learning-rate schedule, GradScaler, clipper state (AutoClip history, "
                     "ZClip EMAs), data order and RNG. Metrics continue in the same MLflow run. Only "
-                    "train.epochs, train.max_steps, train.patience, train.threads, train.checkpoint_every and "
-                    "tracking.log_every may be changed with --set.",
+                    "train.epochs, train.max_steps, train.patience, train.threads, train.checkpoint_every, "
+                    "tracking.log_every and tracking.metric_every may be changed with --set.",
         epilog=EXAMPLES)
     r.add_argument("run_id", help="the MLflow run id printed by `fincast train`")
     _add_set(r, "e.g. --set train.epochs=60 to train longer")

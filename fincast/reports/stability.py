@@ -1,7 +1,7 @@
 """The stability report (layer L3): did clipping make training more stable here, and at what cost?
 
-Reads MLflow only: the study's parent run (its plan and settings) and its finished child runs (tags, final
-metrics, and per-step histories fetched in bulk), so it works for studies run against a remote server.
+Reads MLflow only: the study's parent run (its plan, settings and the stacks' per-step series files) and its
+finished child runs (tags, final metrics), so it works for studies run against a remote server.
 Writes ``<out>/<study>/index.html`` (self-contained, images inlined), the PNGs, ``summary.csv`` (one row per
 cell) and ``summary.json`` (verdicts, statistics, cells, runs), and logs them to the parent run.
 """
@@ -261,7 +261,7 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
         clips.remove(CONTROL)
         clips.insert(0, CONTROL)
 
-    hist = tracking.metric_histories(store.uri, list(runs["run_id"]), STEP_KEYS)
+    hist = store.histories(parent.info.run_id, list(runs["run_id"]), STEP_KEYS)
     runs["steps"] = [len(hist["train/loss"].get(r, ((), ()))[0]) for r in runs["run_id"]]
     targets = runs["naive_val_loss"] if settings.loss_target is None else pd.Series(settings.loss_target, runs.index)
     runs["steps_to_target"] = [steps_to_target(*hist["val/loss"].get(r, (np.array([]), np.array([]))), t)

@@ -59,8 +59,8 @@ def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp3
         train_cfg = dataclasses.replace(cfg.train, epochs=epochs,
                                         **({"patience": None, "max_steps": None} if refit else {}))
         res = fit(model, train, val, train_cfg, clip, device=device, precision=precision,
-                  log_every=cfg.tracking.log_every, monitor=monitor, restore_best=not refit,
-                  cuda_graphs=cfg.train.cuda_graphs)
+                  log_every=cfg.tracking.log_every, metric_every=cfg.tracking.metric_every, monitor=monitor,
+                  restore_best=not refit, cuda_graphs=cfg.train.cuda_graphs)
         return model, res
 
     def fit_fold(clip, train: features.Split, val: features.Split, warm: dict | None, epochs: int) -> FoldFit:

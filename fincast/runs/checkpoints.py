@@ -13,7 +13,7 @@ from fincast.config import FincastError, PipelineConfig
 
 # the keys a resumed run may change (``fincast resume RUN --set ...``); every other key is the run's own
 RESUME_KEYS = {"train.epochs", "train.max_steps", "train.patience", "train.threads", "train.checkpoint_every",
-               "tracking.log_every"}
+               "tracking.log_every", "tracking.metric_every"}
 CHECKPOINT_FORMAT = 1
 
 

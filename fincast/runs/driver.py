@@ -41,6 +41,7 @@ from fincast.runs.record import (
 )
 from fincast.runs.registry import task as task_named
 from fincast.runs.task import Data, Splits
+from fincast.tracking import series
 from fincast.training import FitResult, dist_info, fit, seed_everything, train_runs
 
 OnEpoch = Callable[[int, float], bool]
@@ -152,6 +153,7 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
     seed_everything(cfg.train.seed)
     model = task.build_model(cfg, splits).to(device)
     fit_args = dict(device=device, precision=precision, log_every=cfg.tracking.log_every, monitor=cfg.monitor,
+                    metric_every=cfg.tracking.metric_every,
                     resume=resume, on_epoch=on_epoch, cuda_graphs=cfg.train.cuda_graphs)
     if rank != 0:  # the other ranks train their shards; rank 0 tracks, checkpoints and evaluates
         fit(model, splits.train, splits.val, cfg.train, cfg.clip, **fit_args)
@@ -162,9 +164,10 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         checkpoint, path = checkpointer(cfg, run.run_id, data.fingerprint)
         result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics, progress=progress,
                      checkpoint=checkpoint, **fit_args)
-        out = close_one(run, name, cfg, data, splits, model, device, precision, result, path,
-                        log_model=keep.models == "log")
-    _save_weights(cfg, extra_tags.get("mlflow.parentRunId"), keep, [(out, model)])
+        out = close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep)
+    parent = extra_tags.get("mlflow.parentRunId")
+    _save_weights(cfg, parent, keep, [(out, model)])
+    _save_series(cfg, parent, keep, [(run.run_id, result)])
     return out
 
 
@@ -187,15 +190,18 @@ def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Mo
 
 def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, splits: Splits,
               model: torch.nn.Module, device: torch.device, precision: str, result: FitResult,
-              path: Path | None, *, log_model: bool = True) -> TrainOutcome:
+              path: Path | None, *, keep: Keeping = KEEP_ALL) -> TrainOutcome:
     """After training: the task's test evaluation beside its baselines, the closing metrics and tags, the
-    artifacts, the model."""
+    artifacts (the run's series file among them unless it goes to the parent), the model."""
     with tempfile.TemporaryDirectory() as tmp:
         done = task_named(cfg.task).finish(cfg, data, splits, model, device, result, name, Path(tmp))
         zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics, name)
-        for f in done.files:
+        files = list(done.files)
+        if keep.series == "run":
+            files.append(series.write([_series(run.run_id, result)], Path(tmp) / series.FILE))
+        for f in files:
             run.log_artifact(f)
-    if log_model and cfg.tracking.log_model and result.best_epoch > 0:  # weights of an epoch that validated finitely
+    if keep.models == "log" and cfg.tracking.log_model and result.best_epoch > 0:  # weights that validated finitely
         log_run_model(run, model, splits.test.x[:2], device)
     return TrainOutcome(run.run_id, name, cfg.tracking.experiment or cfg.name, run.uri, str(device), precision, result,
                         done.metrics, {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
@@ -252,13 +258,13 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
             runs.append((run, name, *checkpointer(cfg, run.run_id, data.fingerprint)))
         results = train_runs(models, splits.train, splits.val, [c.train for c in cfgs], [c.clip for c in cfgs],
                              device=device, precision=precision, log_every=cfg0.tracking.log_every,
+                             metric_every=cfg0.tracking.metric_every,
                              sinks=[r.log_metrics for r, *_ in runs], monitor=cfg0.monitor, progress=progress,
                              checkpoints=[save for _, _, save, _ in runs], cuda_graphs=cfg0.train.cuda_graphs)
         stack.pop_all()  # trained: from here each run ends on its own
 
     def close(run, name, cfg, model, result, path):
-        return close_one(run, name, cfg, data, splits, model, device, precision, result, path,
-                         log_model=keep.models == "log")
+        return close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep)
 
     outcomes: list = []
     try:
@@ -268,6 +274,7 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
         raise
     finally:
         _save_weights(cfg0, parent_run_id, keep, list(zip(outcomes, models)))
+        _save_series(cfg0, parent_run_id, keep, [(r.run_id, res) for (r, *_), res in zip(runs, results)])
     return outcomes
 
 
@@ -277,6 +284,21 @@ def _save_weights(cfg: PipelineConfig, parent_run_id: str | None, keep: Keeping,
         return
     usable = [(o.run_id, m) for o, m in trained if isinstance(o, TrainOutcome) and o.fit.best_epoch > 0]
     weights.save_batch(tracking.resolve_uri(cfg.tracking), parent_run_id, usable)
+
+
+def _series(run_id: str, result: FitResult) -> Any:
+    return series.frame(run_id, result.history, result.val_steps, result.val_history)
+
+
+def _save_series(cfg: PipelineConfig, parent_run_id: str | None, keep: Keeping, trained: list) -> None:
+    """With series="parent" and a parent run: the stack's per-step series (every run trained) in one file on the
+    parent, ``series/<first run id>.parquet``."""
+    if keep.series != "parent" or parent_run_id is None or not trained:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = series.write([_series(run_id, result) for run_id, result in trained],
+                            Path(tmp) / f"{trained[0][0]}.parquet")
+        tracking.attach(tracking.resolve_uri(cfg.tracking), parent_run_id).log_artifact(path, series.FOLDER)
 
 
 def _close_stack(runs: list, cfgs: list[PipelineConfig], models: list, results: list, close: Callable[..., Any],

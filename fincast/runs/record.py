@@ -28,9 +28,11 @@ class Keeping:
     """What a run keeps in MLflow besides its metrics, tags and artifacts. ``models``: "log" (an MLflow model per
     run, when tracking.log_model) or "weights" (a study's runs: one weights file per batch on the parent run,
     ``runs.weights``). ``params``: the config keys logged as params (None: every key; the resolved config is
-    always an artifact, config.yaml)."""
+    always an artifact, config.yaml). ``series``: where the per-step series file goes (``tracking.series``):
+    "run" (series.parquet in each run's artifacts) or "parent" (one file per stack on the parent run)."""
     models: str = "log"
     params: frozenset[str] | None = None
+    series: str = "run"
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import tempfile
@@ -24,6 +23,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from fincast.config import TrackingConfig  # noqa: E402
+from fincast.tracking import series  # noqa: E402
 from fincast.tracking.common import (  # noqa: E402
     _MAX_METRICS,
     _MAX_PARAMS,
@@ -183,60 +183,10 @@ def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[st
 
 
 def _log_rows(client: MlflowClient, run_id: str, rows: list[tuple[str, float, int]], now: int) -> None:
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    if type(store).__name__ == "SqlAlchemyStore" and getattr(store, "db_type", None) == "sqlite":
-        _insert_rows(store, run_id, rows, now)
-        return
+    """Metric rows through MLflow's public ``log_batch``, in as few calls as it allows."""
     items = [Metric(k, v, now, s) for k, v, s in rows]
     for i in range(0, len(items), _MAX_METRICS):
         client.log_batch(run_id, metrics=items[i:i + _MAX_METRICS])
-
-
-def _insert_rows(store: Any, run_id: str, rows: list[tuple[str, float, int]], now: int) -> None:
-    """Metric rows into a SQLite store as ``log_batch`` would store them (the ``metrics`` rows, exact duplicates
-    skipped; ``latest_metrics`` kept at the row with the greatest (step, timestamp, value); NaN stored as 0 with
-    is_nan, infinities as the largest finite doubles), in one transaction: one bulk insert of the rows, then the
-    latest value of each key (one query, a few inserts or updates).
-
-    Why not ``log_batch``: MLflow's ORM builds, flushes and compares one object per value, which for a run of
-    the default study takes about as long as its training on a stacked CPU model; this writes the same rows
-    many times faster (docs/performance.md, metric logging). The schema is that of the pinned MLflow (tests compare
-    the two paths row for row); a server store (``MLFLOW_TRACKING_URI=http...``) still gets ``log_batch``."""
-    import sqlalchemy as sa
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
-    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
-    from mlflow.utils.validation import _validate_metric
-
-    records, latest = [], {}
-    for key, value, step in rows:
-        if key not in latest:  # what log_batch checks of every row (names; values and steps are numbers here)
-            _validate_metric(key, value, now, step)
-        is_nan, stored = store.sanitize_metric_value(float(value))
-        rec = {"run_uuid": run_id, "key": key, "value": stored, "timestamp": now, "step": int(step),
-               "is_nan": is_nan}
-        records.append(rec)
-        best = latest.get(key)
-        if best is None or (rec["step"], now, stored) > (best["step"], best["timestamp"], best["value"]):
-            latest[key] = rec
-    if not records:
-        return
-    with store.ManagedSessionMaker(read_only=False) as session:
-        stage = session.execute(sa.select(SqlRun.lifecycle_stage).where(SqlRun.run_uuid == run_id)).scalar()
-        if stage is None:
-            raise MlflowException(f"Run with id={run_id} not found", RESOURCE_DOES_NOT_EXIST)
-        if stage != "active":
-            raise MlflowException(f"The run {run_id} must be in the 'active' state. Current state is {stage}.",
-                                  INVALID_PARAMETER_VALUE)
-        session.connection().execute(SqlMetric.__table__.insert().prefix_with("OR IGNORE"), records)
-        old = {m.key: m for m in session.query(SqlLatestMetric).filter(SqlLatestMetric.run_uuid == run_id,
-                                                                         SqlLatestMetric.key.in_(list(latest)))}
-        for key, rec in latest.items():
-            row = old.get(key)
-            if row is None:
-                session.add(SqlLatestMetric(**rec))
-            elif (rec["step"], rec["timestamp"], rec["value"]) > (row.step, row.timestamp, row.value):
-                row.value, row.step, row.timestamp, row.is_nan = rec["value"], rec["step"], rec["timestamp"], \
-                    rec["is_nan"]
 
 
 def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
@@ -382,6 +332,26 @@ class StudyStore:
                         "deleted and redone on the current data", self.study, len(stale), fingerprint)
         return set(latest)
 
+    def histories(self, parent_run_id: str, run_ids: list[str],
+                  keys: list[str]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """{key: {run_id: (steps, values)}} of the runs' per-step series: every step, from the stacks' series files
+        on the parent run (``tracking.series``); a run without one (a study of an earlier version) falls back
+        to its MLflow metric history."""
+        with tempfile.TemporaryDirectory() as tmp:
+            try:  # the folder in one call (one per file costs ~25 ms each)
+                folder = Path(self.client.download_artifacts(parent_run_id, series.FOLDER, tmp))
+                local = sorted(folder.glob("*.parquet"))
+            except (MlflowException, OSError):
+                local = []
+            table = series.read(local, run_ids)
+        out = series.histories(table, keys)
+        missing = [r for r in run_ids if r not in out[keys[0]]] if keys else []
+        if missing:
+            older = metric_histories(self.uri, missing, keys)
+            for key in keys:
+                out[key].update(older[key])
+        return out
+
     def download(self, run_id: str, path: str, dst: str | Path) -> Path | None:
         """An artifact of a run into ``dst``, or None when the run has none by that name."""
         try:
@@ -390,33 +360,19 @@ class StudyStore:
             return None
 
 
-def metric_histories(uri: str, run_ids: list[str], keys: list[str],
-                     bulk: bool = True) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """{key: {run_id: (steps, values)}} for many runs at once, steps ascending (a step logged twice, e.g. by a
-    resumed run, keeps its latest value). On a database store this is one query per 500 runs; on other stores
-    (an MLflow server) it falls back to one call per run and key, in parallel threads."""
-    out: dict[str, dict[str, list[tuple[int, int, float]]]] = {k: {} for k in keys}
+def metric_histories(uri: str, run_ids: list[str], keys: list[str]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """{key: {run_id: (steps, values)}} through MLflow's public API (one ``get_metric_history`` call per run and
+    key, in 16 threads), steps ascending (a step logged twice, e.g. by a resumed run, keeps its latest value).
+    For runs of a study prefer :meth:`StudyStore.histories`, which reads the stacks' series files."""
+    from concurrent.futures import ThreadPoolExecutor
+
     client = MlflowClient(tracking_uri=uri)
-    store = client._tracking_client.store
-    if bulk and hasattr(store, "engine"):  # SQLAlchemy store (SQLite, PostgreSQL, MySQL): bulk query, plain rows
-        import sqlalchemy as sa
-        from mlflow.store.tracking.dbmodels.models import SqlMetric
-
-        t = SqlMetric.__table__.c
-        with store.engine.connect() as conn:
-            for i in range(0, len(run_ids), 500):
-                q = (sa.select(t.run_uuid, t.key, t.step, t.timestamp, t.value, t.is_nan)
-                     .where(t.run_uuid.in_(run_ids[i:i + 500]), t.key.in_(keys)))
-                for run_id, key, step, ts, value, is_nan in conn.execute(q):
-                    out[key].setdefault(run_id, []).append((step, ts, math.nan if is_nan else value))
-    else:  # an MLflow server: one call per run and key, in parallel
-        from concurrent.futures import ThreadPoolExecutor
-
-        pairs = [(r, k) for r in run_ids for k in keys]
-        with ThreadPoolExecutor(16) as pool:
-            for (r, k), hist in zip(pairs, pool.map(lambda p: client.get_metric_history(*p), pairs)):
-                if hist:
-                    out[k][r] = [(m.step, m.timestamp, m.value) for m in hist]
+    out: dict[str, dict[str, list[tuple[int, int, float]]]] = {k: {} for k in keys}
+    pairs = [(r, k) for r in run_ids for k in keys]
+    with ThreadPoolExecutor(16) as pool:
+        for (r, k), hist in zip(pairs, pool.map(lambda p: client.get_metric_history(*p), pairs)):
+            if hist:
+                out[k][r] = [(m.step, m.timestamp, m.value) for m in hist]
     result: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for key, per_run in out.items():
         result[key] = {}

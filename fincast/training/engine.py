@@ -66,7 +66,8 @@ class Engine:
                  sinks: list[MetricSink | None] | None = None, monitor: MonitorConfig | None = None,
                  checkpoints: list[Callable[[dict], None] | None] | None = None,
                  on_epochs: list[Callable[[int, float], bool] | None] | None = None, progress: bool = False,
-                 loss_scale: float = 2.0 ** 16, cuda_graphs: bool = True, restore_best: bool = True):
+                 loss_scale: float = 2.0 ** 16, cuda_graphs: bool = True, restore_best: bool = True,
+                 metric_every: int = 1):
         k_runs = len(models)
         sinks = list(sinks) if sinks is not None else [None] * k_runs
         checkpoints = list(checkpoints) if checkpoints is not None else [None] * k_runs
@@ -95,7 +96,7 @@ class Engine:
             else None
         self.dev = _DeviceState(self.cfgs, device)
         self.recs = [Recorder(c.method, self.monitor, sinks[k], log_every, self.scaler is not None,
-                              self.layout.layers) for k, c in enumerate(self.clips)]
+                              self.layout.layers, metric_every) for k, c in enumerate(self.clips)]
         self.gens = [torch.Generator().manual_seed(c.seed) for c in self.cfgs]
         self.gen_states: list[torch.Tensor] = [g.get_state() for g in self.gens]  # at this epoch's start
         self.best = torch.empty_like(self.net.flat)  # best-validating weights of each run
@@ -445,14 +446,13 @@ class Engine:
             torch.distributed.broadcast(self.net.flat, 0)
 
 
-
 def train_runs(models: list[torch.nn.Module], train: Split, val: Split, cfgs: list[TrainConfig],
                clips: list[ClipConfig], *, device: torch.device, precision: str = "fp32", log_every: int = 50,
                sinks: list[MetricSink | None] | None = None, monitor: MonitorConfig | None = None,
                progress: bool = False, checkpoints: list[Callable[[dict], None] | None] | None = None,
                resumes: list[dict] | None = None, restore_best: bool = True,
                on_epochs: list[Callable[[int, float], bool] | None] | None = None, loss_scale: float = 2.0 ** 16,
-               cuda_graphs: bool = True) -> list[FitResult]:
+               cuda_graphs: bool = True, metric_every: int = 1) -> list[FitResult]:
     """Train K models of one architecture (``LSTMForecaster`` or ``OptionLSTM``) on the same data, each exactly as
     it would train alone: its own seed (initial weights are the models' own; data order from ``cfgs[k].seed``),
     learning rate, optimizer and schedule, clipping with its own state, early stopping, divergence, metric rows
@@ -460,10 +460,12 @@ def train_runs(models: list[torch.nn.Module], train: Split, val: Split, cfgs: li
     ``checkpoint_every`` steps; ``resumes`` continues from such states exactly) and pruning hook (``on_epochs[k]
     (epoch, val_loss) -> stop?``). Each model gets its best weights (``restore_best=False``: its last).
     ``precision``: fp32, or bf16/fp16 autocast on CUDA (fp16 with per-run loss scaling, initial scale
-    ``loss_scale``)."""
+    ``loss_scale``). Metric rows reach a sink every ``metric_every`` steps, at each validation and at a divergence
+    (the FitResult's history keeps every step)."""
     engine = Engine(models, train, val, cfgs, clips, device=device, precision=precision, log_every=log_every,
                     sinks=sinks, monitor=monitor, checkpoints=checkpoints, on_epochs=on_epochs, progress=progress,
-                    loss_scale=loss_scale, cuda_graphs=cuda_graphs, restore_best=restore_best)
+                    loss_scale=loss_scale, cuda_graphs=cuda_graphs, restore_best=restore_best,
+                    metric_every=metric_every)
     rank, world = engine.rank, engine.world
     if world > 1 and resumes is None:  # each rank its own dropout masks; the weights come from rank 0
         torch.manual_seed(cfgs[0].seed + 1_000_003 * rank)
@@ -478,12 +480,12 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, clip
         progress: bool = False, monitor: MonitorConfig | None = None,
         checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
         restore_best: bool = True, on_epoch: Callable[[int, float], bool] | None = None,
-        loss_scale: float = 2.0 ** 16, cuda_graphs: bool = True) -> FitResult:
+        loss_scale: float = 2.0 ** 16, cuda_graphs: bool = True, metric_every: int = 1) -> FitResult:
     """One run: :func:`train_runs` with K = 1 (see there)."""
     return train_runs([model], train, val, [cfg], [clip], device=device, precision=precision, log_every=log_every,
                       sinks=[sink], monitor=monitor, progress=progress, checkpoints=[checkpoint],
                       resumes=None if resume is None else [resume], restore_best=restore_best, on_epochs=[on_epoch],
-                      loss_scale=loss_scale, cuda_graphs=cuda_graphs)[0]
+                      loss_scale=loss_scale, cuda_graphs=cuda_graphs, metric_every=metric_every)[0]
 
 
 def fit_batched(models: list[torch.nn.Module], train: Split, val: Split, cfgs: list[TrainConfig],

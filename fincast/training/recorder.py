@@ -1,8 +1,9 @@
 """A run's bookkeeping on the host: its per-step statistics (read from the engine's device buffer in one
 transfer per drain), divergence, metric rows for its sink, early stopping, and the :class:`FitResult`.
 
-Rows reach the sink (MLflow) once ``log_every`` steps are pending, validation rows included: one database
-transaction per ``log_every`` steps. A run's divergence is the first step whose training loss (or, outside
+The history keeps every step (the run's series file is written from it); the sink (MLflow) gets a step's rows
+every ``metric_every`` steps, at each validation's step and at the diverged step, which keeps the UI's charts
+readable and a study's tracking cheap. Rows reach the sink once ``log_every`` steps are pending. A run's divergence is the first step whose training loss (or, outside
 fp16 loss scaling, gradient norm) is not finite: the rows stop at that step.
 """
 
@@ -24,6 +25,9 @@ MetricSink = Callable[[list[tuple[str, float, int]]], None]
 COLUMNS = ("loss", "norm_pre", "norm_post", "clipped", "clip_fraction", "threshold", "skipped", "stepped")
 LOSS, PRE, POST, CLIPPED, FRACTION, THRESHOLD, SKIPPED, STEPPED = range(len(COLUMNS))
 STEP_KEYS = ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/clip_fraction")
+# the history of every step: name -> column of the buffer (None: the step's learning rate)
+HISTORY = {"loss": LOSS, "norm_pre": PRE, "norm_post": POST, "threshold": THRESHOLD, "clipped": CLIPPED,
+           "clip_fraction": FRACTION, "lr": None}
 
 
 @dataclass
@@ -36,8 +40,9 @@ class FitResult:
     step_ms: float
     diverged_step: int | None = None
     diverged_reason: str | None = None
-    history: dict[str, list[float]] = field(default_factory=dict)  # per step: loss, norm_pre, norm_post, threshold, clipped
+    history: dict[str, list[float]] = field(default_factory=dict)  # per step: HISTORY's keys
     val_history: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)  # the step each validation followed
 
     @property
     def diverged(self) -> bool:
@@ -84,15 +89,17 @@ class Recorder:
     (numpy [n, len(COLUMNS)], only the steps it took) and returns False once it diverged."""
 
     def __init__(self, method: str, monitor: MonitorConfig, sink: MetricSink | None, log_every: int,
-                 scaled: bool, layers: tuple[str, ...]):
+                 scaled: bool, layers: tuple[str, ...], metric_every: int = 1):
         self.sink, self.log_every, self.scaled, self.layers = sink, log_every, scaled, layers
+        self.metric_every = max(1, int(metric_every))
+        self.last: tuple[int, list[float], float] | None = None  # the latest step's (step, row, lr), not yet sent
         self.log_threshold = method != "none"
         self.spikes = SpikeCounter(monitor.spike_factor, monitor.spike_window)
         self.counts = {"grad/spikes": 0, "grad/skipped_steps": 0}
         self.last_logged: dict[str, float] = {}  # step functions (threshold, counts): logged when they change
-        self.history: dict[str, list[float]] = {"loss": [], "norm_pre": [], "norm_post": [], "threshold": [],
-                                                "clipped": []}
+        self.history: dict[str, list[float]] = {k: [] for k in HISTORY}
         self.val_history: list[float] = []
+        self.val_steps: list[int] = []
         self.pending: list[tuple[str, float, int]] = []  # rows not yet sent
         self.pending_steps = 0
         self.diverged: tuple[int, str] | None = None
@@ -111,16 +118,13 @@ class Recorder:
         end = int(np.argmax(bad)) + 1 if bad.any() else len(rows)
         rows, lrs = rows[:end], lrs[:end]
         first = self.step + 1
-        h = self.history
-        h["loss"] += rows[:, LOSS].tolist()
-        h["norm_pre"] += rows[:, PRE].tolist()
-        h["norm_post"] += rows[:, POST].tolist()
-        h["threshold"] += rows[:, THRESHOLD].tolist()
-        h["clipped"] += rows[:, CLIPPED].tolist()
+        for key, column in HISTORY.items():
+            self.history[key] += (lrs if column is None else rows[:, column]).tolist()
         if self.sink is not None:
             self._rows(rows, lrs, first)
         self.step += end
         if bad.any():
+            self.send_last()  # the diverged step itself
             step = first + end - 1
             value = rows[-1, LOSS]
             self.diverged = (step, f"non-finite training loss ({value})" if not math.isfinite(value)
@@ -129,21 +133,32 @@ class Recorder:
         return True
 
     def _rows(self, rows: np.ndarray, lrs: np.ndarray, first: int) -> None:
-        pending, counts = self.pending, self.counts
+        counts, every = self.counts, self.metric_every
         values = rows.tolist()
         for i, row in enumerate(values):
             step = first + i
-            pending.extend((key, v, step) for key, v in zip(STEP_KEYS, row))
-            if self.log_threshold:  # constant thresholds: one point, not one per step
-                self.log_changed("grad/threshold", row[THRESHOLD], step)
-            pending.append(("lr", float(lrs[i]), step))
             counts["grad/spikes"] += self.spikes.see(row[PRE])
             if self.scaled:
                 counts["grad/skipped_steps"] += int(row[SKIPPED])
-            for key, value in counts.items():
-                if key != "grad/skipped_steps" or self.scaled:
-                    self.log_changed(key, value, step)
+            self.last = (step, row, float(lrs[i]))
+            if step % every == 0:
+                self.send_last()
         self.pending_steps += len(values)
+
+    def send_last(self) -> None:
+        """The latest step's rows to the sink (once): its series, and the step functions (threshold, lr, counts)
+        where they changed since they were last sent."""
+        if self.last is None or self.sink is None:
+            return
+        step, row, lr = self.last
+        self.last = None
+        self.pending.extend((key, v, step) for key, v in zip(STEP_KEYS, row))
+        if self.log_threshold:  # constant thresholds: one point, not one per step
+            self.log_changed("grad/threshold", row[THRESHOLD], step)
+        self.log_changed("lr", lr, step)
+        for key, value in self.counts.items():
+            if key != "grad/skipped_steps" or self.scaled:
+                self.log_changed(key, value, step)
 
     def take_layers(self, step: int, values: np.ndarray) -> None:
         """Monitoring at ``step``: per-layer gradient norms before clipping, then update/weight ratios."""
@@ -160,6 +175,8 @@ class Recorder:
             last[key] = value
 
     def flush(self, force: bool = False) -> None:
+        if force:
+            self.send_last()  # (a run's end, a checkpoint: its latest step is in MLflow)
         if self.pending and (force or self.pending_steps >= self.log_every) and self.sink is not None:
             self.sink(list(self.pending))
             self.pending.clear()
@@ -168,7 +185,9 @@ class Recorder:
     def validated(self, val_loss: float, val_metrics: dict[str, float], epoch: int) -> None:
         """Epoch ``epoch`` (0-based) validated: its rows, and divergence on a non-finite loss."""
         self.val_history.append(val_loss)
+        self.val_steps.append(self.step)
         if self.sink is not None:
+            self.send_last()  # the epoch's last step, whatever the cadence
             self.pending.extend([("val/loss", val_loss, self.step),
                                  *((f"val/{k}", v, self.step) for k, v in val_metrics.items()),
                                  ("epoch", epoch + 1, self.step)])
@@ -186,13 +205,17 @@ class Recorder:
     def state(self) -> dict:
         """What a checkpoint keeps of this record (plain Python values)."""
         return {"history": {k: list(v) for k, v in self.history.items()}, "val_history": list(self.val_history),
+                "val_steps": list(self.val_steps),
                 "train_seconds": self.train_seconds, "spikes": self.spikes.state(), "counts": dict(self.counts),
                 "last_logged": dict(self.last_logged)}
 
     def load(self, loop: dict, run: dict) -> None:
         self.history = {k: list(v) for k, v in loop["history"].items()}
-        self.history.setdefault("clipped", [])
+        steps = len(self.history["loss"])
+        for key in HISTORY:  # a checkpoint of an earlier version: its missing series are unknown (NaN)
+            self.history.setdefault(key, [math.nan] * steps)
         self.val_history = list(loop["val_history"])
+        self.val_steps = list(loop.get("val_steps", [-1] * len(self.val_history)))
         self.train_seconds = loop["train_seconds"]
         self.spikes.load(loop["spikes"])
         self.counts, self.last_logged = dict(loop["counts"]), dict(loop["last_logged"])
@@ -206,4 +229,4 @@ class Recorder:
             best_val_loss=self.best_val, best_epoch=self.best_epoch,
             step_ms=1000.0 * self.train_seconds / max(self.step, 1),
             diverged_step=diverged[0] if diverged else None, diverged_reason=diverged[1] if diverged else None,
-            history=self.history, val_history=self.val_history)
+            history=self.history, val_history=self.val_history, val_steps=self.val_steps)

@@ -41,6 +41,13 @@ def _train(tmp_path, capsys, *overrides, pipeline="pipelines/price_crypto.yaml",
     return code, out.out, out.err
 
 
+def _series(run_id: str, cfg_t, dst: Path) -> pd.DataFrame:
+    """The run's series.parquet (every step)."""
+    from fincast import tracking
+
+    return pd.read_parquet(tracking.download_artifact(cfg_t.uri, run_id, "series.parquet", dst))
+
+
 def _tracking(tmp_path):
     return TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
@@ -80,22 +87,27 @@ def test_train_end_to_end_on_synthetic_data(tmp_path, capsys):
     assert tags["fincast.version"] and tags["fincast.git_commit"] and tags["fincast.device"] == "cpu"
     assert tags["fincast.diverged"] == "false"
 
-    # per-step metrics: one value per step, clipped norms within the threshold at every step
-    pre = tracking.metric_history(run_id, "grad/norm_pre", cfg_t)
-    post = tracking.metric_history(run_id, "grad/norm_post", cfg_t)
-    loss = tracking.metric_history(run_id, "train/loss", cfg_t)
-    clipped = tracking.metric_history(run_id, "grad/clipped", cfg_t)
-    lr = tracking.metric_history(run_id, "lr", cfg_t)
-    steps = [s for s, _ in loss]
-    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 20
-    assert [s for s, _ in pre] == steps == [s for s, _ in post] == [s for s, _ in lr]
-    assert all(v <= 0.5 * (1 + 1e-5) for _, v in post)
-    for (_, p), (_, q), (_, c) in zip(pre, post, clipped):
-        assert c == (1.0 if p > 0.5 else 0.0)
-        if p <= 0.5:
-            assert q == pytest.approx(p, rel=1e-6)
-    assert all(math.isfinite(v) and v > 0 for _, v in loss)
-    assert max(v for _, v in lr) == pytest.approx(3e-3, rel=1e-6)
+    # the series file: every step, clipped norms within the threshold at every step
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / "dl"),
+                                                     tracking_uri=cfg_t.uri))
+    series = pd.read_parquet(local / "series.parquet")
+    steps = list(series["step"])
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 20 and set(series["run_id"]) == {run_id}
+    assert (series["norm_post"] <= 0.5 * (1 + 1e-5)).all()
+    assert ((series["norm_pre"] > 0.5) == (series["clipped"] == 1.0)).all()
+    calm = series["norm_pre"] <= 0.5
+    np.testing.assert_allclose(series.loc[calm, "norm_post"], series.loc[calm, "norm_pre"], rtol=1e-6)
+    assert np.isfinite(series["loss"]).all() and (series["loss"] > 0).all()
+    assert series["lr"].max() == pytest.approx(3e-3, rel=1e-6)
+    # MLflow's step metrics: every 10th step (tracking.metric_every) and each epoch's last, as in the file
+    val_steps = [s for s, _ in tracking.metric_history(run_id, "val/loss", cfg_t)]
+    assert len(val_steps) == 3 and list(series.loc[series["validated"], "step"]) == val_steps
+    expected = sorted({s for s in steps if s % 10 == 0} | set(val_steps))
+    by_step = series.set_index("step")
+    for key, column in (("train/loss", "loss"), ("grad/norm_pre", "norm_pre"), ("grad/norm_post", "norm_post")):
+        logged = tracking.metric_history(run_id, key, cfg_t)
+        assert [s for s, _ in logged] == expected, key
+        assert [v for _, v in logged] == list(by_step.loc[expected, column]), key
 
     m = run.data.metrics
     for prefix in ("val", "test", "baseline_naive", "baseline_ridge"):
@@ -113,9 +125,7 @@ def test_train_end_to_end_on_synthetic_data(tmp_path, capsys):
 
     # artifacts
     arts = set(tracking.list_artifacts(run_id, cfg_t))
-    assert {"config.yaml", "predictions.csv", "training_curves.png"} <= arts
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / "dl"),
-                                                     tracking_uri=cfg_t.uri))
+    assert {"config.yaml", "predictions.csv", "training_curves.png", "series.parquet"} <= arts
     saved = config_mod.from_dict(yaml.safe_load((local / "config.yaml").read_text()))
     assert saved == resolved
     assert (local / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -147,7 +157,7 @@ def test_clip_none_logs_post_equal_to_pre(tmp_path, capsys):
     from fincast import tracking
 
     code, out, err = _train(tmp_path, capsys, *FAST, "clip.method=none", "tracking.log_model=false",
-                            "train.epochs=1", "tracking.metrics_writer=inline")
+                            "train.epochs=1", "tracking.metrics_writer=inline", "tracking.metric_every=1")
     assert code == 0, err
     run_id = _run_id(out)
     cfg_t = _tracking(tmp_path)
@@ -190,7 +200,7 @@ def test_stateful_clipper_run_carries_the_monitoring_metrics(tmp_path, capsys):
     from fincast import tracking
 
     code, out, err = _train(tmp_path, capsys, *FAST, "clip.method=zclip", "clip.zclip.warmup=10",
-                            "monitor.every=5", "tracking.log_model=false", "train.epochs=2")
+                            "monitor.every=5", "tracking.log_model=false", "train.epochs=2", "tracking.metric_every=1")
     assert code == 0, err
     run_id = _run_id(out)
     cfg_t = _tracking(tmp_path)
@@ -224,7 +234,7 @@ def test_resume_continues_the_same_run_as_if_never_stopped(tmp_path, capsys):
     assert code == 0, err
     run_id = _run_id(out)
     cfg_t = _tracking(tmp_path)
-    steps_before = len(tracking.metric_history(run_id, "train/loss", cfg_t))
+    steps_before = len(_series(run_id, cfg_t, tmp_path / "before"))
     code = cli.main(["resume", run_id, "--quiet", "--checkpoint-dir", str(tmp_path / "ckpt"),
                      "--set", "train.epochs=3"])
     out2, err2 = capsys.readouterr()
@@ -233,8 +243,12 @@ def test_resume_continues_the_same_run_as_if_never_stopped(tmp_path, capsys):
     run = tracking.get_run(run_id, cfg_t)
     assert run.info.status == "FINISHED"
     assert run.data.tags["fincast.resumed_from_step"] == str(steps_before)
-    loss = tracking.metric_history(run_id, "train/loss", cfg_t)
-    assert [s for s, _ in loss] == list(range(1, len(loss) + 1)) and len(loss) == steps_before * 3 // 2
+    series = _series(run_id, cfg_t, tmp_path / "after")  # the whole run's, the steps before the resume included
+    assert list(series["step"]) == list(range(1, steps_before * 3 // 2 + 1))
+    assert series["validated"].sum() == 3
+    loss = tracking.metric_history(run_id, "train/loss", cfg_t)  # every 10th step and each epoch's last, once
+    assert [s for s, _ in loss] == sorted({s for s in series["step"] if s % 10 == 0}
+                                          | set(series.loc[series["validated"], "step"]))
     assert len(tracking.metric_history(run_id, "val/loss", cfg_t)) == 3
 
     straight_dir = tmp_path / "straight"
@@ -244,6 +258,8 @@ def test_resume_continues_the_same_run_as_if_never_stopped(tmp_path, capsys):
     straight = tracking.get_run(_run_id(out3), _tracking(straight_dir))
     assert straight.data.metrics["test/rmse"] == run.data.metrics["test/rmse"]
     assert tracking.metric_history(straight.info.run_id, "train/loss", _tracking(straight_dir)) == loss
+    pd.testing.assert_frame_equal(_series(straight.info.run_id, _tracking(straight_dir), tmp_path / "straight_dl")
+                                  .drop(columns="run_id"), series.drop(columns="run_id"))
 
 
 def test_resume_refuses_what_it_cannot_do(tmp_path, capsys):

@@ -462,6 +462,7 @@ def valid_raw_configs(draw):
     raw["tracking"] = draw(_opt(
         uri=st.one_of(st.none(), _text), experiment=st.one_of(st.none(), _text), artifact_dir=_text,
         run_name=st.one_of(st.none(), _text), log_every=st.integers(1, 10000), log_model=st.booleans(),
+        metric_every=st.integers(1, 100000),
     ))
     if draw(st.booleans()):
         raw["name"] = draw(_text)

@@ -153,3 +153,14 @@ def test_heatmaps_side_by_side(tmp_path, drawn):
     panels = _panels(drawn[0])
     assert [ax.get_title() for ax in panels] == ["divergence rate", "median final loss"]
     assert "100%" in [x.get_text() for x in panels[0].texts]
+
+
+def test_band_quantiles_equal_numpys_nanpercentile():
+    """The bands' one-sort quantiles equal np.nanpercentile (linear), columns with NaNs and a single value too."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((37, 300))
+    a[rng.random(a.shape) < 0.4] = np.nan
+    a[:36, 1] = np.nan  # one value left
+    a[:, 2] = 5.0  # ties
+    np.testing.assert_allclose(plots.quantiles(a, (0.25, 0.5, 0.75)),
+                               np.nanpercentile(a, [25, 50, 75], axis=0), rtol=0, atol=1e-12)

@@ -89,23 +89,35 @@ def test_report_says_when_runs_are_missing_and_when_there_is_nothing(tmp_path):
         stability.build(STUDY, tracking_uri=uri, out_dir=tmp_path / "out")
 
 
-def test_metric_histories_bulk_and_per_call_paths_agree(tmp_path):
-    """The bulk SQL path (database stores) and the per-call path (MLflow servers) return the same series."""
+def test_histories_come_from_the_series_files_and_for_older_runs_from_mlflow(tmp_path):
+    """A study's per-step series are read from the stacks' files on the parent run (every step); a run without
+    one (a study of an earlier version) falls back to its MLflow metric history."""
     from fincast import tracking
+    from fincast.config import TrackingConfig
+    from fincast.tracking import series
 
-    uri = _fabricate(tmp_path, {("none", 3.0): [None, 0.8, 0.9], ("norm1.0", 3.0): [0.8, 0.85, 0.9]})
-    children = [r for r in MlflowClient(uri).search_runs(["1"]) if r.data.tags.get("fincast.study_role") == "child"]
+    uri = _fabricate(tmp_path, {("none", 3.0): [None, 0.8], ("norm1.0", 3.0): [0.8, 0.85]})
+    client = MlflowClient(uri)
+    children = [r for r in client.search_runs(["1"]) if r.data.tags.get("fincast.study_role") == "child"]
     ids = [r.info.run_id for r in children]
     (diverged,) = [r.info.run_id for r in children if r.data.tags["fincast.diverged"] == "true"]
-    keys = ["train/loss", "val/loss", "grad/norm_pre"]
-    bulk = tracking.metric_histories(uri, ids, keys)
-    calls = tracking.metric_histories(uri, ids, keys, bulk=False)
-    assert set(bulk["val/loss"]) == set(ids)
-    for k in keys:
-        for r in ids:
-            np.testing.assert_array_equal(bulk[k][r][0], calls[k][r][0])
-            np.testing.assert_array_equal(bulk[k][r][1], calls[k][r][1])
-    assert math.isnan(bulk["val/loss"][diverged][1][-1])  # the diverged run's nan survives both paths
+    in_file = [diverged, *[r for r in ids if r != diverged][:1]]
+    frames = []
+    for r in in_file:  # distinct values from MLflow's, to tell where each came from
+        hist = {k: [100.0 + s for s in range(1, 8)] for k in series.HISTORY}
+        frames.append(series.frame(r, hist, [5, 7], [0.5, math.nan]))
+    series.write(frames, tmp_path / f"{in_file[0]}.parquet")
+    store = tracking.StudyStore(TrackingConfig(uri=uri), STUDY, create=False)
+    (parent,) = store.runs("parent")
+    client.log_artifact(parent.info.run_id, str(tmp_path / f"{in_file[0]}.parquet"), series.FOLDER)
+    hist = store.histories(parent.info.run_id, ids, ["train/loss", "val/loss", "grad/norm_pre"])
+    assert set(hist["train/loss"]) == set(ids)
+    for r in in_file:
+        np.testing.assert_array_equal(hist["train/loss"][r][1], [100.0 + s for s in range(1, 8)])
+        assert list(hist["val/loss"][r][0]) == [5, 7] and math.isnan(hist["val/loss"][r][1][-1])
+    for r in set(ids) - set(in_file):  # from MLflow: 20 steps of 1 / (s + 1)
+        np.testing.assert_array_equal(hist["train/loss"][r][0], np.arange(1, 21))
+        np.testing.assert_allclose(hist["train/loss"][r][1], [1.0 / (s + 1) for s in range(1, 21)])
 
 
 def test_steps_to_target():

@@ -76,7 +76,7 @@ def test_the_driver_records_what_the_task_says(tmp_path, monkeypatch):
     assert int(run.data.params["toy.samples"]) == out.samples["train"] > 0
     assert int(run.data.params["model.parameters"]) > 0 and run.data.params["train.seed"] == "0"
     assert run.data.metrics["test/toy_metric"] == 0.25 and run.data.metrics["time/step_ms"] > 0
-    assert tracking.list_artifacts(out.run_id, cfg.tracking) == ["toy.txt"]
+    assert tracking.list_artifacts(out.run_id, cfg.tracking) == ["series.parquet", "toy.txt"]
     assert out.metrics == {"toy": {"score": 1.5}} and out.report == "toy-report"
     assert out.checkpoint == str(tmp_path / "ck" / f"{out.run_id}.pt") and Path(out.checkpoint).is_file()
 

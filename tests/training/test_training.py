@@ -236,9 +236,12 @@ def test_every_method_trains_and_logs_the_same_statistics(method):
                  sink=rows.extend, log_every=5, monitor=cfg.monitor)
     assert result.steps == 16 and not result.diverged
     per_step = {k: [s for kk, _, s in rows if kk == k] for k in
-                ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/clip_fraction", "lr")}
+                ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/clip_fraction")}
     for key, steps in per_step.items():
         assert steps == list(range(1, 17)), key
+    lrs = [(s, v) for k, v, s in rows if k == "lr"]  # a step function: logged from step 1, then where it changes
+    assert lrs[0][0] == 1 and all(a[1] != b[1] for a, b in zip(lrs, lrs[1:]))
+    assert [v for s, v in lrs] == [result.history["lr"][s - 1] for s, _ in lrs]
     fractions = [v for k, v, _ in rows if k == "grad/clip_fraction"]
     assert all(0.0 <= v <= 1.0 for v in fractions)
     thresholds = [(s, v) for k, v, s in rows if k == "grad/threshold"]
@@ -249,6 +252,35 @@ def test_every_method_trains_and_logs_the_same_statistics(method):
     assert layer_steps == [4, 8, 12, 16]
     assert {k for k, _, _ in rows if k.startswith(("grad/layer/", "update/ratio/"))} == {
         "grad/layer/lstm.l0", "grad/layer/head", "update/ratio/lstm.l0", "update/ratio/head"}
+
+
+def test_metric_rows_at_a_cadence_with_every_epoch_end_and_the_history_whole():
+    """metric_every=5 over 2 epochs of 8 steps: MLflow gets steps 5, 10, 15 (the cadence), 8 and 16 (each
+    validation's step); the run's history (its series file) keeps all 16."""
+    cfg = _cfg(train={"epochs": 2, "batch_size": 8, "patience": None}, clip={"method": "norm"})
+    x, y = _batch(n=64)
+    rows = []
+    result = fit(_model(), _split(x, y), _split(x, y), cfg.train, cfg.clip, device=torch.device("cpu"),
+                 sink=rows.extend, log_every=3, metric_every=5)
+    assert result.steps == 16
+    assert [s for k, _, s in rows if k == "train/loss"] == [5, 8, 10, 15, 16]
+    assert [s for k, _, s in rows if k == "val/loss"] == [8, 16] == result.val_steps
+    sent = {s: v for k, v, s in rows if k == "train/loss"}
+    assert all(sent[s] == result.history["loss"][s - 1] for s in sent)
+    assert all(len(result.history[k]) == 16 for k in ("loss", "norm_pre", "norm_post", "threshold", "clipped",
+                                                       "clip_fraction", "lr"))
+
+
+def test_a_diverged_step_reaches_mlflow_whatever_the_cadence():
+    cfg = _cfg(train={"epochs": 1, "batch_size": 8, "patience": None}, clip={"method": "none"})
+    x, y = _batch(n=64)
+    bad = _split(x, y)
+    bad.y[5] = np.nan  # one batch of the epoch holds it: that step diverges
+    rows = []
+    result = fit(_model(), bad, _split(x, y), cfg.train, cfg.clip, device=torch.device("cpu"), sink=rows.extend,
+                 metric_every=1000)
+    assert result.diverged
+    assert [(s, math.isnan(v)) for k, v, s in rows if k == "train/loss"] == [(result.diverged_step, True)]
 
 
 def test_layer_norms_and_update_ratios_match_an_independent_computation():

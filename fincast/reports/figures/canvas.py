@@ -41,9 +41,19 @@ def log_y(ax) -> None:
     """A log y axis with plain labels at 1, 2 and 5 x 10^k: matplotlib's default minor ticks (a Line2D and a Text
     each) and math-text labels cost as much as the rest of a training-curves figure."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0), numticks=9))
-    ax.yaxis.set_minor_locator(mticker.NullLocator())
-    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    _plain_log_ticks(ax.yaxis)
+
+
+def log_x(ax) -> None:
+    """:func:`log_y` for the x axis."""
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+
+
+def _plain_log_ticks(axis) -> None:
+    axis.set_major_locator(mticker.LogLocator(subs=(1.0, 2.0, 5.0), numticks=9))
+    axis.set_minor_locator(mticker.NullLocator())
+    axis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def finite(values, positive: bool) -> np.ndarray:
