@@ -343,13 +343,13 @@ KEY_SETTINGS = ("data.source", "data.tickers", "data.start", "data.end", "featur
 
 def keeping(study: Study) -> Keeping:
     """What a study's runs keep: their weights and per-step series on the parent run, one file of each per stack
-    (no MLflow model each), and as params the keys that vary across the study and the key settings (the whole
+    (no MLflow model each, no training-curves figure each: the report draws the study's), and as params the keys that vary across the study and the key settings (the whole
     config is each run's config.yaml)."""
     flats = [config_mod.flatten(config_mod.to_dict(j.cfg)) for j in study.jobs]
     varying = {k for k in flats[0] if any(json.dumps(f.get(k), default=str) != json.dumps(flats[0][k], default=str)
                                           for f in flats[1:])}
     varying -= {"tracking.run_name"}  # the run's name is its MLflow name already
-    return Keeping("weights", frozenset(varying | set(KEY_SETTINGS)), series="parent")
+    return Keeping("weights", frozenset(varying | set(KEY_SETTINGS)), series="parent", figures=False)
 
 
 def _log_spec(parent: tracking.Run, study: Study, fingerprint: str) -> None:

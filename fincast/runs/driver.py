@@ -190,11 +190,12 @@ def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Mo
 
 def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, splits: Splits,
               model: torch.nn.Module, device: torch.device, precision: str, result: FitResult,
-              path: Path | None, *, keep: Keeping = KEEP_ALL) -> TrainOutcome:
+              path: Path | None, *, keep: Keeping = KEEP_ALL, shared: dict | None = None) -> TrainOutcome:
     """After training: the task's test evaluation beside its baselines, the closing metrics and tags, the
     artifacts (the run's series file among them unless it goes to the parent), the model."""
     with tempfile.TemporaryDirectory() as tmp:
-        done = task_named(cfg.task).finish(cfg, data, splits, model, device, result, name, Path(tmp))
+        done = task_named(cfg.task).finish(cfg, data, splits, model, device, result, name, Path(tmp),
+                                           figures=keep.figures, shared=shared)
         zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics, name)
         files = list(done.files)
         if keep.series == "run":
@@ -263,8 +264,11 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
                              checkpoints=[save for _, _, save, _ in runs], cuda_graphs=cfg0.train.cuda_graphs)
         stack.pop_all()  # trained: from here each run ends on its own
 
+    shared: dict = {}  # the baselines, computed by the first run to close
+
     def close(run, name, cfg, model, result, path):
-        return close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep)
+        return close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep,
+                         shared=shared)
 
     outcomes: list = []
     try:

@@ -65,15 +65,17 @@ def describe(cfg: PipelineConfig, data: Prices, splits: features.FeatureSet) -> 
 
 
 def finish(cfg: PipelineConfig, data: Prices, splits: features.FeatureSet, model: torch.nn.Module,
-           device: torch.device, result: FitResult, name: str, artifact_dir: Path) -> Finished:
-    metrics, predictions = evaluate_test(model, splits, cfg, device, result)
-    files = write_artifacts(artifact_dir, cfg, splits, result, predictions, data.warnings, name)
+           device: torch.device, result: FitResult, name: str, artifact_dir: Path, *,
+           figures: bool = True, shared: dict | None = None) -> Finished:
+    metrics, predictions = evaluate_test(model, splits, cfg, device, result, shared=shared)
+    files = write_artifacts(artifact_dir, cfg, splits, result, predictions, data.warnings, name, figures=figures)
     return Finished([(f"{m}/{k}", v) for m, vals in metrics.items() for k, v in vals.items()], metrics, files)
 
 
 def evaluate_test(model: torch.nn.Module, fs: features.FeatureSet, cfg: PipelineConfig, device: torch.device,
-                  result: FitResult) -> tuple[dict[str, dict[str, float]], pd.DataFrame]:
-    """The LSTM's (when an epoch validated finitely), the zero forecast's and ridge's test metrics; predictions."""
+                  result: FitResult, shared: dict | None = None) -> tuple[dict[str, dict[str, float]], pd.DataFrame]:
+    """The LSTM's (when an epoch validated finitely), the zero forecast's and ridge's test metrics; predictions.
+    The baselines are computed once per ``shared`` dict (a stack's runs share their samples)."""
     test = fs.test
     out: dict[str, dict[str, float]] = {}
     predictions = pd.DataFrame({
@@ -84,17 +86,31 @@ def evaluate_test(model: torch.nn.Module, fs: features.FeatureSet, cfg: Pipeline
         predictions["y_pred"] = pred
     else:
         predictions["y_pred"] = np.nan
-    out["baseline_naive"] = forecast_metrics(test.y_raw, naive_forecast(len(test)))
-    ridge = ridge_forecast(fs.train.x, fs.train.y, test.x, alpha=cfg.model.ridge_alpha) * test.scale
-    out["baseline_ridge"] = forecast_metrics(test.y_raw, ridge)
+    shared = {} if shared is None else shared
+    if "forecast_baselines" not in shared:
+        ridge = ridge_forecast(fs.train.x, fs.train.y, test.x, alpha=cfg.model.ridge_alpha) * test.scale
+        shared["forecast_baselines"] = {"baseline_naive": forecast_metrics(test.y_raw, naive_forecast(len(test))),
+                                        "baseline_ridge": forecast_metrics(test.y_raw, ridge)}
+    out.update({k: dict(v) for k, v in shared["forecast_baselines"].items()})
     return out, predictions
 
 
 def write_artifacts(d: Path, cfg: PipelineConfig, fs: features.FeatureSet, result: FitResult,
-                    predictions: pd.DataFrame, warnings: list[str], name: str) -> list[Path]:
-    """config.yaml, predictions.csv, training_curves.png (and data_warnings.txt) into ``d``."""
+                    predictions: pd.DataFrame, warnings: list[str], name: str, *, figures: bool = True) -> list[Path]:
+    """config.yaml, predictions.csv, training_curves.png (unless not ``figures``; and data_warnings.txt)
+    into ``d``."""
     (d / "config.yaml").write_text(config_mod.dump_yaml(cfg))
     predictions.to_csv(d / "predictions.csv", index=False)
+    files = ["config.yaml", "predictions.csv"]
+    if figures:
+        files.append(_curves(d, cfg, fs, result, name))
+    if warnings:
+        (d / "data_warnings.txt").write_text("\n".join(warnings) + "\n")
+        files.append("data_warnings.txt")
+    return [d / f for f in files]
+
+
+def _curves(d: Path, cfg: PipelineConfig, fs: features.FeatureSet, result: FitResult, name: str) -> str:
     steps_per_epoch = math.ceil(len(fs.train) / cfg.train.batch_size)
     val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
     threshold = result.history.get("threshold") if bounds_global_l2(cfg.clip) else None  # drawn against the norm
@@ -102,11 +118,7 @@ def write_artifacts(d: Path, cfg: PipelineConfig, fs: features.FeatureSet, resul
                           norm_pre=result.history["norm_pre"], norm_post=result.history["norm_post"],
                           val_loss=result.val_history, val_steps=val_steps, threshold=threshold, title=name,
                           diverged_step=result.diverged_step)
-    files = ["config.yaml", "predictions.csv", "training_curves.png"]
-    if warnings:
-        (d / "data_warnings.txt").write_text("\n".join(warnings) + "\n")
-        files.append("data_warnings.txt")
-    return [d / f for f in files]
+    return "training_curves.png"
 
 
 def summary(out: TrainOutcome, seconds: float) -> str:

@@ -210,17 +210,19 @@ def describe(cfg: PipelineConfig, data: Market, splits: Samples) -> Description:
 
 
 def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.Module, device: torch.device,
-           result: FitResult, name: str, artifact_dir: Path) -> Finished:
+           result: FitResult, name: str, artifact_dir: Path, *, figures: bool = True,
+           shared: dict | None = None) -> Finished:
     """Test prices of the LSTM and the baselines; tables and figures into reports/options/<name>/ (the run's
     artifacts too; ``artifact_dir`` is not used)."""
-    ev, table = evaluate_test(model, splits.set, cfg, device, usable=result.best_epoch > 0)
+    ev, table = evaluate_test(model, splits.set, cfg, device, usable=result.best_epoch > 0, shared=shared)
     test_metrics = []
     for model_name, row in ev.stats.iterrows():
         prefix = "test" if model_name == LSTM else f"baseline_{model_name}"
         test_metrics += [(f"{prefix}/{metric_name(k)}", float(v)) for k, v in row.items()
                          if k != "Contracts" and math.isfinite(float(v))]
     out_dir = Path("reports") / "options" / cfg.name
-    files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings)
+    files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
+                          figures=figures)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
     return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped})
 
@@ -268,8 +270,10 @@ def missing_local_data(cfg: PipelineConfig) -> list[str]:
     return missing
 
 
-def evaluate_test(model, samples: option_features.OptionSet, cfg: PipelineConfig, device, *, usable: bool):
-    """The LSTM's and every baseline's prices on the test contracts, scored; and the per-contract table."""
+def evaluate_test(model, samples: option_features.OptionSet, cfg: PipelineConfig, device, *, usable: bool,
+                  shared: dict | None = None):
+    """The LSTM's and every baseline's prices on the test contracts, scored; and the per-contract table. The
+    baselines' prices are computed once per ``shared`` dict (a stack's runs share their contracts)."""
     c = samples.frames["test"]
     preds: dict[str, np.ndarray] = {}
     if usable:  # weights from an epoch that validated finitely
@@ -277,7 +281,10 @@ def evaluate_test(model, samples: option_features.OptionSet, cfg: PipelineConfig
         preds[LSTM] = to_prices(raw, c, samples.target)
     else:
         preds[LSTM] = np.full(len(c), np.nan)
-    preds.update(baseline_prices(c, cfg.options.hist_vols))
+    shared = {} if shared is None else shared
+    if "option_baselines" not in shared:
+        shared["option_baselines"] = baseline_prices(c, cfg.options.hist_vols)
+    preds.update(shared["option_baselines"])
     ev = option_model.evaluate(c, preds, moneyness_edges=cfg.options.moneyness_buckets,
                          maturity_edges=cfg.options.maturity_buckets)
     keep = [k for k in ("quote_date", "expiry", "contract", "call", "strike", "S", "tau", "r", "q", "price", "iv",
@@ -290,8 +297,9 @@ def evaluate_test(model, samples: option_features.OptionSet, cfg: PipelineConfig
 
 
 def write_outputs(out_dir: Path, cfg: PipelineConfig, samples: option_features.OptionSet, ev: option_model.OptionEvaluation,
-                  table: pd.DataFrame, result, name: str, dropped: dict[str, int], warnings: list[str]) -> list[Path]:
-    """Tables and figures into ``out_dir`` (atomic writes); returns the files to log to the run."""
+                  table: pd.DataFrame, result, name: str, dropped: dict[str, int], warnings: list[str], *,
+                  figures: bool = True) -> list[Path]:
+    """Tables and (unless not ``figures``) figures into ``out_dir`` (atomic writes); returns the files to log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
 
@@ -308,6 +316,8 @@ def write_outputs(out_dir: Path, cfg: PipelineConfig, samples: option_features.O
     write("dropped.txt", "".join(f"{k}: {v}\n" for k, v in dropped.items()) or "nothing dropped\n")
     if warnings:
         write("data_warnings.txt", "\n".join(warnings) + "\n")
+    if not figures:
+        return files
     steps_per_epoch = math.ceil(len(samples.train) / cfg.train.batch_size)
     val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]
     l2_global = bounds_global_l2(cfg.clip)  # such thresholds can be drawn against the norm

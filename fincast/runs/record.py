@@ -29,10 +29,12 @@ class Keeping:
     run, when tracking.log_model) or "weights" (a study's runs: one weights file per batch on the parent run,
     ``runs.weights``). ``params``: the config keys logged as params (None: every key; the resolved config is
     always an artifact, config.yaml). ``series``: where the per-step series file goes (``tracking.series``):
-    "run" (series.parquet in each run's artifacts) or "parent" (one file per stack on the parent run)."""
+    "run" (series.parquet in each run's artifacts) or "parent" (one file per stack on the parent run).
+    ``figures``: whether each run draws its figures (training_curves.png; a study's report draws them all)."""
     models: str = "log"
     params: frozenset[str] | None = None
     series: str = "run"
+    figures: bool = True
 
 
 @dataclass

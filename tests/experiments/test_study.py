@@ -253,6 +253,11 @@ def test_study_then_report_end_to_end(tmp_path, capsys):
     runs = _children(tmp_path, "FINISHED")
     assert len(runs) == 12 and {r.data.tags["fincast.study_clip"] for r in runs} == {"none", "norm0.5"}
     assert {r.data.tags["fincast.threads"] for r in runs} == {str(max(1, cores() // 2))}
+    store_cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # a child keeps its config and predictions; its curves are in the stack's series file, drawn by the report
+    assert set(tracking.list_artifacts(runs[0].info.run_id, store_cfg)) == {"config.yaml", "predictions.csv"}
+    parent_id = runs[0].data.tags["mlflow.parentRunId"]
+    assert [a for a in tracking.list_artifacts(parent_id, store_cfg) if a.startswith("series")] == ["series"]
 
     code = cli.main(["report", "stability", "--study", "tiny_study", "--tracking-uri",
                      f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(tmp_path / "reports")])

@@ -255,7 +255,7 @@ def test_batched_study_report_equals_the_unbatched_one(tmp_path):
         hist_b = [m.value for m in out["solo"][2].get_metric_history(b.info.run_id, "grad/norm_pre")]
         np.testing.assert_allclose(hist_a, hist_b, rtol=1e-3)
         arts = [sorted(f.path for f in out[k][2].list_artifacts(r.info.run_id)) for k, r in (("stacked", a), ("solo", b))]
-        assert arts[0] == arts[1] and "training_curves.png" in arts[0]
+        assert arts[0] == arts[1] and "predictions.csv" in arts[0] and "training_curves.png" not in arts[0]
     cells = [{(c["group"], c["clip"]): c for c in out[k][1]["cells"]} for k in ("stacked", "solo")]
     assert cells[0].keys() == cells[1].keys()
     for key, c in cells[1].items():
@@ -352,3 +352,24 @@ def test_study_driver_does_not_query_cuda_before_it_forks_workers(tmp_path, monk
     with pytest.raises(RuntimeError, match="stop before forking"):
         study_mod.run(study)
     assert events == ["workers start"]
+
+
+@pytest.mark.slow  # one study (~5 s)
+def test_a_stack_computes_its_baselines_once(tmp_path, monkeypatch):
+    """The runs of a stack share their samples: ridge is fitted once per stack (2 stacks of 6 here), and every
+    run records the same baseline metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from fincast.experiments import study as study_mod
+    from fincast.runs import forecast
+
+    real, fits = forecast.ridge_forecast, []
+    monkeypatch.setattr(forecast, "ridge_forecast", lambda *a, **kw: fits.append(1) or real(*a, **kw))
+    study = _tiny_study(tmp_path, "base", "study.batch_runs=6", "study.workers=1")
+    out = study_mod.run(study)
+    assert out.finished == 12 and len(fits) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'base'}.db")
+    exp = client.get_experiment_by_name("tiny_study")
+    runs = client.search_runs([exp.experiment_id], "tags.`fincast.study_role` = 'child'")
+    assert len({r.data.metrics["baseline_ridge/rmse"] for r in runs}) == 1
+    assert len({r.data.metrics["baseline_naive/rmse"] for r in runs}) == 1
