@@ -195,7 +195,7 @@ def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, spl
     artifacts (the run's series file among them unless it goes to the parent), the model."""
     with tempfile.TemporaryDirectory() as tmp:
         done = task_named(cfg.task).finish(cfg, data, splits, model, device, result, name, Path(tmp),
-                                           figures=keep.figures, shared=shared)
+                                           draw_figures=keep.figures, shared=shared)
         zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics, name)
         files = list(done.files)
         if keep.series == "run":

@@ -66,9 +66,10 @@ def describe(cfg: PipelineConfig, data: Prices, splits: features.FeatureSet) -> 
 
 def finish(cfg: PipelineConfig, data: Prices, splits: features.FeatureSet, model: torch.nn.Module,
            device: torch.device, result: FitResult, name: str, artifact_dir: Path, *,
-           figures: bool = True, shared: dict | None = None) -> Finished:
+           draw_figures: bool = True, shared: dict | None = None) -> Finished:
     metrics, predictions = evaluate_test(model, splits, cfg, device, result, shared=shared)
-    files = write_artifacts(artifact_dir, cfg, splits, result, predictions, data.warnings, name, figures=figures)
+    files = write_artifacts(artifact_dir, cfg, splits, result, predictions, data.warnings, name,
+                            draw_figures=draw_figures)
     return Finished([(f"{m}/{k}", v) for m, vals in metrics.items() for k, v in vals.items()], metrics, files)
 
 
@@ -96,13 +97,14 @@ def evaluate_test(model: torch.nn.Module, fs: features.FeatureSet, cfg: Pipeline
 
 
 def write_artifacts(d: Path, cfg: PipelineConfig, fs: features.FeatureSet, result: FitResult,
-                    predictions: pd.DataFrame, warnings: list[str], name: str, *, figures: bool = True) -> list[Path]:
-    """config.yaml, predictions.csv, training_curves.png (unless not ``figures``; and data_warnings.txt)
+                    predictions: pd.DataFrame, warnings: list[str], name: str, *,
+                    draw_figures: bool = True) -> list[Path]:
+    """config.yaml, predictions.csv, training_curves.png (unless not ``draw_figures``; and data_warnings.txt)
     into ``d``."""
     (d / "config.yaml").write_text(config_mod.dump_yaml(cfg))
     predictions.to_csv(d / "predictions.csv", index=False)
     files = ["config.yaml", "predictions.csv"]
-    if figures:
+    if draw_figures:
         files.append(_curves(d, cfg, fs, result, name))
     if warnings:
         (d / "data_warnings.txt").write_text("\n".join(warnings) + "\n")

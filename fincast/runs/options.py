@@ -210,7 +210,7 @@ def describe(cfg: PipelineConfig, data: Market, splits: Samples) -> Description:
 
 
 def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.Module, device: torch.device,
-           result: FitResult, name: str, artifact_dir: Path, *, figures: bool = True,
+           result: FitResult, name: str, artifact_dir: Path, *, draw_figures: bool = True,
            shared: dict | None = None) -> Finished:
     """Test prices of the LSTM and the baselines; tables and figures into reports/options/<name>/ (the run's
     artifacts too; ``artifact_dir`` is not used)."""
@@ -222,7 +222,7 @@ def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.M
                          if k != "Contracts" and math.isfinite(float(v))]
     out_dir = Path("reports") / "options" / cfg.name
     files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
-                          figures=figures)
+                          draw_figures=draw_figures)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
     return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped})
 
@@ -298,8 +298,8 @@ def evaluate_test(model, samples: option_features.OptionSet, cfg: PipelineConfig
 
 def write_outputs(out_dir: Path, cfg: PipelineConfig, samples: option_features.OptionSet, ev: option_model.OptionEvaluation,
                   table: pd.DataFrame, result, name: str, dropped: dict[str, int], warnings: list[str], *,
-                  figures: bool = True) -> list[Path]:
-    """Tables and (unless not ``figures``) figures into ``out_dir`` (atomic writes); returns the files to log."""
+                  draw_figures: bool = True) -> list[Path]:
+    """Tables and (unless not ``draw_figures``) figures into ``out_dir`` (atomic writes); returns the files to log."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
 
@@ -316,7 +316,7 @@ def write_outputs(out_dir: Path, cfg: PipelineConfig, samples: option_features.O
     write("dropped.txt", "".join(f"{k}: {v}\n" for k, v in dropped.items()) or "nothing dropped\n")
     if warnings:
         write("data_warnings.txt", "\n".join(warnings) + "\n")
-    if not figures:
+    if not draw_figures:
         return files
     steps_per_epoch = math.ceil(len(samples.train) / cfg.train.batch_size)
     val_steps = [min((i + 1) * steps_per_epoch, result.steps) for i in range(len(result.val_history))]

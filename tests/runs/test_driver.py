@@ -37,7 +37,7 @@ def _toy(finish_error: BaseException | None = None, calls: list | None = None):
     def describe(cfg, data, splits):
         return Description(f"toy-s{cfg.train.seed}", "TOY", {"fincast.kind": "toy"}, {"toy.samples": len(splits.train)})
 
-    def finish(cfg, data, splits, model, device, result, name, artifact_dir, *, figures=True, shared=None):
+    def finish(cfg, data, splits, model, device, result, name, artifact_dir, *, draw_figures=True, shared=None):
         if calls is not None:
             calls.append((name, result.steps))
         if finish_error is not None:
