@@ -199,7 +199,7 @@ class TrackingConfig:
     experiment: str | None = _opt(None, "MLflow experiment; null = the pipeline name")
     artifact_dir: str = _opt("mlartifacts", "artifact folder for new experiments on a local SQLite store")
     run_name: str | None = _opt(None, "MLflow run name; null = e.g. lstm-SPY-norm1.0-lr1e-3-s0")
-    log_every: int = _opt(50, "per-step metrics are sent to MLflow in batches of this many steps", ge=1, le=10000)
+    log_every: int = _opt(200, "per-step metrics are sent to MLflow in batches of this many steps", ge=1, le=10000)
     metric_every: int = _opt(
         10, "MLflow gets the per-step metrics of every this many steps (and of each epoch's last step); the run's "
             "series file (series.parquet) keeps every step", ge=1, le=100000)

@@ -24,7 +24,9 @@ MetricSink = Callable[[list[tuple[str, float, int]]], None]
 # columns of a step's record in the engine's buffer [steps, K, len(COLUMNS)]
 COLUMNS = ("loss", "norm_pre", "norm_post", "clipped", "clip_fraction", "threshold", "skipped", "stepped")
 LOSS, PRE, POST, CLIPPED, FRACTION, THRESHOLD, SKIPPED, STEPPED = range(len(COLUMNS))
-STEP_KEYS = ("train/loss", "grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/clip_fraction")
+STEP_KEYS = ("train/loss", "grad/norm_pre", "grad/norm_post")  # MLflow's per-step series (the buffer's first columns)
+# (whether a step was clipped and the share clipped are in the series file for every step, and grad/clip_rate
+# sums them up; at a cadence they would be noise in the UI)
 # the history of every step: name -> column of the buffer (None: the step's learning rate)
 HISTORY = {"loss": LOSS, "norm_pre": PRE, "norm_post": POST, "threshold": THRESHOLD, "clipped": CLIPPED,
            "clip_fraction": FRACTION, "lr": None}
