@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -234,17 +235,30 @@ class WalkForward:
     lstms: list[str]
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went: features, lstm_fit, ...
     notes: list[str] = field(default_factory=list)  # what a reader should know (e.g. mixed calendars)
+    resumed: int = 0  # folds taken from an earlier attempt (FoldStore)
 
 
 FoldCallback = Callable[[int, pd.DataFrame], None]
 
 
+class FoldStore(Protocol):
+    """Finished folds kept across attempts (``fincast.runs.backtest.FoldFiles``): ``get(k)`` -> what ``put(k,
+    done)`` stored for fold k (its forecast rows, folds-table rows and the warm-start weights after it), or None."""
+
+    def get(self, k: int) -> dict | None: ...
+
+    def put(self, k: int, done: dict) -> None: ...
+
+
 def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_lstm: LSTMFitter,
-                 progress: bool = False, on_fold: FoldCallback | None = None) -> WalkForward:
+                 progress: bool = False, on_fold: FoldCallback | None = None,
+                 store: FoldStore | None = None) -> WalkForward:
     """Run the walk-forward backtest of ``cfg`` on ``frames`` (one OHLCV frame per ticker).
 
     ``fit_lstm`` trains one LSTM on a fold (``fincast.runs.backtest.lstm_fitter``). ``on_fold(k, rows)`` is called
-    after each fold with its rows of the folds table (the pipeline logs them to MLflow as stepped metrics)."""
+    after each fold with its rows of the folds table (the pipeline logs them to MLflow as stepped metrics).
+    ``store``: each finished fold is put there, and a fold found there is taken from it instead of refit (a
+    killed backtest resumes from its finished folds; ``WalkForward.resumed`` counts them)."""
     seconds = dict.fromkeys(("features", "split", "lstm_fit", "lstm_predict", "ridge", "table"), 0.0)
     t0 = time.perf_counter()
     L = cfg.features.lookback
@@ -262,7 +276,14 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     fold_rows: list[dict] = []
     previous: dict[str, dict] = {}  # warm start: each LSTM's weights after the last fold
     bar = tqdm(total=len(cuts), desc="backtest", unit="fold", disable=not progress, leave=False)
+    resumed = 0
     for k, cutoff in enumerate(cuts):
+        done = store.get(k + 1) if store is not None else None
+        if done is not None:  # finished by an earlier attempt
+            previous = _take(done, k + 1, rows, fold_rows, on_fold)
+            resumed += 1
+            bar.update(1)
+            continue
         t = time.perf_counter()
         next_cut = cuts[k + 1] if k + 1 < len(cuts) else None  # the last fold forecasts to the end
         parts = {tk: d for tk, p in panel.items()
@@ -274,6 +295,8 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
                     f"by the first cutoff {pd.Timestamp(cutoff):%Y-%m-%d} (every ticker needs >= {MIN_TRAIN} "
                     f"training and >= {MIN_EVAL} validation samples); use a later backtest.start"
                     + (" or a longer backtest.window" if rolling else ""))
+            if store is not None:
+                store.put(k + 1, {"rows": [], "folds": [], "previous": previous})
             bar.update(1)
             continue
         train, val, test = (_split(panel, parts, w, L) for w in ("train", "val", "test"))
@@ -287,12 +310,15 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
         preds.update(_baselines(full, test, parts, alpha))
         seconds["ridge"] += time.perf_counter() - t
         t = time.perf_counter()
-        rows += _forecast_rows(preds, full, test, parts, cutoff, k)
+        fold_forecasts = _forecast_rows(preds, full, test, parts, cutoff, k)
+        rows += fold_forecasts
         folds_now += [{**base, "model": RIDGE, "ridge_alpha": alpha}, {**base, "model": MEAN}, {**base, "model": NAIVE}]
         _score_folds(folds_now, preds, test)
         folds_frame = pd.DataFrame(folds_now)
         fold_rows.extend(folds_now)
         seconds["table"] += time.perf_counter() - t
+        if store is not None:
+            store.put(k + 1, {"rows": fold_forecasts, "folds": folds_now, "previous": previous})
         if on_fold is not None:
             on_fold(k + 1, folds_frame)
         bar.update(1)
@@ -300,13 +326,29 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     if not rows:
         raise BacktestError("no fold had both training data and forecasts; check backtest.start and backtest.end")
     t = time.perf_counter()
+    table = _long_table(rows, lstms + [RIDGE, MEAN, NAIVE])
+    seconds["table"] += time.perf_counter() - t
+    return WalkForward(table, pd.DataFrame(fold_rows), lstms + [RIDGE, MEAN, NAIVE], lstms, seconds, notes, resumed)
+
+
+def _long_table(rows: list[pd.DataFrame], models: list[str]) -> pd.DataFrame:
+    """The forecast rows as one table by ticker, date and model (in ``models``' order)."""
     table = pd.concat(rows, ignore_index=True)
     table["ticker"] = table["ticker"].astype(str)
-    table["model"] = pd.Categorical(table["model"], categories=lstms + [RIDGE, MEAN, NAIVE])
+    table["model"] = pd.Categorical(table["model"], categories=models)
     table = table.sort_values(["ticker", "date", "model"], kind="stable", ignore_index=True)
     table["model"] = table["model"].astype(str)
-    seconds["table"] += time.perf_counter() - t
-    return WalkForward(table, pd.DataFrame(fold_rows), lstms + [RIDGE, MEAN, NAIVE], lstms, seconds, notes)
+    return table
+
+
+def _take(done: dict, k: int, rows: list, fold_rows: list, on_fold: FoldCallback | None) -> dict:
+    """A fold an earlier attempt finished (FoldStore): its forecast and folds-table rows; -> the warm-start
+    weights after it."""
+    rows += done["rows"]
+    fold_rows.extend(done["folds"])
+    if on_fold is not None and done["folds"]:
+        on_fold(k, pd.DataFrame(done["folds"]))
+    return done["previous"]
 
 
 def _calendar_notes(panel: dict) -> list[str]:

@@ -231,6 +231,9 @@ class BacktestConfig:
     clips: tuple[ClipConfig, ...] | None = _opt(
         None, "LSTMs compared, one per clip config: a method name or a clip mapping, each over the spec's clip "
               "section; null = unclipped and the spec's clip", entries=ClipConfig)
+    resume: bool = _opt(
+        True, "keep each finished fold in train.checkpoint_dir/backtest/ until the backtest ends, so that a killed "
+              "backtest run again (same config and data) refits only the folds it had not finished")
     ridge_tune: bool = _opt(
         True, "choose ridge's penalty per fold (0.1 .. 1e5) on the fold's inner validation split; false = "
               "model.ridge_alpha")

@@ -4,7 +4,11 @@ one MLflow run. The forecast task's data; its own models (``fincast.backtest``) 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,6 +32,8 @@ from fincast.runs import forecast, setup
 from fincast.runs.record import device_tag, ended, git_commit, metric_name
 from fincast.training import fit, predict, seed_everything
 
+log = logging.getLogger("fincast.backtest")
+
 
 @dataclass
 class BacktestOutcome:
@@ -42,6 +48,41 @@ class BacktestOutcome:
     device: str
     seconds: dict[str, float]  # where the time went; "total" and "model_training" included
     warnings: list[str] = field(default_factory=list)
+
+
+class FoldFiles:
+    """A backtest's finished folds on disk, ``train.checkpoint_dir/backtest/<name>-<key>/fold-<k>.pt``, where the
+    key is a hash of the config (less tracking) and the data's fingerprint: a rerun of the same backtest on the
+    same data takes them instead of refitting; any other config or data starts afresh. Written atomically;
+    removed once the backtest has finished."""
+
+    def __init__(self, cfg: PipelineConfig, fingerprint: str):
+        raw = config_mod.to_dict(cfg)
+        raw.pop("tracking", None)
+        key = hashlib.sha256(json.dumps([raw, fingerprint], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.dir = Path(cfg.train.checkpoint_dir) / "backtest" / f"{cfg.name}-{key}"
+
+    def _path(self, k: int) -> Path:
+        return self.dir / f"fold-{k:05d}.pt"
+
+    def get(self, k: int) -> dict | None:
+        path = self._path(k)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, weights_only=False)  # our own file (forecast tables, weights)
+        except Exception as exc:  # noqa: BLE001 - a damaged file: the fold is refit
+            log.warning("backtest fold file %s could not be read (%s); fold %d is refit", path, exc, k)
+            return None
+
+    def put(self, k: int, done: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(k).with_suffix(".part")
+        torch.save(done, tmp)
+        tmp.replace(self._path(k))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp32"):
@@ -123,8 +164,12 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
             run.log_metrics(out)
             log_seconds += time.perf_counter() - t
 
+        store = FoldFiles(cfg, prices.fingerprint) if cfg.backtest.resume else None
         wf = bt.walk_forward(prices.frames, cfg, fit_lstm=lstm_fitter(cfg, device, precision), progress=progress,
-                             on_fold=on_fold)
+                             on_fold=on_fold, store=store)
+        if wf.resumed:
+            run.set_tags({"fincast.resumed_folds": wf.resumed})
+            log.info("backtest %s: %d finished folds taken from %s", cfg.name, wf.resumed, store.dir)
         t = time.perf_counter()
         ev = bt_eval.evaluate(wf.forecasts, prices.frames, models=wf.models, horizon=cfg.features.horizon,
                               rule=b.position, max_position=b.max_position, cost_bps=b.cost_bps,
@@ -145,6 +190,8 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
         t = time.perf_counter()
         _log_results(run, cfg, ev, out)
         log_seconds += time.perf_counter() - t
+    if store is not None:
+        store.clear()
     seconds = {"data": t_data, **wf.seconds, "evaluate": t_eval, "report": t_report, "tracking": log_seconds}
     seconds["total"] = time.perf_counter() - t_start
     seconds["model_training"] = wf.seconds["lstm_fit"] + wf.seconds["ridge"]

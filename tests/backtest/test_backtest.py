@@ -436,6 +436,40 @@ CLI = ("data.source=synthetic", "data.start=2018-01-01", "data.end=2020-12-31", 
        "backtest.start=2020-06-01", "backtest.refit_every=60")
 
 
+def test_a_killed_backtest_resumes_from_its_finished_folds(tmp_path, monkeypatch):
+    """Killed while fitting fold 3, the same backtest run again refits folds 3 and 4 only (1 and 2 are taken from
+    their files) and ends with the forecasts of an uninterrupted backtest; the files are gone afterwards."""
+    store = (f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_dir={tmp_path / 'art'}",
+             f"train.checkpoint_dir={tmp_path / 'ck'}", "tracking.log_model=false")
+    cfg = _cfg(*store)
+    real_fit, fits = backtest_run.fit, []
+
+    def killed_at(n):
+        def counting(*a, **kw):
+            fits.append(1)
+            if len(fits) == n:
+                raise KeyboardInterrupt
+            return real_fit(*a, **kw)
+        return counting
+
+    monkeypatch.setattr(backtest_run, "fit", killed_at(5))  # 2 LSTMs a fold: the 5th fit is fold 3's first
+    with pytest.raises(KeyboardInterrupt):
+        backtest_run.backtest(cfg, out_dir=tmp_path / "r1")
+    assert len(list((tmp_path / "ck" / "backtest").glob("*/fold-*.pt"))) == 2
+    fits.clear()
+    monkeypatch.setattr(backtest_run, "fit", killed_at(0))
+    resumed = backtest_run.backtest(cfg, out_dir=tmp_path / "r2")
+    assert len(fits) == 4 and resumed.folds == 4
+    assert not list((tmp_path / "ck" / "backtest").glob("*/fold-*.pt"))
+    from fincast import tracking
+
+    assert tracking.get_run(resumed.run_id, cfg.tracking).data.tags["fincast.resumed_folds"] == "2"
+    straight = backtest_run.backtest(_cfg(*store, "backtest.resume=false"), out_dir=tmp_path / "r3")
+    a, b = (pd.read_csv(tmp_path / r / "backtest" / cfg.name / "forecasts.csv") for r in ("r2", "r3"))
+    pd.testing.assert_frame_equal(a, b)
+    assert straight.folds == 4
+
+
 def test_backtest_cli_end_to_end(tmp_path, capsys):
     from fincast import tracking
 
