@@ -92,7 +92,8 @@ class TrainConfig:
     patience: int | None = _opt(10, "early stopping: epochs without val-loss improvement (null = off)", ge=1)
     min_delta: float = _opt(0.0, "early stopping: improvement smaller than this does not count", ge=0)
     threads: int | None = _opt(
-        None, "CPU threads for torch; null = all cores, less one for the metric writer process", ge=1, le=1024)
+        None, "CPU threads for torch; null = all cores, less one for the metric writer process (a backtest: 1, the "
+              "fastest for its small LSTMs)", ge=1, le=1024)
     checkpoint: bool = _opt(
         True, "save a checkpoint at each epoch end to checkpoint_dir/<run id>.pt (for `fincast resume`)")
     checkpoint_every: int | None = _opt(None, "also save a checkpoint every this many steps (null = epoch ends only)", ge=1)

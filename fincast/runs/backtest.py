@@ -140,7 +140,9 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
     t_start = time.perf_counter()
     prices = forecast.load(cfg, progress=progress)
     t_data = time.perf_counter() - t_start
-    device, precision = setup.prepare(cfg)
+    # one torch thread unless train.threads says otherwise: a backtest's small LSTMs train as fast on one thread
+    # as on all cores of an idle machine and far faster on a loaded one (docs/backtests.md)
+    device, precision = setup.prepare(cfg, default_threads=1)
     b = cfg.backtest
     experiment = cfg.tracking.experiment or cfg.name
     window = "expanding" if b.window == "expanding" else f"rolling{b.window}"
@@ -205,7 +207,7 @@ def _tags(cfg: PipelineConfig, prices, device: torch.device, precision: str) -> 
         "fincast.data_source": prices.source, "fincast.data_fingerprint": prices.fingerprint,
         "fincast.tickers": ",".join(cfg.data.tickers), "fincast.pipeline": cfg.name,
         "fincast.device": device_tag(device), "fincast.precision": precision,
-        "fincast.models": ",".join(bt.model_names(cfg)),
+        "fincast.threads": torch.get_num_threads(), "fincast.models": ",".join(bt.model_names(cfg)),
     }
 
 

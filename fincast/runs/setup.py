@@ -15,12 +15,14 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def threads(cfg: PipelineConfig, *, writer: bool, device: torch.device) -> int:
-    """torch CPU threads: train.threads, else this process's share of the cores, less one for a metric writer
-    process (the default model is as fast on one thread as on two, and idle OpenMP threads spin and starve
-    the writer)."""
+def threads(cfg: PipelineConfig, *, writer: bool, device: torch.device, default: int | None = None) -> int:
+    """torch CPU threads: train.threads, else ``default`` (a backtest's: 1), else this process's share of the
+    cores, less one for a metric writer process (the default model is as fast on one thread as on two, and idle
+    OpenMP threads spin and starve the writer)."""
     if cfg.train.threads is not None:
         return cfg.train.threads
+    if default is not None:
+        return default
     share = cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, share - (1 if writer and device.type == "cpu" else 0))
 
@@ -45,10 +47,11 @@ def device(cfg: PipelineConfig) -> torch.device:
     return dev
 
 
-def prepare(cfg: PipelineConfig, *, writer: bool = False) -> tuple[torch.device, str]:
-    """(device, precision) of a run, with torch's threads set for it."""
+def prepare(cfg: PipelineConfig, *, writer: bool = False, default_threads: int | None = None) -> tuple[torch.device, str]:
+    """(device, precision) of a run, with torch's threads set for it (``default_threads`` when train.threads is
+    null)."""
     from fincast.training import resolve_precision
 
     dev = device(cfg)
-    torch.set_num_threads(threads(cfg, writer=writer, device=dev))
+    torch.set_num_threads(threads(cfg, writer=writer, device=dev, default=default_threads))
     return dev, resolve_precision(cfg.train.precision, dev)

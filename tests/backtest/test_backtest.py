@@ -463,7 +463,8 @@ def test_a_killed_backtest_resumes_from_its_finished_folds(tmp_path, monkeypatch
     assert not list((tmp_path / "ck" / "backtest").glob("*/fold-*.pt"))
     from fincast import tracking
 
-    assert tracking.get_run(resumed.run_id, cfg.tracking).data.tags["fincast.resumed_folds"] == "2"
+    tags = tracking.get_run(resumed.run_id, cfg.tracking).data.tags
+    assert tags["fincast.resumed_folds"] == "2" and tags["fincast.threads"] == "1"  # (train.threads null)
     straight = backtest_run.backtest(_cfg(*store, "backtest.resume=false"), out_dir=tmp_path / "r3")
     a, b = (pd.read_csv(tmp_path / r / "backtest" / cfg.name / "forecasts.csv") for r in ("r2", "r3"))
     pd.testing.assert_frame_equal(a, b)
