@@ -359,7 +359,9 @@ class PipelineConfig:
 class StudySettings:
     """The ``study:`` section of a study spec (pipelines/stability_*.yaml): how the runs are executed and
     judged. The grid itself is the spec's ``matrix``."""
-    workers: int | None = _opt(None, "parallel worker processes; null = one per CPU core", ge=1, le=256)
+    workers: int | None = _opt(
+        None, "parallel worker processes; null = one per GPU when the runs train on CUDA (each worker its GPU), else "
+              "one per CPU core", ge=1, le=256)
     threads: int | None = _opt(None, "torch CPU threads per worker; null = cores / workers (at least 1)", ge=1, le=1024)
     batch_runs: int | Literal["auto"] = _opt(
         "auto", "runs trained together as one stack by the training engine (same task, data, features, model and "

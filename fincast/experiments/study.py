@@ -46,10 +46,9 @@ from fincast import tracking
 from fincast.clipping import label as clip_label
 from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, short_float
 from fincast.experiments.spec import _UNHASHED, _merge, base_config, config_hash, read_spec, spec_common
-from fincast.experiments.workers import plan_chunks, worker_pool
+from fincast.experiments.workers import plan_chunks, study_workers, visible_gpus, worker_pool
 from fincast.runs import driver
 from fincast.runs.record import Keeping, ended
-from fincast.runs.setup import cores
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
 
 log = logging.getLogger("fincast.study")
@@ -272,17 +271,19 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     if amp and not torch.cuda.is_available():  # they would silently train in fp32: cells that differ in name only
         raise FincastError(f"study {study.name}: train.precision={','.join(amp)} needs CUDA, and this machine has "
                            "none; drop that axis or run the study on a GPU machine")
-    workers = min(study.settings.workers or cores(), len(study.jobs))
-    threads = study.settings.threads or max(1, cores() // workers)
+    device = study.jobs[0].cfg.train.device
+    gpus = visible_gpus(device)
+    workers, threads = study_workers(study.settings, device, len(study.jobs), gpus)
     # the bar shows from the start (kernel build, data, store, worker start-up), then moves once per run
     bar = tqdm(total=len(study.jobs), desc=f"study {study.name} (starting)", unit="run", disable=not progress)
     try:
-        return _run(study, bar, workers, threads, progress, t0)
+        return _run(study, bar, workers, threads, progress, t0, gpus)
     finally:
         bar.close()
 
 
-def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0: float) -> StudyOutcome:
+def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0: float,
+         gpus: int = 0) -> StudyOutcome:
     import torch
 
     device = study.jobs[0].cfg.train.device
@@ -294,7 +295,8 @@ def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0
 
         cpu_kernel()  # built (once per machine) or loaded here, before the workers fork: they inherit it
     tracking.preload_store(tracking.resolve_uri(study.tracking))  # (imports only, inherited by forked workers)
-    with _lock(study), worker_pool(workers, threads, tracking.resolve_uri(study.tracking)) as (pool, store_ready):
+    uri = tracking.resolve_uri(study.tracking)
+    with _lock(study), worker_pool(workers, threads, uri, gpus=gpus) as (pool, store_ready):
         # load (and cache) the data once here: a bad source fails now, with its own message, not in every
         # worker; the workers then use exactly these data (no refresh), and runs on other data are not "done"
         fingerprint = driver.load_data(study.jobs[0].cfg, progress=progress).fingerprint

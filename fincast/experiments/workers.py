@@ -31,7 +31,7 @@ from fincast.runs.setup import cores
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True):
+def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True, gpus: int = 0):
     """(worker pool, store_ready): the worker processes (None: run in this process) and the function that tells
     them the MLflow store exists. Workers start at once and warm up while this process loads the data and sets
     up the parent run.
@@ -40,29 +40,32 @@ def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True):
     the workers are forked from this process before it opens the store or reads data: they start in
     milliseconds with everything imported. (With more torch threads a fork is unsafe if this process ever ran
     a parallel torch op: the child's OpenMP pool would deadlock.) Otherwise they come from a forkserver that
-    imports fincast once."""
+    imports fincast once. With ``gpus`` (GPUs visible), worker i takes GPU i mod gpus as its default CUDA
+    device (``torch.cuda.set_device``), so a study's stacks spread over every GPU."""
     if workers <= 1:
+        if gpus:
+            _take_gpu(0, gpus)
         yield None, lambda: None
         return
     import torch
 
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
-    fork = (fork_ok and sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
-            and threads == 1 and not torch.cuda.is_initialized())
+    fork = (fork_ok and not gpus and sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
+            and not others and threads == 1 and not torch.cuda.is_initialized())
     if fork:
         ctx = mp.get_context("fork")
     else:
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
         if ctx.get_start_method() == "forkserver":
             ctx.set_forkserver_preload(["fincast.runs.driver"])  # (includes the metric writer's fincast.tracking)
-    ready, opened = ctx.Event(), ctx.Value("b", 0)
+    ready, opened, started = ctx.Event(), ctx.Value("b", 0), ctx.Value("i", 0)
 
     def store_ready() -> None:
         opened.value = 1
         ready.set()
 
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                  initargs=(threads, uri, ready, opened))
+                                  initargs=(threads, uri, ready, opened, started, gpus))
     try:
         pool.submit(int)  # start the workers now (a fork pool starts all of them at once)
         yield pool, store_ready
@@ -150,12 +153,18 @@ def run_bytes(cfg: PipelineConfig, features: int = 32) -> int:
     return per_step + params
 
 
-def _worker_init(threads: int, uri: str, ready: Any, opened: Any) -> None:
-    """A worker process: its share of the cores, quiet logs (the driver reports), death with the driver, and
-    the first run's one-off costs paid while the driver sets up."""
+def _worker_init(threads: int, uri: str, ready: Any, opened: Any, started: Any = None, gpus: int = 0) -> None:
+    """A worker process: its share of the cores, its GPU (the i-th worker started: GPU i mod ``gpus``), quiet
+    logs (the driver reports), death with the driver, and the first run's one-off costs paid while the driver
+    sets up."""
     import torch
 
     torch.set_num_threads(threads)
+    if gpus and started is not None:
+        with started.get_lock():
+            index = started.value
+            started.value += 1
+        _take_gpu(index, gpus)
     logging.getLogger("fincast").setLevel(logging.ERROR)
     _die_with_parent()
     warm_up()
@@ -176,6 +185,34 @@ def _die_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _take_gpu(index: int, gpus: int) -> int:
+    """Make GPU ``index mod gpus`` this process's default CUDA device ("cuda" means it); -> that GPU."""
+    import torch
+
+    gpu = index % gpus
+    torch.cuda.set_device(gpu)
+    return gpu
+
+
+def study_workers(settings: Any, device: str, runs: int, gpus: int) -> tuple[int, int]:
+    """(workers, torch threads each) of a study: ``study.workers``, else one per GPU when it trains on CUDA
+    (``gpus`` visible), else one per core; at most one per run. Threads: ``study.threads``, else the cores
+    shared out."""
+    use_gpus = gpus if device in ("auto", "cuda") else 0
+    workers = max(1, min(settings.workers or use_gpus or cores(), runs))
+    return workers, settings.threads or max(1, cores() // workers)
+
+
+def visible_gpus(device: str) -> int:
+    """GPUs a run on ``train.device`` would use: none for cpu/mps or a torch built without CUDA (asked without
+    touching CUDA), else torch.cuda.device_count()."""
+    import torch
+
+    if device not in ("auto", "cuda") or not torch.backends.cuda.is_built():
+        return 0
+    return torch.cuda.device_count()
 
 
 def plan_workers(sweep: Any, gpus: int) -> tuple[int, int | None, list[int | None]]:

@@ -399,3 +399,33 @@ def test_a_study_run_keeps_what_varies_and_the_key_settings_as_params(tmp_path):
     assert {"clip.method", "clip.norm.max_norm", "train.lr", "train.seed"} <= keep.params
     assert {"data.tickers", "model.hidden_size", "train.optimizer"} <= keep.params  # key settings
     assert not {"tracking.log_every", "tracking.run_name", "monitor.spike_window", "data.cache_dir"} & keep.params
+
+
+@pytest.mark.parametrize(("workers", "threads", "device", "gpus", "cores_", "runs", "expected"), [
+    (None, None, "auto", 4, 16, 100, (4, 4)),   # one worker per GPU, the cores shared out
+    (None, None, "cuda", 2, 16, 100, (2, 8)),
+    (None, None, "auto", 0, 16, 100, (16, 1)),  # no GPU: one per core
+    (None, None, "cpu", 4, 8, 100, (8, 1)),     # a CPU study ignores the GPUs
+    (None, None, "auto", 4, 16, 3, (3, 5)),     # never more workers than runs
+    (6, 2, "auto", 4, 16, 100, (6, 2)),         # study.workers and study.threads win
+])
+def test_a_study_takes_a_worker_per_gpu(monkeypatch, workers, threads, device, gpus, cores_, runs, expected):
+    from types import SimpleNamespace
+
+    from fincast.experiments import workers as workers_mod
+
+    monkeypatch.setattr(workers_mod, "cores", lambda: cores_)
+    settings = SimpleNamespace(workers=workers, threads=threads)
+    assert workers_mod.study_workers(settings, device, runs, gpus) == expected
+
+
+def test_each_worker_takes_the_next_gpu_round_robin(monkeypatch):
+    """Worker i (in the order they start) makes GPU i mod gpus its default CUDA device."""
+    import torch
+
+    from fincast.experiments import workers as workers_mod
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert [workers_mod._take_gpu(i, 3) for i in range(5)] == [0, 1, 2, 0, 1] == chosen
+    assert workers_mod.visible_gpus("cpu") == 0  # asked without touching CUDA
