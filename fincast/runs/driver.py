@@ -10,7 +10,6 @@ evaluation, artifacts) comes from the task module that ``cfg.task`` names (``fin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +29,7 @@ from fincast.runs.record import (
     BATCH_TAG,
     Keeping,
     TrainOutcome,
+    all_ended_on_error,
     ended,
     ended_on_error,
     log_fit_outcome,
@@ -247,22 +247,24 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
     for cfg in cfgs:
         seed_everything(cfg.train.seed)
         models.append(task.build_model(cfg, splits).to(device))
-    runs = []
-    with contextlib.ExitStack() as stack:
+    runs: list = []
+    # until trained, a failure ends every opened run (FAILED, or KILLED on an interrupt); from then on each run
+    # ends on its own. (Not an ExitStack of per-run context managers popped after training: the popped
+    # generators, collected, would end every run KILLED before it closed.)
+    with all_ended_on_error([]) as opened:
         for i, cfg in enumerate(cfgs):
             extra = {**((tags or [{}] * len(cfgs))[i]), BATCH_TAG: str(len(cfgs))}
             if parent_run_id is not None:
                 extra["mlflow.parentRunId"] = parent_run_id
             run, name = open_one(cfg, data, splits, models[i], device, precision, writer=None, extra_tags=extra,
                                  params=keep.params)
-            stack.enter_context(ended_on_error(run))
+            opened.append(run)
             runs.append((run, name, *checkpointer(cfg, run.run_id, data.fingerprint)))
         results = train_runs(models, splits.train, splits.val, [c.train for c in cfgs], [c.clip for c in cfgs],
                              device=device, precision=precision, log_every=cfg0.tracking.log_every,
                              metric_every=cfg0.tracking.metric_every,
                              sinks=[r.log_metrics for r, *_ in runs], monitor=cfg0.monitor, progress=progress,
                              checkpoints=[save for _, _, save, _ in runs], cuda_graphs=cfg0.train.cuda_graphs)
-        stack.pop_all()  # trained: from here each run ends on its own
 
     shared: dict = {}  # the baselines, computed by the first run to close
 

@@ -117,6 +117,22 @@ def ended_on_error(run: tracking.Run) -> Iterator[tracking.Run]:
 
 
 @contextlib.contextmanager
+def all_ended_on_error(runs: list[tracking.Run]) -> Iterator[list[tracking.Run]]:
+    """End every run in ``runs`` (a list the block may append to) only if the block fails: FAILED, or KILLED on
+    an interrupt (re-raised)."""
+    try:
+        yield runs
+    except Exception:
+        for run in runs:
+            run.end("FAILED")
+        raise
+    except BaseException:
+        for run in runs:
+            run.end("KILLED")
+        raise
+
+
+@contextlib.contextmanager
 def ended(run: tracking.Run, status: Callable[[], str] = lambda: "FINISHED") -> Iterator[tracking.Run]:
     """End ``run`` when the block ends: ``status()`` when it completes (FINISHED; a study or sweep whose runs
     partly failed says FAILED), FAILED on an error, KILLED on an interrupt (re-raised). The one place runs,

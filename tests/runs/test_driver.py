@@ -119,3 +119,30 @@ def test_a_resume_on_changed_data_is_refused(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(FincastError, match="the data changed since the checkpoint"):
         driver._load_for_run(cfg, 0, {"data_fingerprint": "not-these-data"}, progress=False)
+
+
+def test_each_run_of_a_stack_ends_once_finished(tmp_path, monkeypatch):
+    """A stack's runs end once each, FINISHED when closed: never first KILLED by the failure guard of the
+    training phase (its generators, collected, used to end every run KILLED before it was closed)."""
+    monkeypatch.setitem(registry.TASKS, "forecast", _toy())
+    ends = []
+    real_end = tracking.Run.end
+    monkeypatch.setattr(tracking.Run, "end", lambda self, status="FINISHED": (ends.append((self.run_id, status)),
+                                                                             real_end(self, status))[1])
+    outs = driver.train_batch([_cfg(tmp_path, f"train.seed={s}") for s in (0, 1)])
+    assert ends == [(o.run_id, "FINISHED") for o in outs]
+
+
+def test_a_stack_that_fails_in_training_ends_every_run_failed(tmp_path, monkeypatch):
+    monkeypatch.setitem(registry.TASKS, "forecast", _toy())
+
+    def broken(*a, **kw):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(driver, "train_runs", broken)
+    cfgs = [_cfg(tmp_path, f"train.seed={s}") for s in (0, 1)]
+    with pytest.raises(RuntimeError, match="simulated"):
+        driver.train_batch(cfgs)
+    client = MlflowClient(tracking.resolve_uri(cfgs[0].tracking))
+    runs = client.search_runs([client.get_experiment_by_name(cfgs[0].name).experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]
