@@ -183,8 +183,8 @@ def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Mo
     if resume is None:
         with ended_on_error(run):
             flat = config_mod.flatten(config_mod.to_dict(cfg))
-            run.log_params(flat if params is None else {k: v for k, v in flat.items() if k in params})
-            run.log_params({**about.params, "model.parameters": sum(p.numel() for p in model.parameters())})
+            run.log_values(params={**(flat if params is None else {k: v for k, v in flat.items() if k in params}),
+                                   **about.params, "model.parameters": sum(p.numel() for p in model.parameters())})
     return run, about.name
 
 

@@ -154,8 +154,7 @@ def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,
               ("baseline_naive/val_loss", zero_val, result.steps),
               ("grad/clip_rate", float(np.mean(result.history["clipped"])) if result.steps else math.nan,
                result.steps)]
-    run.log_metrics([(k, v, s) for k, v, s in final if math.isfinite(v)])
-    run.set_tags({
+    run.log_values([(k, v, s) for k, v, s in final if math.isfinite(v)], tags={
         "fincast.diverged": str(result.diverged).lower(),
         "fincast.stop_reason": result.stop_reason,
         **({"fincast.diverged_step": result.diverged_step, "fincast.diverged_reason": result.diverged_reason}

@@ -92,6 +92,28 @@ class Run:
         else:
             _log_rows(self.client, self.run_id, rows, now)
 
+    def log_values(self, metrics: Iterable[tuple[str, float, int]] = (), params: dict[str, Any] | None = None,
+                   tags: dict[str, Any] | None = None) -> None:
+        """Metrics (key, value, step), params and tags in one MLflow call when they fit one ``log_batch`` (each
+        call costs ~5 ms on SQLite whatever it holds); metrics go through the writer process when the run has
+        one."""
+        rows = [(k, float(v), int(s)) for k, v, s in metrics]
+        if self.writer is not None and rows:
+            self.log_metrics(rows)
+            rows = []
+        p = [Param(k, _param_str(v)) for k, v in (params or {}).items()]
+        t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if len(rows) <= _MAX_METRICS and len(p) <= _MAX_PARAMS and len(t) <= _MAX_TAGS \
+                and len(rows) + len(p) + len(t) <= _MAX_METRICS:
+            if rows or p or t:
+                now = int(time.time() * 1000)
+                self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, s) for k, v, s in rows], params=p,
+                                      tags=t)
+            return
+        self.log_metrics(rows)
+        self.log_params(params or {})
+        self.set_tags(tags or {})
+
     def flush(self) -> None:
         """Wait until every metric sent so far is stored."""
         if self.writer is not None:

@@ -172,3 +172,21 @@ def test_a_model_logged_on_a_gpu_machine_is_checked_on_the_cpu_quietly(tmp_path,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     loaded = mlflow.pyfunc.load_model(uri)
     np.testing.assert_allclose(np.asarray(loaded.predict(example)).reshape(-1), prediction.reshape(-1), rtol=1e-6)
+
+
+def test_values_go_in_one_call_when_they_fit_and_all_arrive_when_they_do_not(tmp_path):
+    cfg = _cfg(tmp_path, "inline")
+    run = tracking.start_run(cfg, "exp", "r")
+    calls = []
+    real = run.client.log_batch
+    run.client.log_batch = lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1]
+    run.log_values([("m", 1.5, 3)], params={"p": 1}, tags={"t": "x"})
+    assert len(calls) == 1
+    many = {f"p{i}": i for i in range(150)}  # more params than one log_batch takes (100)
+    run.log_values([("m", 2.5, 4)], params=many, tags={"u": "y"})
+    assert len(calls) > 2
+    run.end()
+    stored = tracking.get_run(run.run_id, cfg)
+    assert stored.data.params["p"] == "1" and stored.data.params["p149"] == "149" and len(stored.data.params) == 151
+    assert stored.data.tags["t"] == "x" and stored.data.tags["u"] == "y"
+    assert tracking.metric_history(run.run_id, "m", cfg) == [(3, 1.5), (4, 2.5)]
