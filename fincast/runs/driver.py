@@ -203,7 +203,7 @@ def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, spl
         for f in files:
             run.log_artifact(f)
     if keep.models == "log" and cfg.tracking.log_model and result.best_epoch > 0:  # weights that validated finitely
-        log_run_model(run, model, splits.test.x[:2], device)
+        log_run_model(run, model, splits.test.x[:2], device, fmt=cfg.tracking.model_format)
     return TrainOutcome(run.run_id, name, cfg.tracking.experiment or cfg.name, run.uri, str(device), precision, result,
                         done.metrics, {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
                         data.warnings, str(path) if path is not None and path.is_file() else None, task=cfg.task,

@@ -49,7 +49,7 @@ def export(run_id: str, *, tracking_uri: str | None = None) -> Exported:
     splits = task.prepare(cfg, data)
     model = task.build_model(cfg, splits)
     model.load_state_dict(weights.load(uri, run_id, parent, where))
-    log_model(tracking.attach(uri, run_id), model, splits.test.x[:2], torch.device("cpu"))
+    log_model(tracking.attach(uri, run_id), model, splits.test.x[:2], torch.device("cpu"), fmt=cfg.tracking.model_format)
     return Exported(run_id, run.info.run_name, uri, sum(p.numel() for p in model.parameters()))
 
 

@@ -164,11 +164,13 @@ def log_fit_outcome(run: tracking.Run, result: FitResult, val_y: np.ndarray,
     return zero_val
 
 
-def log_model(run: tracking.Run, model: torch.nn.Module, example: np.ndarray, device: torch.device) -> None:
-    """Log the model with an input example and its prediction (the signature), computed on the CPU."""
+def log_model(run: tracking.Run, model: torch.nn.Module, example: np.ndarray, device: torch.device,
+              fmt: str = "pickle") -> None:
+    """Log the model with an input example and its prediction (the signature), computed on the CPU; ``fmt``:
+    tracking.model_format (pickle ships fincast's code beside the model, so it loads without fincast)."""
     with torch.no_grad():
         prediction = model.cpu().eval()(torch.as_tensor(example)).numpy()
-    run.log_model(model, example, prediction)
+    run.log_model(model, example, prediction, fmt=fmt, code_paths=[str(Path(fincast.__file__).parent)])
     model.to(device)
 
 

@@ -129,8 +129,11 @@ class Run:
             p.write_text(text)
             self.log_artifact(p)
 
-    def log_model(self, model: Any, example: np.ndarray, prediction: np.ndarray) -> str:
-        """Log a torch model with its signature and input example; returns the model URI."""
+    def log_model(self, model: Any, example: np.ndarray, prediction: np.ndarray, *, fmt: str = "pt2",
+                  code_paths: list[str] | None = None) -> str:
+        """Log a torch model (on the CPU) with its signature and input example; returns the model URI. ``fmt``:
+        "pt2" (torch.export: a graph, no pickle; loads on the CPU) or "pickle" (the module pickled, with
+        ``code_paths`` beside it for its classes; loads on any device)."""
         import torch
         from mlflow import pytorch as mlflow_pytorch
         from mlflow.models import infer_signature
@@ -138,11 +141,12 @@ class Run:
         signature = infer_signature(example, prediction)
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False), warnings.catch_warnings(), \
-                _cpu_prediction():
+                _cpu_prediction(), _quiet("mlflow.pytorch"):
             # torch.export (MLflow's default pt2 format) warns about nn.LSTM's flat weights; harmless
             warnings.filterwarnings("ignore", message=".*were assigned during export.*")
             info = mlflow_pytorch.log_model(
-                model, name="model", signature=signature, input_example=example,
+                model, name="model", signature=signature, input_example=example, serialization_format=fmt,
+                code_paths=code_paths if fmt == "pickle" else None,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
         return info.model_uri
@@ -159,6 +163,19 @@ class Run:
     @property
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors from ``logger`` for the block (MLflow warns on every pickled model that pickles run code when
+    loaded: fincast's own models, loaded by their owners; docs/training.md says so once)."""
+    log_ = logging.getLogger(logger)
+    level = log_.level
+    log_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log_.setLevel(level)
 
 
 @contextlib.contextmanager
