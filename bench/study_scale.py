@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = (ROOT.parent / "shared" / "data" / "crypto").resolve()
+DATA = Path(os.environ.get("DATA") or ROOT.parent / "shared" / "data" / "crypto").resolve()  # DATA=dir: elsewhere
 LRS = "[0.01, 0.03, 0.1, 0.3, 1.0]"
 
 
