@@ -299,7 +299,8 @@ def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0
     with _lock(study), worker_pool(workers, threads, uri, gpus=gpus) as (pool, store_ready):
         # load (and cache) the data once here: a bad source fails now, with its own message, not in every
         # worker; the workers then use exactly these data (no refresh), and runs on other data are not "done"
-        fingerprint = driver.load_data(study.jobs[0].cfg, progress=progress).fingerprint
+        data = driver.load_data(study.jobs[0].cfg, progress=progress)
+        fingerprint = data.fingerprint
         store = tracking.StudyStore(study.tracking, study.name)
         store_ready()  # the workers may open the store now (two processes creating it at once collide)
         parent = store.parent_run(params=_parent_params(study))
@@ -310,6 +311,7 @@ def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0
                 todo = [j for j in study.jobs if j.hash not in done]
                 skipped = len(study.jobs) - len(todo)
                 _log_spec(parent, study, fingerprint)
+                _log_baselines(parent, study, data)
                 if skipped:
                     log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
                              len(study.jobs), len(todo))
@@ -352,6 +354,15 @@ def keeping(study: Study) -> Keeping:
                                           for f in flats[1:])}
     varying -= {"tracking.run_name"}  # the run's name is its MLflow name already
     return Keeping("weights", frozenset(varying | set(KEY_SETTINGS)), series="parent", figures=False)
+
+
+def _log_baselines(parent: tracking.Run, study: Study, data: Any) -> None:
+    """The baselines' test metrics, once, on the parent run (every run of the study shares its data and test
+    samples; runs on other features or data axes differ, and record their own as well)."""
+    try:
+        parent.log_values([(k, v, 0) for k, v in driver.baselines(study.jobs[0].cfg, data)])
+    except Exception as exc:  # noqa: BLE001 - a study goes on without them; its runs still record theirs
+        log.warning("study %s: the baselines could not be computed for the parent run: %s", study.name, exc)
 
 
 def _log_spec(parent: tracking.Run, study: Study, fingerprint: str) -> None:

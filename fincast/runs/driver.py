@@ -53,6 +53,12 @@ def load_data(cfg: PipelineConfig, *, progress: bool = False, refresh: bool = Fa
     return task_named(cfg.task).load(cfg, progress=progress, refresh=refresh)
 
 
+def baselines(cfg: PipelineConfig, data: Data) -> list[tuple[str, float]]:
+    """The task's baselines' test metrics on these data (no model): a study records them once, on its parent."""
+    task = task_named(cfg.task)
+    return task.baselines(cfg, data, task.prepare(cfg, data))
+
+
 def train(cfg: PipelineConfig, *, progress: bool = False, tags: dict[str, str] | None = None,
           parent_run_id: str | None = None, on_epoch: OnEpoch | None = None,
           keep: Keeping = KEEP_ALL) -> TrainOutcome | None:

@@ -89,11 +89,21 @@ def evaluate_test(model: torch.nn.Module, fs: features.FeatureSet, cfg: Pipeline
         predictions["y_pred"] = np.nan
     shared = {} if shared is None else shared
     if "forecast_baselines" not in shared:
-        ridge = ridge_forecast(fs.train.x, fs.train.y, test.x, alpha=cfg.model.ridge_alpha) * test.scale
-        shared["forecast_baselines"] = {"baseline_naive": forecast_metrics(test.y_raw, naive_forecast(len(test))),
-                                        "baseline_ridge": forecast_metrics(test.y_raw, ridge)}
+        shared["forecast_baselines"] = baseline_metrics(fs, cfg)
     out.update({k: dict(v) for k, v in shared["forecast_baselines"].items()})
     return out, predictions
+
+
+def baseline_metrics(fs: features.FeatureSet, cfg: PipelineConfig) -> dict[str, dict[str, float]]:
+    """The zero forecast's and ridge's test metrics."""
+    test = fs.test
+    ridge = ridge_forecast(fs.train.x, fs.train.y, test.x, alpha=cfg.model.ridge_alpha) * test.scale
+    return {"baseline_naive": forecast_metrics(test.y_raw, naive_forecast(len(test))),
+            "baseline_ridge": forecast_metrics(test.y_raw, ridge)}
+
+
+def baselines(cfg: PipelineConfig, data: Prices, splits: features.FeatureSet) -> list[tuple[str, float]]:
+    return [(f"{m}/{k}", v) for m, vals in baseline_metrics(splits, cfg).items() for k, v in vals.items()]
 
 
 def write_artifacts(d: Path, cfg: PipelineConfig, fs: features.FeatureSet, result: FitResult,

@@ -215,16 +215,30 @@ def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.M
     """Test prices of the LSTM and the baselines; tables and figures into reports/options/<name>/ (the run's
     artifacts too; ``artifact_dir`` is not used)."""
     ev, table = evaluate_test(model, splits.set, cfg, device, usable=result.best_epoch > 0, shared=shared)
-    test_metrics = []
-    for model_name, row in ev.stats.iterrows():
-        prefix = "test" if model_name == LSTM else f"baseline_{model_name}"
-        test_metrics += [(f"{prefix}/{metric_name(k)}", float(v)) for k, v in row.items()
-                         if k != "Contracts" and math.isfinite(float(v))]
+    test_metrics = _stat_metrics(ev.stats)
     out_dir = Path("reports") / "options" / cfg.name
     files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
                           draw_figures=draw_figures)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
     return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped})
+
+
+def _stat_metrics(stats: pd.DataFrame) -> list[tuple[str, float]]:
+    """The evaluation table as metrics: ``test/...`` for the LSTM, ``baseline_<name>/...`` for the others."""
+    out = []
+    for model_name, row in stats.iterrows():
+        prefix = "test" if model_name == LSTM else f"baseline_{model_name}"
+        out += [(f"{prefix}/{metric_name(k)}", float(v)) for k, v in row.items()
+                if k != "Contracts" and math.isfinite(float(v))]
+    return out
+
+
+def baselines(cfg: PipelineConfig, data: Market, splits: Samples) -> list[tuple[str, float]]:
+    c = splits.set.frames["test"]
+    ev = option_model.evaluate(c, baseline_prices(c, cfg.options.hist_vols),
+                               moneyness_edges=cfg.options.moneyness_buckets,
+                               maturity_edges=cfg.options.maturity_buckets)
+    return _stat_metrics(ev.stats)
 
 
 OPTION_NAMES = {"lstm": "LSTM", "bs_vol_index": "BS vol index", "true_model": "true model"}

@@ -78,6 +78,10 @@ class Task(Protocol):
         whose curves its report draws). ``shared``: one dict for the runs of a stack (same data and samples):
         the baselines' test predictions are computed by the first run and kept there for the others."""
 
+    def baselines(self, cfg: PipelineConfig, data: Data, splits: Splits) -> list[tuple[str, float]]:
+        """The baselines' test metrics, as ``finish`` names them (``baseline_<name>/<metric>``), without a model:
+        what a study records once on its parent run."""
+
     def summary(self, out: Any, seconds: float) -> str:
         """``fincast train``'s printed summary of a TrainOutcome."""
 

@@ -258,6 +258,10 @@ def test_study_then_report_end_to_end(tmp_path, capsys):
     assert set(tracking.list_artifacts(runs[0].info.run_id, store_cfg)) == {"config.yaml", "predictions.csv"}
     parent_id = runs[0].data.tags["mlflow.parentRunId"]
     assert [a for a in tracking.list_artifacts(parent_id, store_cfg) if a.startswith("series")] == ["series"]
+    # the baselines, once on the parent: what every run on these data measured
+    on_parent = tracking.get_run(parent_id, store_cfg).data.metrics
+    for key in ("baseline_naive/rmse", "baseline_ridge/rmse", "baseline_ridge/directional_accuracy"):
+        assert {r.data.metrics[key] for r in runs} == {on_parent[key]}, key
 
     code = cli.main(["report", "stability", "--study", "tiny_study", "--tracking-uri",
                      f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(tmp_path / "reports")])

@@ -54,7 +54,7 @@ def _toy(finish_error: BaseException | None = None, calls: list | None = None):
 def test_every_registered_task_implements_the_protocol():
     wanted = {n: inspect.signature(f) for n, f in vars(Task).items() if inspect.isfunction(f) and not n.startswith("_")}
     assert set(wanted) == {"load", "fetch", "prepare", "build_model", "describe", "finish", "summary",
-                           "missing_local_data"}
+                           "missing_local_data", "baselines"}
     for name, module in registry.TASKS.items():
         for fn, sig in wanted.items():
             own = inspect.signature(getattr(module, fn))

@@ -778,6 +778,12 @@ def test_train_options_end_to_end(tmp_path, monkeypatch, capsys):
     os_, _, _ = options_task.align(cfg, options_task.load(cfg))
     assert m["baseline_naive/val_loss"] == pytest.approx(float(np.mean(os_.val.y.astype(np.float64) ** 2)), rel=1e-6)
     assert len(os_.test) == len(pred)
+    # the baselines without a model (what a study records once on its parent) are what the run logged
+    market = options_task.load(cfg)
+    base = dict(options_task.baselines(cfg, market, options_task.prepare(cfg, market)))
+    assert any(k.startswith("baseline_bs_hv") for k in base) and "baseline_true_model/price_rmse" in base
+    for key, value in base.items():
+        assert m[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
     # per-step training series: every step in the run's series file, MLflow's at its cadence (each epoch's end)
     series = pd.read_parquet(tracking.download_artifact(cfg_t.uri, run_id, "series.parquet", tmp_path / "dl"))
