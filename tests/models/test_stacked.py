@@ -356,8 +356,8 @@ def test_study_driver_does_not_query_cuda_before_it_forks_workers(tmp_path, monk
 
 @pytest.mark.slow  # one study (~5 s)
 def test_a_stack_computes_its_baselines_once(tmp_path, monkeypatch):
-    """The runs of a stack share their samples: ridge is fitted once per stack (2 stacks of 6 here), and every
-    run records the same baseline metrics."""
+    """The runs of a stack share their samples: ridge is fitted once per stack (2 stacks of 6 here) and once by
+    the study's driver for its parent run, and every run records the same baseline metrics as the parent."""
     from mlflow.tracking import MlflowClient
 
     from fincast.experiments import study as study_mod
@@ -367,9 +367,10 @@ def test_a_stack_computes_its_baselines_once(tmp_path, monkeypatch):
     monkeypatch.setattr(forecast, "ridge_forecast", lambda *a, **kw: fits.append(1) or real(*a, **kw))
     study = _tiny_study(tmp_path, "base", "study.batch_runs=6", "study.workers=1")
     out = study_mod.run(study)
-    assert out.finished == 12 and len(fits) == 2
+    assert out.finished == 12 and len(fits) == 3
     client = MlflowClient(f"sqlite:///{tmp_path / 'base'}.db")
     exp = client.get_experiment_by_name("tiny_study")
     runs = client.search_runs([exp.experiment_id], "tags.`fincast.study_role` = 'child'")
-    assert len({r.data.metrics["baseline_ridge/rmse"] for r in runs}) == 1
-    assert len({r.data.metrics["baseline_naive/rmse"] for r in runs}) == 1
+    parent = client.get_run(out.parent_run_id).data.metrics
+    assert {r.data.metrics["baseline_ridge/rmse"] for r in runs} == {parent["baseline_ridge/rmse"]}
+    assert {r.data.metrics["baseline_naive/rmse"] for r in runs} == {parent["baseline_naive/rmse"]}
