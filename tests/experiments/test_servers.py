@@ -6,13 +6,11 @@ once, both processes train, and the MLflow record matches. Skipped where the ser
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 import uuid
 
 import pytest
+from driver_pair import drive_and_join
 from test_sweep import finished, write_spec
 from tiny_study import TINY
 
@@ -39,30 +37,15 @@ def test_a_sweep_from_two_processes_on_postgresql_and_an_mlflow_server(tmp_path)
     over = [*TINY, f"tracking.uri={MLFLOW}", "train.epochs=15", "train.patience=null", "train.batch_size=16"]
     args = [sys.executable, "-m", "fincast", "sweep", str(path), "--storage", POSTGRES, "--quiet",
             *[f"--set={o}" for o in over]]
-    driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    joiner = None
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # the joiner starts once the driver has created the sweep and its parent run
-            assert driver.poll() is None, driver.communicate()
-            assert time.monotonic() < deadline, "the driver never started its parent run"
-            try:
-                if "fincast.parent_run_id" in optuna.load_study(study_name=name, storage=POSTGRES).user_attrs:
-                    break
-            except KeyError:  # not created yet
-                pass
-            time.sleep(0.5)
-        joiner = subprocess.Popen([*args, "--join", name], cwd=tmp_path, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
-        j_out, j_err = joiner.communicate(timeout=300)
-        d_out, d_err = driver.communicate(timeout=300)
-    finally:
-        for p in (driver, joiner):
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    assert joiner.returncode == 0, j_err
-    assert driver.returncode == 0, d_err
+
+    def ready() -> bool:  # the driver has created the sweep and its parent run
+        try:
+            return "fincast.parent_run_id" in optuna.load_study(study_name=name, storage=POSTGRES).user_attrs
+        except KeyError:  # not created yet
+            return False
+
+    pair = drive_and_join(args, [*args, "--join", name], ready, cwd=tmp_path)
+    driver, joiner = pair.driver, pair.joiner
 
     study = optuna.load_study(study_name=name, storage=POSTGRES)
     done = finished(study)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import test_sweep
+from driver_pair import drive_and_join
 from test_sweep import check_runs_match_trials, finished, load_study, write_spec
 
 from fincast.experiments import sweep as sw
@@ -89,26 +90,11 @@ def test_a_second_process_joins_a_running_sweep(tmp_path, stores):
     over = [*stores.overrides, "train.epochs=20", "train.patience=null", "train.batch_size=16"]
     args = _args(path, stores.storage, over)
     db = tmp_path / "optuna.db"
-    driver = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    joiner = None
-    try:
-        deadline = time.monotonic() + 60
-        while not _query(db, "select 1 from study_user_attributes where key = 'fincast.parent_run_id'"):
-            assert driver.poll() is None, driver.communicate()
-            assert time.monotonic() < deadline, "the driver never started its parent run"
-            time.sleep(0.2)
-        joiner = subprocess.Popen([*args, "--join", "tiny_sweep"], cwd=tmp_path, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
-        j_out, j_err = joiner.communicate(timeout=180)
-        d_out, d_err = driver.communicate(timeout=180)
-    finally:
-        for p in (driver, joiner):
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    assert joiner.returncode == 0, j_err
-    assert driver.returncode == 0, d_err
-    assert "joined sweep tiny_sweep" in j_out and f"{n} of {n} trials finished" in d_out
+    started = "select 1 from study_user_attributes where key = 'fincast.parent_run_id'"
+    pair = drive_and_join(args, [*args, "--join", "tiny_sweep"], lambda: bool(_query(db, started)), cwd=tmp_path,
+                          wait_s=60, timeout=180)
+    driver, joiner = pair.driver, pair.joiner
+    assert "joined sweep tiny_sweep" in pair.joiner_out and f"{n} of {n} trials finished" in pair.driver_out
 
     study = load_study(stores.storage, "tiny_sweep")
     done = finished(study)
