@@ -213,10 +213,11 @@ def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.M
            result: FitResult, name: str, artifact_dir: Path, *, draw_figures: bool = True,
            shared: dict | None = None) -> Finished:
     """Test prices of the LSTM and the baselines; tables and figures into reports/options/<name>/ (the run's
-    artifacts too; ``artifact_dir`` is not used)."""
+    artifacts too). A study's run (no figures) writes its tables into ``artifact_dir`` only: its workers would
+    otherwise write one folder at once, and each run could log another's files."""
     ev, table = evaluate_test(model, splits.set, cfg, device, usable=result.best_epoch > 0, shared=shared)
     test_metrics = _stat_metrics(ev.stats)
-    out_dir = Path("reports") / "options" / cfg.name
+    out_dir = Path("reports") / "options" / cfg.name if draw_figures else artifact_dir
     files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
                           draw_figures=draw_figures)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}

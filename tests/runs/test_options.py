@@ -866,3 +866,25 @@ def test_real_spx_chain_aligns_with_the_index():
     tr, va, te = (os_.frames[n]["quote_date"] for n in ("train", "val", "test"))
     assert tr.max() < va.min() <= va.max() < te.min()
     assert len(tr) and len(va) and len(te)
+
+
+def test_a_study_run_keeps_its_tables_to_itself(tmp_path, monkeypatch):
+    """Runs of a study (no figures) write their tables into their own artifact folder, not the shared
+    reports/options/<name>/ that concurrent workers would overwrite under each other."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config_mod.load(SYNTHETIC_SPEC, [*E2E, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                           f"tracking.artifact_dir={tmp_path / 'art'}"])
+    market = options_task.load(cfg)
+    splits = options_task.prepare(cfg, market)
+    model = options_task.build_model(cfg, splits)
+    from fincast.training import FitResult
+
+    result = FitResult(steps=0, epochs=0, stop_reason="epochs", best_val_loss=math.nan, best_epoch=0, step_ms=0.0,
+                       history={"loss": [], "norm_pre": [], "norm_post": []})
+    own = tmp_path / "run_artifacts"
+    own.mkdir()
+    done = options_task.finish(cfg, market, splits, model, torch.device("cpu"), result, "r", own,
+                               draw_figures=False)
+    assert {f.parent for f in done.files} == {own} and (own / "predictions.csv").is_file()
+    assert not (tmp_path / "reports").exists()
+    assert not list(own.glob("*.png"))
