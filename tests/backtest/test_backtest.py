@@ -436,6 +436,7 @@ CLI = ("data.source=synthetic", "data.start=2018-01-01", "data.end=2020-12-31", 
        "backtest.start=2020-06-01", "backtest.refit_every=60")
 
 
+@pytest.mark.slow  # three backtests (~8 s)
 def test_a_killed_backtest_resumes_from_its_finished_folds(tmp_path, monkeypatch):
     """Killed while fitting fold 3, the same backtest run again refits folds 3 and 4 only (1 and 2 are taken from
     their files) and ends with the forecasts of an uninterrupted backtest; the files are gone afterwards."""
