@@ -46,7 +46,7 @@ from fincast import tracking
 from fincast.clipping import label as clip_label
 from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, short_float
 from fincast.experiments.spec import _UNHASHED, _merge, base_config, config_hash, read_spec, spec_common
-from fincast.experiments.workers import plan_chunks, study_workers, visible_gpus, worker_pool
+from fincast.experiments.workers import plan_chunks, visible_gpus, worker_count, worker_pool
 from fincast.runs import driver
 from fincast.runs.record import Keeping, ended
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
@@ -273,7 +273,7 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
                            "none; drop that axis or run the study on a GPU machine")
     device = study.jobs[0].cfg.train.device
     gpus = visible_gpus(device)
-    workers, threads = study_workers(study.settings, device, len(study.jobs), gpus)
+    workers, threads = worker_count(study.settings, device, len(study.jobs), gpus)
     # the bar shows from the start (kernel build, data, store, worker start-up), then moves once per run
     bar = tqdm(total=len(study.jobs), desc=f"study {study.name} (starting)", unit="run", disable=not progress)
     try:
@@ -347,8 +347,8 @@ KEY_SETTINGS = ("data.source", "data.tickers", "data.start", "data.end", "featur
 
 def keeping(study: Study) -> Keeping:
     """What a study's runs keep: their weights and per-step series on the parent run, one file of each per stack
-    (no MLflow model each, no training-curves figure each: the report draws the study's), and as params the keys that vary across the study and the key settings (the whole
-    config is each run's config.yaml)."""
+    (no MLflow model each, no training-curves figure each: the report draws the study's), and as params the
+    keys that vary across the study and the key settings (the whole config is each run's config.yaml)."""
     flats = [config_mod.flatten(config_mod.to_dict(j.cfg)) for j in study.jobs]
     varying = {k for k in flats[0] if any(json.dumps(f.get(k), default=str) != json.dumps(flats[0][k], default=str)
                                           for f in flats[1:])}

@@ -196,10 +196,10 @@ def _take_gpu(index: int, gpus: int) -> int:
     return gpu
 
 
-def study_workers(settings: Any, device: str, runs: int, gpus: int) -> tuple[int, int]:
-    """(workers, torch threads each) of a study: ``study.workers``, else one per GPU when it trains on CUDA
-    (``gpus`` visible), else one per core; at most one per run. Threads: ``study.threads``, else the cores
-    shared out."""
+def worker_count(settings: Any, device: str, runs: int, gpus: int) -> tuple[int, int]:
+    """(workers, torch threads each) of a study or sweep: ``settings.workers``, else one per GPU when it trains
+    on CUDA (``gpus`` visible), else one per core; at most one per run. Threads: ``settings.threads``, else the
+    cores shared out."""
     use_gpus = gpus if device in ("auto", "cuda") else 0
     workers = max(1, min(settings.workers or use_gpus or cores(), runs))
     return workers, settings.threads or max(1, cores() // workers)
@@ -220,16 +220,8 @@ def plan_workers(sweep: Any, gpus: int) -> tuple[int, int | None, list[int | Non
     more workers than GPUs), else one per core; threads = cores / workers."""
     device = sweep.base_cfg.train.device
     use_gpus = gpus if device in ("auto", "cuda") else 0
-    workers = sweep.settings.workers or (use_gpus or cores())
-    workers = max(1, min(workers, sweep.trials))
-    threads = sweep.settings.threads or max(1, cores() // workers)
+    workers, threads = worker_count(sweep.settings, device, sweep.trials, gpus)
     return workers, threads, [i % use_gpus if use_gpus else None for i in range(workers)]
-
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def warm_up() -> None:

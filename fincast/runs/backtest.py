@@ -29,6 +29,7 @@ from fincast.config import FincastError, PipelineConfig
 from fincast.models import build_model
 from fincast.reports import backtest as report_mod
 from fincast.runs import forecast, setup
+from fincast.runs.checkpoints import save_checkpoint
 from fincast.runs.record import device_tag, ended, git_commit, metric_name
 from fincast.training import fit, predict, seed_everything
 
@@ -77,9 +78,7 @@ class FoldFiles:
 
     def put(self, k: int, done: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(k).with_suffix(".part")
-        torch.save(done, tmp)
-        tmp.replace(self._path(k))
+        save_checkpoint(self._path(k), done)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

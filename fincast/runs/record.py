@@ -104,22 +104,9 @@ def open_run(cfg: PipelineConfig, name: str, tags: dict, *, writer: tracking.Met
 
 
 @contextlib.contextmanager
-def ended_on_error(run: tracking.Run) -> Iterator[tracking.Run]:
-    """End ``run`` only if the block fails (FAILED, or KILLED on an interrupt, re-raised)."""
-    try:
-        yield run
-    except Exception:
-        run.end("FAILED")
-        raise
-    except BaseException:  # KeyboardInterrupt, SystemExit
-        run.end("KILLED")
-        raise
-
-
-@contextlib.contextmanager
 def all_ended_on_error(runs: list[tracking.Run]) -> Iterator[list[tracking.Run]]:
     """End every run in ``runs`` (a list the block may append to) only if the block fails: FAILED, or KILLED on
-    an interrupt (re-raised)."""
+    an interrupt (KeyboardInterrupt, SystemExit; re-raised)."""
     try:
         yield runs
     except Exception:
@@ -130,6 +117,13 @@ def all_ended_on_error(runs: list[tracking.Run]) -> Iterator[list[tracking.Run]]
         for run in runs:
             run.end("KILLED")
         raise
+
+
+@contextlib.contextmanager
+def ended_on_error(run: tracking.Run) -> Iterator[tracking.Run]:
+    """End ``run`` only if the block fails (FAILED, or KILLED on an interrupt, re-raised)."""
+    with all_ended_on_error([run]):
+        yield run
 
 
 @contextlib.contextmanager

@@ -420,7 +420,7 @@ def test_a_study_takes_a_worker_per_gpu(monkeypatch, workers, threads, device, g
 
     monkeypatch.setattr(workers_mod, "cores", lambda: cores_)
     settings = SimpleNamespace(workers=workers, threads=threads)
-    assert workers_mod.study_workers(settings, device, runs, gpus) == expected
+    assert workers_mod.worker_count(settings, device, runs, gpus) == expected
 
 
 def test_each_worker_takes_the_next_gpu_round_robin(monkeypatch):

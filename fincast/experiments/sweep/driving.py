@@ -47,7 +47,7 @@ from fincast.experiments.sweep.coordination import (
     trials_table,
 )
 from fincast.experiments.sweep.spec import SWEEP_TAG, TRIAL_TAG, Sweep, redact, storage_url, trial_config
-from fincast.experiments.workers import _gpu_count, plan_workers
+from fincast.experiments.workers import plan_workers, visible_gpus
 from fincast.runs import driver
 from fincast.runs.record import ended, git_commit
 
@@ -179,7 +179,7 @@ class SweepOutcome:
 def _execute(sweep: Sweep, url: str, parent_id: str, study: OptunaStudy, bar: tqdm | None,
              tracking_uri: str) -> list[dict]:
     """Run the workers (in this process when there is one) until the budget is spent; update the bar."""
-    workers, threads, gpus = plan_workers(sweep, _gpu_count())
+    workers, threads, gpus = plan_workers(sweep, visible_gpus(sweep.base_cfg.train.device))
 
     def refresh() -> None:
         if bar is not None:
