@@ -94,6 +94,7 @@ bench: $(STAMP)  ## benchmarks in bench/ (print ratios measured in one run)
 	$(BIN)/python bench/backtest_overhead.py
 	$(BIN)/python bench/batched_study.py
 	$(BIN)/python bench/run_axis.py
+	$(BIN)/python bench/study_scale.py --quick
 
 clean:  ## remove caches and generated reports (keeps .venv, the data cache and the MLflow store)
 	rm -rf .pytest_cache .ruff_cache .hypothesis .import_linter_cache build dist *.egg-info
