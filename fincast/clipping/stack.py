@@ -49,10 +49,11 @@ class StackClipper:
         self._schedule = _schedule_arrays(self.cfgs)
 
     def thresholds(self, steps: np.ndarray) -> np.ndarray:
-        """[S, K] float64: each run's scheduled base threshold at each of ``steps`` (0-based; nan for methods
-        without one). Computed on the host, in float64, as ``registry.threshold_at``."""
+        """[S, K] float64: each run's scheduled base threshold at each of ``steps`` (0-based, [S] or [S, K]; nan for
+        methods without one). Computed on the host, in float64, as ``registry.threshold_at``."""
         base, kind, start, span = self._schedule
-        s = np.asarray(steps, dtype=np.float64)[:, None]
+        s = np.asarray(steps, dtype=np.float64)
+        s = s[:, None] if s.ndim == 1 else s
         t = np.minimum(s / span, 1.0)
         factor = np.where(kind == 1, start + (1.0 - start) * t,
                           np.where(kind == 2, 1.0 + (start - 1.0) * 0.5 * (1.0 + np.cos(np.pi * t)), 1.0))

@@ -23,7 +23,6 @@ every rank clips identically and stateful clippers stay in step; only rank 0 log
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -42,6 +41,7 @@ from fincast.training.evaluate import score
 from fincast.training.graphs import StepGraphs
 from fincast.training.optim import LossScale, StackedOptimizer, lr_table, total_steps
 from fincast.training.recorder import COLUMNS, PRE, STEPPED, FitResult, MetricSink, Recorder
+from fincast.training.samples import Samples
 
 log = logging.getLogger("fincast.training")
 _NO_LIMIT = 2 ** 62
@@ -59,9 +59,10 @@ class _DeviceState:
 
 
 class Engine:
-    """K runs of one architecture on the same data (see the module doc and :func:`train_runs`)."""
+    """K runs of one architecture on the same data, or each on its own (see the module doc and :func:`train_runs`)."""
 
-    def __init__(self, models: list[torch.nn.Module], train: Split, val: Split, cfgs: list[TrainConfig],
+    def __init__(self, models: list[torch.nn.Module], train: Split | list[Split], val: Split | list[Split],
+                 cfgs: list[TrainConfig],
                  clips: list[ClipConfig], *, device: torch.device, precision: str = "fp32", log_every: int = 50,
                  sinks: list[MetricSink | None] | None = None, monitor: MonitorConfig | None = None,
                  checkpoints: list[Callable[[dict], None] | None] | None = None,
@@ -85,11 +86,15 @@ class Engine:
         self.checkpoints, self.on_epochs = checkpoints, on_epochs
         self.runs = k_runs
         self.batch = cfgs[0].batch_size
-        self.spe = math.ceil(len(train) / self.batch)  # steps per epoch
+        self.data = Samples(train, val, k_runs, self.batch, device)
+        if not self.data.shared and (self.world > 1 or any(c is not None for c in checkpoints)):
+            raise ValueError("train_runs: runs on samples of their own take no checkpoints and do not run under "
+                             "torchrun")
+        self.spe = self.data.spe  # the loop's batches per epoch (the longest run's steps per epoch)
         self.net = StackedNet(self.models, device)
         self.layout = Layout.of([(n, self.net.shapes[n]) for n in self.net.names])
         self.clipper = StackClipper(self.clips, self.layout, device,
-                                    max(total_steps(c, self.spe) for c in self.cfgs))
+                                    max(total_steps(c, int(n)) for c, n in zip(self.cfgs, self.data.spes)))
         self.scaler = LossScale(k_runs, device, loss_scale) if precision == "fp16" else None
         self.opt = StackedOptimizer(self.cfgs, self.net.flat, scaled=self.scaler is not None)
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device.type == "cuda" \
@@ -100,9 +105,6 @@ class Engine:
         self.gens = [torch.Generator().manual_seed(c.seed) for c in self.cfgs]
         self.gen_states: list[torch.Tensor] = [g.get_state() for g in self.gens]  # at this epoch's start
         self.best = torch.empty_like(self.net.flat)  # best-validating weights of each run
-        self.xt = torch.as_tensor(train.x, device=device)
-        self.yt = torch.as_tensor(train.y, device=device)
-        self.xv = torch.as_tensor(val.x, device=device)
         self.buf = torch.zeros(self.spe, k_runs, len(COLUMNS), device=device)
         self.layer_rows: list[tuple[int, torch.Tensor]] = []  # (batch, [K, 2 x layers]) of monitor steps
         self.host_step = 0  # steps of the runs still training (they step together)
@@ -133,11 +135,19 @@ class Engine:
         lr, thr, coef = plan[:, 0], plan[:, 1], plan[:, 2:]
         x, y, weight = self._shard(idx)
         going = dev.live & (dev.step < dev.max_steps)  # not stopped, not diverged, within max_steps
+        if isinstance(weight, torch.Tensor):  # runs on samples of their own: padding weighs 0
+            count = weight.sum(1)
+            going = going & (count > 0)  # a batch of padding only: this run's epoch has ended
         net.grad.zero_()
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             pred = net(x, True, going).float()
         sq = (pred - y).square()
-        loss = sq.mean(1) if weight is None else sq.sum(1) * weight  # a DDP shard: its share of the global mean
+        if weight is None:
+            loss = sq.mean(1)
+        elif isinstance(weight, torch.Tensor):
+            loss = (sq * weight).sum(1) / count.clamp_min(1.0)
+        else:  # a DDP shard: its share of the global mean
+            loss = sq.sum(1) * weight
         net.backward((loss if scaler is None else loss * scaler.scale).sum())
         loss = loss.detach()
         grad = net.grad
@@ -167,14 +177,16 @@ class Engine:
         return row, torch.cat([layer_grads, ratio], 1)
 
     def _shard(self, idx: torch.Tensor):
-        """(x [K, b, ...], y [K, b], weight): the batch, or under torchrun this rank's shard of it with the weight
-        that makes the all-reduced sum the global batch's mean (a rank with no sample gets one of weight 0)."""
+        """(x [K, b, ...], y [K, b], weight): the batch (with its samples' weights [K, b] when the runs have samples
+        of their own), or under torchrun this rank's shard of it with the weight that makes the all-reduced sum the
+        global batch's mean (a rank with no sample gets one of weight 0)."""
         if self.world == 1:
-            return self.xt[idx], self.yt[idx], None
+            return self.data.batch_of(idx)
+        x, y = self.data.x, self.data.y
         local = idx[:, self.rank::self.world]
         if local.shape[1] == 0:
-            return self.xt[idx[:, :1]], self.yt[idx[:, :1]], 0.0
-        return self.xt[local], self.yt[local], 1.0 / idx.shape[1]
+            return x[idx[:, :1]], y[idx[:, :1]], 0.0
+        return x[local], y[local], 1.0 / idx.shape[1]
 
     def _layer_norms(self, flat: torch.Tensor) -> torch.Tensor:
         """[K, layers]: each layer's L2 norm (of the per-tensor norms) of ``flat`` [K, P]."""
@@ -215,21 +227,25 @@ class Engine:
         """The epoch's steps from batch ``first`` on; -> per run the batches done when it stopped mid-epoch."""
         self._set_active(running)
         orders = self._orders(first, running)
-        steps = self.host_step - first + np.arange(self.spe)  # the step each batch of this epoch is
-        lrs = lr_table(self.cfgs, steps, self.spe)
+        spes = self.data.spes
+        # each run's steps before this epoch's first batch (runs on samples of their own: no resume, so full epochs)
+        base = np.full(self.runs, self.host_step - first) if self.data.shared else epoch * spes
+        steps = base[None, :] + np.arange(self.spe)[:, None]  # [batches, K] the step each batch of this epoch is
+        lrs = lr_table(self.cfgs, steps, spes)
         plan = np.concatenate([lrs[..., None], self.clipper.thresholds(steps)[..., None],
                                self.opt.coefficients(lrs, steps)], 2)
         plan = self._to_device(plan, torch.float64 if self.device.type != "mps" else torch.float32)
         limits = {k: self.cfgs[k].max_steps or _NO_LIMIT for k in running}
-        left = {k: limits[k] - self.host_step for k in running}  # steps each may still take
-        stopped_at = {k: first + n for k, n in left.items() if n < self.spe - first}
+        left = {k: int(limits[k] - base[k] - first) for k in running}  # steps each may still take
+        stopped_at = {k: first + n for k, n in left.items() if n < int(spes[k]) - first}
         drained = done = first
         t0, every = time.perf_counter(), self.monitor.every
         clock = self._clock(running)
         for b in range(first, self.spe):
-            if not any(self.host_step < limits[k] and self.recs[k].diverged is None for k in running):
+            if not any(base[k] + b < limits[k] and b < spes[k] and self.recs[k].diverged is None for k in running):
                 break
-            monitor = every is not None and (self.host_step + 1) % every == 0
+            # per-layer monitoring at every `every`-th step of a run (runs on samples of their own: of any run)
+            monitor = every is not None and any((base[k] + b + 1) % every == 0 for k in running if b < spes[k])
             idx = orders[:, b * self.batch:(b + 1) * self.batch]
             if monitor or self.graphs is None:
                 row, layers = self.step(idx, plan[b], monitor)
@@ -262,7 +278,8 @@ class Engine:
             if self.recs[k].diverged is not None:
                 self.recs[k].stop = "diverged"
         judged = [k for k in running if self.recs[k].stop is None]
-        partial = {k: ckpt.rewind_point(self, k) for k in judged if stopped_at.get(k, self.spe) < self.spe}
+        partial = {k: ckpt.rewind_point(self, k) for k in judged
+                   if stopped_at.get(k, self.data.spes[k]) < self.data.spes[k]}
         if judged:
             self._validate(epoch, judged)
         for k in judged:
@@ -292,8 +309,8 @@ class Engine:
         best weights."""
         live = torch.zeros(self.runs, dtype=torch.bool)
         live[judged] = True
-        preds = self.net.predict(self.xv, live=live.to(self.device)).cpu().numpy().astype(np.float64)
-        scores = {k: score(preds[k], self.val)[:2] for k in judged}
+        preds = self.data.predict(self.net, live.to(self.device))
+        scores = {k: score(preds[k], self.data.vals[k])[:2] for k in judged}
         losses = [scores[k][0] for k in judged]
         if self.world > 1:  # decide on rank 0's numbers everywhere, so every rank stops at the same epoch
             shared = torch.tensor(losses, dtype=torch.float64, device=self.device)
@@ -339,7 +356,7 @@ class Engine:
             kept = rec.step - first + 1  # (fewer than took when it diverged)
             for b, values in layers:
                 pos = np.searchsorted(took, b - lo)
-                if pos < kept and took[pos] == b - lo:
+                if pos < kept and took[pos] == b - lo and (first + int(pos)) % self.monitor.every == 0:
                     rec.take_layers(first + int(pos), values[k])
             rec.flush()
         return hi
@@ -355,17 +372,16 @@ class Engine:
         self.dev.live &= self._to_device(mask, torch.bool)
 
     def _orders(self, first: int, running: list[int]) -> torch.Tensor:
-        """[K, n] each run's data order for this epoch (its generator; a resumed run's from the checkpoint).
-        Stopped runs get 0..n-1 (their steps are masked)."""
-        n = len(self.train)
-        out = np.tile(np.arange(n), (self.runs, 1))
+        """[K, n] each run's data order for this epoch (its generator; a resumed run's from the checkpoint; runs
+        on samples of their own: see ``samples``). Stopped runs get 0..n-1 (their steps are masked)."""
+        perms = {}
         for k in running:
             if first == 0 or self.gen_states[k] is None:
                 self.gen_states[k] = self.gens[k].get_state()
             else:
                 self.gens[k].set_state(self.gen_states[k])
-            out[k] = torch.randperm(n, generator=self.gens[k]).numpy()
-        return self._to_device(out, torch.long)
+            perms[k] = torch.randperm(int(self.data.counts[k]), generator=self.gens[k]).numpy()
+        return self._to_device(self.data.order(perms), torch.long)
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """A host array on the device without a sync (pinned memory, kept until the next epoch, on CUDA)."""
@@ -446,15 +462,17 @@ class Engine:
             torch.distributed.broadcast(self.net.flat, 0)
 
 
-def train_runs(models: list[torch.nn.Module], train: Split, val: Split, cfgs: list[TrainConfig],
+def train_runs(models: list[torch.nn.Module], train: Split | list[Split], val: Split | list[Split],
+               cfgs: list[TrainConfig],
                clips: list[ClipConfig], *, device: torch.device, precision: str = "fp32", log_every: int = 50,
                sinks: list[MetricSink | None] | None = None, monitor: MonitorConfig | None = None,
                progress: bool = False, checkpoints: list[Callable[[dict], None] | None] | None = None,
                resumes: list[dict] | None = None, restore_best: bool = True,
                on_epochs: list[Callable[[int, float], bool] | None] | None = None, loss_scale: float = 2.0 ** 16,
                cuda_graphs: bool = True, metric_every: int = 1) -> list[FitResult]:
-    """Train K models of one architecture (``LSTMForecaster`` or ``OptionLSTM``) on the same data, each exactly as
-    it would train alone: its own seed (initial weights are the models' own; data order from ``cfgs[k].seed``),
+    """Train K models of one architecture (``LSTMForecaster`` or ``OptionLSTM``) on the same data (``train`` and
+    ``val`` one split each), or each on its own (one split per run: a backtest's folds; no checkpoints, no
+    torchrun), each as it would train alone: its own seed (initial weights are the models' own; data order from ``cfgs[k].seed``),
     learning rate, optimizer and schedule, clipping with its own state, early stopping, divergence, metric rows
     (``sinks[k]``), checkpoints (``checkpoints[k]`` receives the run's full state at each epoch end and every
     ``checkpoint_every`` steps; ``resumes`` continues from such states exactly) and pruning hook (``on_epochs[k]

@@ -47,23 +47,31 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: in
     return 1.0
 
 
-def lr_table(cfgs: list[TrainConfig], steps: np.ndarray, steps_per_epoch: int) -> np.ndarray:
-    """[S, K] float64: each run's learning rate at each of ``steps`` (0-based), ``lr_factor`` vectorised."""
-    s = np.asarray(steps, dtype=np.float64)[:, None]
+def lr_table(cfgs: list[TrainConfig], steps: np.ndarray, steps_per_epoch: int | np.ndarray) -> np.ndarray:
+    """[S, K] float64: each run's learning rate at each of ``steps`` (0-based; [S], or [S, K] when the runs stand at
+    different steps), ``lr_factor`` vectorised. ``steps_per_epoch``: one for all runs, or [K] one each."""
+    s = _steps(steps)
     col = lambda values: np.asarray(values, dtype=np.float64)[None, :]  # noqa: E731
+    spe = np.broadcast_to(np.asarray(steps_per_epoch), (len(cfgs),))
     lr = col([c.lr for c in cfgs])
     warm = col([c.warmup_steps for c in cfgs])
-    total = col([total_steps(c, steps_per_epoch) for c in cfgs])
+    total = col([total_steps(c, int(n)) for c, n in zip(cfgs, spe)])
     floor = col([c.min_lr_ratio for c in cfgs])
     span = np.maximum(1.0, total - warm)
     progress = np.minimum(1.0, (s - warm) / span)
     cosine = floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))
-    epochs_done = np.floor(s / steps_per_epoch)
+    epochs_done = np.floor(s / col(spe))
     step_decay = col([c.gamma for c in cfgs]) ** np.floor(epochs_done / col([c.step_size for c in cfgs]))
     kind = np.array([c.schedule for c in cfgs])[None, :]
     factor = np.where(kind == "cosine", cosine, np.where(kind == "step", step_decay, 1.0))
     factor = np.where(s < warm, (s + 1) / np.maximum(warm, 1.0), factor)
     return lr * factor
+
+
+def _steps(steps: np.ndarray) -> np.ndarray:
+    """Steps [S] or [S, K] as float64 [S, 1] or [S, K]."""
+    s = np.asarray(steps, dtype=np.float64)
+    return s[:, None] if s.ndim == 1 else s
 
 
 def _wide(device: torch.device) -> torch.dtype:
@@ -117,16 +125,17 @@ class StackedOptimizer:
 
     def coefficients(self, lrs: np.ndarray, steps: np.ndarray) -> np.ndarray:
         """[S, K, 6] float64: every run's update coefficients at each step (``lrs`` [S, K] its learning rates,
-        ``steps`` [S] the 0-based step), in double precision as torch computes its Python-float scalars."""
-        s = np.asarray(steps, dtype=np.float64)[:, None] + 1.0  # updates applied, this one included
+        ``steps`` [S] or [S, K] the 0-based step), in double precision as torch computes its Python-float scalars."""
+        s = _steps(steps) + 1.0  # updates applied, this one included
+        s = np.broadcast_to(s, lrs.shape)
         out = np.empty((*lrs.shape, len(IDENTITY)))
         out[:] = IDENTITY
         out[..., NEG_LR] = -lrs
         beta1, beta2 = ADAM_BETAS
         for k, c in enumerate(self.cfgs):
             if c.optimizer in ("adam", "adamw"):
-                out[:, k, NEG_LR] = (lrs[:, k] / (1 - beta1 ** s[:, 0])) * -1
-                out[:, k, BIAS2] = (1 - beta2 ** s[:, 0]) ** 0.5
+                out[:, k, NEG_LR] = (lrs[:, k] / (1 - beta1 ** s[:, k])) * -1
+                out[:, k, BIAS2] = (1 - beta2 ** s[:, k]) ** 0.5
                 out[:, k, W1], out[:, k, BETA2] = 1 - beta1, beta2
                 if c.optimizer == "adamw":
                     out[:, k, DECAY] = 1 - lrs[:, k] * c.weight_decay

@@ -148,6 +148,36 @@ def test_one_run_trains_as_the_documented_semantics(index):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_runs_on_samples_of_their_own_train_as_each_alone():
+    """A backtest's stack: every run its own training and validation split, of different lengths (steps per
+    epoch 3 to 9, last batches of 1 to 16 samples), every clip method, optimizer, schedule and stop rule: each
+    run equals the same run alone on its split (to float tolerance: its loss is a weighted sum over a padded
+    batch), and runs sharing a split share its samples."""
+    cfgs = [_cfg(t, c) for t, c in MATRIX]
+    sizes = [96, 75, 50, 130, 33, 140, 81, 64, 97, 120, 45, 66, 100, 37, 88, 58]
+    trains = [_split(n, 100 + k) for k, n in enumerate(sizes)]
+    trains[-1] = trains[0]  # shared by two runs: laid out once
+    vals = [_split(20 + 3 * k, 200 + k) for k in range(len(sizes))]
+    models = [_model(c.train.seed) for c in cfgs]
+    stacked, rows = _run(models, cfgs, train=trains, val=vals)
+    for k, cfg in enumerate(cfgs):
+        alone = _model(cfg.train.seed)
+        (solo,), (solo_rows,) = _run([alone], [cfg], train=trains[k], val=vals[k])
+        _assert_same_run(stacked[k], solo, models[k], alone, rows[k], solo_rows, f"run {k} on its own samples",
+                         rtol=1e-4, atol=1e-6)
+    assert len({r.steps for r in stacked}) > 5  # the runs took different numbers of steps per epoch
+    assert {r.stop_reason for r in stacked} == {"epochs", "early_stopping", "max_steps"}
+
+
+def test_runs_on_samples_of_their_own_refuse_what_they_do_not_support():
+    cfg = _cfg(*MATRIX[0])
+    with pytest.raises(ValueError, match="one shared split, or one per run"):
+        _run([_model(0), _model(1)], [cfg, cfg], train=[TRAIN], val=[VAL, VAL])
+    with pytest.raises(ValueError, match="no checkpoints"):
+        _run([_model(0), _model(1)], [cfg, cfg], train=[TRAIN, VAL], val=[VAL, VAL],
+             checkpoints=[lambda state: None, None])
+
+
 def test_option_nets_stack_like_forecasters():
     """Three option nets (LSTM + MLP head with the no-arbitrage floor) stacked equal each alone."""
     width = 3 + 1 + 7 * 2
