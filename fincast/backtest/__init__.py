@@ -10,13 +10,16 @@ from fincast.backtest.evaluate import (
 )
 from fincast.backtest.walkforward import (
     BacktestError,
+    FitRequest,
     FoldFit,
     LSTMFitter,
     WalkForward,
     clip_configs,
     model_names,
+    stack_folds,
     walk_forward,
 )
 
-__all__ = ["BacktestError", "FoldFit", "LSTMFitter", "WalkForward", "clip_configs", "diebold_mariano", "forecast_stats", "model_names",
-           "periods_per_year", "positions", "strategy_returns", "trading_stats", "walk_forward"]
+__all__ = ["BacktestError", "FitRequest", "FoldFit", "LSTMFitter", "WalkForward", "clip_configs", "diebold_mariano",
+           "forecast_stats", "model_names", "periods_per_year", "positions", "stack_folds", "strategy_returns",
+           "trading_stats", "walk_forward"]

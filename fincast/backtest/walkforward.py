@@ -222,9 +222,19 @@ class FoldFit:
     info: dict = field(default_factory=dict)  # steps, epochs, stop_reason, best_val_loss, diverged, clip_rate, ...
 
 
-# (clip config, training split, validation split, warm-start weights or None, max epochs) -> FoldFit.
-# The pipeline passes one that trains with fincast.training.fit; this layer does not train models itself.
-LSTMFitter = Callable[[ClipConfig, Split, Split, "dict | None", int], FoldFit]
+@dataclass
+class FitRequest:
+    """One LSTM to train on one fold (see ``LSTMFitter``)."""
+    clip: ClipConfig
+    train: Split
+    val: Split  # the fold's inner validation (early stopping)
+    warm: dict | None  # warm-start weights, or None: a fresh model
+    epochs: int  # at most
+
+
+# [FitRequest] -> [FoldFit], one per request, in order: the LSTMs of one or more folds, which the pipeline trains
+# as one stack (``fincast.runs.backtest.lstm_fitter``); this layer does not train models itself.
+LSTMFitter = Callable[[list[FitRequest]], list[FoldFit]]
 
 
 @dataclass
@@ -252,16 +262,16 @@ class FoldStore(Protocol):
 
 def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_lstm: LSTMFitter,
                  progress: bool = False, on_fold: FoldCallback | None = None,
-                 store: FoldStore | None = None) -> WalkForward:
+                 store: FoldStore | None = None, stack: int = 1) -> WalkForward:
     """Run the walk-forward backtest of ``cfg`` on ``frames`` (one OHLCV frame per ticker).
 
-    ``fit_lstm`` trains one LSTM on a fold (``fincast.runs.backtest.lstm_fitter``). ``on_fold(k, rows)`` is called
+    ``fit_lstm`` trains the LSTMs of ``stack`` folds at a time (``fincast.runs.backtest.lstm_fitter``, as one
+    stack; ``stack_folds``; with warm_start one fold at a time). ``on_fold(k, rows)`` is called
     after each fold with its rows of the folds table (the pipeline logs them to MLflow as stepped metrics).
     ``store``: each finished fold is put there, and a fold found there is taken from it instead of refit (a
     killed backtest resumes from its finished folds; ``WalkForward.resumed`` counts them)."""
     seconds = dict.fromkeys(("features", "split", "lstm_fit", "lstm_predict", "ridge", "table"), 0.0)
     t0 = time.perf_counter()
-    L = cfg.features.lookback
     panel = panels(frames, cfg)
     cuts, calendar = cutoffs(panel, cfg)
     b = cfg.backtest
@@ -276,52 +286,31 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     fold_rows: list[dict] = []
     previous: dict[str, dict] = {}  # warm start: each LSTM's weights after the last fold
     bar = tqdm(total=len(cuts), desc="backtest", unit="fold", disable=not progress, leave=False)
-    resumed = 0
-    for k, cutoff in enumerate(cuts):
-        done = store.get(k + 1) if store is not None else None
-        if done is not None:  # finished by an earlier attempt
-            previous = _take(done, k + 1, rows, fold_rows, on_fold)
-            resumed += 1
-            bar.update(1)
-            continue
+    resumed, stack = 0, 1 if b.warm_start else max(1, stack)
+    for first in range(0, len(cuts), stack):  # the folds of a stack: prepared, their LSTMs trained together, finished
+        todo = range(first, min(first + stack, len(cuts)))
+        done = {k: d for k in todo if store is not None and (d := store.get(k + 1)) is not None}
         t = time.perf_counter()
-        next_cut = cuts[k + 1] if k + 1 < len(cuts) else None  # the last fold forecasts to the end
-        parts = {tk: d for tk, p in panel.items()
-                 if (d := _fold_split(p, cutoff, next_cut, rolling, cfg, end)) is not None}
-        if not parts:
-            if k == 0:
-                raise BacktestError(
-                    f"backtest.start = {cfg.backtest.start or pd.Timestamp(cutoff).date()}: too little training data "
-                    f"by the first cutoff {pd.Timestamp(cutoff):%Y-%m-%d} (every ticker needs >= {MIN_TRAIN} "
-                    f"training and >= {MIN_EVAL} validation samples); use a later backtest.start"
-                    + (" or a longer backtest.window" if rolling else ""))
-            if store is not None:
-                store.put(k + 1, {"rows": [], "folds": [], "previous": previous})
-            bar.update(1)
-            continue
-        train, val, test = (_split(panel, parts, w, L) for w in ("train", "val", "test"))
-        full = concat_splits(train, val)
+        folds = {k: _prepare(k, panel, cuts, rolling, cfg, end) for k in todo if k not in done}
         seconds["split"] += time.perf_counter() - t
-        base = {"fold": k + 1, "cutoff": pd.Timestamp(cutoff), "train_start": pd.Timestamp(full.origin.min()),
-                "samples_train": len(full), "samples_test": len(test)}
-        preds, folds_now = _fit_lstms(clips, lstms, (train, val, test, full), previous, base, cfg, fit_lstm, seconds)
-        t = time.perf_counter()
-        alpha = _ridge_alpha(train, val, cfg) if b.ridge_tune else cfg.model.ridge_alpha
-        preds.update(_baselines(full, test, parts, alpha))
-        seconds["ridge"] += time.perf_counter() - t
-        t = time.perf_counter()
-        fold_forecasts = _forecast_rows(preds, full, test, parts, cutoff, k)
-        rows += fold_forecasts
-        folds_now += [{**base, "model": RIDGE, "ridge_alpha": alpha}, {**base, "model": MEAN}, {**base, "model": NAIVE}]
-        _score_folds(folds_now, preds, test)
-        folds_frame = pd.DataFrame(folds_now)
-        fold_rows.extend(folds_now)
-        seconds["table"] += time.perf_counter() - t
-        if store is not None:
-            store.put(k + 1, {"rows": fold_forecasts, "folds": folds_now, "previous": previous})
-        if on_fold is not None:
-            on_fold(k + 1, folds_frame)
-        bar.update(1)
+        fits = _fit_lstms(clips, lstms, {k: f for k, f in folds.items() if f is not None}, previous, cfg, fit_lstm,
+                          seconds)
+        for k in todo:
+            if k in done:  # finished by an earlier attempt
+                previous = _take(done[k], k + 1, rows, fold_rows, on_fold)
+                resumed += 1
+            elif folds[k] is None:  # no ticker has enough training data or anything to forecast in this fold
+                if store is not None:
+                    store.put(k + 1, {"rows": [], "folds": [], "previous": previous})
+            else:
+                fold_forecasts, folds_now = _finish(folds[k], fits[k], cuts[k], k, cfg, seconds)
+                rows += fold_forecasts
+                fold_rows.extend(folds_now)
+                if store is not None:
+                    store.put(k + 1, {"rows": fold_forecasts, "folds": folds_now, "previous": previous})
+                if on_fold is not None:
+                    on_fold(k + 1, pd.DataFrame(folds_now))
+            bar.update(1)
     bar.close()
     if not rows:
         raise BacktestError("no fold had both training data and forecasts; check backtest.start and backtest.end")
@@ -360,32 +349,101 @@ def _calendar_notes(panel: dict) -> list[str]:
         "combined calendar, so backtest.refit_every counts its bars (rolling windows count each ticker's own)"]
 
 
-def _fit_lstms(clips, lstms, splits, previous: dict, base: dict, cfg: PipelineConfig, fit_lstm: LSTMFitter,
-               seconds: dict) -> tuple[dict, list[dict]]:
-    """Each LSTM (one per clip config) trained on the fold: (model -> (test forecasts, training-input
-    forecasts)), and its rows of the folds table. ``previous`` holds the warm-start weights, updated here."""
-    train, val, test, full = splits
+def stack_folds(cfg: PipelineConfig, cuda: bool) -> int:
+    """Folds whose LSTMs train as one stack: ``backtest.stack_folds``; auto = every fold on CUDA (a small run is
+    bound by kernel launches there, which a stack shares), 32 on a CPU (measured: docs/backtests.md). One with
+    warm_start: each fold starts from the weights of the one before."""
+    if cfg.backtest.warm_start:
+        return 1
+    stack = cfg.backtest.stack_folds
+    return (1 << 30 if cuda else 32) if stack == "auto" else int(stack)
+
+
+@dataclass
+class _Fold:
+    """A fold ready to fit: its tickers' parts and its splits."""
+    parts: dict[str, FoldData]
+    train: Split  # LSTM training samples
+    val: Split  # inner validation (early stopping, ridge's penalty)
+    test: Split  # forecasts
+    full: Split  # train + val: ridge, the historical mean, in-sample forecasts
+    base: dict  # the fold's columns of the folds table
+
+
+def _prepare(k: int, panel: dict[str, TickerPanel], cuts: np.ndarray, rolling: int | None, cfg: PipelineConfig,
+             end: np.datetime64 | None) -> _Fold | None:
+    """Fold k's parts and splits; None when no ticker has enough training data and something to forecast in it
+    (the first fold must: else the backtest starts too early)."""
+    cutoff = cuts[k]
+    next_cut = cuts[k + 1] if k + 1 < len(cuts) else None  # the last fold forecasts to the end
+    parts = {tk: d for tk, p in panel.items() if (d := _fold_split(p, cutoff, next_cut, rolling, cfg, end)) is not None}
+    if not parts:
+        if k == 0:
+            raise BacktestError(
+                f"backtest.start = {cfg.backtest.start or pd.Timestamp(cutoff).date()}: too little training data "
+                f"by the first cutoff {pd.Timestamp(cutoff):%Y-%m-%d} (every ticker needs >= {MIN_TRAIN} "
+                f"training and >= {MIN_EVAL} validation samples); use a later backtest.start"
+                + (" or a longer backtest.window" if rolling else ""))
+        return None
+    train, val, test = (_split(panel, parts, w, cfg.features.lookback) for w in ("train", "val", "test"))
+    full = concat_splits(train, val)
+    base = {"fold": k + 1, "cutoff": pd.Timestamp(cutoff), "train_start": pd.Timestamp(full.origin.min()),
+            "samples_train": len(full), "samples_test": len(test)}
+    return _Fold(parts, train, val, test, full, base)
+
+
+def _fit_lstms(clips, lstms, folds: dict[int, _Fold], previous: dict, cfg: PipelineConfig, fit_lstm: LSTMFitter,
+               seconds: dict) -> dict[int, tuple[dict, list[dict]]]:
+    """Every LSTM (one per clip config) of every fold in ``folds``, trained in one call of ``fit_lstm`` (a stack):
+    per fold (model -> (test forecasts, training-input forecasts)) and its rows of the folds table, whose
+    fit_seconds are the stack's time shared out. ``previous`` holds the warm-start weights, updated here."""
     b = cfg.backtest
-    preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    rows = []
-    for clip, name in zip(clips, lstms):
-        t = time.perf_counter()
-        warm = previous.get(name) if b.warm_start else None
-        epochs = b.warm_epochs if warm is not None and b.warm_epochs is not None else cfg.train.epochs
-        fold_fit = fit_lstm(clip, train, val, warm, epochs)
-        fit_s = time.perf_counter() - t
-        seconds["lstm_fit"] += fit_s
-        t = time.perf_counter()
+    requests, where = [], []
+    for k, fold in folds.items():
+        for clip, name in zip(clips, lstms):
+            warm = previous.get(name) if b.warm_start else None
+            epochs = b.warm_epochs if warm is not None and b.warm_epochs is not None else cfg.train.epochs
+            requests.append(FitRequest(clip, fold.train, fold.val, warm, epochs))
+            where.append((k, name))
+    if not requests:
+        return {}
+    t = time.perf_counter()
+    fits = fit_lstm(requests)
+    fit_s = time.perf_counter() - t
+    seconds["lstm_fit"] += fit_s
+    t = time.perf_counter()
+    out: dict[int, tuple[dict, list[dict]]] = {k: ({}, []) for k in folds}
+    for (k, name), fold_fit in zip(where, fits):
+        fold, (preds, rows) = folds[k], out[k]
         if fold_fit.usable:
-            preds[name] = (fold_fit.predict(test.x) * test.scale, fold_fit.predict(full.x) * full.scale)
+            preds[name] = (fold_fit.predict(fold.test.x) * fold.test.scale,
+                           fold_fit.predict(fold.full.x) * fold.full.scale)
             if b.warm_start:
                 previous[name] = fold_fit.weights
         else:
-            preds[name] = (np.full(len(test), np.nan), np.full(len(full), np.nan))
+            preds[name] = (np.full(len(fold.test), np.nan), np.full(len(fold.full), np.nan))
             previous.pop(name, None)  # the next fold starts afresh
-        seconds["lstm_predict"] += time.perf_counter() - t
-        rows.append({**base, "model": name, **fold_fit.info, "usable": fold_fit.usable, "fit_seconds": fit_s})
-    return preds, rows
+        rows.append({**fold.base, "model": name, **fold_fit.info, "usable": fold_fit.usable,
+                     "fit_seconds": fit_s / len(requests)})
+    seconds["lstm_predict"] += time.perf_counter() - t
+    return out
+
+
+def _finish(fold: _Fold, fitted: tuple[dict, list[dict]], cutoff: np.datetime64, k: int, cfg: PipelineConfig,
+            seconds: dict) -> tuple[list[pd.DataFrame], list[dict]]:
+    """The fold's baselines, forecast rows and folds-table rows, given its LSTMs' (``_fit_lstms``)."""
+    preds, folds_now = fitted
+    t = time.perf_counter()
+    alpha = _ridge_alpha(fold.train, fold.val, cfg) if cfg.backtest.ridge_tune else cfg.model.ridge_alpha
+    preds.update(_baselines(fold.full, fold.test, fold.parts, alpha))
+    seconds["ridge"] += time.perf_counter() - t
+    t = time.perf_counter()
+    fold_forecasts = _forecast_rows(preds, fold.full, fold.test, fold.parts, cutoff, k)
+    base = fold.base
+    folds_now += [{**base, "model": RIDGE, "ridge_alpha": alpha}, {**base, "model": MEAN}, {**base, "model": NAIVE}]
+    _score_folds(folds_now, preds, fold.test)
+    seconds["table"] += time.perf_counter() - t
+    return fold_forecasts, folds_now
 
 
 def _baselines(full, test, parts: dict, alpha: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -232,6 +232,10 @@ class BacktestConfig:
         True, "after early stopping on the fold's inner validation split, retrain the LSTM on all the fold's training "
               "data (validation included) for the best epoch count, so it learns from data up to the cutoff; false = "
               "keep the early-stopped model (about half the training time)")
+    stack_folds: int | Literal["auto"] = _opt(
+        "auto", "folds whose LSTMs train together as one stack (the run axis: every fold its own samples, each run "
+                "as it would alone); auto = every fold on CUDA, 32 on a CPU; 1 = one fold at a time. With "
+                "warm_start, one fold at a time (each starts from the last)", ge=1)
     clips: tuple[ClipConfig, ...] | None = _opt(
         None, "LSTMs compared, one per clip config: a method name or a clip mapping, each over the spec's clip "
               "section; null = unclipped and the spec's clip", entries=ClipConfig)

@@ -31,7 +31,7 @@ from fincast.reports import backtest as report_mod
 from fincast.runs import forecast, setup
 from fincast.runs.checkpoints import save_checkpoint
 from fincast.runs.record import device_tag, ended, git_commit, metric_name
-from fincast.training import fit, predict, seed_everything
+from fincast.training import predict, seed_everything, train_runs
 
 log = logging.getLogger("fincast.backtest")
 
@@ -60,6 +60,7 @@ class FoldFiles:
     def __init__(self, cfg: PipelineConfig, fingerprint: str):
         raw = config_mod.to_dict(cfg)
         raw.pop("tracking", None)
+        raw.get("backtest", {}).pop("stack_folds", None)  # how folds are grouped does not change what they compute
         key = hashlib.sha256(json.dumps([raw, fingerprint], sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.dir = Path(cfg.train.checkpoint_dir) / "backtest" / f"{cfg.name}-{key}"
 
@@ -84,49 +85,65 @@ class FoldFiles:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp32"):
-    """The backtest's LSTM trainer: (clip, train, val, warm-start weights, max epochs) -> FoldFit. A fresh model
-    seeded with train.seed (or the warm-start weights), trained by training.fit with early stopping on val, the
-    best epoch's weights kept."""
+def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp32", progress: bool = False):
+    """The backtest's LSTM trainer: [FitRequest] -> [FoldFit], every request's LSTM trained in one stack (each on
+    its fold's samples: ``training.train_runs``). Each a fresh model seeded with train.seed (or the warm-start
+    weights), early-stopped on its fold's inner validation split with the best epoch's weights kept; with
+    backtest.refit_full then retrained, again in one stack, on all its fold's training data for its best epoch
+    count."""
     monitor = dataclasses.replace(cfg.monitor, every=None)  # no per-layer monitoring inside folds
 
-    def train_once(clip, train, val, warm, epochs, refit: bool = False):
-        """refit: a fixed number of epochs (no early stopping), keeping the last epoch's weights."""
-        seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, train.x.shape[2]).to(device)
-        if warm is not None:
-            model.load_state_dict(warm)
-        train_cfg = dataclasses.replace(cfg.train, epochs=epochs,
-                                        **({"patience": None, "max_steps": None} if refit else {}))
-        res = fit(model, train, val, train_cfg, clip, device=device, precision=precision,
-                  log_every=cfg.tracking.log_every, metric_every=cfg.tracking.metric_every, monitor=monitor,
-                  restore_best=not refit, cuda_graphs=cfg.train.cuda_graphs)
-        return model, res
+    def train_stack(requests: list[bt.FitRequest], refit: bool = False) -> list:
+        """-> [(model, FitResult)]; refit: a fixed number of epochs (no early stopping), keeping the last weights,
+        on training and validation samples together."""
+        models = []
+        for r in requests:
+            seed_everything(cfg.train.seed)
+            model = build_model(cfg.model, r.train.x.shape[2]).to(device)
+            if r.warm is not None:
+                model.load_state_dict(r.warm)
+            models.append(model)
+        cfgs = [dataclasses.replace(cfg.train, epochs=r.epochs,
+                                    **({"patience": None, "max_steps": None} if refit else {})) for r in requests]
+        joined: dict[tuple[int, int], features.Split] = {}  # a fold's LSTMs share its samples
+        trains = [joined.setdefault((id(r.train), id(r.val)), concat_splits(r.train, r.val)) if refit else r.train
+                  for r in requests]
+        results = train_runs(models, trains, [r.val for r in requests], cfgs, [r.clip for r in requests],
+                             device=device, precision=precision, log_every=cfg.tracking.log_every,
+                             metric_every=cfg.tracking.metric_every, monitor=monitor, restore_best=not refit,
+                             cuda_graphs=cfg.train.cuda_graphs, progress=progress)
+        return list(zip(models, results))
 
-    def fit_fold(clip, train: features.Split, val: features.Split, warm: dict | None, epochs: int) -> FoldFit:
-        model, res = train_once(clip, train, val, warm, epochs)
+    def fit_folds(requests: list[bt.FitRequest]) -> list[FoldFit]:
+        first = train_stack(requests)
+        again = [i for i, (_, res) in enumerate(first) if res.best_epoch > 0] if cfg.backtest.refit_full else []
+        refits = dict(zip(again, train_stack([dataclasses.replace(requests[i], epochs=first[i][1].best_epoch)
+                                               for i in again], refit=True))) if again else {}
+        return [_fold_fit(model, res, refits.get(i)) for i, (model, res) in enumerate(first)]
+
+    def _fold_fit(model, res, refit) -> FoldFit:
         h = res.history
         steps, norms, clipped = res.steps, list(h["norm_pre"]), list(h["clipped"])
         usable = res.best_epoch > 0  # weights from an epoch that validated finitely
-        refit, diverged = "off", res.diverged
-        if usable and cfg.backtest.refit_full:  # the same recipe on everything up to the cutoff, best epoch count
-            again, res2 = train_once(clip, concat_splits(train, val), val, warm, res.best_epoch, refit=True)
+        outcome, diverged = "off", res.diverged
+        if refit is not None:  # the same recipe on everything up to the cutoff, best epoch count
+            again, res2 = refit
             steps += res2.steps
             norms += res2.history["norm_pre"]
             clipped += res2.history["clipped"]
-            refit = "diverged: kept the early-stopped model" if res2.diverged else f"{res.best_epoch} epochs"
+            outcome = "diverged: kept the early-stopped model" if res2.diverged else f"{res.best_epoch} epochs"
             diverged = diverged or res2.diverged
             if not res2.diverged:
                 model = again
         info = {"steps": steps, "epochs": res.epochs, "stop_reason": res.stop_reason,
-                "best_val_loss": res.best_val_loss, "diverged": diverged, "refit": refit,
+                "best_val_loss": res.best_val_loss, "diverged": diverged, "refit": outcome,
                 "clip_rate": float(np.mean(clipped)) if clipped else math.nan,
                 "grad_norm_median": float(np.nanmedian(norms)) if norms else math.nan,
                 "grad_norm_max": float(np.nanmax(norms)) if norms else math.nan}
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if usable else None
         return FoldFit(lambda x: predict(model, x, device), usable, weights, info)
 
-    return fit_fold
+    return fit_folds
 
 
 def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path = "reports") -> BacktestOutcome:
@@ -166,8 +183,9 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
             log_seconds += time.perf_counter() - t
 
         store = FoldFiles(cfg, prices.fingerprint) if cfg.backtest.resume else None
-        wf = bt.walk_forward(prices.frames, cfg, fit_lstm=lstm_fitter(cfg, device, precision), progress=progress,
-                             on_fold=on_fold, store=store)
+        wf = bt.walk_forward(prices.frames, cfg, fit_lstm=lstm_fitter(cfg, device, precision, progress),
+                             progress=progress, on_fold=on_fold, store=store,
+                             stack=bt.stack_folds(cfg, device.type == "cuda"))
         if wf.resumed:
             run.set_tags({"fincast.resumed_folds": wf.resumed})
             log.info("backtest %s: %d finished folds taken from %s", cfg.name, wf.resumed, store.dir)

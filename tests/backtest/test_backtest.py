@@ -61,21 +61,34 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _run(cfg, frames, monkeypatch) -> tuple[wfm.WalkForward, list[FitCall]]:
-    """walk_forward on CPU with the pipeline's LSTM fitter, recording every fit (its splits' dates, start and end
-    weights)."""
-    calls: list[FitCall] = []
-    real_fit = backtest_run.fit
+def _run(cfg, frames, monkeypatch, stack: int = 1) -> tuple[wfm.WalkForward, list[FitCall]]:
+    """walk_forward on CPU with the pipeline's LSTM fitter, recording every LSTM fit (its splits' dates, start and
+    end weights), in the order fold by fold, one per clip, each followed by its refit when there is one (the fitter
+    trains a stack's first fits together, then their refits together)."""
+    stacks: list[tuple[bool, list[FitCall]]] = []
+    real = backtest_run.train_runs
 
-    def recording_fit(model, train, val, train_cfg, clip, **kw):
-        initial = _state(model)
-        res = real_fit(model, train, val, train_cfg, clip, **kw)
-        calls.append(FitCall(train.date.copy(), val.date.copy(), train.origin.copy(), val.origin.copy(),
-                             train_cfg.epochs, clip.method, initial, _state(model)))
+    def recording(models, trains, vals, cfgs, clips, **kw):
+        initial = [_state(m) for m in models]
+        res = real(models, trains, vals, cfgs, clips, **kw)
+        trains = trains if isinstance(trains, list) else [trains] * len(models)
+        vals = vals if isinstance(vals, list) else [vals] * len(models)
+        stacks.append((kw.get("restore_best") is False, [
+            FitCall(t.date.copy(), v.date.copy(), t.origin.copy(), v.origin.copy(), c.epochs, clip.method, i,
+                    _state(m)) for t, v, c, clip, i, m in zip(trains, vals, cfgs, clips, initial, models)]))
         return res
 
-    monkeypatch.setattr(backtest_run, "fit", recording_fit)
-    wf = walk_forward(frames, cfg, fit_lstm=backtest_run.lstm_fitter(cfg, CPU))
+    monkeypatch.setattr(backtest_run, "train_runs", recording)
+    wf = walk_forward(frames, cfg, fit_lstm=backtest_run.lstm_fitter(cfg, CPU), stack=stack)
+    calls: list[FitCall] = []
+    for i, (refit, batch) in enumerate(stacks):
+        if refit:
+            continue
+        if i + 1 < len(stacks) and stacks[i + 1][0]:  # (every fit is usable in these tests: each has its refit)
+            assert len(stacks[i + 1][1]) == len(batch)
+            calls += [c for pair in zip(batch, stacks[i + 1][1]) for c in pair]
+        else:
+            calls += batch
     return wf, calls
 
 
@@ -327,6 +340,23 @@ def test_refit_full_retrains_on_everything_up_to_the_cutoff(monkeypatch):
     assert not np.allclose(wf.forecasts.loc[after, "y_pred"], wf2.forecasts.loc[after, "y_pred"])
 
 
+def test_folds_stacked_forecast_as_folds_one_at_a_time(base, monkeypatch):
+    """Every fold's LSTMs and refits in one stack (expanding window: each fold its own number of samples, so the
+    runs' epochs differ in steps) give each fold's forecasts and training outcome of the folds fit one at a time,
+    to float tolerance; each fit still trains on its own fold's dates."""
+    cfg, frames, wf, calls, _, _ = base
+    cfg = dataclasses.replace(cfg, backtest=dataclasses.replace(cfg.backtest, refit_full=True))
+    one, one_calls = _run(cfg, frames, monkeypatch, stack=1)
+    stacked, stacked_calls = _run(cfg, frames, monkeypatch, stack=100)
+    assert len({len(c.train_date) for c in stacked_calls}) > 2  # folds of different lengths in one stack
+    for a, b in zip(one_calls, stacked_calls):
+        np.testing.assert_array_equal(a.train_date, b.train_date)
+        np.testing.assert_array_equal(a.val_date, b.val_date)
+    pd.testing.assert_frame_equal(one.forecasts, stacked.forecasts, check_exact=False, rtol=1e-4, atol=1e-7)
+    cols = ["fold", "model", "steps", "epochs", "stop_reason", "refit", "diverged", "usable"]
+    pd.testing.assert_frame_equal(one.folds[cols], stacked.folds[cols])
+
+
 def test_a_ticker_joins_the_folds_once_it_has_enough_training_data():
     """A ticker whose history starts later sits out the folds in which it has fewer than MIN_TRAIN training
     samples, instead of entering the pooled model with a handful (and a scale and mean from three returns)."""
@@ -438,38 +468,42 @@ CLI = ("data.source=synthetic", "data.start=2018-01-01", "data.end=2020-12-31", 
 
 @pytest.mark.slow  # three backtests (~8 s)
 def test_a_killed_backtest_resumes_from_its_finished_folds(tmp_path, monkeypatch):
-    """Killed while fitting fold 3, the same backtest run again refits folds 3 and 4 only (1 and 2 are taken from
-    their files) and ends with the forecasts of an uninterrupted backtest; the files are gone afterwards."""
+    """Killed while fitting fold 3 (one fold a stack), the same backtest run again (its folds stacked as they
+    like: stack_folds does not change what a fold computes) refits folds 3 and 4 only (1 and 2 are taken from
+    their files), in one stack, and ends with the forecasts of an uninterrupted backtest; the files are gone
+    afterwards."""
     store = (f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_dir={tmp_path / 'art'}",
              f"train.checkpoint_dir={tmp_path / 'ck'}", "tracking.log_model=false")
     cfg = _cfg(*store)
-    real_fit, fits = backtest_run.fit, []
+    real, stacks = backtest_run.train_runs, []
 
     def killed_at(n):
-        def counting(*a, **kw):
-            fits.append(1)
-            if len(fits) == n:
+        def counting(models, *a, **kw):
+            stacks.append(len(models))
+            if len(stacks) == n:
                 raise KeyboardInterrupt
-            return real_fit(*a, **kw)
+            return real(models, *a, **kw)
         return counting
 
-    monkeypatch.setattr(backtest_run, "fit", killed_at(5))  # 2 LSTMs a fold: the 5th fit is fold 3's first
+    monkeypatch.setattr(backtest_run, "train_runs", killed_at(3))  # one stack a fold: the 3rd is fold 3's
     with pytest.raises(KeyboardInterrupt):
-        backtest_run.backtest(cfg, out_dir=tmp_path / "r1")
+        backtest_run.backtest(_cfg(*store, "backtest.stack_folds=1"), out_dir=tmp_path / "r1")
     assert len(list((tmp_path / "ck" / "backtest").glob("*/fold-*.pt"))) == 2
-    fits.clear()
-    monkeypatch.setattr(backtest_run, "fit", killed_at(0))
+    stacks.clear()
+    monkeypatch.setattr(backtest_run, "train_runs", killed_at(0))
     resumed = backtest_run.backtest(cfg, out_dir=tmp_path / "r2")
-    assert len(fits) == 4 and resumed.folds == 4
+    assert stacks == [4] and resumed.folds == 4  # folds 3 and 4, two LSTMs each, in one stack
     assert not list((tmp_path / "ck" / "backtest").glob("*/fold-*.pt"))
     from fincast import tracking
 
     tags = tracking.get_run(resumed.run_id, cfg.tracking).data.tags
     assert tags["fincast.resumed_folds"] == "2" and tags["fincast.threads"] == "1"  # (train.threads null)
+    stacks.clear()
     straight = backtest_run.backtest(_cfg(*store, "backtest.resume=false"), out_dir=tmp_path / "r3")
+    assert stacks == [8] and straight.folds == 4
     a, b = (pd.read_csv(tmp_path / r / "backtest" / cfg.name / "forecasts.csv") for r in ("r2", "r3"))
-    pd.testing.assert_frame_equal(a, b)
-    assert straight.folds == 4
+    # (fold 3 and 4 trained in the same stack both times; folds 1 and 2 alone in r2, stacked with 3 and 4 in r3)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-7)
 
 
 def test_backtest_cli_end_to_end(tmp_path, capsys):
