@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -232,9 +232,10 @@ class FitRequest:
     epochs: int  # at most
 
 
-# [FitRequest] -> [FoldFit], one per request, in order: the LSTMs of one or more folds, which the pipeline trains
-# as one stack (``fincast.runs.backtest.lstm_fitter``); this layer does not train models itself.
-LSTMFitter = Callable[[list[FitRequest]], list[FoldFit]]
+# stacks of requests -> their fits, one list per stack in order and one FoldFit per request in it: each stack the
+# LSTMs of one or more folds, which the pipeline trains together (``fincast.runs.backtest.stack_fitter``); it may
+# ask for the next stacks before handing back the first (without warm starts). This layer trains no model itself.
+LSTMFitter = Callable[[Iterator[list[FitRequest]]], Iterable[list[FoldFit]]]
 
 
 @dataclass
@@ -262,11 +263,12 @@ class FoldStore(Protocol):
 
 def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_lstm: LSTMFitter,
                  progress: bool = False, on_fold: FoldCallback | None = None,
-                 store: FoldStore | None = None, stack: int = 1) -> WalkForward:
+                 store: FoldStore | None = None, stack: int = 1, workers: int = 1) -> WalkForward:
     """Run the walk-forward backtest of ``cfg`` on ``frames`` (one OHLCV frame per ticker).
 
-    ``fit_lstm`` trains the LSTMs of ``stack`` folds at a time (``fincast.runs.backtest.lstm_fitter``, as one
-    stack; ``stack_folds``; with warm_start one fold at a time). ``on_fold(k, rows)`` is called
+    ``fit_lstm`` trains the LSTMs of at most ``stack`` folds at a time, as one stack (``stack_folds``; with
+    warm_start one fold at a time), perhaps several stacks at once in ``workers`` processes (the stacks are then
+    as many as a multiple of them: ``fincast.runs.backtest.stack_fitter``). ``on_fold(k, rows)`` is called
     after each fold with its rows of the folds table (the pipeline logs them to MLflow as stepped metrics).
     ``store``: each finished fold is put there, and a fold found there is taken from it instead of refit (a
     killed backtest resumes from its finished folds; ``WalkForward.resumed`` counts them)."""
@@ -286,28 +288,44 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     fold_rows: list[dict] = []
     previous: dict[str, dict] = {}  # warm start: each LSTM's weights after the last fold
     bar = tqdm(total=len(cuts), desc="backtest", unit="fold", disable=not progress, leave=False)
-    resumed, stack = 0, 1 if b.warm_start else max(1, stack)
-    for first in range(0, len(cuts), stack):  # the folds of a stack: prepared, their LSTMs trained together, finished
-        todo = range(first, min(first + stack, len(cuts)))
-        done = {k: d for k in todo if store is not None and (d := store.get(k + 1)) is not None}
-        t = time.perf_counter()
-        folds = {k: _prepare(k, panel, cuts, rolling, cfg, end) for k in todo if k not in done}
-        seconds["split"] += time.perf_counter() - t
-        fits = _fit_lstms(clips, lstms, {k: f for k, f in folds.items() if f is not None}, previous, cfg, fit_lstm,
-                          seconds)
+    resumed = 0
+    pending: list[tuple] = []  # the stacks asked for, in order: (folds, taken from the store, prepared, requests)
+
+    def stacks():
+        """Each stack's LSTM requests, prepared when the fitter asks for them (with warm_start, one fold at a time,
+        after the fold before it has finished: its weights are the start)."""
+        for todo in _stacks(len(cuts), 1 if b.warm_start else stack, workers):
+            done = {k: d for k in todo if store is not None and (d := store.get(k + 1)) is not None}
+            t = time.perf_counter()
+            folds = {k: _prepare(k, panel, cuts, rolling, cfg, end) for k in todo if k not in done}
+            requests = _requests(clips, lstms, {k: f for k, f in folds.items() if f is not None}, previous, cfg)
+            seconds["split"] += time.perf_counter() - t
+            pending.append((todo, done, folds, requests))
+            yield [r for _, _, r in requests]
+
+    results = iter(fit_lstm(stacks()))
+    while True:
+        t, split = time.perf_counter(), seconds["split"]
+        fits = next(results, None)
+        if fits is None:
+            break
+        seconds["lstm_fit"] += time.perf_counter() - t - (seconds["split"] - split)
+        todo, done, folds, requests = pending.pop(0)
+        fitted = _fitted(requests, fits, folds, previous, cfg, seconds)
         for k in todo:
             if k in done:  # finished by an earlier attempt
-                previous = _take(done[k], k + 1, rows, fold_rows, on_fold)
+                previous.clear()
+                previous.update(_take(done[k], k + 1, rows, fold_rows, on_fold))
                 resumed += 1
             elif folds[k] is None:  # no ticker has enough training data or anything to forecast in this fold
                 if store is not None:
-                    store.put(k + 1, {"rows": [], "folds": [], "previous": previous})
+                    store.put(k + 1, {"rows": [], "folds": [], "previous": dict(previous)})
             else:
-                fold_forecasts, folds_now = _finish(folds[k], fits[k], cuts[k], k, cfg, seconds)
+                fold_forecasts, folds_now = _finish(folds[k], fitted[k], cuts[k], k, cfg, seconds)
                 rows += fold_forecasts
                 fold_rows.extend(folds_now)
                 if store is not None:
-                    store.put(k + 1, {"rows": fold_forecasts, "folds": folds_now, "previous": previous})
+                    store.put(k + 1, {"rows": fold_forecasts, "folds": folds_now, "previous": dict(previous)})
                 if on_fold is not None:
                     on_fold(k + 1, pd.DataFrame(folds_now))
             bar.update(1)
@@ -359,6 +377,16 @@ def stack_folds(cfg: PipelineConfig, cuda: bool) -> int:
     return (1 << 30 if cuda else 32) if stack == "auto" else int(stack)
 
 
+def _stacks(folds: int, most: int, workers: int = 1) -> list[range]:
+    """Fold indices in consecutive stacks of at most ``most``, as even as possible, as many as a multiple of
+    ``workers`` where there are folds enough (129 in stacks of 64: 43 x 3; for 2 workers 32.25 x 4)."""
+    n = math.ceil(folds / max(1, most))
+    n = min(folds, math.ceil(n / max(1, workers)) * max(1, workers))
+    size, extra = divmod(folds, n)
+    bounds = np.cumsum([0] + [size + (i < extra) for i in range(n)])
+    return [range(int(a), int(z)) for a, z in zip(bounds[:-1], bounds[1:])]
+
+
 @dataclass
 class _Fold:
     """A fold ready to fit: its tickers' parts and its splits."""
@@ -392,39 +420,38 @@ def _prepare(k: int, panel: dict[str, TickerPanel], cuts: np.ndarray, rolling: i
     return _Fold(parts, train, val, test, full, base)
 
 
-def _fit_lstms(clips, lstms, folds: dict[int, _Fold], previous: dict, cfg: PipelineConfig, fit_lstm: LSTMFitter,
-               seconds: dict) -> dict[int, tuple[dict, list[dict]]]:
-    """Every LSTM (one per clip config) of every fold in ``folds``, trained in one call of ``fit_lstm`` (a stack):
-    per fold (model -> (test forecasts, training-input forecasts)) and its rows of the folds table, whose
-    fit_seconds are the stack's time shared out. ``previous`` holds the warm-start weights, updated here."""
+def _requests(clips, lstms, folds: dict[int, _Fold], previous: dict, cfg: PipelineConfig) -> list[tuple]:
+    """(fold, LSTM name, FitRequest) of every LSTM (one per clip config) of every fold in ``folds``; warm starts
+    from ``previous``."""
     b = cfg.backtest
-    requests, where = [], []
+    out = []
     for k, fold in folds.items():
         for clip, name in zip(clips, lstms):
             warm = previous.get(name) if b.warm_start else None
             epochs = b.warm_epochs if warm is not None and b.warm_epochs is not None else cfg.train.epochs
-            requests.append(FitRequest(clip, fold.train, fold.val, warm, epochs))
-            where.append((k, name))
-    if not requests:
-        return {}
+            out.append((k, name, FitRequest(clip, fold.train, fold.val, warm, epochs)))
+    return out
+
+
+def _fitted(requests: list[tuple], fits: list[FoldFit], folds: dict[int, _Fold | None], previous: dict,
+            cfg: PipelineConfig, seconds: dict) -> dict[int, tuple[dict, list[dict]]]:
+    """Per fold (model -> (test forecasts, training-input forecasts)) and its LSTMs' rows of the folds table, from
+    the stack's fits (one per request, in order). ``previous`` holds the warm-start weights, updated here."""
+    if len(fits) != len(requests):
+        raise BacktestError(f"the LSTM fitter returned {len(fits)} fits for {len(requests)} requests")
     t = time.perf_counter()
-    fits = fit_lstm(requests)
-    fit_s = time.perf_counter() - t
-    seconds["lstm_fit"] += fit_s
-    t = time.perf_counter()
-    out: dict[int, tuple[dict, list[dict]]] = {k: ({}, []) for k in folds}
-    for (k, name), fold_fit in zip(where, fits):
+    out: dict[int, tuple[dict, list[dict]]] = {k: ({}, []) for k, f in folds.items() if f is not None}
+    for (k, name, _), fold_fit in zip(requests, fits):
         fold, (preds, rows) = folds[k], out[k]
         if fold_fit.usable:
             preds[name] = (fold_fit.predict(fold.test.x) * fold.test.scale,
                            fold_fit.predict(fold.full.x) * fold.full.scale)
-            if b.warm_start:
+            if cfg.backtest.warm_start:
                 previous[name] = fold_fit.weights
         else:
             preds[name] = (np.full(len(fold.test), np.nan), np.full(len(fold.full), np.nan))
             previous.pop(name, None)  # the next fold starts afresh
-        rows.append({**fold.base, "model": name, **fold_fit.info, "usable": fold_fit.usable,
-                     "fit_seconds": fit_s / len(requests)})
+        rows.append({**fold.base, "model": name, **fold_fit.info, "usable": fold_fit.usable})
     seconds["lstm_predict"] += time.perf_counter() - t
     return out
 

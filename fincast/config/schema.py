@@ -236,6 +236,10 @@ class BacktestConfig:
         "auto", "folds whose LSTMs train together as one stack (the run axis: every fold its own samples, each run "
                 "as it would alone); auto = every fold on CUDA, 32 on a CPU; 1 = one fold at a time. With "
                 "warm_start, one fold at a time (each starts from the last)", ge=1)
+    workers: int | None = _opt(
+        None, "processes training stacks of folds at once; null = one per GPU on CUDA, else one per core (their "
+              "torch threads: train.threads, else the cores shared out). Folds one at a time train in the backtest's "
+              "own process", ge=1, le=1024)
     clips: tuple[ClipConfig, ...] | None = _opt(
         None, "LSTMs compared, one per clip config: a method name or a clip mapping, each over the spec's clip "
               "section; null = unclipped and the spec's clip", entries=ClipConfig)

@@ -46,9 +46,10 @@ from fincast import tracking
 from fincast.clipping import label as clip_label
 from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, short_float
 from fincast.experiments.spec import _UNHASHED, _merge, base_config, config_hash, read_spec, spec_common
-from fincast.experiments.workers import plan_chunks, visible_gpus, worker_count, worker_pool
+from fincast.experiments.workers import plan_chunks, worker_count, worker_pool
 from fincast.runs import driver
 from fincast.runs.record import Keeping, ended
+from fincast.runs.setup import visible_gpus
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
 
 log = logging.getLogger("fincast.study")

@@ -10,11 +10,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import signal
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +23,7 @@ from fincast.config import (
 from fincast.models import LSTMForecaster
 from fincast.reports import figures
 from fincast.runs import driver
-from fincast.runs.setup import cores
+from fincast.runs.setup import cores, die_with_parent, fork_safe, take_gpu
 
 
 @contextlib.contextmanager
@@ -44,15 +40,11 @@ def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True, g
     device (``torch.cuda.set_device``), so a study's stacks spread over every GPU."""
     if workers <= 1:
         if gpus:
-            _take_gpu(0, gpus)
+            take_gpu(0, gpus)
         yield None, lambda: None
         return
-    import torch
 
-    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
-    fork = (fork_ok and not gpus and sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
-            and not others and threads == 1 and not torch.cuda.is_initialized())
-    if fork:
+    if fork_ok and fork_safe(threads, gpus):
         ctx = mp.get_context("fork")
     else:
         ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
@@ -164,36 +156,12 @@ def _worker_init(threads: int, uri: str, ready: Any, opened: Any, started: Any =
         with started.get_lock():
             index = started.value
             started.value += 1
-        _take_gpu(index, gpus)
+        take_gpu(index, gpus)
     logging.getLogger("fincast").setLevel(logging.ERROR)
-    _die_with_parent()
+    die_with_parent()
     warm_up()
     if ready.wait(timeout=600) and opened.value:
         tracking.open_store(uri)
-
-
-def _die_with_parent() -> None:
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the driver, even on SIGKILL
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    def watch() -> None:  # elsewhere: notice the driver is gone within a second
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _take_gpu(index: int, gpus: int) -> int:
-    """Make GPU ``index mod gpus`` this process's default CUDA device ("cuda" means it); -> that GPU."""
-    import torch
-
-    gpu = index % gpus
-    torch.cuda.set_device(gpu)
-    return gpu
 
 
 def worker_count(settings: Any, device: str, runs: int, gpus: int) -> tuple[int, int]:
@@ -203,16 +171,6 @@ def worker_count(settings: Any, device: str, runs: int, gpus: int) -> tuple[int,
     use_gpus = gpus if device in ("auto", "cuda") else 0
     workers = max(1, min(settings.workers or use_gpus or cores(), runs))
     return workers, settings.threads or max(1, cores() // workers)
-
-
-def visible_gpus(device: str) -> int:
-    """GPUs a run on ``train.device`` would use: none for cpu/mps or a torch built without CUDA (asked without
-    touching CUDA), else torch.cuda.device_count()."""
-    import torch
-
-    if device not in ("auto", "cuda") or not torch.backends.cuda.is_built():
-        return 0
-    return torch.cuda.device_count()
 
 
 def plan_workers(sweep: Any, gpus: int) -> tuple[int, int | None, list[int | None]]:

@@ -3,11 +3,15 @@ one MLflow run. The forecast task's data; its own models (``fincast.backtest``) 
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import multiprocessing as mp
 import shutil
 import tempfile
 import time
@@ -60,7 +64,8 @@ class FoldFiles:
     def __init__(self, cfg: PipelineConfig, fingerprint: str):
         raw = config_mod.to_dict(cfg)
         raw.pop("tracking", None)
-        raw.get("backtest", {}).pop("stack_folds", None)  # how folds are grouped does not change what they compute
+        for key in ("stack_folds", "workers"):  # how folds are grouped and where they train: not what they compute
+            raw.get("backtest", {}).pop(key, None)
         key = hashlib.sha256(json.dumps([raw, fingerprint], sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.dir = Path(cfg.train.checkpoint_dir) / "backtest" / f"{cfg.name}-{key}"
 
@@ -85,7 +90,19 @@ class FoldFiles:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp32", progress: bool = False):
+def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp32",
+                progress: bool = False) -> bt.LSTMFitter:
+    """The backtest's LSTM fitter in this process, one stack after the other (``stack_trainer``)."""
+    train = stack_trainer(cfg, device, precision, progress)
+
+    def fit_stacks(stacks):
+        for requests in stacks:
+            yield train(requests) if requests else []
+
+    return fit_stacks
+
+
+def stack_trainer(cfg: PipelineConfig, device: torch.device, precision: str = "fp32", progress: bool = False):
     """The backtest's LSTM trainer: [FitRequest] -> [FoldFit], every request's LSTM trained in one stack (each on
     its fold's samples: ``training.train_runs``). Each a fresh model seeded with train.seed (or the warm-start
     weights), early-stopped on its fold's inner validation split with the best epoch's weights kept; with
@@ -115,13 +132,15 @@ def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp3
         return list(zip(models, results))
 
     def fit_folds(requests: list[bt.FitRequest]) -> list[FoldFit]:
+        t = time.perf_counter()
         first = train_stack(requests)
         again = [i for i, (_, res) in enumerate(first) if res.best_epoch > 0] if cfg.backtest.refit_full else []
         refits = dict(zip(again, train_stack([dataclasses.replace(requests[i], epochs=first[i][1].best_epoch)
                                                for i in again], refit=True))) if again else {}
-        return [_fold_fit(model, res, refits.get(i)) for i, (model, res) in enumerate(first)]
+        share = (time.perf_counter() - t) / len(requests)  # each LSTM's share of the stack's time
+        return [_fold_fit(model, res, refits.get(i), share) for i, (model, res) in enumerate(first)]
 
-    def _fold_fit(model, res, refit) -> FoldFit:
+    def _fold_fit(model, res, refit, seconds: float) -> FoldFit:
         h = res.history
         steps, norms, clipped = res.steps, list(h["norm_pre"]), list(h["clipped"])
         usable = res.best_epoch > 0  # weights from an epoch that validated finitely
@@ -139,11 +158,109 @@ def lstm_fitter(cfg: PipelineConfig, device: torch.device, precision: str = "fp3
                 "best_val_loss": res.best_val_loss, "diverged": diverged, "refit": outcome,
                 "clip_rate": float(np.mean(clipped)) if clipped else math.nan,
                 "grad_norm_median": float(np.nanmedian(norms)) if norms else math.nan,
-                "grad_norm_max": float(np.nanmax(norms)) if norms else math.nan}
+                "grad_norm_max": float(np.nanmax(norms)) if norms else math.nan, "fit_seconds": seconds}
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if usable else None
         return FoldFit(lambda x: predict(model, x, device), usable, weights, info)
 
     return fit_folds
+
+
+def stack_fitter(cfg: PipelineConfig, device: torch.device, precision: str, workers: int, threads: int,
+                 gpus: int = 0, progress: bool = False) -> bt.LSTMFitter:
+    """The backtest's LSTM fitter: with several ``workers``, each stack trained in one of that many processes
+    (``threads`` torch threads each; on CUDA worker i on GPU i mod ``gpus``), up to two stacks a worker asked for
+    ahead; the fits come back as weights, and the models predict here. One worker: ``lstm_fitter``, here."""
+    if workers <= 1:
+        return lstm_fitter(cfg, device, precision, progress)
+
+    def fit_stacks(stacks):
+        with _stack_pool(workers, threads, gpus) as pool:
+            ahead: collections.deque = collections.deque()
+
+            def ask() -> bool:
+                requests = next(stacks, None)
+                if requests is None:
+                    return False
+                future = pool.submit(_fit_in_worker, cfg, precision, requests) if requests else None
+                ahead.append((requests, future))
+                return True
+
+            while len(ahead) < 2 * workers and ask():
+                pass
+            while ahead:
+                requests, future = ahead.popleft()
+                fits = future.result() if future is not None else []
+                ask()
+                yield [_received(cfg, device, r, *fit) for r, fit in zip(requests, fits)]
+
+    return fit_stacks
+
+
+@contextlib.contextmanager
+def _stack_pool(workers: int, threads: int, gpus: int):
+    """Worker processes for stacks: forked from here where that is safe (``setup.fork_safe``), else from a
+    forkserver that has imported this module."""
+    if setup.fork_safe(torch.get_num_threads(), gpus):
+        ctx = mp.get_context("fork")
+    else:
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload(["fincast.runs.backtest"])
+    started = ctx.Value("i", 0)
+    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_stack_worker,
+                                  initargs=(threads, gpus, started))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stack_worker(threads: int, gpus: int, started) -> None:
+    torch.set_num_threads(threads)
+    if gpus:
+        with started.get_lock():
+            index = started.value
+            started.value += 1
+        setup.take_gpu(index, gpus)
+    logging.getLogger("fincast").setLevel(logging.ERROR)
+    setup.die_with_parent()
+
+
+def _fit_in_worker(cfg: PipelineConfig, precision: str, requests: list[bt.FitRequest]) -> list[tuple]:
+    """A stack trained in a worker process: per request (its model's final weights on the CPU or None when it
+    never validated, usable, info)."""
+    fits = stack_trainer(cfg, setup.device(cfg), precision)(requests)
+    return [({k: v.cpu() for k, v in f.weights.items()} if f.weights is not None else None, f.usable, f.info)
+            for f in fits]
+
+
+def _received(cfg: PipelineConfig, device: torch.device, request: bt.FitRequest, weights: dict | None, usable: bool,
+              info: dict) -> FoldFit:
+    """A fit from a worker process as a FoldFit: its model rebuilt here (to predict) from its weights."""
+    model = build_model(cfg.model, request.train.x.shape[2]).to(device)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return FoldFit(lambda x: predict(model, x, device), usable, weights, info)
+
+
+def _machine(cfg: PipelineConfig) -> tuple[torch.device, str, int, int, int]:
+    """(device, precision, workers, torch threads per worker, GPUs): folds one at a time (warm_start,
+    backtest.stack_folds = 1) train here on one thread (a lone small LSTM trains as fast on one as on all cores,
+    and far faster on a loaded machine); stacks of folds in backtest.workers processes (default: one per GPU on
+    CUDA, else one per core), the cores shared out (measured: docs/backtests.md). This process keeps one thread
+    when there are workers (it only predicts). train.threads, when set, is every process's."""
+    b = cfg.backtest
+    if b.warm_start or b.stack_folds == 1:
+        device, precision = setup.prepare(cfg, default_threads=1)
+        return device, precision, 1, torch.get_num_threads(), 0
+    gpus = setup.visible_gpus(cfg.train.device)
+    device, precision = setup.prepare(cfg, default_threads=1)
+    use = gpus if device.type == "cuda" else 0
+    workers = b.workers or use or setup.cores()
+    threads = cfg.train.threads or max(1, setup.cores() // workers)
+    if workers == 1:
+        torch.set_num_threads(threads)
+    return device, precision, workers, threads, use
 
 
 def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path = "reports") -> BacktestOutcome:
@@ -156,14 +273,12 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
     t_start = time.perf_counter()
     prices = forecast.load(cfg, progress=progress)
     t_data = time.perf_counter() - t_start
-    # one torch thread unless train.threads says otherwise: a backtest's small LSTMs train as fast on one thread
-    # as on all cores of an idle machine and far faster on a loaded one (docs/backtests.md)
-    device, precision = setup.prepare(cfg, default_threads=1)
+    device, precision, workers, threads, gpus = _machine(cfg)
     b = cfg.backtest
     experiment = cfg.tracking.experiment or cfg.name
     window = "expanding" if b.window == "expanding" else f"rolling{b.window}"
     name = cfg.tracking.run_name or f"backtest-{'+'.join(cfg.data.tickers)}-{window}-every{b.refit_every}"
-    run = tracking.start_run(cfg.tracking, experiment, name, _tags(cfg, prices, device, precision))
+    run = tracking.start_run(cfg.tracking, experiment, name, _tags(cfg, prices, device, precision, workers, threads))
     with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
         run.log_params(config_mod.flatten(config_mod.to_dict(cfg)))
         fold_keys = ("test_rmse", "test_rmse_vs_naive_pct", "best_val_loss", "steps", "clip_rate", "grad_norm_median",
@@ -183,9 +298,9 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
             log_seconds += time.perf_counter() - t
 
         store = FoldFiles(cfg, prices.fingerprint) if cfg.backtest.resume else None
-        wf = bt.walk_forward(prices.frames, cfg, fit_lstm=lstm_fitter(cfg, device, precision, progress),
-                             progress=progress, on_fold=on_fold, store=store,
-                             stack=bt.stack_folds(cfg, device.type == "cuda"))
+        fitter = stack_fitter(cfg, device, precision, workers, threads, gpus, progress and workers <= 1)
+        wf = bt.walk_forward(prices.frames, cfg, fit_lstm=fitter, progress=progress, on_fold=on_fold, store=store,
+                             stack=bt.stack_folds(cfg, device.type == "cuda"), workers=workers)
         if wf.resumed:
             run.set_tags({"fincast.resumed_folds": wf.resumed})
             log.info("backtest %s: %d finished folds taken from %s", cfg.name, wf.resumed, store.dir)
@@ -218,13 +333,15 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
                            len(wf.forecasts), f"{device} ({precision})", seconds, [*wf.notes, *prices.warnings])
 
 
-def _tags(cfg: PipelineConfig, prices, device: torch.device, precision: str) -> dict[str, str]:
+def _tags(cfg: PipelineConfig, prices, device: torch.device, precision: str, workers: int = 1,
+          threads: int | None = None) -> dict[str, str]:
     return {
         "fincast.kind": "backtest", "fincast.version": fincast.__version__, "fincast.git_commit": git_commit(),
         "fincast.data_source": prices.source, "fincast.data_fingerprint": prices.fingerprint,
         "fincast.tickers": ",".join(cfg.data.tickers), "fincast.pipeline": cfg.name,
         "fincast.device": device_tag(device), "fincast.precision": precision,
-        "fincast.threads": torch.get_num_threads(), "fincast.models": ",".join(bt.model_names(cfg)),
+        "fincast.threads": threads or torch.get_num_threads(), "fincast.workers": workers,
+        "fincast.models": ",".join(bt.model_names(cfg)),
     }
 
 

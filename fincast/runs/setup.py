@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 
 import torch
 
@@ -55,3 +61,44 @@ def prepare(cfg: PipelineConfig, *, writer: bool = False, default_threads: int |
     dev = device(cfg)
     torch.set_num_threads(threads(cfg, writer=writer, device=dev, default=default_threads))
     return dev, resolve_precision(cfg.train.precision, dev)
+
+
+def die_with_parent() -> None:
+    """A worker process: die with the process that started it (Linux: even on SIGKILL; elsewhere within a
+    second)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the driver, even on SIGKILL
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:  # elsewhere: notice the driver is gone within a second
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def take_gpu(index: int, gpus: int) -> int:
+    """Make GPU ``index mod gpus`` this process's default CUDA device ("cuda" means it); -> that GPU."""
+    gpu = index % gpus
+    torch.cuda.set_device(gpu)
+    return gpu
+
+
+def visible_gpus(device: str) -> int:
+    """GPUs a run on ``train.device`` would use: none for cpu/mps or a torch built without CUDA (asked without
+    touching CUDA), else torch.cuda.device_count()."""
+    if device not in ("auto", "cuda") or not torch.backends.cuda.is_built():
+        return 0
+    return torch.cuda.device_count()
+
+
+def fork_safe(threads: int, gpus: int) -> bool:
+    """Whether worker processes may be forked from this one (started in milliseconds with everything imported):
+    on Linux, with one torch thread, no other Python threads, no GPUs and CUDA not initialised here (a fork is
+    unsafe when this process's OpenMP pool has several threads, or CUDA is set up)."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
+    return (not gpus and sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
+            and threads == 1 and not torch.cuda.is_initialized())

@@ -469,9 +469,9 @@ CLI = ("data.source=synthetic", "data.start=2018-01-01", "data.end=2020-12-31", 
 @pytest.mark.slow  # three backtests (~8 s)
 def test_a_killed_backtest_resumes_from_its_finished_folds(tmp_path, monkeypatch):
     """Killed while fitting fold 3 (one fold a stack), the same backtest run again (its folds stacked as they
-    like: stack_folds does not change what a fold computes) refits folds 3 and 4 only (1 and 2 are taken from
-    their files), in one stack, and ends with the forecasts of an uninterrupted backtest; the files are gone
-    afterwards."""
+    like: stack_folds and workers do not change what a fold computes) refits folds 3 and 4 only (1 and 2 are
+    taken from their files), in one stack, and ends with the forecasts of an uninterrupted backtest trained in
+    two worker processes; the files are gone afterwards."""
     store = (f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_dir={tmp_path / 'art'}",
              f"train.checkpoint_dir={tmp_path / 'ck'}", "tracking.log_model=false")
     cfg = _cfg(*store)
@@ -491,18 +491,20 @@ def test_a_killed_backtest_resumes_from_its_finished_folds(tmp_path, monkeypatch
     assert len(list((tmp_path / "ck" / "backtest").glob("*/fold-*.pt"))) == 2
     stacks.clear()
     monkeypatch.setattr(backtest_run, "train_runs", killed_at(0))
-    resumed = backtest_run.backtest(cfg, out_dir=tmp_path / "r2")
+    resumed = backtest_run.backtest(_cfg(*store, "backtest.workers=1"), out_dir=tmp_path / "r2")
     assert stacks == [4] and resumed.folds == 4  # folds 3 and 4, two LSTMs each, in one stack
     assert not list((tmp_path / "ck" / "backtest").glob("*/fold-*.pt"))
     from fincast import tracking
 
     tags = tracking.get_run(resumed.run_id, cfg.tracking).data.tags
-    assert tags["fincast.resumed_folds"] == "2" and tags["fincast.threads"] == "1"  # (train.threads null)
-    stacks.clear()
-    straight = backtest_run.backtest(_cfg(*store, "backtest.resume=false"), out_dir=tmp_path / "r3")
-    assert stacks == [8] and straight.folds == 4
+    assert tags["fincast.resumed_folds"] == "2" and tags["fincast.workers"] == "1"
+    # uninterrupted, its stacks in two worker processes (one thread each): 4 folds in 2 stacks
+    straight = backtest_run.backtest(_cfg(*store, "backtest.resume=false", "backtest.workers=2", "train.threads=1"),
+                                     out_dir=tmp_path / "r3")
+    tags = tracking.get_run(straight.run_id, cfg.tracking).data.tags
+    assert straight.folds == 4 and tags["fincast.workers"] == "2" and tags["fincast.threads"] == "1"
     a, b = (pd.read_csv(tmp_path / r / "backtest" / cfg.name / "forecasts.csv") for r in ("r2", "r3"))
-    # (fold 3 and 4 trained in the same stack both times; folds 1 and 2 alone in r2, stacked with 3 and 4 in r3)
+    # (folds 1 and 2 one at a time in r2, stacked together in r3's first worker)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-7)
 
 

@@ -427,9 +427,9 @@ def test_each_worker_takes_the_next_gpu_round_robin(monkeypatch):
     """Worker i (in the order they start) makes GPU i mod gpus its default CUDA device."""
     import torch
 
-    from fincast.experiments import workers as workers_mod
+    from fincast.runs import setup
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    assert [workers_mod._take_gpu(i, 3) for i in range(5)] == [0, 1, 2, 0, 1] == chosen
-    assert workers_mod.visible_gpus("cpu") == 0  # asked without touching CUDA
+    assert [setup.take_gpu(i, 3) for i in range(5)] == [0, 1, 2, 0, 1] == chosen
+    assert setup.visible_gpus("cpu") == 0  # asked without touching CUDA

@@ -47,9 +47,10 @@ from fincast.experiments.sweep.coordination import (
     trials_table,
 )
 from fincast.experiments.sweep.spec import SWEEP_TAG, TRIAL_TAG, Sweep, redact, storage_url, trial_config
-from fincast.experiments.workers import plan_workers, visible_gpus
+from fincast.experiments.workers import plan_workers
 from fincast.runs import driver
 from fincast.runs.record import ended, git_commit
+from fincast.runs.setup import visible_gpus
 
 log = logging.getLogger("fincast.sweep")
 
