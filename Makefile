@@ -92,6 +92,7 @@ bench: $(STAMP)  ## benchmarks in bench/ (print ratios measured in one run)
 	$(BIN)/python bench/study_efficiency.py
 	$(BIN)/python bench/report_speed.py
 	$(BIN)/python bench/backtest_overhead.py
+	$(BIN)/python bench/backtest_speed.py --quick
 	$(BIN)/python bench/batched_study.py
 	$(BIN)/python bench/run_axis.py
 	$(BIN)/python bench/study_scale.py --quick
