@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from fincast import features
 from fincast.backtest.evaluate import MEAN, NAIVE, RIDGE, periods_per_year
+from fincast.backtest.stacking import fold_stacks, stack_folds  # noqa: F401 (stack_folds: this module's API too)
 from fincast.clipping import label as clip_label
 from fincast.config import ClipConfig, FincastError, PipelineConfig
 from fincast.features import MIN_EVAL, MIN_TRAIN, Split
@@ -294,7 +295,7 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     def stacks():
         """Each stack's LSTM requests, prepared when the fitter asks for them (with warm_start, one fold at a time,
         after the fold before it has finished: its weights are the start)."""
-        for todo in _stacks(len(cuts), 1 if b.warm_start else stack, workers):
+        for todo in fold_stacks(len(cuts), 1 if b.warm_start else stack, workers):
             done = {k: d for k in todo if store is not None and (d := store.get(k + 1)) is not None}
             t = time.perf_counter()
             folds = {k: _prepare(k, panel, cuts, rolling, cfg, end) for k in todo if k not in done}
@@ -365,26 +366,6 @@ def _calendar_notes(panel: dict) -> list[str]:
     return ["the tickers trade on different calendars (" + ", ".join(
         f"{t}: {'7-day' if w else 'weekdays'}" for t, w in weekend.items()) + "): cutoffs step through their "
         "combined calendar, so backtest.refit_every counts its bars (rolling windows count each ticker's own)"]
-
-
-def stack_folds(cfg: PipelineConfig, cuda: bool) -> int:
-    """Folds whose LSTMs train as one stack: ``backtest.stack_folds``; auto = every fold on CUDA (a small run is
-    bound by kernel launches there, which a stack shares), 32 on a CPU (measured: docs/backtests.md). One with
-    warm_start: each fold starts from the weights of the one before."""
-    if cfg.backtest.warm_start:
-        return 1
-    stack = cfg.backtest.stack_folds
-    return (1 << 30 if cuda else 32) if stack == "auto" else int(stack)
-
-
-def _stacks(folds: int, most: int, workers: int = 1) -> list[range]:
-    """Fold indices in consecutive stacks of at most ``most``, as even as possible, as many as a multiple of
-    ``workers`` where there are folds enough (129 in stacks of 64: 43 x 3; for 2 workers 32.25 x 4)."""
-    n = math.ceil(folds / max(1, most))
-    n = min(folds, math.ceil(n / max(1, workers)) * max(1, workers))
-    size, extra = divmod(folds, n)
-    bounds = np.cumsum([0] + [size + (i < extra) for i in range(n)])
-    return [range(int(a), int(z)) for a, z in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass

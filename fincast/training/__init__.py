@@ -11,10 +11,11 @@ and before the optimizer.
 """
 
 from fincast.training.device import dist_info, resolve_device, resolve_precision, seed_everything
-from fincast.training.engine import Engine, fit, fit_batched, train_runs
+from fincast.training.engine import Engine, train_runs
 from fincast.training.evaluate import evaluate, predict, score
 from fincast.training.optim import lr_factor, lr_table
 from fincast.training.recorder import FitResult, MetricSink, SpikeCounter
+from fincast.training.shortcuts import fit, fit_batched
 
 __all__ = ["Engine", "FitResult", "MetricSink", "SpikeCounter", "dist_info", "evaluate", "fit", "fit_batched",
            "lr_factor", "lr_table", "predict", "resolve_device", "resolve_precision", "score", "seed_everything",

@@ -26,9 +26,9 @@ class Samples:
 
     def __init__(self, train: Split | list[Split], val: Split | list[Split], runs: int, batch: int,
                  device: torch.device):
-        if not isinstance(train, Split) and train and all(t is train[0] for t in train):
+        if not isinstance(train, Split) and len(train) == runs and all(t is train[0] for t in train):
             train = train[0]  # one split, given once per run
-        if not isinstance(val, Split) and val and all(v is val[0] for v in val):
+        if not isinstance(val, Split) and len(val) == runs and all(v is val[0] for v in val):
             val = val[0]
         self.shared = isinstance(train, Split) and isinstance(val, Split)
         trains = [train] * runs if isinstance(train, Split) else list(train)
