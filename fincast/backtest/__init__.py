@@ -8,6 +8,7 @@ from fincast.backtest.evaluate import (
     strategy_returns,
     trading_stats,
 )
+from fincast.backtest.stacking import stack_folds
 from fincast.backtest.walkforward import (
     BacktestError,
     FitRequest,
@@ -16,7 +17,6 @@ from fincast.backtest.walkforward import (
     WalkForward,
     clip_configs,
     model_names,
-    stack_folds,
     walk_forward,
 )
 

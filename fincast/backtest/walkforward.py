@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fincast import features
 from fincast.backtest.evaluate import MEAN, NAIVE, RIDGE, periods_per_year
-from fincast.backtest.stacking import fold_stacks, stack_folds  # noqa: F401 (stack_folds: this module's API too)
+from fincast.backtest.stacking import fold_stacks
 from fincast.clipping import label as clip_label
 from fincast.config import ClipConfig, FincastError, PipelineConfig
 from fincast.features import MIN_EVAL, MIN_TRAIN, Split
@@ -267,7 +267,7 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
                  store: FoldStore | None = None, stack: int = 1, workers: int = 1) -> WalkForward:
     """Run the walk-forward backtest of ``cfg`` on ``frames`` (one OHLCV frame per ticker).
 
-    ``fit_lstm`` trains the LSTMs of at most ``stack`` folds at a time, as one stack (``stack_folds``; with
+    ``fit_lstm`` trains the LSTMs of at most ``stack`` folds at a time, as one stack (``backtest.stacking.stack_folds``; with
     warm_start one fold at a time), perhaps several stacks at once in ``workers`` processes (the stacks are then
     as many as a multiple of them: ``fincast.runs.backtest.stack_fitter``). ``on_fold(k, rows)`` is called
     after each fold with its rows of the folds table (the pipeline logs them to MLflow as stepped metrics).

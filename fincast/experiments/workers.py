@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import logging
 import math
-import multiprocessing as mp
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +21,7 @@ from fincast.config import (
 from fincast.models import LSTMForecaster
 from fincast.reports import figures
 from fincast.runs import driver
-from fincast.runs.setup import cores, die_with_parent, fork_safe, take_gpu
+from fincast.runs.setup import cores, start_worker, take_gpu, worker_context
 
 
 @contextlib.contextmanager
@@ -44,12 +42,7 @@ def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True, g
         yield None, lambda: None
         return
 
-    if fork_ok and fork_safe(threads, gpus):
-        ctx = mp.get_context("fork")
-    else:
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload(["fincast.runs.driver"])  # (includes the metric writer's fincast.tracking)
+    ctx = worker_context(threads, gpus, "fincast.runs.driver", fork_ok)  # (the driver imports fincast.tracking)
     ready, opened, started = ctx.Event(), ctx.Value("b", 0), ctx.Value("i", 0)
 
     def store_ready() -> None:
@@ -149,16 +142,7 @@ def _worker_init(threads: int, uri: str, ready: Any, opened: Any, started: Any =
     """A worker process: its share of the cores, its GPU (the i-th worker started: GPU i mod ``gpus``), quiet
     logs (the driver reports), death with the driver, and the first run's one-off costs paid while the driver
     sets up."""
-    import torch
-
-    torch.set_num_threads(threads)
-    if gpus and started is not None:
-        with started.get_lock():
-            index = started.value
-            started.value += 1
-        take_gpu(index, gpus)
-    logging.getLogger("fincast").setLevel(logging.ERROR)
-    die_with_parent()
+    start_worker(threads, gpus, started)
     warm_up()
     if ready.wait(timeout=600) and opened.value:
         tracking.open_store(uri)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing as mp
 import shutil
 import tempfile
 import time
@@ -198,32 +197,15 @@ def stack_fitter(cfg: PipelineConfig, device: torch.device, precision: str, work
 
 @contextlib.contextmanager
 def _stack_pool(workers: int, threads: int, gpus: int):
-    """Worker processes for stacks: forked from here where that is safe (``setup.fork_safe``), else from a
-    forkserver that has imported this module."""
-    if setup.fork_safe(torch.get_num_threads(), gpus):
-        ctx = mp.get_context("fork")
-    else:
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload(["fincast.runs.backtest"])
+    """Worker processes for stacks (``setup.worker_context``, ``setup.start_worker``)."""
+    ctx = setup.worker_context(torch.get_num_threads(), gpus, "fincast.runs.backtest")
     started = ctx.Value("i", 0)
-    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_stack_worker,
+    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=setup.start_worker,
                                   initargs=(threads, gpus, started))
     try:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _stack_worker(threads: int, gpus: int, started) -> None:
-    torch.set_num_threads(threads)
-    if gpus:
-        with started.get_lock():
-            index = started.value
-            started.value += 1
-        setup.take_gpu(index, gpus)
-    logging.getLogger("fincast").setLevel(logging.ERROR)
-    setup.die_with_parent()
 
 
 def _fit_in_worker(cfg: PipelineConfig, precision: str, requests: list[bt.FitRequest]) -> list[tuple]:

@@ -102,3 +102,29 @@ def fork_safe(threads: int, gpus: int) -> bool:
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.name != "tqdm_monitor"]
     return (not gpus and sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and not others
             and threads == 1 and not torch.cuda.is_initialized())
+
+
+def worker_context(threads: int, gpus: int, preload: str, fork_ok: bool = True):
+    """The multiprocessing context of worker processes: fork where that is safe (``fork_safe``), else a
+    forkserver that has imported ``preload`` once (spawn where there is none)."""
+    if fork_ok and fork_safe(threads, gpus):
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([preload])
+    return ctx
+
+
+def start_worker(threads: int, gpus: int, started) -> None:
+    """A worker process's start: its torch threads, its GPU (the i-th worker started, counted by the shared
+    ``started`` value: GPU i mod ``gpus``), quiet fincast logs (the driver reports) and death with its driver."""
+    import logging
+
+    torch.set_num_threads(threads)
+    if gpus and started is not None:
+        with started.get_lock():
+            index = started.value
+            started.value += 1
+        take_gpu(index, gpus)
+    logging.getLogger("fincast").setLevel(logging.ERROR)
+    die_with_parent()

@@ -80,7 +80,7 @@ class Engine:
         self.rank, self.world = dist_info()
         if self.rank != 0:
             sinks, checkpoints = [None] * k_runs, [None] * k_runs
-        self.models, self.train, self.val, self.cfgs, self.clips = list(models), train, val, list(cfgs), list(clips)
+        self.models, self.cfgs, self.clips = list(models), list(cfgs), list(clips)
         self.device, self.log_every, self.progress, self.restore_best = device, log_every, progress, restore_best
         self.monitor = monitor or MonitorConfig()
         self.checkpoints, self.on_epochs = checkpoints, on_epochs
