@@ -14,7 +14,7 @@ OWNERS = {
     "yfinance": "fincast/data/yahoo.py",
     "mlflow": "fincast/tracking/store.py",
     "matplotlib": "fincast/reports/figures/canvas.py",
-    "optuna": "fincast/experiments/sweep/coordination.py",
+    "optuna": "fincast/experiments/coordination.py",
 }
 
 LAYER = {  # docs/architecture.md: config -> L1 -> L2 -> reports -> runs -> experiments -> cli (-> __main__)

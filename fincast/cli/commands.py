@@ -88,16 +88,32 @@ def cmd_study(args: argparse.Namespace) -> int:
         for job in spec.jobs:
             print(f"  {job.cfg.tracking.run_name:<40} {job.hash}")
         return 0
-    out = study_mod.run(spec, progress=_progress(args.quiet))
+    if args.storage:
+        from fincast.experiments import team
+
+        out = team.run(spec, args.storage, progress=_progress(args.quiet))
+    else:
+        out = study_mod.run(spec, progress=_progress(args.quiet))
     print(f"parent run {out.parent_run_id}  (experiment {out.experiment!r} in {out.tracking_uri})")
-    print(f"  {out.finished} runs trained now ({out.diverged} went non-finite), {out.skipped} finished before, "
-          f"{len(out.failed)} failed; {out.seconds:.0f} s")
+    if not out.ended:
+        print(f"  this driver trained {out.here} runs ({out.diverged} went non-finite, {len(out.failed)} failed); "
+              f"{out.note}; {out.seconds:.0f} s")
+        return 1 if out.failed else 0
+    here = f" ({out.here} here, {out.note})" if out.here >= 0 else ""
+    print(f"  {out.finished} runs trained now{here} ({out.diverged} went non-finite), {out.skipped} finished "
+          f"before, {len(out.failed)} failed; {out.seconds:.0f} s")
     for name, error in out.failed[:10]:
         print(f"  FAILED {name}: {error}")
+    if args.storage:  # the team's last driver builds the report (the others cannot tell when the study ends)
+        from fincast.reports import stability
+
+        rep = stability.build(out.name, tracking_uri=out.tracking_uri, out_dir=Path("reports") / "stability")
+        print(f"  report {rep.index}  (logged to the parent run)")
     if out.failed:
         print("  rerun the same command to retry the failed runs (finished ones are kept)")
         return 1
-    print(f"  next: fincast report stability --study {out.name}   (or: make report STUDY_NAME={out.name})")
+    if not args.storage:
+        print(f"  next: fincast report stability --study {out.name}   (or: make report STUDY_NAME={out.name})")
     return 0
 
 

@@ -57,6 +57,9 @@ STUDY_EXAMPLES = """examples:
   fincast study pipelines/stability_equities.yaml --set matrix.seeds=3 --set study.workers=2
   fincast study pipelines/stability_crypto.yaml --dry-run
   fincast report stability --study stability_crypto
+  # a team: the same command on every machine, one Optuna storage and one MLflow server (docs/studies.md)
+  MLFLOW_TRACKING_URI=http://mlflow-host:5000 fincast study pipelines/stability_crypto.yaml \
+      --storage postgresql://user:pw@db-host/optuna
 """
 
 SET_HELP = ("override a config key, repeatable: --set train.lr=3e-3 --set data.tickers=[BTC-USD,ETH-USD]; "
@@ -151,6 +154,11 @@ def _add_study(sub) -> None:
                          "--set study.workers=2); any other key is a pipeline key set for every run "
                          "(--set data.source=synthetic)")
     st.add_argument("--dry-run", action="store_true", help="list the runs the spec expands to, and stop")
+    st.add_argument("--storage", default=None, metavar="URL",
+                    help="share the study's runs among drivers on several machines through this Optuna storage "
+                         "(any SQLAlchemy URL; a team uses PostgreSQL, with MLflow on a shared `mlflow server`): "
+                         "run the same command on each machine; each claims runs as its workers free up, and the "
+                         "last one ends the study and builds the report. Default: this machine runs it alone")
     _add_quiet(st, "no progress bar")
 
 

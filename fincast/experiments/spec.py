@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from fincast import config as config_mod
+from fincast.clipping import threshold_keys
 from fincast.config import ConfigError, PipelineConfig
+
+# the threshold a sweep searches for each clip method
+THRESHOLD_KEYS = threshold_keys()  # clip.norm.max_norm, clip.autoclip.percentile, ... (from the methods' registry)
+
+
+SWEEP_TAG, TRIAL_TAG = "fincast.sweep", "fincast.sweep_trial"
 
 # keys that do not change what a run computes (so they are left out of its hash)
 _UNHASHED = ("tracking.", "train.threads", "train.checkpoint", "train.checkpoint_every", "train.checkpoint_dir",
@@ -78,3 +85,13 @@ def base_config(path: Path, base_path: Path, common: dict) -> dict:
     for key, value in config_mod.flatten({str(k): v for k, v in common.items()}).items():
         config_mod.set_key(base_raw, key.split("."), value, f"{path}: set.{key}")
     return base_raw
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs and run params)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: say nothing about it
+        return url.split("@")[-1]

@@ -232,6 +232,9 @@ class StudyOutcome:
     diverged: int         # of those finished now
     failed: list[tuple[str, str]]  # (run name, error)
     seconds: float
+    ended: bool = True    # the study ended here (a team driver other than the finisher: False)
+    here: int = -1        # runs trained by this driver (a team driver's share; -1: all of them)
+    note: str = ""        # what else to know (a team driver: who ends the study)
 
 
 def lock_path(study: Study) -> Path:
@@ -266,15 +269,7 @@ def _lock(study: Study):
 def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     """Run every job of the study not finished before, in ``study.workers`` processes."""
     t0 = time.perf_counter()
-    import torch
-
-    amp = sorted({j.cfg.train.precision for j in study.jobs} - {"fp32"})
-    if amp and not torch.cuda.is_available():  # they would silently train in fp32: cells that differ in name only
-        raise FincastError(f"study {study.name}: train.precision={','.join(amp)} needs CUDA, and this machine has "
-                           "none; drop that axis or run the study on a GPU machine")
-    device = study.jobs[0].cfg.train.device
-    gpus = visible_gpus(device)
-    workers, threads = worker_count(study.settings, device, len(study.jobs), gpus)
+    workers, threads, gpus = prepare(study)
     # the bar shows from the start (kernel build, data, store, worker start-up), then moves once per run
     bar = tqdm(total=len(study.jobs), desc=f"study {study.name} (starting)", unit="run", disable=not progress)
     try:
@@ -283,19 +278,32 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
         bar.close()
 
 
-def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0: float,
-         gpus: int = 0) -> StudyOutcome:
+def prepare(study: Study) -> tuple[int, int, int]:
+    """(workers, torch threads each, GPUs visible) of this machine's share of the study, after the checks and
+    one-off set-up that come before the workers start (the CPU kernel, the store's imports: forked workers
+    inherit them)."""
     import torch
 
     device = study.jobs[0].cfg.train.device
-    # no CUDA query here (torch.cuda.is_available() would set up the driver and poison the fork below): CPU means
-    # device: cpu, or a torch built without CUDA
+    gpus = visible_gpus(device)
+    amp = sorted({j.cfg.train.precision for j in study.jobs} - {"fp32"})
+    if amp and not torch.cuda.is_available():  # they would silently train in fp32: cells that differ in name only
+        raise FincastError(f"study {study.name}: train.precision={','.join(amp)} needs CUDA, and this machine has "
+                           "none; drop that axis or run the study on a GPU machine")
+    workers, threads = worker_count(study.settings, device, len(study.jobs), gpus)
+    # no CUDA query here (torch.cuda.is_available() would set up the driver and poison the fork of the workers):
+    # CPU means device: cpu, or a torch built without CUDA
     cpu = device == "cpu" or (device == "auto" and not torch.backends.cuda.is_built())
     if cpu and study.settings.batch_runs != 1 and any(driver.batch_key(j.cfg) for j in study.jobs):
         from fincast.models.grouped_lstm import cpu_kernel
 
         cpu_kernel()  # built (once per machine) or loaded here, before the workers fork: they inherit it
     tracking.preload_store(tracking.resolve_uri(study.tracking))  # (imports only, inherited by forked workers)
+    return workers, threads, gpus
+
+
+def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0: float,
+         gpus: int = 0) -> StudyOutcome:
     uri = tracking.resolve_uri(study.tracking)
     with _lock(study), worker_pool(workers, threads, uri, gpus=gpus) as (pool, store_ready):
         # load (and cache) the data once here: a bad source fails now, with its own message, not in every
@@ -304,15 +312,15 @@ def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0
         fingerprint = data.fingerprint
         store = tracking.StudyStore(study.tracking, study.name)
         store_ready()  # the workers may open the store now (two processes creating it at once collide)
-        parent = store.parent_run(params=_parent_params(study))
+        parent = store.parent_run(params=parent_params(study))
         finished, diverged, failed = 0, 0, []
         with ended(parent, lambda: "FAILED" if failed else "FINISHED"):
             try:
                 done = store.settle(fingerprint)
                 todo = [j for j in study.jobs if j.hash not in done]
                 skipped = len(study.jobs) - len(todo)
-                _log_spec(parent, study, fingerprint)
-                _log_baselines(parent, study, data)
+                log_spec(parent, study, fingerprint)
+                log_baselines(parent, study, data)
                 if skipped:
                     log.info("study %s: %d of %d runs already finished; running the other %d", study.name, skipped,
                              len(study.jobs), len(todo))
@@ -322,9 +330,9 @@ def _run(study: Study, bar: tqdm, workers: int, threads: int, progress: bool, t0
                              "/".join(str(n) for n in sorted({len(c) for c in chunks}, reverse=True)))
                 bar.update(skipped)
                 bar.set_description(f"study {study.name}")
-                moved = _Progress(bar)
-                with _progress_feed(pool, moved if progress else None) as feed:
-                    for result in _execute(pool, chunks, parent.run_id, study.name, threads, keeping(study), moved,
+                moved = Progress(bar)
+                with progress_feed(pool, moved if progress else None) as feed:
+                    for result in execute(pool, chunks, parent.run_id, study.name, threads, keeping(study), moved,
                                            feed):
                         moved.advance(result["name"])  # (a run whose stack failed before closing it)
                         if result["error"] is None:
@@ -357,7 +365,7 @@ def keeping(study: Study) -> Keeping:
     return Keeping("weights", frozenset(varying | set(KEY_SETTINGS)), series="parent", figures=False)
 
 
-def _log_baselines(parent: tracking.Run, study: Study, data: Any) -> None:
+def log_baselines(parent: tracking.Run, study: Study, data: Any) -> None:
     """The baselines' test metrics, once, on the parent run (every run of the study shares its data and test
     samples; runs on other features or data axes differ, and record their own as well)."""
     try:
@@ -366,7 +374,7 @@ def _log_baselines(parent: tracking.Run, study: Study, data: Any) -> None:
         log.warning("study %s: the baselines could not be computed for the parent run: %s", study.name, exc)
 
 
-def _log_spec(parent: tracking.Run, study: Study, fingerprint: str) -> None:
+def log_spec(parent: tracking.Run, study: Study, fingerprint: str) -> None:
     """The spec as resolved, the plan of runs and the settings the report judges by, on the parent run."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "study.yaml"
@@ -382,7 +390,7 @@ def _log_spec(parent: tracking.Run, study: Study, fingerprint: str) -> None:
             parent.log_artifact(f)
 
 
-class _Progress:
+class Progress:
     """The study's bar, moved once per run as each finishes (a stack's runs one by one as they close), from the
     result loop or from the thread that reads the workers' messages; a run is counted once."""
 
@@ -397,7 +405,7 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _progress_feed(pool: cf.ProcessPoolExecutor | None, progress: _Progress | None):
+def progress_feed(pool: cf.ProcessPoolExecutor | None, progress: Progress | None):
     """A queue the worker processes put each closed run's name on (None: no workers, or no bar), and a thread
     here that moves the bar by it."""
     if pool is None or progress is None:
@@ -420,7 +428,7 @@ def _progress_feed(pool: cf.ProcessPoolExecutor | None, progress: _Progress | No
         manager.shutdown()
 
 
-def _parent_params(study: Study) -> dict[str, Any]:
+def parent_params(study: Study) -> dict[str, Any]:
     jobs = study.jobs
     return {
         "study.base": str(study.raw.get("base")), "study.runs": len(jobs),
@@ -432,8 +440,8 @@ def _parent_params(study: Study) -> dict[str, Any]:
     }
 
 
-def _execute(pool: cf.ProcessPoolExecutor | None, chunks: list[list[Job]], parent_id: str, study: str,
-             threads: int, keep: Keeping, progress: _Progress | None = None, feed: Any = None):
+def execute(pool: cf.ProcessPoolExecutor | None, chunks: list[list[Job]], parent_id: str, study: str,
+             threads: int, keep: Keeping, progress: Progress | None = None, feed: Any = None):
     """Yield one result dict per job as runs complete (in this process when there is no pool); a chunk of
     several jobs trains stacked and its results come together, while ``progress`` moves as each of its runs
     closes (here directly, from workers through ``feed``)."""
@@ -482,7 +490,8 @@ def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int, keep: 
     except Exception as exc:  # every run of the batch is marked FAILED in MLflow; the study goes on
         return [{"name": n, "error": f"{type(exc).__name__}: {exc}", "diverged": False} for n in names]
     return [{"name": n, "error": f"{type(o).__name__}: {o}", "diverged": False} if isinstance(o, Exception)
-            else {"name": n, "error": None, "diverged": o.fit.diverged, "run_id": o.run_id}
+            else {"name": n, "error": None, "diverged": o.fit.diverged, "run_id": o.run_id,
+                  "best_val_loss": o.fit.best_val_loss}
             for n, o in zip(names, outs)]
 
 
@@ -493,4 +502,5 @@ def _run_job(job: Job, parent_id: str, study: str, threads: int, keep: Keeping) 
         out = driver.train(cfg, tags=job.tags(study), parent_run_id=parent_id, keep=keep)
     except Exception as exc:  # the run is marked FAILED in MLflow; the study goes on
         return {"name": name, "error": f"{type(exc).__name__}: {exc}", "diverged": False}
-    return {"name": name, "error": None, "diverged": out.fit.diverged, "run_id": out.run_id}
+    return {"name": name, "error": None, "diverged": out.fit.diverged, "run_id": out.run_id,
+            "best_val_loss": out.fit.best_val_loss}

@@ -344,14 +344,17 @@ class StudyStore:
             parent.log_params(params)
         return parent
 
-    def settle(self, fingerprint: str | None = None) -> set[str]:
+    def settle(self, fingerprint: str | None = None, *, keep_failed: bool = False) -> set[str]:
         """Config hashes of the finished child runs that count (on data with ``fingerprint``, when given), after
-        one pass that deletes what does not: unfinished runs (killed or failed attempts, to be redone), the older
-        of two finished runs with one hash, and finished runs on other data (redone on the current data).
-        Every run of a study then appears exactly once; deleted runs stay restorable until `mlflow gc`."""
+        one pass that deletes what does not: unfinished runs (killed or failed attempts, to be redone; with
+        ``keep_failed`` the FAILED ones stay, as the end of a study does), the older of two finished runs with
+        one hash, and finished runs on other data (redone on the current data). Every run of a study then
+        appears exactly once; deleted runs stay restorable until `mlflow gc`."""
         latest: dict[str, Any] = {}
         unfinished, stale = [], []
         for r in self.runs("child"):  # oldest first
+            if keep_failed and r.info.status == "FAILED":
+                continue
             if r.info.status != "FINISHED":
                 unfinished.append(r.info.run_id)
             elif fingerprint not in (None, r.data.tags.get("fincast.data_fingerprint")):

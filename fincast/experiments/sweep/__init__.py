@@ -5,7 +5,7 @@ storage, sampler, pruner and trial bookkeeping; the only module importing optuna
 in worker processes, the parent run, the summary).
 """
 
-from fincast.experiments.sweep.coordination import FINISHED, importance, trials_table
+from fincast.experiments.coordination import FINISHED, importance, trials_table
 from fincast.experiments.sweep.driving import SweepOutcome, describe, join, objective, run
 from fincast.experiments.sweep.spec import THRESHOLD_KEYS, TRIAL_TAG, Sweep, load, trial_config
 from fincast.experiments.workers import plan_workers

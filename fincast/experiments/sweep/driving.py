@@ -25,7 +25,7 @@ from fincast.config import (
     FincastError,
     SweepSettings,
 )
-from fincast.experiments.sweep.coordination import (
+from fincast.experiments.coordination import (
     FINISHED,
     MAX_CONSECUTIVE_FAILURES,
     OptunaStudy,

@@ -14,7 +14,6 @@ import numpy as np
 
 from fincast import config as config_mod
 from fincast.clipping import label as clip_label
-from fincast.clipping import threshold_keys
 from fincast.config import (
     CLIP_METHODS,
     ConfigError,
@@ -22,7 +21,15 @@ from fincast.config import (
     SweepSettings,
     short_float,
 )
-from fincast.experiments.spec import base_config, read_spec, spec_common
+from fincast.experiments.spec import (  # noqa: F401 - THRESHOLD_KEYS, SWEEP_TAG, TRIAL_TAG, redact: the sweep's names
+    SWEEP_TAG,
+    THRESHOLD_KEYS,
+    TRIAL_TAG,
+    base_config,
+    read_spec,
+    redact,
+    spec_common,
+)
 
 SPEC_KEYS = ("name", "base", "set", "search", "sweep")
 
@@ -30,14 +37,7 @@ SPEC_KEYS = ("name", "base", "set", "search", "sweep")
 SEARCH_KEYS = ("clip", "lr")
 
 
-# the threshold a sweep searches for each clip method
-THRESHOLD_KEYS = threshold_keys()  # clip.norm.max_norm, clip.autoclip.percentile, ... (from the methods' registry)
-
-
 DEFAULT_TRIALS = 30
-
-
-SWEEP_TAG, TRIAL_TAG = "fincast.sweep", "fincast.sweep_trial"
 
 
 # keys of a sweep spec that may change between invocations of one sweep (not in its hash)
@@ -242,13 +242,3 @@ def trial_config(sweep: Sweep, params: dict[str, Any], *, number: int, threads: 
 def storage_url(sweep: Sweep, override: str | None = None) -> str:
     url = override or sweep.settings.storage
     return url or f"sqlite:///{Path('optuna.db').resolve()}"
-
-
-def redact(url: str) -> str:
-    """The URL without its password (for logs and run params)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not parseable: say nothing about it
-        return url.split("@")[-1]
