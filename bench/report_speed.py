@@ -210,7 +210,7 @@ def fabricate(runs: int, steps: int, tmp: str) -> None:
     study = load_study(runs, tmp_path)
     store = tracking.StudyStore(study.tracking, study.name)
     client = store.client
-    parent = store.parent_run(params=study_mod._parent_params(study))
+    parent = store.parent_run(params=study_mod.parent_params(study))
     with tempfile.TemporaryDirectory() as d:  # as study.run logs them
         spec, plan = Path(d) / "study.yaml", Path(d) / "plan.json"
         spec.write_text(yaml.safe_dump(study.raw, sort_keys=False))

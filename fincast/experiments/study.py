@@ -28,10 +28,8 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +44,7 @@ from fincast import tracking
 from fincast.clipping import label as clip_label
 from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, short_float
 from fincast.experiments.spec import _UNHASHED, _merge, base_config, config_hash, read_spec, spec_common
-from fincast.experiments.workers import plan_chunks, worker_count, worker_pool
+from fincast.experiments.workers import Progress, plan_chunks, progress_feed, worker_count, worker_pool
 from fincast.runs import driver
 from fincast.runs.record import Keeping, ended
 from fincast.runs.setup import visible_gpus
@@ -246,7 +244,7 @@ def lock_path(study: Study) -> Path:
 @contextlib.contextmanager
 def _lock(study: Study):
     """One driver per study and store at a time on this machine (a second would delete the first one's runs in
-    progress). Drivers on several machines sharing a server store are not coordinated: run a study from one."""
+    progress). Drivers on several machines share a study through an Optuna storage instead (experiments.team)."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
@@ -388,44 +386,6 @@ def log_spec(parent: tracking.Run, study: Study, fingerprint: str) -> None:
                                        indent=1))
         for f in (spec, plan, settings):
             parent.log_artifact(f)
-
-
-class Progress:
-    """The study's bar, moved once per run as each finishes (a stack's runs one by one as they close), from the
-    result loop or from the thread that reads the workers' messages; a run is counted once."""
-
-    def __init__(self, bar: tqdm):
-        self.bar, self.seen, self.lock = bar, set(), threading.Lock()
-
-    def advance(self, name: str) -> None:
-        with self.lock:
-            if name not in self.seen:
-                self.seen.add(name)
-                self.bar.update(1)
-
-
-@contextlib.contextmanager
-def progress_feed(pool: cf.ProcessPoolExecutor | None, progress: Progress | None):
-    """A queue the worker processes put each closed run's name on (None: no workers, or no bar), and a thread
-    here that moves the bar by it."""
-    if pool is None or progress is None:
-        yield None
-        return
-    manager = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Manager()
-    feed = manager.Queue()
-
-    def drain() -> None:
-        while (name := feed.get()) is not None:
-            progress.advance(name)
-
-    reader = threading.Thread(target=drain, name="study-progress", daemon=True)
-    reader.start()
-    try:
-        yield feed
-    finally:
-        feed.put(None)
-        reader.join(timeout=5)
-        manager.shutdown()
 
 
 def parent_params(study: Study) -> dict[str, Any]:

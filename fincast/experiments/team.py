@@ -29,8 +29,8 @@ from fincast.config import FincastError
 from fincast.experiments import coordination
 from fincast.experiments import study as study_mod
 from fincast.experiments.spec import redact
-from fincast.experiments.study import Job, Progress, Study, StudyOutcome
-from fincast.experiments.workers import auto_batch, plan_chunks, worker_pool
+from fincast.experiments.study import Job, Study, StudyOutcome
+from fincast.experiments.workers import Progress, auto_batch, plan_chunks, progress_feed, worker_pool
 from fincast.runs import driver
 from fincast.runs.record import ended
 
@@ -143,7 +143,7 @@ class _Share:
         if not jobs:
             return
         chunks = plan_chunks(jobs, self.stack, self.workers)
-        with study_mod.progress_feed(self.pool, self.moved if self.progress else None) as feed:
+        with progress_feed(self.pool, self.moved if self.progress else None) as feed:
             for result in study_mod.execute(self.pool, chunks, self.parent_id, self.study.name, self.threads,
                                             self.keep, self.moved, feed):
                 self.moved.advance(result["name"])

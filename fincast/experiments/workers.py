@@ -7,12 +7,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import math
+import multiprocessing as mp
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from fincast import tracking
 from fincast.config import (
@@ -183,3 +186,41 @@ def warm_up() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         figures.training_curves(Path(tmp) / "warm.png", loss=[1.0, 0.5], norm_pre=[1.0, 2.0], norm_post=[1.0, 1.0],
                               val_loss=[0.7], val_steps=[2], threshold=1.0, title="warm-up")
+
+
+class Progress:
+    """The study's bar, moved once per run as each finishes (a stack's runs one by one as they close), from the
+    result loop or from the thread that reads the workers' messages; a run is counted once."""
+
+    def __init__(self, bar: tqdm):
+        self.bar, self.seen, self.lock = bar, set(), threading.Lock()
+
+    def advance(self, name: str) -> None:
+        with self.lock:
+            if name not in self.seen:
+                self.seen.add(name)
+                self.bar.update(1)
+
+
+@contextlib.contextmanager
+def progress_feed(pool: cf.ProcessPoolExecutor | None, progress: Progress | None):
+    """A queue the worker processes put each closed run's name on (None: no workers, or no bar), and a thread
+    here that moves the bar by it."""
+    if pool is None or progress is None:
+        yield None
+        return
+    manager = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Manager()
+    feed = manager.Queue()
+
+    def drain() -> None:
+        while (name := feed.get()) is not None:
+            progress.advance(name)
+
+    reader = threading.Thread(target=drain, name="study-progress", daemon=True)
+    reader.start()
+    try:
+        yield feed
+    finally:
+        feed.put(None)
+        reader.join(timeout=5)
+        manager.shutdown()
