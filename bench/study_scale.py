@@ -59,13 +59,20 @@ def _fresh_store(tmp: Path) -> None:
                     f"sqlite:///{tmp}/m.db"], check=True, cwd=ROOT)
 
 
+def _mlflow_methods() -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(n for n, fn in vars(MlflowClient).items() if callable(fn) and not n.startswith("_"))
+
+
 def _time_mlflow(spent) -> None:
-    """Wrap MlflowClient's public methods: outermost calls add their seconds to ``spent`` (an mp.Value)."""
+    """Wrap MlflowClient's public methods: outermost calls add their seconds and a count to ``spent`` (an
+    mp.Array: [seconds, calls] per method of ``_mlflow_methods()``)."""
     from mlflow.tracking import MlflowClient
 
     depth = [0]
 
-    def wrap(fn):
+    def wrap(i, fn):
         def timed(*args, **kwargs):
             depth[0] += 1
             t0 = time.perf_counter()
@@ -75,12 +82,12 @@ def _time_mlflow(spent) -> None:
                 depth[0] -= 1
                 if depth[0] == 0:
                     with spent.get_lock():
-                        spent.value += time.perf_counter() - t0
+                        spent[2 * i] += time.perf_counter() - t0
+                        spent[2 * i + 1] += 1
         return timed
 
-    for name, fn in list(vars(MlflowClient).items()):
-        if callable(fn) and not name.startswith("_"):
-            setattr(MlflowClient, name, wrap(fn))
+    for i, name in enumerate(_mlflow_methods()):
+        setattr(MlflowClient, name, wrap(i, getattr(MlflowClient, name)))
 
 
 def measure(part: str, seeds: int, sample: int) -> dict:
@@ -103,18 +110,21 @@ def measure(part: str, seeds: int, sample: int) -> dict:
         from fincast.reports import stability
         from fincast.runs.setup import cores
 
-        spent = mp.Value("d", 0.0)
+        names = _mlflow_methods()
+        spent = mp.Array("d", 2 * len(names))
         _time_mlflow(spent)
         t0 = time.perf_counter()
         out = study_mod.run(study)
         study_s = time.perf_counter() - t0
-        tracked_study = spent.value
+        tracked_study = sum(spent[0::2])
+        calls = sorted(((spent[2 * i], int(spent[2 * i + 1]), n) for i, n in enumerate(names) if spent[2 * i + 1]),
+                       reverse=True)
         t0 = time.perf_counter()
         report = stability.build(study.name, tracking_uri=f"sqlite:///{tmp}/m.db", out_dir=tmp / "reports")
         report_s = time.perf_counter() - t0
         return {"seconds": study_s, "report_s": report_s, "runs": out.finished, "failed": len(out.failed),
                 "diverged": out.diverged, "tracking_s": tracked_study, "workers": study.settings.workers or cores(),
-                "report_runs": report.runs}
+                "report_runs": report.runs, "calls": calls[:8]}
     finally:
         os.chdir(ROOT)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,6 +166,7 @@ def main() -> None:
           f"{'yes' if study_rph >= 4 * plain_rph else 'NO'})")
     print(f"tracking (MlflowClient calls, all processes): {study['tracking_s']:.1f} s = {100 * share_workers:.1f}% of "
           f"the workers' time ({study['workers']} x wall), {100 * share_wall:.1f}% of the wall time  (target <= 10%)")
+    print("  by call: " + ", ".join(f"{n} {sec:.1f} s / {k} calls" for sec, k, n in study["calls"]))
     print(f"report: {study['report_s']:.1f} s  (target < 10 s: {'yes' if study['report_s'] < 10 else 'NO'})")
 
 
