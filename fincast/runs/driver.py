@@ -165,7 +165,8 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         fit(model, splits.train, splits.val, cfg.train, cfg.clip, **fit_args)
         return None
     run, name = open_one(cfg, data, splits, model, device, precision, writer=writer, extra_tags=extra_tags,
-                         resume=resume, resume_overrides=resume_overrides, params=keep.params)
+                         resume=resume, resume_overrides=resume_overrides, params=keep.params,
+                         hold=keep.series == "parent")
     with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
         checkpoint, path = checkpointer(cfg, run.run_id, data.fingerprint)
         result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics, progress=progress,
@@ -180,8 +181,9 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
 def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Module, device: torch.device,
              precision: str, *, writer: tracking.MetricWriter | None, extra_tags: dict[str, str],
              resume: dict | None = None, resume_overrides: list[str] | None = None,
-             params: frozenset[str] | None = None) -> tuple[tracking.Run, str]:
-    """Start a run: tags, then params (what a crashed run still says it was); a resumed run is reopened."""
+             params: frozenset[str] | None = None, hold: bool = False) -> tuple[tracking.Run, str]:
+    """Start a run: tags, then params (what a crashed run still says it was); a resumed run is reopened.
+    ``hold``: its metrics are held until it closes (``tracking.Run.hold_metrics``; a study's runs)."""
     about = task_named(cfg.task).describe(cfg, data, splits)
     tags = run_tags(cfg, device, precision, source=data.source, fingerprint=data.fingerprint, tickers=about.tickers,
                     extra={**about.tags, **extra_tags})
@@ -191,6 +193,8 @@ def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Mo
             flat = config_mod.flatten(config_mod.to_dict(cfg))
             run.log_values(params={**(flat if params is None else {k: v for k, v in flat.items() if k in params}),
                                    **about.params, "model.parameters": sum(p.numel() for p in model.parameters())})
+    if hold:
+        run.hold_metrics()
     return run, about.name
 
 
@@ -206,8 +210,7 @@ def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, spl
         files = list(done.files)
         if keep.series == "run":
             files.append(series.write([_series(run.run_id, result)], Path(tmp) / series.FILE))
-        for f in files:
-            run.log_artifact(f)
+        run.log_files(files)
     if keep.models == "log" and cfg.tracking.log_model and result.best_epoch > 0:  # weights that validated finitely
         log_run_model(run, model, splits.test.x[:2], device, fmt=cfg.tracking.model_format)
     return TrainOutcome(run.run_id, name, cfg.tracking.experiment or cfg.name, run.uri, str(device), precision, result,
@@ -263,7 +266,7 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
             if parent_run_id is not None:
                 extra["mlflow.parentRunId"] = parent_run_id
             run, name = open_one(cfg, data, splits, models[i], device, precision, writer=None, extra_tags=extra,
-                                 params=keep.params)
+                                 params=keep.params, hold=keep.series == "parent")
             opened.append(run)
             runs.append((run, name, *checkpointer(cfg, run.run_id, data.fingerprint)))
         results = train_runs(models, splits.train, splits.val, [c.train for c in cfgs], [c.clip for c in cfgs],

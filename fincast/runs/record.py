@@ -29,7 +29,8 @@ class Keeping:
     run, when tracking.log_model) or "weights" (a study's runs: one weights file per batch on the parent run,
     ``runs.weights``). ``params``: the config keys logged as params (None: every key; the resolved config is
     always an artifact, config.yaml). ``series``: where the per-step series file goes (``tracking.series``):
-    "run" (series.parquet in each run's artifacts) or "parent" (one file per stack on the parent run).
+    "run" (series.parquet in each run's artifacts) or "parent" (one file per stack on the parent run; the
+    run's MLflow step metrics are then held and sent in one call when it closes, ``tracking.Run.hold_metrics``).
     ``figures``: whether each run draws its figures (training_curves.png; a study's report draws them all)."""
     models: str = "log"
     params: frozenset[str] | None = None

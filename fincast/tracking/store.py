@@ -70,6 +70,15 @@ class Run:
         self.run_id = run_id
         self.uri = uri
         self.writer = writer
+        self.held: list[tuple[str, float, int]] | None = None  # metrics held until the next log_values or flush
+
+    def hold_metrics(self) -> None:
+        """Hold the metrics logged from now on and send them with the next ``log_values`` (the run's closing
+        values) or ``flush``/``end``: one MLflow call where there would be one per ``log_metrics`` (each ~5 ms
+        on SQLite). For the runs of a study, whose per-step series are in the stack's file on the parent run
+        anyway; their UI charts appear when they close."""
+        if self.writer is None:
+            self.held = []
 
     # -- values ------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -87,7 +96,9 @@ class Run:
         when the run has one: then this returns at once and ``flush()`` waits for them)."""
         now = int(time.time() * 1000)
         rows = [(k, float(v), int(s)) for k, v, s in rows]
-        if self.writer is not None:
+        if self.held is not None:
+            self.held += rows
+        elif self.writer is not None:
             self.writer.put(self.run_id, rows, now)
         else:
             _log_rows(self.client, self.run_id, rows, now)
@@ -98,6 +109,8 @@ class Run:
         call costs ~5 ms on SQLite whatever it holds); metrics go through the writer process when the run has
         one."""
         rows = [(k, float(v), int(s)) for k, v, s in metrics]
+        if self.held:
+            rows, self.held = self.held + rows, []
         if self.writer is not None and rows:
             self.log_metrics(rows)
             rows = []
@@ -110,18 +123,31 @@ class Run:
                 self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, s) for k, v, s in rows], params=p,
                                       tags=t)
             return
-        self.log_metrics(rows)
+        _log_rows(self.client, self.run_id, rows, int(time.time() * 1000))
         self.log_params(params or {})
         self.set_tags(tags or {})
 
     def flush(self) -> None:
-        """Wait until every metric sent so far is stored."""
+        """Wait until every metric sent so far is stored (the held ones sent now)."""
+        if self.held:
+            rows, self.held = self.held, []
+            _log_rows(self.client, self.run_id, rows, int(time.time() * 1000))
         if self.writer is not None:
             self.writer.flush()
 
     # -- files -------------------------------------------------------------------------------
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_files(self, files: list[Path]) -> None:
+        """Log files as artifacts at the run's root: one MLflow call when they are a folder's whole content."""
+        files = [Path(f) for f in files]
+        folders = {f.parent for f in files}
+        if len(files) > 1 and len(folders) == 1 and sorted(files) == sorted(next(iter(folders)).iterdir()):
+            self.client.log_artifacts(self.run_id, str(next(iter(folders))))
+            return
+        for f in files:
+            self.log_artifact(f)
 
     def log_text(self, text: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

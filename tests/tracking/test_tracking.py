@@ -192,3 +192,46 @@ def test_values_go_in_one_call_when_they_fit_and_all_arrive_when_they_do_not(tmp
     assert stored.data.params["p"] == "1" and stored.data.params["p149"] == "149" and len(stored.data.params) == 151
     assert stored.data.tags["t"] == "x" and stored.data.tags["u"] == "y"
     assert tracking.metric_history(run.run_id, "m", cfg) == [(3, 1.5), (4, 2.5)]
+
+
+def test_held_metrics_go_with_the_closing_values_in_one_call_and_the_rest_at_the_end(tmp_path):
+    cfg = _cfg(tmp_path, "inline")
+    run = tracking.start_run(cfg, "exp", "r")
+    calls = []
+    real = run.client.log_batch
+    run.client.log_batch = lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1]
+    run.hold_metrics()
+    for s in range(0, 300, 100):
+        run.log_metrics([("train/loss", 1.0 / (s + 1), s), ("grad/norm", 2.0, s)])
+    assert calls == []  # held
+    run.log_values([("test/rmse", 0.5, 300)], tags={"t": "x"})
+    assert len(calls) == 1 and len(calls[0]["metrics"]) == 7  # the 6 held and the closing one
+    run.log_metrics([("train/loss", 9.0, 400)])
+    late = [("late", float(i), i) for i in range(1200)]  # more than one log_batch takes, through log_values
+    run.log_values(late)
+    run.log_metrics([("train/loss", 8.0, 500)])
+    run.end()  # sends what is still held
+    assert tracking.metric_history(run.run_id, "train/loss", cfg) == [(0, 1.0), (100, 1 / 101), (200, 1 / 201),
+                                                                    (400, 9.0), (500, 8.0)]
+    assert len(tracking.metric_history(run.run_id, "late", cfg)) == 1200
+    assert tracking.get_run(run.run_id, cfg).data.tags["t"] == "x"
+
+
+def test_a_folders_files_go_in_one_call(tmp_path):
+    cfg = _cfg(tmp_path, "inline")
+    run = tracking.start_run(cfg, "exp", "r")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    files = [folder / "a.yaml", folder / "b.csv"]
+    for f in files:
+        f.write_text(f.name)
+    calls = []
+    real_one, real_all = run.client.log_artifact, run.client.log_artifacts
+    run.client.log_artifact = lambda *a, **kw: (calls.append("one"), real_one(*a, **kw))[1]
+    run.client.log_artifacts = lambda *a, **kw: (calls.append("all"), real_all(*a, **kw))[1]
+    run.log_files(files)
+    (folder / "c.txt").write_text("not asked for")  # no longer the folder's whole content: file by file
+    run.log_files(files)
+    assert calls == ["all", "one", "one"]
+    run.end()
+    assert sorted(a.path for a in run.client.list_artifacts(run.run_id)) == ["a.yaml", "b.csv"]
