@@ -176,12 +176,18 @@ def test_a_model_logged_on_a_gpu_machine_is_checked_on_the_cpu_quietly(tmp_path,
     np.testing.assert_allclose(np.asarray(loaded.predict(example)).reshape(-1), prediction.reshape(-1), rtol=1e-6)
 
 
-def test_values_go_in_one_call_when_they_fit_and_all_arrive_when_they_do_not(tmp_path):
-    cfg = _cfg(tmp_path, "inline")
-    run = tracking.start_run(cfg, "exp", "r")
+def _count_batches(run) -> list:
+    """The keyword arguments of every log_batch call the run makes from now on."""
     calls = []
     real = run.client.log_batch
     run.client.log_batch = lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1]
+    return calls
+
+
+def test_values_go_in_one_call_when_they_fit_and_all_arrive_when_they_do_not(tmp_path):
+    cfg = _cfg(tmp_path, "inline")
+    run = tracking.start_run(cfg, "exp", "r")
+    calls = _count_batches(run)
     run.log_values([("m", 1.5, 3)], params={"p": 1}, tags={"t": "x"})
     assert len(calls) == 1
     many = {f"p{i}": i for i in range(150)}  # more params than one log_batch takes (100)
@@ -197,9 +203,7 @@ def test_values_go_in_one_call_when_they_fit_and_all_arrive_when_they_do_not(tmp
 def test_held_metrics_go_with_the_closing_values_in_one_call_and_the_rest_at_the_end(tmp_path):
     cfg = _cfg(tmp_path, "inline")
     run = tracking.start_run(cfg, "exp", "r")
-    calls = []
-    real = run.client.log_batch
-    run.client.log_batch = lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1]
+    calls = _count_batches(run)
     run.hold_metrics()
     for s in range(0, 300, 100):
         run.log_metrics([("train/loss", 1.0 / (s + 1), s), ("grad/norm", 2.0, s)])
