@@ -58,8 +58,7 @@ STUDY_EXAMPLES = """examples:
   fincast study pipelines/stability_crypto.yaml --dry-run
   fincast report stability --study stability_crypto
   # a team: the same command on every machine, one Optuna storage and one MLflow server (docs/studies.md)
-  MLFLOW_TRACKING_URI=http://mlflow-host:5000 fincast study pipelines/stability_crypto.yaml \
-      --storage postgresql://user:pw@db-host/optuna
+  fincast study pipelines/stability_crypto.yaml --storage postgresql://user:pw@db-host/optuna  # + MLFLOW_TRACKING_URI
 """
 
 SET_HELP = ("override a config key, repeatable: --set train.lr=3e-3 --set data.tickers=[BTC-USD,ETH-USD]; "
