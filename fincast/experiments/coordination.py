@@ -137,22 +137,28 @@ def _open_study(sweep: Any, storage: optuna.storages.RDBStorage, seed: int, *, c
                            "first, then join") from None
 
 
-def _worker_id() -> str:
+def worker_id() -> str:
+    """This process as its trials name it: host:pid."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_here(worker: str) -> bool:
+    """Whether ``worker`` (host:pid) ran on this machine and its process is gone."""
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not tracking.pid_alive(int(pid))
 
 
 def _recover(study: optuna.Study) -> int:
     """Fail (and queue again) the running trials whose worker is dead: on this machine by its pid, elsewhere by
     its heartbeat. Returns how many were failed."""
     storage = study._storage
-    host = socket.gethostname()
     n = 0
     now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        h, _, pid = str(t.user_attrs.get("fincast.worker", "")).rpartition(":")
-        dead = h == host and pid.isdigit() and not tracking.pid_alive(int(pid))
+        worker = str(t.user_attrs.get("fincast.worker", ""))
+        dead = _dead_here(worker)
         # a worker killed between ask() and naming itself left no pid and no heartbeat: presumed dead after GRACE_S
-        orphan = not h and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > GRACE_S
+        orphan = not worker and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > GRACE_S
         if dead or orphan:
             with contextlib.suppress(RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
                 if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
@@ -350,8 +356,7 @@ def read_plan(claims: optuna.Study, url: str, timeout: float = READY_TIMEOUT_S) 
         if attrs.get("fincast.ready"):
             return {k.removeprefix("fincast."): v for k, v in attrs.items()}
         creator = str(attrs.get("fincast.creator", ""))
-        host, _, pid = creator.rpartition(":")
-        dead = host == socket.gethostname() and pid.isdigit() and not tracking.pid_alive(int(pid))
+        dead = _dead_here(creator)
         if dead or time.monotonic() - t0 > timeout:
             what = "died" if dead else f"has not published its plan after {timeout:.0f} s"
             raise FincastError(
@@ -359,10 +364,6 @@ def read_plan(claims: optuna.Study, url: str, timeout: float = READY_TIMEOUT_S) 
                 f"its runs were planned; delete it and start again: optuna delete-study --study-name "
                 f"'{claims.study_name}' --storage {redact(url)}")
         time.sleep(1.0)
-
-
-def worker_id() -> str:
-    return _worker_id()
 
 
 def claim(claims: optuna.Study, total: int, k: int, worker: str) -> tuple[list[tuple[int, optuna.Trial]],
@@ -406,6 +407,7 @@ class Holding:
                     self.claims._storage.record_heartbeat(trial_id)
 
     def add(self, trials: list[optuna.Trial]) -> None:
+        """Hold these trials (their heartbeat from now on)."""
         for t in trials:
             self.claims._storage.record_heartbeat(t._trial_id)
             with self.lock:

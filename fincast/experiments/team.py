@@ -55,17 +55,18 @@ def run(study: Study, url: str, *, progress: bool = False) -> StudyOutcome:
             bar.update(len(study.jobs) - len(todo))
             bar.set_description(f"study {study.name}")
             share = _Share(study, claims, todo, plan["parent"], workers, threads, pool, Progress(bar), progress)
-            finisher = share.work()
-            if finisher is None:
-                state, holder = coordination.finisher_state(claims)
-                note = ("the study had ended already" if state == "complete" else
-                        f"the study is ended by the driver {holder or 'that claims its finisher'}, which waits for "
-                        "the others, redoes the runs of drivers that died and builds the report")
-                return StudyOutcome(study.name, plan["parent"], study.name, store.uri, len(study.jobs),
-                                    len(study.jobs) - len(todo), share.finished, share.diverged, share.failed,
-                                    time.perf_counter() - t0, ended=False, here=share.finished + len(share.failed),
-                                    note=note)
-            return _finish(study, store, share, finisher, plan, data.fingerprint, t0)
+            with coordination.Holding(claims) as held:  # the heartbeat of this driver's trials
+                finisher = share.work(held)
+                if finisher is not None:
+                    return _finish(study, store, share, held, finisher, plan, data.fingerprint, t0)
+            state, holder = coordination.finisher_state(claims)
+            note = ("the study had ended already" if state == "complete" else
+                    f"the study is ended by the driver {holder or 'that claims its finisher'}, which waits for "
+                    "the others, redoes the runs of drivers that died and builds the report")
+            return StudyOutcome(study.name, plan["parent"], study.name, store.uri, len(study.jobs),
+                                len(study.jobs) - len(todo), share.finished, share.diverged, share.failed,
+                                time.perf_counter() - t0, ended=False, here=share.finished + len(share.failed),
+                                note=note)
     finally:
         bar.close()
 
@@ -121,21 +122,17 @@ class _Share:
             auto_batch(todo[0].cfg, len(todo), workers) if todo and driver.batch_key(todo[0].cfg) else 1)
         self.finished, self.diverged, self.failed = 0, 0, []
 
-    def work(self) -> Any:
-        """Claim and train until the runs are handed out; the finisher's trial when this driver got it."""
+    def work(self, held: coordination.Holding) -> Any:
+        """Claim and train until the runs are handed out; the finisher's trial when this driver got it (held)."""
         finisher, exhausted = None, False
-        with coordination.Holding(self.claims) as held:
-            while not exhausted:
-                got, fin, exhausted = coordination.claim(self.claims, len(self.todo), self.stack * self.workers,
-                                                         self.me)
-                held.add([t for _, t in got] + ([fin] if fin is not None else []))
-                finisher = finisher or fin
-                trials = {self.todo[n].cfg.tracking.run_name: t for n, t in got}
-                for result in self.train([self.todo[n] for n, _ in got]):
-                    held.end(trials[result["name"]], run_id=result.get("run_id"), error=result["error"],
-                             value=result.get("best_val_loss", math.nan), diverged=result["diverged"])
-            if finisher is not None:
-                held.ids.pop(finisher._trial_id, None)  # (kept alive by its own heartbeat in _finish)
+        while not exhausted:
+            got, fin, exhausted = coordination.claim(self.claims, len(self.todo), self.stack * self.workers, self.me)
+            held.add([t for _, t in got] + ([fin] if fin is not None else []))
+            finisher = finisher or fin
+            trials = {self.todo[n].cfg.tracking.run_name: t for n, t in got}
+            for result in self.train([self.todo[n] for n, _ in got]):
+                held.end(trials[result["name"]], run_id=result.get("run_id"), error=result["error"],
+                         value=result.get("best_val_loss", math.nan), diverged=result["diverged"])
         return finisher
 
     def train(self, jobs: list[Job]):
@@ -157,31 +154,29 @@ class _Share:
                 yield result
 
 
-def _finish(study: Study, store: tracking.StudyStore, share: _Share, finisher: Any, plan: dict[str, Any],
-            fingerprint: str, t0: float) -> StudyOutcome:
-    """The finisher: wait for the other drivers, redo the runs of those that died, settle the MLflow runs, end
-    the parent run. The outcome counts the whole study's runs."""
+def _finish(study: Study, store: tracking.StudyStore, share: _Share, held: coordination.Holding, finisher: Any,
+            plan: dict[str, Any], fingerprint: str, t0: float) -> StudyOutcome:
+    """The finisher (``held``): wait for the other drivers, redo the runs of those that died, settle the MLflow
+    runs, end the parent run. The outcome counts the whole study's runs."""
     bar = share.moved.bar
-    with coordination.Holding(share.claims) as held:
-        held.add([finisher])
-        bar.set_description(f"study {study.name} (waiting for the other drivers)")
-        redo, closed = coordination.await_others(share.claims, len(share.todo), finisher)
-        bar.n = len(study.jobs) - len(share.todo) + len(closed)
-        bar.set_description(f"study {study.name}")
-        if redo:
-            log.warning("study %s: %d run(s) of drivers that died are redone here", study.name, len(redo))
-        redone = list(share.train([share.todo[n] for n in redo]))
-        done = [t for t in closed.values() if "fincast.error" not in t.user_attrs]
-        failed = [(share.todo[n].cfg.tracking.run_name, str(t.user_attrs["fincast.error"]))
-                  for n, t in closed.items() if "fincast.error" in t.user_attrs]
-        failed += [(r["name"], r["error"]) for r in redone if r["error"] is not None]
-        store.settle(fingerprint, keep_failed=True)  # the half-written runs of drivers that died
-        parent = store.parent_run()
-        drivers = {str(t.user_attrs.get("fincast.worker")) for t in closed.values()} | {share.me}
-        with ended(parent, lambda: "FAILED" if failed else "FINISHED"):
-            parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": len(failed),
-                             "fincast.study_drivers": len(drivers)})
-        held.end(finisher, run_id=plan["parent"], value=0.0)
+    bar.set_description(f"study {study.name} (waiting for the other drivers)")
+    redo, closed = coordination.await_others(share.claims, len(share.todo), finisher)
+    bar.n = len(study.jobs) - len(share.todo) + len(closed)
+    bar.set_description(f"study {study.name}")
+    if redo:
+        log.warning("study %s: %d run(s) of drivers that died are redone here", study.name, len(redo))
+    redone = list(share.train([share.todo[n] for n in redo]))
+    done = [t for t in closed.values() if "fincast.error" not in t.user_attrs]
+    failed = [(share.todo[n].cfg.tracking.run_name, str(t.user_attrs["fincast.error"]))
+              for n, t in closed.items() if "fincast.error" in t.user_attrs]
+    failed += [(r["name"], r["error"]) for r in redone if r["error"] is not None]
+    store.settle(fingerprint, keep_failed=True)  # the half-written runs of drivers that died
+    parent = store.parent_run()
+    drivers = {str(t.user_attrs.get("fincast.worker")) for t in closed.values()} | {share.me}
+    with ended(parent, lambda: "FAILED" if failed else "FINISHED"):
+        parent.set_tags({"fincast.study_runs": len(study.jobs), "fincast.study_failed": len(failed),
+                         "fincast.study_drivers": len(drivers)})
+    held.end(finisher, run_id=plan["parent"], value=0.0)
     ok = [r for r in redone if r["error"] is None]
     return StudyOutcome(study.name, plan["parent"], study.name, store.uri, len(study.jobs),
                         len(study.jobs) - len(share.todo), len(done) + len(ok),

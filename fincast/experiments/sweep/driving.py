@@ -41,10 +41,10 @@ from fincast.experiments.coordination import (
     _sampler,
     _settle_runs,
     _storage,
-    _worker_id,
     importance,
     suggest,
     trials_table,
+    worker_id,
 )
 from fincast.experiments.sweep.spec import SWEEP_TAG, TRIAL_TAG, Sweep, redact, storage_url, trial_config
 from fincast.experiments.workers import plan_workers
@@ -112,7 +112,7 @@ def train_trials(sweep: Sweep, url: str, parent_id: str, *, worker: int = 0, thr
     n0 = len(study.get_trials(deepcopy=False))
     seed = int(np.random.SeedSequence([sweep.settings.seed, worker, n0]).generate_state(1)[0])
     study.sampler = _sampler(sweep, seed)  # every worker (and every resumption) its own stream
-    me = _worker_id()
+    me = worker_id()
     done = {"complete": 0, "pruned": 0, "diverged": 0, "surplus": 0, "failed": []}
     consecutive = 0
     target = sweep.trials
