@@ -385,6 +385,13 @@ class StudySettings:
         None, "steps-to-target: the validation loss to reach (training units); null = the zero forecast's")
     confidence: float = _opt(0.95, "confidence level of the intervals in the report", gt=0.5, lt=1)
     bootstrap: int = _opt(10000, "bootstrap resamples for the confidence intervals", ge=100, le=1_000_000)
+    family_alpha: float = _opt(
+        0.05, "family-wise error rate of the verdicts: Holm's adjustment across every test the study makes (each "
+              "clip config x learning rate, on divergence and on final validation loss)", gt=0, lt=0.5)
+    equivalence_pct: float = _opt(
+        2.0, "minimum effect size, in percent of the unclipped final validation loss: a comparison whose "
+             "simultaneous interval lies inside +-this (with equal divergence counts) is called equivalent", gt=0,
+        le=100)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,10 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;
 table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px;
 text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}
 .verdict{background:#f6f8fa;border-left:4px solid #2a6;padding:0.6em 1em;margin:0.5em 0}code{font-size:12px}
-.helped{color:#186a2e}.hurt{color:#a11}.note{color:#555;font-size:13px}"""
+.helped{color:#186a2e}.hurt{color:#a11}.note{color:#555;font-size:13px}
+.o-helped{background:#d8f0dc;color:#135c26}.o-hurt{background:#f8d7d7;color:#8a1010}
+.o-equivalent{background:#dde7f5;color:#1d3f73}.o-inconclusive{background:#eee;color:#555}
+table.grid td{text-align:center;min-width:7em}"""
 
 
 def img(out: Path, name: str, alt: str) -> str:

@@ -8,7 +8,6 @@ cell) and ``summary.json`` (verdicts, statistics, cells, runs), and logs them to
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import tempfile
@@ -23,12 +22,8 @@ import pandas as pd
 from fincast import tracking
 from fincast.clipping import bounds_global_l2_of
 from fincast.config import FincastError, TrackingConfig, atomic_write
-from fincast.reports import figures, stats
-from fincast.reports.html import CSS as _CSS
-from fincast.reports.html import img as _img
-from fincast.reports.html import num as _num
+from fincast.reports import figures, stability_page, stats
 from fincast.reports.html import plain as _plain
-from fincast.reports.html import ui_link
 
 CONTROL = "none"
 STEP_KEYS = ["train/loss", "grad/norm_pre", "grad/threshold", "val/loss"]
@@ -48,6 +43,8 @@ class Settings:
     loss_target: float | None = None
     confidence: float = 0.95
     bootstrap: int = 10000
+    family_alpha: float = 0.05
+    equivalence_pct: float = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +72,7 @@ def runs_frame(children: list[Any], settings: Settings) -> pd.DataFrame:
             "group": t.get("fincast.group"), "clip": t.get("fincast.study_clip"),
             "lr": float(t.get("fincast.study_lr", "nan")), "seed": int(t.get("fincast.seed", -1)),
             "hash": t.get(tracking.HASH_TAG), "diverged": bool(nonfinite or exploded or not math.isfinite(final_val)),
-            "diverged_how": ("non-finite " + t.get("fincast.diverged_reason", "")) if nonfinite else
+            "diverged_how": (t.get("fincast.diverged_reason") or "non-finite training") if nonfinite else
                             (f"val loss > {settings.divergence_factor:g} x zero forecast" if exploded else ""),
             "final_val_loss": final_val, "best_val_loss": _metric(r, "best_val_loss"), "naive_val_loss": naive_val,
             **_test_numbers(r),
@@ -113,7 +110,7 @@ def _settings(parent, saved: dict | None) -> Settings:
         p = parent.data.params
         saved = {k[len("study."):]: v for k, v in p.items() if k.startswith("study.")}
     for name, cast in (("divergence_factor", float), ("confidence", float), ("bootstrap", int),
-                       ("loss_target", float)):
+                       ("loss_target", float), ("family_alpha", float), ("equivalence_pct", float)):
         value = saved.get(name)
         if value not in (None, "None", "null"):
             setattr(s, name, cast(value))
@@ -183,6 +180,60 @@ def comparisons(runs: pd.DataFrame, groups: list[str], clips: list[str], setting
             out[g].append(stats.compare(float(r["lr"].iloc[0]), c, treated, control, confidence=settings.confidence,
                                         n_boot=settings.bootstrap))
     return out
+
+
+def judged(comps: dict[str, list[stats.Comparison]], settings: Settings) -> dict[str, list[stats.Verdict]]:
+    """Every group's comparisons judged as one family (Holm across the whole study)."""
+    flat = [c for cs in comps.values() for c in cs]
+    verdicts = iter(stats.judge(flat, alpha=settings.family_alpha, margin_pct=settings.equivalence_pct,
+                                n_boot=settings.bootstrap))
+    return {g: [next(verdicts) for _ in cs] for g, cs in comps.items()}
+
+
+def _comparison_record(v: stats.Verdict) -> dict:
+    c = asdict(v.comparison)
+    c.pop("diffs")
+    return c | {k: getattr(v, k) for k in ("outcome", "loss_outcome", "loss_p_adj", "loss_low", "loss_high",
+                                           "div_outcome", "div_effect", "div_low", "div_high", "div_p_adj", "level",
+                                           "family", "margin_pct")}
+
+
+def verdict_table(comps: dict[str, list[stats.Verdict]]) -> pd.DataFrame:
+    """verdicts.csv: one row per comparison and metric, with the comparison's overall outcome beside the
+    metric's own. Effects: loss in percent of the unclipped loss, divergence in percentage points."""
+    rows = []
+    for g, vs in comps.items():
+        for v in vs:
+            c = v.comparison
+            common = {"group": g, "lr": c.lr, "clip": c.config, "outcome": v.outcome}
+            rows.append(common | {"metric": "divergence_rate_pp", "metric_outcome": v.div_outcome,
+                                  "effect": v.div_effect, "ci_low": v.div_low, "ci_high": v.div_high,
+                                  "p": c.fisher_p, "p_adjusted": v.div_p_adj, "test": "Fisher exact",
+                                  "n_treated": c.n_treated, "n_control": c.n_control,
+                                  "diverged_treated": c.diverged_treated, "diverged_control": c.diverged_control})
+            rows.append(common | {"metric": "final_val_loss_pct", "metric_outcome": v.loss_outcome,
+                                  "effect": c.diff_pct, "ci_low": v.loss_low, "ci_high": v.loss_high,
+                                  "p": c.t_p, "p_adjusted": v.loss_p_adj, "test": "paired t",
+                                  "n_treated": c.n_pairs, "n_control": c.n_pairs})
+    table = pd.DataFrame(rows)
+    if len(table):
+        first = next(v for vs in comps.values() for v in vs)
+        table["interval_level"], table["family_tests"] = first.level, first.family
+        table["equivalence_margin_pct"] = first.margin_pct
+    return table
+
+
+def _no_better_than_reference(cells: pd.DataFrame, group: str, ref: str = "the zero forecast") -> str:
+    """A sentence when models compared at this learning rate do not beat the reference on the test set (the
+    zero forecast; Black-Scholes with historical vol for options): their difference is between useless models."""
+    r = cells[cells["group"] == group]
+    worse = r[~(r["test_rmse_vs_naive_pct"] < 0)]
+    if worse.empty:
+        return ""
+    names = "every model compared here" if len(worse) == len(r) else ", ".join(worse["clip"])
+    spread = ", ".join(f"{x.clip} {x.test_rmse_vs_naive_pct:+.1f}%" for x in worse.itertuples())
+    return (f"Note: {names} did not beat {ref} on the test set (median test RMSE vs {ref}: {spread}); a "
+            "difference between such models says nothing about forecasting value.")
 
 
 def _stack(per_run: dict[str, tuple[np.ndarray, np.ndarray]], run_ids: list[str], smooth: int = 1,
@@ -267,8 +318,10 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
     runs["steps_to_target"] = [steps_to_target(*hist["val/loss"].get(r, (np.array([]), np.array([]))), t)
                                for r, t in zip(runs["run_id"], targets)]
     cells = cell_table(runs, groups, clips)
-    comps = comparisons(runs, groups, clips, settings)
-    verdicts = {g: stats.verdict(cs, label=g) for g, cs in comps.items() if cs}
+    comps = judged(comparisons(runs, groups, clips, settings), settings)
+    ref = "Black-Scholes with historical vol" if (runs["task"] == "options").all() else "the zero forecast"
+    verdicts = {g: " ".join(filter(None, [stats.verdict(cs, label=g), _no_better_than_reference(cells, g, ref)]))
+                for g, cs in comps.items() if cs}
     for g in groups:
         if g not in comps:
             verdicts[g] = f"At {g}: no finished unclipped (none) runs, so nothing to compare against."
@@ -287,16 +340,18 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
     summary = {
         "study": study, "parent_run_id": parent.info.run_id, "tracking_uri": store.uri,
         "experiment_id": store.experiment_id, "settings": asdict(settings), "verdict": verdicts,
-        "comparisons": {g: [asdict(c) | {"outcome": stats.outcome(c)} for c in cs] for g, cs in comps.items()},
+        "comparisons": {g: [_comparison_record(v) for v in vs] for g, vs in comps.items()},
+        "outcomes": stats.OUTCOMES,
         "cells": cells.to_dict(orient="records"), "runs": runs.drop(columns=["start_time"]).to_dict(orient="records"),
         "missing_runs": missing,
     }
     atomic_write(out / "summary.json", json.dumps(_plain(summary), indent=1, allow_nan=False))
     atomic_write(out / "summary.csv", cells.to_csv(index=False))
+    atomic_write(out / "verdicts.csv", verdict_table(comps).to_csv(index=False))
     index = out / "index.html"
-    atomic_write(index, _html(study, parent, store, settings, verdict_lines, cells, comps, runs, figures, groups, out))
+    atomic_write(index, stability_page.page(study, parent, store, settings, verdict_lines, cells, comps, runs, figures, groups, out))
     if log_to_mlflow:
-        for f in ["index.html", "summary.csv", "summary.json", *figures.values()]:
+        for f in ["index.html", "summary.csv", "summary.json", "verdicts.csv", *figures.values()]:
             store.client.log_artifact(parent.info.run_id, str(out / f), "report")
     return Report(index, len(runs), parent.info.run_id, "\n".join(verdict_lines))
 
@@ -344,87 +399,3 @@ def _figures(out: Path, runs: pd.DataFrame, hist: dict, groups: list[str], clips
     ])
     figs["map"] = "stability_map.png"
     return figs
-
-
-# ---------------------------------------------------------------------------------------------
-# HTML
-# ---------------------------------------------------------------------------------------------
-
-def _html(study, parent, store, settings: Settings, verdict_lines, cells: pd.DataFrame, comps, runs: pd.DataFrame,
-          figs: dict[str, str], groups, out: Path) -> str:
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Stability report: {e(study)}</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>Stability report: {e(study)}</h1>",
-             f"<p class='note'>Study parent run {ui_link(store.uri, store.experiment_id, parent.info.run_id)} in <code>{e(store.uri)}</code>; "
-             f"{len(runs)} finished runs. Control: <b>none</b> (unclipped). A run counts as diverged when its training "
-             f"became non-finite or its final validation loss exceeded {settings.divergence_factor:g} x the zero "
-             "forecast's. Loss comparisons pair runs by seed and use only pairs where neither run diverged.</p>",
-             "<h2>1. Verdict</h2>"]
-    parts += [f"<p class='verdict'>{e(v)}</p>" for v in verdict_lines]
-    parts.append("<h2>2. Cells</h2><p class='note'>Losses are in training units (MSE of the scaled target); "
-                 "median [IQR] over seeds that did not diverge. Steps to target: first validation at or below the "
-                 + ("zero forecast's validation loss" if settings.loss_target is None else f"loss {settings.loss_target:g}")
-                 + ". Time per step relative to <b>none</b> at the same learning rate (runs share the machine, so "
-                 "this is indicative).</p>")
-    options = "task" in runs and (runs["task"] == "options").all() and len(runs)
-    ref, third = ("BS hist vol", "IV RMSE [vol pts]") if options else ("naive", "dir. acc.")
-    head = ["learning rate", "clip", "diverged", "final val loss", "best val loss",
-            "test price RMSE" if options else "test RMSE", f"vs {ref}", third,
-            *(["no-arb violations"] if options else []), "steps to target", "clipped steps", "spikes/run",
-            "time/step vs none"]
-    if options:
-        parts.append("<p class='note'>Options pricing runs: test price RMSE in the underlying's currency beside "
-                     "Black-Scholes with the shortest realised-vol window (same contracts); IV RMSE over contracts whose "
-                     "predicted price has an implied vol; no-arbitrage violations: share of test prices below the lower "
-                     "or above the upper bound, or non-monotone in strike.</p>")
-    parts.append("<table><tr>" + "".join(f"<th class='l'>{h}</th>" if i < 2 else f"<th>{h}</th>"
-                                         for i, h in enumerate(head)) + "</tr>")
-    for c in cells.itertuples():
-        parts.append(
-            f"<tr><td class='l'>{e(c.group)}</td><td class='l'>{e(c.clip)}</td><td>{c.diverged} of {c.runs}</td>"
-            f"<td>{_num(c.final_val_loss_median)} [{_num(c.final_val_loss_q25)}, {_num(c.final_val_loss_q75)}]</td>"
-            f"<td>{_num(c.best_val_loss_median)} [{_num(c.best_val_loss_q25)}, {_num(c.best_val_loss_q75)}]</td>"
-            f"<td>{_num(c.test_rmse_median, '{:.5f}')} ({ref} {_num(c.naive_rmse, '{:.5f}')})</td>"
-            f"<td>{_num(c.test_rmse_vs_naive_pct, '{:+.2f}%')}</td>"
-            f"<td>{_num(c.test_dir_acc_median, '{:.2f}' if options else '{:.3f}')}</td>"
-            + (f"<td>{_num(c.test_violation_pct_median, '{:.2f}%')}</td>" if options else "") +
-            f"<td>{_num(c.steps_to_target_median, '{:.0f}')} ({c.reached_target} of {c.runs} reached)</td>"
-            f"<td>{_num(c.clip_rate_median, '{:.1%}')}</td><td>{_num(c.spikes_mean, '{:.1f}')}</td>"
-            f"<td>{_num(c.time_per_step_vs_none, '{:.2f}x')}</td></tr>")
-    parts.append("</table>")
-    parts += ["<h2>3. Loss curves</h2>", _img(out, figs["loss"], "training loss curves"),
-              _img(out, figs["val"], "validation loss curves"),
-              "<h2>4. Gradient norms</h2>", _img(out, figs["norms"], "gradient norms over steps")]
-    parts += [_img(out, figs[f"dist:{g}"], f"gradient norm distribution at {g}") for g in groups if f"dist:{g}" in figs]
-    parts += ["<h2>5. Stability map</h2>", _img(out, figs["map"], "stability map")]
-    parts.append(f"<h2>6. Statistics against none, paired by seed</h2><p class='note'>Difference: mean over seed "
-                 f"pairs of final validation loss / unclipped - 1. CI: {100 * settings.confidence:g}% percentile "
-                 f"bootstrap ({settings.bootstrap} resamples), never narrower than the Student-t interval, so few seeds "
-                 "show as wide intervals. Wilcoxon signed-rank (exact for small n: with 5 pairs the smallest "
-                 "two-sided p is 0.0625). Fisher exact test on the divergence counts. Outcome: divergence decides when "
-                 "Fisher p &lt; 0.05; otherwise the loss CI (below 0: helped; above: hurt; spanning 0: no clear "
-                 "difference, which is not evidence of equivalence when the interval is wide). p-values are not "
-                 f"corrected for the {sum(len(cs) for cs in comps.values())} comparisons in this table: at 5% each, "
-                 "one or two false calls among many comparisons are expected by chance.</p>")
-    parts.append("<table><tr><th class='l'>learning rate</th><th class='l'>clip</th><th>outcome</th>"
-                 "<th>diverged (clip vs none)</th><th>Fisher p</th><th>pairs</th><th>difference</th><th>CI</th>"
-                 "<th>Wilcoxon p</th></tr>")
-    for g, cs in comps.items():
-        for c in cs:
-            o = stats.outcome(c)
-            parts.append(
-                f"<tr><td class='l'>{e(g)}</td><td class='l'>{e(c.config)}</td><td class='{o.replace(' ', '-')}'>{o}</td>"
-                f"<td>{c.diverged_treated} of {c.n_treated} vs {c.diverged_control} of {c.n_control}</td>"
-                f"<td>{stats.format_p(c.fisher_p)}</td><td>{c.n_pairs}</td><td>{_num(c.diff_pct, '{:+.2f}%')}</td>"
-                f"<td>[{_num(c.ci_low, '{:+.2f}%')}, {_num(c.ci_high, '{:+.2f}%')}]</td>"
-                f"<td>{stats.format_p(c.wilcoxon_p)}</td></tr>")
-    parts.append("</table><h2>7. Runs</h2><p class='note'>Open any run in the MLflow UI (<code>make ui</code>).</p>"
-                 "<table><tr><th class='l'>run</th><th class='l'>learning rate</th><th class='l'>clip</th><th>seed</th>"
-                 "<th>diverged</th><th>final val loss</th><th>steps</th><th class='l'>run id</th></tr>")
-    for r in runs.sort_values(["group", "clip", "seed"]).itertuples():
-        parts.append(f"<tr><td class='l'>{e(r.run_name)}</td><td class='l'>{e(r.group)}</td><td class='l'>{e(r.clip)}</td>"
-                     f"<td>{r.seed}</td><td>{e(r.diverged_how) if r.diverged else 'no'}</td>"
-                     f"<td>{_num(r.final_val_loss)}</td><td>{r.steps}</td><td class='l'>{ui_link(store.uri, store.experiment_id, r.run_id)}</td></tr>")
-    parts.append("</table></body></html>")
-    return "\n".join(parts)

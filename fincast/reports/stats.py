@@ -2,6 +2,12 @@
 
 Pure functions (numpy + scipy). Few seeds must give wide intervals, never false certainty: the bootstrap
 confidence interval is never narrower than the Student-t interval of the same mean.
+
+A study makes many comparisons (every clip config at every learning rate, each on two metrics: divergence
+rate and final validation loss), so :func:`judge` controls the family-wise error rate across all of them:
+Holm's step-down adjustment of the p-values (Holm 1979) decides, and every interval is a simultaneous one at
+the Bonferroni level 1 - alpha/m. A verdict is one of four outcomes: helped, hurt, equivalent (the simultaneous
+interval of the loss difference lies inside +-margin and the divergence counts are equal), inconclusive.
 """
 
 from __future__ import annotations
@@ -30,11 +36,19 @@ class Comparison:
     ci_high: float
     wilcoxon_p: float
     confidence: float
+    t_p: float = math.nan  # paired t-test of the relative differences (the test the verdict adjusts)
+    diffs: tuple[float, ...] = ()  # the pairs' relative differences (percent), for intervals at other levels
 
 
 def paired_difference_ci(treated, control, *, confidence=0.95, n_boot=10000, seed=0) -> tuple[float, float, float]:
     """(mean of 100*(t/c - 1), low, high): percentile bootstrap over pairs, widened to at least the t interval."""
     d = 100.0 * (np.asarray(treated, dtype=float) / np.asarray(control, dtype=float) - 1.0)
+    return mean_ci(d, confidence=confidence, n_boot=n_boot, seed=seed)
+
+
+def mean_ci(d, *, confidence=0.95, n_boot=10000, seed=0) -> tuple[float, float, float]:
+    """(mean, low, high) of the values d: percentile bootstrap widened to at least the Student-t interval."""
+    d = np.asarray(d, dtype=float)
     n = d.size
     mean = float(d.mean()) if n else math.nan
     if n < 2:
@@ -74,10 +88,139 @@ def compare(lr: float, config: str, treated: dict[int, tuple[float, bool]], cont
         w = 1.0
     else:
         w = float(stats.wilcoxon(t, c).pvalue)
+    d = 100.0 * (t / c - 1.0) if len(pairs) else np.array([])
     return Comparison(lr=lr, config=config, n_treated=len(treated), n_control=len(control),
                       diverged_treated=dt, diverged_control=dc, fisher_p=_fisher(dt, len(treated), dc, len(control)),
                       n_pairs=len(pairs), diff_pct=diff, ci_low=low, ci_high=high, wilcoxon_p=w,
-                      confidence=confidence)
+                      confidence=confidence, t_p=t_test_p(d), diffs=tuple(float(x) for x in d))
+
+
+def t_test_p(d) -> float:
+    """Two-sided p of the one-sample t-test of mean(d) = 0; nan below 2 values; 1 or 0 when d has no spread."""
+    d = np.asarray(d, dtype=float)
+    if d.size < 2:
+        return math.nan
+    sd = float(d.std(ddof=1))
+    if sd == 0:
+        return 1.0 if float(d.mean()) == 0 else 0.0
+    tstat = float(d.mean()) / (sd / math.sqrt(d.size))
+    return float(2 * stats.t.sf(abs(tstat), d.size - 1))
+
+
+OUTCOMES = {
+    "helped": "clipping lowered the divergence rate or the final validation loss, significant after Holm's "
+              "adjustment across every test of the study, with the simultaneous interval excluding zero (and no "
+              "divergence change, even an insignificant one, the other way)",
+    "hurt": "the same, in the other direction: more divergences or a higher final validation loss",
+    "equivalent": "the simultaneous interval of the loss difference lies inside +-margin and both sides diverged "
+                  "equally often: any effect is smaller than the stated minimum",
+    "inconclusive": "none of the above: with this many seeds the data cannot tell",
+}
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (nan entries stay nan and do not count in the family)."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = ok.size
+    order = ok[np.argsort(p[ok], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def wilson(x: int, n: int, z: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion x/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = x / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_difference_ci(dt: int, nt: int, dc: int, nc: int, confidence: float) -> tuple[float, float, float]:
+    """Treated minus control proportion with Newcombe's hybrid score interval (Newcombe 1998, method 10)."""
+    if nt == 0 or nc == 0:
+        return math.nan, math.nan, math.nan
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    pt, pc = dt / nt, dc / nc
+    (lt, ut), (lc, uc) = wilson(dt, nt, z), wilson(dc, nc, z)
+    d = pt - pc
+    return d, d - math.sqrt((pt - lt) ** 2 + (uc - pc) ** 2), d + math.sqrt((ut - pt) ** 2 + (pc - lc) ** 2)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One comparison judged within its study's family of tests."""
+
+    comparison: Comparison
+    outcome: str
+    loss_outcome: str
+    loss_p_adj: float
+    loss_low: float  # simultaneous interval of the relative loss difference (percent)
+    loss_high: float
+    div_outcome: str
+    div_effect: float  # treated minus control divergence rate (percentage points)
+    div_low: float
+    div_high: float
+    div_p_adj: float
+    level: float  # the simultaneous intervals' per-comparison confidence (1 - alpha/m)
+    family: int  # m: the tests in the study's family
+    margin_pct: float
+
+
+def _divergence_tested(c: Comparison) -> bool:
+    """Fisher's test conditions on the total diverged count; a margin of none (or all) can never reject, so
+    it is left out of the family (Tarone's argument)."""
+    total = c.diverged_treated + c.diverged_control
+    return c.n_treated > 0 and c.n_control > 0 and 0 < total < c.n_treated + c.n_control
+
+
+def judge(comps: list[Comparison], *, alpha: float = 0.05, margin_pct: float = 2.0, n_boot: int = 10000,
+          seed: int = 0) -> list[Verdict]:
+    """Every comparison of a study judged together: Holm-adjusted p-values over the family (each tested
+    divergence count and each loss difference with at least 2 pairs), simultaneous intervals at 1 - alpha/m."""
+    p = [c.fisher_p if _divergence_tested(c) else math.nan for c in comps] + \
+        [c.t_p if c.n_pairs >= 2 else math.nan for c in comps]
+    adj = holm(p)
+    m = int(np.isfinite(np.asarray(p, dtype=float)).sum())
+    level = 1 - alpha / max(m, 1)
+    out = []
+    for i, c in enumerate(comps):
+        div_adj, loss_adj = adj[i], adj[len(comps) + i]
+        _, low, high = mean_ci(c.diffs, confidence=level, n_boot=n_boot, seed=seed) if c.n_pairs >= 2 else \
+            (math.nan, math.nan, math.nan)
+        d, dlow, dhigh = rate_difference_ci(c.diverged_treated, c.n_treated, c.diverged_control, c.n_control, level)
+        div = ("helped" if d < 0 else "hurt") if div_adj < alpha and dhigh * dlow > 0 else "inconclusive"
+        loss = "inconclusive"
+        if loss_adj < alpha and high < 0:
+            loss = "helped"
+        elif loss_adj < alpha and low > 0:
+            loss = "hurt"
+        elif -margin_pct < low and high < margin_pct:
+            loss = "equivalent"
+        out.append(Verdict(c, _overall(c, div, loss), loss, loss_adj, low, high, div, 100 * d, 100 * dlow,
+                           100 * dhigh, div_adj, level, m, margin_pct))
+    return out
+
+
+def _overall(c: Comparison, div: str, loss: str) -> str:
+    """Divergence first; a loss verdict (which compares only the runs that did not diverge) stands only when
+    the divergence counts do not point the other way."""
+    if div in ("helped", "hurt"):
+        return div
+    change = _divergence_change(c)
+    if loss == "helped":
+        return "helped" if change <= 0 else "inconclusive"
+    if loss == "hurt":
+        return "hurt" if change >= 0 else "inconclusive"
+    if loss == "equivalent" and change == 0:
+        return "equivalent"
+    return "inconclusive"
 
 
 def _divergence_change(c: Comparison) -> float:
@@ -85,21 +228,6 @@ def _divergence_change(c: Comparison) -> float:
     if c.n_treated == 0 or c.n_control == 0:
         return 0.0
     return c.diverged_treated / c.n_treated - c.diverged_control / c.n_control
-
-
-def outcome(c: Comparison, alpha: float = 0.05) -> str:
-    """'helped', 'hurt', 'no difference' or 'inconclusive': divergence first, then the loss CI."""
-    change = _divergence_change(c)
-    if change != 0 and c.fisher_p < alpha:
-        return "helped" if change < 0 else "hurt"
-    if c.n_pairs >= 2:
-        # a loss verdict against the (not significant) direction of divergences would judge survivors only
-        if c.ci_high < 0:
-            return "helped" if change <= 0 else "inconclusive"
-        if c.ci_low > 0:
-            return "hurt" if change >= 0 else "inconclusive"
-        return "no clear difference"
-    return "inconclusive"
 
 
 def format_p(p: float) -> str:
@@ -127,11 +255,15 @@ def _pct(x: float) -> str:
     return "0.0%" if round(x, 1) == 0 else f"{x:+.1f}%"
 
 
-def _sentences(c: Comparison, alpha: float) -> list[str]:
-    result = outcome(c, alpha)
+def _interval(v: Verdict) -> str:
+    return f"simultaneous {100 * v.level:.4g}% interval [{_pct(v.loss_low)}, {_pct(v.loss_high)}]"
+
+
+def _sentences(v: Verdict) -> list[str]:
+    c, result = v.comparison, v.outcome
     change = _divergence_change(c)
-    fisher = f"Fisher exact {_p(c.fisher_p)}"
-    if change != 0 and c.fisher_p < alpha:
+    fisher = f"Fisher exact {_p(c.fisher_p)}, Holm-adjusted {_p(v.div_p_adj)}"
+    if v.div_outcome in ("helped", "hurt"):
         return [f"{c.config} {result}: it diverged in {c.diverged_treated} of {c.n_treated} seeds ({fisher})."]
     out = []
     if change != 0:
@@ -139,38 +271,40 @@ def _sentences(c: Comparison, alpha: float) -> list[str]:
                    f"{c.n_control} ({fisher}): not conclusive with this many seeds.")
     elif c.diverged_treated:
         out.append(f"{c.config} also diverged in {c.diverged_treated} of {c.n_treated}.")
-    if result == "inconclusive" and c.n_pairs >= 2:
-        out.append(f"{c.config}: no verdict: its final validation loss differed (difference {_pct(c.diff_pct)}, "
-                   f"{100 * c.confidence:g}% CI [{_pct(c.ci_low)}, {_pct(c.ci_high)}], {c.n_pairs} pairs) in the "
-                   "opposite direction to its divergences, and the loss compares only runs that did not diverge.")
+    if c.n_pairs < 2:
+        if c.diverged_control == c.n_control and c.diverged_treated == c.n_treated:
+            out.append(f"{c.config}: every run on both sides diverged, so there is no loss to compare.")
+        else:
+            pairs = f"{c.n_pairs} pair{'' if c.n_pairs == 1 else 's'}"
+            out.append(f"{c.config}: inconclusive: too few comparable runs to tell ({pairs} where neither run "
+                       "diverged); more seeds are needed.")
         return out
-    if result == "inconclusive" and c.diverged_control == c.n_control and c.diverged_treated == c.n_treated:
-        out.append(f"{c.config}: every run on both sides diverged, so there is no loss to compare.")
-        return out
-    if result == "inconclusive":
-        pairs = f"{c.n_pairs} pair{'' if c.n_pairs == 1 else 's'}"
-        out.append(f"{c.config}: too few comparable runs to tell ({pairs} where neither run diverged); "
-                   "more seeds are needed.")
-        return out
-    numbers = (f"difference {_pct(c.diff_pct)}, {100 * c.confidence:g}% CI [{_pct(c.ci_low)}, {_pct(c.ci_high)}], "
-               f"Wilcoxon {_p(c.wilcoxon_p)}, {c.n_pairs} pairs")
-    words = {"helped": "helped: final validation loss was lower",
-             "hurt": "hurt: final validation loss was higher",
-             "no clear difference": "made no clear difference: final validation loss did not clearly differ"}[result]
-    out.append(f"{c.config} {words} ({numbers}).")
-    if c.ci_high - c.ci_low > 10 or (c.n_pairs < 5 and c.ci_high - c.ci_low > 1):
-        out.append("More seeds are needed to narrow that interval.")
+    numbers = (f"difference {_pct(c.diff_pct)}, {_interval(v)}, Holm-adjusted {_p(v.loss_p_adj)}, "
+               f"{c.n_pairs} pairs")
+    if result == "inconclusive" and v.loss_outcome in ("helped", "hurt"):
+        out.append(f"{c.config}: inconclusive: its final validation loss differed ({numbers}) in the opposite "
+                   "direction to its divergences, and the loss compares only runs that did not diverge.")
+    elif result == "helped":
+        out.append(f"{c.config} helped: final validation loss was lower ({numbers}).")
+    elif result == "hurt":
+        out.append(f"{c.config} hurt: final validation loss was higher ({numbers}).")
+    elif result == "equivalent":
+        out.append(f"{c.config} was equivalent: final validation loss differed by less than the "
+                   f"+-{v.margin_pct:g}% margin ({numbers}).")
+    else:
+        out.append(f"{c.config}: inconclusive: final validation loss showed no significant difference and no "
+                   f"equivalence within +-{v.margin_pct:g}% ({numbers}); more seeds are needed to narrow the "
+                   "interval.")
     return out
 
 
-def verdict(comparisons: list[Comparison], *, control_label: str = "unclipped training", alpha: float = 0.05,
-            label: str | None = None) -> str:
+def verdict(verdicts: list[Verdict], *, control_label: str = "unclipped training", label: str | None = None) -> str:
     """Plain-words paragraph for one learning rate (all comparisons share lr and control runs)."""
-    if not comparisons:
+    if not verdicts:
         return ""
-    first = comparisons[0]
+    first = verdicts[0].comparison
     parts = [f"At {label or 'lr=' + format_lr(first.lr)}: {control_label} diverged in {first.diverged_control} of "
              f"{first.n_control} seeds."]
-    for c in comparisons:
-        parts.extend(_sentences(c, alpha))
+    for v in verdicts:
+        parts.extend(_sentences(v))
     return " ".join(parts)

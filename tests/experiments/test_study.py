@@ -299,6 +299,7 @@ def test_study_then_report_end_to_end(tmp_path, capsys):
     page = check_page(folder / "index.html")
     assert page.images >= 6 and page.images_loaded == page.images, page.broken_images
     assert page.console_errors == []
+    assert page.verdict_first, (page.headings, page.verdict_top)
 
 
 def _finished_rows(db: Path) -> int:

@@ -91,6 +91,27 @@ def test_band_curves_awkward(tmp_path, rng):
     assert_png(plots.band_curves(tmp_path / "empty.png", {}, ylabel="y", title="t"))
 
 
+def test_band_curves_panels_own_axes_empty_hidden_partial_medians_dotted(tmp_path, rng, drawn):
+    small, large = _runs(rng), 1000 * _runs(rng)
+    stopped = _runs(rng)
+    stopped[0, 120:] = np.nan  # one of three seeds stopped early: its median from step 121 covers two runs
+    curves = {"lr=1e-3": {"none": small, "a": stopped}, "lr=1": {"none": large, "a": large},
+              "lr=3": {"none": np.full((3, 50), np.nan)}}
+    plots.band_curves(tmp_path / "own.png", curves, ylabel="y", title="t")
+    (fig,) = drawn
+    panels = _panels(fig)
+    assert [ax.get_title() for ax in panels] == ["lr=1e-3", "lr=1"]  # lr=3 has nothing to draw
+    assert "lr=3" in fig._suptitle.get_text()  # ... and the title says so
+    hi1, lo2 = panels[0].get_ylim()[1], panels[1].get_ylim()[0]
+    assert hi1 < 10 < lo2  # each panel spans its own values, not a shared range
+    dotted = [line for line in panels[0].get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1
+    x = np.asarray(dotted[0].get_xdata())[np.isfinite(np.asarray(dotted[0].get_ydata(), dtype=float))]
+    assert x.min() == 120 and x.max() == 200  # joined at the last step all three reached
+    labels = {t.get_text() for legend in fig.legends for t in legend.get_texts()}
+    assert any("fewer runs" in label for label in labels)
+
+
 def test_band_curves_of_long_runs_draw_every_panel(tmp_path, rng, drawn):
     """10,000-step runs (drawn thinned; how fast is bench/report_speed.py's business)."""
     curves = {f"lr={lr}": {cfg: _runs(rng, seeds=5, steps=10_000) for cfg in ("none", "a", "b", "c")}

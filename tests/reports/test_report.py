@@ -7,9 +7,11 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from scipy import stats as scipy_stats
 
 from fincast.config import FincastError
 from fincast.experiments import study as study_mod
@@ -19,7 +21,8 @@ STUDY = "fab_study"
 NAIVE_VAL = 1.0
 
 
-def _fabricate(tmp_path, table: dict[tuple[str, float], list[float | None]], *, parent: bool = True) -> str:
+def _fabricate(tmp_path, table: dict[tuple[str, float], list[float | None]], *, parent: bool = True,
+               test_rmse: dict[str, float] | None = None) -> str:
     """table: (clip, lr) -> final val loss per seed (None = non-finite divergence). Returns the store URI."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -43,7 +46,7 @@ def _fabricate(tmp_path, table: dict[tuple[str, float], list[float | None]], *, 
             metrics += [Metric("baseline_naive/val_loss", NAIVE_VAL, 0, steps), Metric("time/step_ms", 2.0, 0, steps),
                         Metric("grad/clip_rate", 0.0 if clip == "none" else 0.25, 0, steps),
                         Metric("grad/spikes", seed, 0, steps), Metric("best_val_loss", min(v for v in val if v == v), 0, steps),
-                        Metric("test/rmse", 0.02, 0, steps), Metric("baseline_naive/rmse", 0.021, 0, steps)]
+                        Metric("test/rmse", (test_rmse or {}).get(clip, 0.02), 0, steps), Metric("baseline_naive/rmse", 0.021, 0, steps)]
             client.log_batch(r.info.run_id, metrics=metrics)
             client.set_terminated(r.info.run_id)
     return uri
@@ -74,11 +77,38 @@ def test_report_numbers_follow_from_the_runs(tmp_path):
     lo = comp[("lr=0.1", "norm1.0")]
     diffs = [100 * (t / c - 1) for t, c in zip(clipped_lo, none_lo)]
     assert lo["n_pairs"] == 5 and lo["diff_pct"] == pytest.approx(np.mean(diffs))
-    assert lo["ci_low"] < np.mean(diffs) < lo["ci_high"] and lo["outcome"] == "no clear difference"
+    assert lo["ci_low"] < np.mean(diffs) < lo["ci_high"]
+    # two tests in the family (lr=3's divergence counts, lr=0.1's losses): intervals at 1 - 0.05/2, and the loss
+    # interval (t: mean 0.6, sd 1.14 -> about [-1.3, 2.5]) is neither clear of zero nor inside the +-2% margin
+    assert lo["family"] == 2 and lo["level"] == pytest.approx(0.975)
+    half = scipy_stats.t.ppf(1 - 0.025 / 2, 4) * np.std(diffs, ddof=1) / math.sqrt(5)
+    assert lo["loss_low"] <= np.mean(diffs) - half + 1e-9 and lo["loss_high"] >= np.mean(diffs) + half - 1e-9
+    assert lo["outcome"] == "inconclusive" and hi["div_p_adj"] == pytest.approx(2 * 2 / 252)
     assert "At lr=3: unclipped training diverged in 5 of 5 seeds" in rep.verdict_text
-    assert "norm1.0 helped" in rep.verdict_text and "made no clear difference" in rep.verdict_text
+    assert "norm1.0 helped" in rep.verdict_text and "norm1.0: inconclusive" in rep.verdict_text
+    verdicts = pd.read_csv(tmp_path / "out" / STUDY / "verdicts.csv")
+    assert len(verdicts) == 4 and set(verdicts["metric"]) == {"divergence_rate_pp", "final_val_loss_pct"}
+    row = verdicts[(verdicts["lr"] == 3.0) & (verdicts["metric"] == "divergence_rate_pp")].iloc[0]
+    assert (row["outcome"], row["effect"]) == ("helped", -100.0) and row["ci_high"] < 0
+    assert {"lr", "clip", "metric", "outcome", "effect", "ci_low", "ci_high", "p_adjusted"} <= set(verdicts.columns)
     html = (tmp_path / "out" / STUDY / "index.html").read_text()
     assert "val loss &gt; 3 x zero forecast" in html  # the exploded run, named for why it counts as diverged
+
+
+def test_verdict_says_when_the_models_compared_do_not_beat_the_zero_forecast(tmp_path):
+    finals = [0.80, 0.90, 0.85, 0.82, 0.88]
+    uri = _fabricate(tmp_path, {("none", 0.1): finals, ("norm1.0", 0.1): finals},
+                     test_rmse={"none": 0.0221, "norm1.0": 0.0200})  # the zero forecast's: 0.021
+    rep = stability.build(STUDY, tracking_uri=uri, out_dir=tmp_path / "out", log_to_mlflow=False)
+    assert "Note: none did not beat the zero forecast on the test set" in rep.verdict_text
+    assert "none +5.2%" in rep.verdict_text and "norm1.0 -" not in rep.verdict_text
+    uri = _fabricate(tmp_path / "b", {("none", 0.1): finals, ("norm1.0", 0.1): finals},
+                     test_rmse={"none": 0.0221, "norm1.0": 0.0210})  # a tie does not beat it
+    rep = stability.build(STUDY, tracking_uri=uri, out_dir=tmp_path / "out", log_to_mlflow=False)
+    assert "Note: every model compared here did not beat the zero forecast" in rep.verdict_text
+    assert "norm1.0 +0.0%" in rep.verdict_text
+    # identical losses on both sides: inside the +-2% margin, so equivalent (not 'no difference')
+    assert "norm1.0 was equivalent" in rep.verdict_text
 
 
 def test_report_says_when_runs_are_missing_and_when_there_is_nothing(tmp_path):

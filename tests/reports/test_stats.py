@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from fincast.reports.stats import (
-    Comparison,
     compare,
     format_lr,
     format_p,
-    outcome,
+    holm,
+    judge,
     paired_difference_ci,
+    rate_difference_ci,
     verdict,
 )
 
@@ -187,122 +188,182 @@ def test_pairs_by_seed_not_by_position():
     assert c.ci_low == pytest.approx(10.0) and c.ci_high == pytest.approx(10.0)
 
 
-# ---------------------------------------------------------------- outcome and verdict
+# ---------------------------------------------------------------- verdicts: one family per study
+
+
+def one(c, **kw):
+    """A comparison judged as a family of its own."""
+    return judge([c], n_boot=500, **kw)[0]
 
 
 def helped_by_divergence():
     return compare(1e-2, "norm1.0", runs([0.9] * 5), runs(CONTROL, diverged={0, 1, 2, 3}))
 
 
+def test_holm_against_hand_computation():
+    p = [0.01, 0.04, math.nan, 0.03, 0.005]
+    # sorted 0.005, 0.01, 0.03, 0.04 (m=4): 4*0.005=0.02, 3*0.01=0.03, 2*0.03=0.06, max(0.06, 1*0.04)=0.06
+    got = holm(p)
+    assert got[[4, 0, 3, 1]] == pytest.approx([0.02, 0.03, 0.06, 0.06]) and math.isnan(got[2])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # 2 x 0.8 capped at 1; monotone after it
+    assert holm([0.01, 0.5]) == pytest.approx([0.02, 0.5])
+
+
+def test_newcombe_interval_matches_the_paper():
+    """Newcombe (1998), Statistics in Medicine 17:873, table II, method 10: 56/70 - 48/80 = 0.2000,
+    95% CI 0.0524 to 0.3339."""
+    d, low, high = rate_difference_ci(56, 70, 48, 80, 0.95)
+    assert d == pytest.approx(0.2) and low == pytest.approx(0.0524, abs=5e-4) and high == pytest.approx(0.3339, abs=5e-4)
+
+
 def test_helped_by_divergence():
-    c = helped_by_divergence()
-    assert outcome(c) == "helped"
-    text = verdict([c])
+    v = one(helped_by_divergence())
+    assert v.outcome == "helped" and v.family == 1  # the divergence counts (one comparable loss pair: no test)
+    text = verdict([v])
     assert text.startswith("At lr=1e-2: unclipped training diverged in 4 of 5 seeds.")
     assert text.count("4 of 5") == 1
-    for phrase in ("norm1.0 helped", "0 of 5", "Fisher exact p=0.048"):
+    for phrase in ("norm1.0 helped", "0 of 5", "Fisher exact p=0.048", "Holm-adjusted"):
         assert phrase in text
     assert "p=0.000" not in text
 
 
 def test_hurt_by_divergence():
-    c = compare(1e-2, "norm9", runs([0.9] * 5, diverged={0, 1, 2, 3, 4}), runs(CONTROL))
-    assert outcome(c) == "hurt"
-    assert "norm9 hurt" in verdict([c]) and "5 of 5" in verdict([c])
+    v = one(compare(1e-2, "norm9", runs([0.9] * 5, diverged={0, 1, 2, 3, 4}), runs(CONTROL)))
+    assert v.outcome == "hurt" and v.div_effect == pytest.approx(100.0)
+    assert "norm9 hurt" in verdict([v]) and "5 of 5" in verdict([v])
 
 
 def test_helped_by_loss():
     rel = [-0.05, -0.052, -0.048, -0.051, -0.049]
-    c = compare(3e-4, "autoclip-p10", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
-    assert c.ci_high < 0 and outcome(c) == "helped"
-    text = verdict([c])
+    v = one(compare(3e-4, "autoclip-p10", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL)))
+    assert v.loss_high < 0 and v.outcome == "helped"
+    text = verdict([v])
     assert text.startswith("At lr=3e-4: unclipped training diverged in 0 of 5 seeds.")
-    for phrase in ("autoclip-p10 helped", "lower", "difference -5.0%", "95% CI [-", "Wilcoxon p=0.062", "5 pairs"):
+    for phrase in ("autoclip-p10 helped", "lower", "difference -5.0%", "simultaneous 95% interval [-", "5 pairs"):
         assert phrase in text
-    assert "more seeds" not in text.lower()  # narrow CI and 5 pairs
 
 
 def test_hurt_by_loss():
     rel = [0.10, 0.12, 0.09, 0.11, 0.105]
-    c = compare(0.1, "norm0.1", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
-    assert c.ci_low > 0 and outcome(c) == "hurt"
-    text = verdict([c])
-    for phrase in ("At lr=0.1:", "norm0.1 hurt", "higher", "difference +10.5%", "CI [+"):
-        assert phrase in text
+    v = one(compare(0.1, "norm0.1", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL)))
+    assert v.loss_low > 0 and v.outcome == "hurt"
+    for phrase in ("At lr=0.1:", "norm0.1 hurt", "higher", "difference +10.5%", "interval [+"):
+        assert phrase in verdict([v])
 
 
-def test_no_difference_and_wide_ci_asks_for_more_seeds():
-    rel = [0.01, -0.02, 0.005, -0.003, 0.001]
+def test_equivalent_only_inside_the_margin():
+    rel = [0.001, -0.002, 0.0005, -0.0003, 0.0001]
     c = compare(1.0, "norm5", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
-    assert c.ci_low < 0 < c.ci_high and outcome(c) == "no clear difference"
-    text = verdict([c])
-    assert "norm5 made no clear difference" in text and "CI [" in text and "5 pairs" in text
-    assert "more seeds" not in text.lower()
-    rel = [0.2, -0.15, 0.1, -0.12, 0.05]  # spread of ~15 points: the CI spans well over 10
-    wide = compare(1.0, "norm5", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL))
-    assert outcome(wide) == "no clear difference" and wide.ci_high - wide.ci_low > 10
-    assert "More seeds are needed" in verdict([wide])
+    v = one(c)
+    assert -2 < v.loss_low < v.loss_high < 2 and v.outcome == "equivalent"
+    assert "norm5 was equivalent" in verdict([v]) and "+-2% margin" in verdict([v])
+    assert one(c, margin_pct=0.1).outcome == "inconclusive"  # the same interval, a smaller minimum effect
+    rel = [0.2, -0.15, 0.1, -0.12, 0.05]  # spread of ~15 points: no difference shown, and no equivalence either
+    wide = one(compare(1.0, "norm5", runs([c * (1 + r) for c, r in zip(CONTROL, rel)]), runs(CONTROL)))
+    assert wide.outcome == "inconclusive" and wide.loss_low < -2 and wide.loss_high > 2
+    assert "no equivalence within +-2%" in verdict([wide]) and "more seeds" in verdict([wide])
+
+
+def test_equivalent_losses_with_unequal_divergences_are_inconclusive():
+    rel = [0.001, -0.002, 0.0005, -0.0003, 0.0001, 0.0, 0.0002]
+    control = {s: (1.0 + 0.1 * s, s == 7) for s in range(8)}
+    treated = {s: ((1.0 + 0.1 * s) * (1 + rel[s]), False) if s < 7 else (1.0, False) for s in range(8)}
+    v = one(compare(1.0, "x", treated, control))
+    assert v.loss_outcome == "equivalent" and v.outcome == "inconclusive"
 
 
 def test_nonsignificant_divergence_is_called_not_conclusive():
-    c = compare(3.0, "zclip", runs([0.9] * 5, diverged={0, 1, 2}), runs(CONTROL))
-    assert c.fisher_p == pytest.approx(fisher_two_sided(3, 5, 0, 5))  # 1/6
-    text = verdict([c])
-    assert "At lr=3:" in text
-    assert "3 of 5 vs 0 of 5 (Fisher exact p=0.17): not conclusive with this many seeds" in text
-    assert "More seeds are needed" in text  # only 2 comparable pairs
+    v = one(compare(3.0, "zclip", runs([0.9] * 5, diverged={0, 1, 2}), runs(CONTROL)))
+    assert v.comparison.fisher_p == pytest.approx(fisher_two_sided(3, 5, 0, 5))  # 1/6
+    text = verdict([v])
+    assert "At lr=3:" in text and "3 of 5 vs 0 of 5 (Fisher exact p=0.17, Holm-adjusted" in text
+    assert "not conclusive with this many seeds" in text and v.outcome == "inconclusive"
 
 
 def test_inconclusive_with_fewer_than_two_pairs():
     c = compare(1e-2, "norm2", runs([1.0, 1.0, 1.0], diverged={1, 2}), runs([1.0, 1.1, 1.2], diverged={0}))
     assert c.n_pairs == 0 and math.isnan(c.diff_pct) and math.isnan(c.ci_low)
-    assert outcome(c) == "inconclusive"
-    assert "too few comparable runs to tell" in verdict([c])
-    one = compare(1e-2, "norm2", runs([1.0, 1.0]), runs([1.0, 1.1], diverged={0}))
-    assert one.n_pairs == 1 and outcome(one) == "inconclusive"
-    assert "1 pair where" in verdict([one])
+    assert one(c).outcome == "inconclusive"
+    assert "too few comparable runs to tell" in verdict([one(c)])
+    single = compare(1e-2, "norm2", runs([1.0, 1.0]), runs([1.0, 1.1], diverged={0}))
+    assert single.n_pairs == 1 and one(single).outcome == "inconclusive"
+    assert "1 pair where" in verdict([one(single)])
 
 
 def test_verdict_states_control_once_for_several_configs():
     rel = [0.01, -0.02, 0.005, -0.003, 0.001]
-    others = [compare(1e-2, "autoclip-p10", runs([c * (1 + r) for c, r in zip(CONTROL, rel)], diverged={0, 1, 2}),
-                      runs(CONTROL, diverged={0, 1, 2, 3})), helped_by_divergence()]
-    text = verdict(others)
+    comps = [compare(1e-2, "autoclip-p10", runs([c * (1 + r) for c, r in zip(CONTROL, rel)], diverged={0, 1, 2}),
+                     runs(CONTROL, diverged={0, 1, 2, 3})), helped_by_divergence()]
+    text = verdict(judge(comps, n_boot=500))
     assert text.count("unclipped training") == 1 and text.count("diverged in 4 of 5 seeds") == 1
-    assert "autoclip-p10 diverged in 3 of 5 vs 4 of 5 (Fisher exact p=1): not conclusive" in text
-    assert "autoclip-p10: too few comparable runs to tell (1 pair where" in text
-    assert "norm1.0 helped" in text
+    assert "autoclip-p10 diverged in 3 of 5 vs 4 of 5 (Fisher exact p=1" in text
+    assert "autoclip-p10: inconclusive: too few comparable runs to tell (1 pair where" in text
+    # alone norm1.0 helped (p=0.048); as one of two tests, Holm's adjusted p is 0.095
+    assert "norm1.0 diverged in 0 of 5 vs 4 of 5 (Fisher exact p=0.048, Holm-adjusted p=0.095)" in text
     assert verdict([]) == ""
 
 
-def test_outcome_from_hand_built_comparisons():
-    base = dict(lr=0.01, config="x", n_treated=5, n_control=5, diverged_treated=0, diverged_control=0,
-                fisher_p=1.0, n_pairs=5, diff_pct=-1.0, ci_low=-2.0, ci_high=-0.1, wilcoxon_p=0.06, confidence=0.95)
-    assert outcome(Comparison(**base)) == "helped"
-    assert outcome(Comparison(**{**base, "ci_low": 0.1, "ci_high": 2.0})) == "hurt"
-    assert outcome(Comparison(**{**base, "ci_high": 0.5})) == "no clear difference"
-    # significant divergence overrides the loss
-    assert outcome(Comparison(**{**base, "diverged_treated": 4, "fisher_p": 0.048})) == "hurt"
-    # alpha is respected
-    assert outcome(Comparison(**{**base, "diverged_control": 4, "fisher_p": 0.048, "ci_high": 0.5}), alpha=0.01) \
-        == "no clear difference"
-
+def test_the_family_makes_a_single_call_harder():
+    """Alone, a divergence difference of 4/5 vs 0/5 (p=0.048) is 'helped'; among 11 tests it is not."""
+    assert one(helped_by_divergence()).outcome == "helped"
+    rel = [0.01, -0.02, 0.005, -0.003, 0.001]
+    others = [compare(1e-2, f"c{i}", runs([c * (1 + r) for c, r in zip(CONTROL, rel)], diverged={0}),
+                      runs(CONTROL)) for i in range(5)]
+    v = judge([helped_by_divergence(), *others], n_boot=200)[0]
+    assert v.family == 11 and v.div_p_adj > 0.05 and v.outcome == "inconclusive"
 
 
 def test_a_loss_verdict_against_the_divergences_is_no_verdict():
     """Losses compare only the survivors: a config that diverged more often (not significantly) is not
-    'helped' by a lower loss of its surviving seeds, nor one that diverged less often 'hurt'."""
-    base = dict(lr=3.0, config="x", n_treated=5, n_control=5, diverged_treated=3, diverged_control=0,
-                fisher_p=0.17, n_pairs=2, diff_pct=-5.0, ci_low=-6.0, ci_high=-4.0, wilcoxon_p=0.5, confidence=0.95)
-    assert outcome(Comparison(**base)) == "inconclusive"
-    assert outcome(Comparison(**{**base, "diverged_treated": 0, "diverged_control": 3, "diff_pct": 5.0,
-                                 "ci_low": 4.0, "ci_high": 6.0})) == "inconclusive"
-    assert outcome(Comparison(**{**base, "diverged_treated": 0})) == "helped"  # same direction: a verdict
-    text = verdict([Comparison(**base)])
-    assert "no verdict" in text and "opposite direction to its divergences" in text and "helped" not in text
+    'helped' by a lower loss of its surviving seeds."""
+    seeds = range(8)
+    control = {s: (1.0 + 0.1 * s, False) for s in seeds}
+    treated = {s: ((1.0 + 0.1 * s) * 0.9, s < 2) for s in seeds}
+    v = one(compare(3.0, "x", treated, control))
+    assert v.loss_outcome == "helped" and v.outcome == "inconclusive"
+    assert "in the opposite direction to its divergences" in verdict([v])
+    treated = {s: ((1.0 + 0.1 * s) * 0.9, False) for s in seeds}
+    assert one(compare(3.0, "x", treated, control)).outcome == "helped"
 
 
-# ---------------------------------------------------------------- formatting
+# ---------------------------------------------------------------- verdicts on simulated studies
+
+
+def _simulated_study(rng, effect=0.0, lrs=5, configs=4, seeds=5, p_div=0.1):
+    """A study of configs x lrs comparisons on null data (or with the first config's loss lowered by effect)."""
+    comps = []
+    for lr in range(lrs):
+        control = {s: (float(rng.lognormal(0, 0.3)), bool(rng.random() < p_div)) for s in range(seeds)}
+        for k in range(configs):
+            shift = effect if k == 0 else 0.0
+            treated = {s: (control[s][0] * (1 + shift) * float(rng.lognormal(0, 0.02)), bool(rng.random() < p_div))
+                       for s in range(seeds)}
+            comps.append(compare(10.0 ** -lr, f"c{k}", treated, control, n_boot=200, seed=int(rng.integers(1 << 30))))
+    return judge(comps, n_boot=200)
+
+
+def test_null_studies_call_helped_or_hurt_at_most_at_the_family_rate():
+    """Where no arm differs, a study with 20 comparisons (40 tests) calls any helped/hurt in at most ~5% of
+    studies (uncorrected, ~1 in 5 studies or more would)."""
+    rng = np.random.default_rng(2026)
+    studies = 200
+    false = uncorrected = 0
+    for _ in range(studies):
+        verdicts = _simulated_study(rng)
+        false += any(v.outcome in ("helped", "hurt") for v in verdicts)
+        uncorrected += any(v.comparison.t_p < 0.05 or v.comparison.fisher_p < 0.05 for v in verdicts)
+    assert false / studies <= 0.085  # 0.05 plus binomial noise (sd 1.5 points at 200 studies)
+    assert uncorrected / studies >= 0.3  # the same studies judged test by test
+
+
+def test_a_planted_effect_is_found():
+    rng = np.random.default_rng(7)
+    found = false = 0
+    for _ in range(20):
+        verdicts = _simulated_study(rng, effect=-0.10, p_div=0.0)
+        found += all(v.outcome == "helped" for v in verdicts if v.comparison.config == "c0")
+        false += any(v.outcome in ("helped", "hurt") for v in verdicts if v.comparison.config != "c0")
+    assert found >= 18 and false <= 3  # each study's chance of any false call is at most 5%
 
 
 @pytest.mark.parametrize("p,text", [(0.0476, "0.048"), (0.81, "0.81"), (0.17, "0.17"), (1e-5, "<0.001"),
@@ -322,5 +383,5 @@ def test_no_zero_p_values_printed():
     c = rng.uniform(1, 2, 60)
     big = compare(1e-2, "norm1.0", runs(c * 1.3), runs(c), n_boot=500)
     assert big.wilcoxon_p < 0.001
-    text = verdict([big])
-    assert "Wilcoxon p<0.001" in text and "0.000" not in text
+    text = verdict([one(big)])
+    assert "Holm-adjusted p<0.001" in text and "0.000" not in text

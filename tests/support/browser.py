@@ -64,6 +64,9 @@ _COLLECT_JS = """(() => ({
     complete: img.complete,
     naturalWidth: img.naturalWidth,
   })),
+  headings: Array.from(document.querySelectorAll("h2"), (h) => h.textContent.trim()),
+  verdictTop: (() => { const v = document.getElementById("verdict"); return v ? v.getBoundingClientRect().top : null; })(),
+  viewportHeight: window.innerHeight,
 }))()"""
 
 
@@ -80,6 +83,15 @@ class PageCheck:
     # uncaught exceptions, console.error / console.assert, error log entries (failed resource loads)
     console_errors: list[str] = field(default_factory=list)
     title: str = ""
+    headings: list[str] = field(default_factory=list)  # the h2 texts in document order
+    verdict_top: float | None = None  # pixels from the top of the page to the element with id="verdict"
+    viewport_height: float = 0.0
+
+    @property
+    def verdict_first(self) -> bool:
+        """The page's first section is its verdict, and it starts within the first screen."""
+        return bool(self.headings) and "verdict" in self.headings[0].lower() and self.verdict_top is not None \
+            and self.verdict_top < self.viewport_height
 
 
 def find_chromium() -> str | None:
@@ -243,6 +255,9 @@ class _Session:
             broken_images=broken,
             console_errors=errors,
             title=state["title"],
+            headings=state["headings"],
+            verdict_top=state["verdictTop"],
+            viewport_height=state["viewportHeight"],
         )
 
     def shutdown(self) -> None:

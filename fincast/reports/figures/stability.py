@@ -51,56 +51,77 @@ def quantiles(arr: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
 def band_curves(path: str | Path, curves: dict[str, dict[str, np.ndarray]], *, ylabel: str, title: str,
                 log: bool = True, thresholds: dict[str, dict[str, np.ndarray | None]] | None = None,
                 xlabel: str = "optimizer step", max_points: int = 2000) -> Path:
-    """One panel per learning rate (side by side, shared y); per clip config the median across seeds (rows of
-    a runs x steps array, nan-padded) and the interquartile band, drawn where at least one run is finite;
-    optional per-step thresholds as dashed lines of the config's colour. Long curves are decimated."""
+    """One panel per learning rate (side by side, each its own y axis); per clip config the median across seeds
+    (rows of a runs x steps array, nan-padded) and the interquartile band, drawn where at least one run is
+    finite, dotted where fewer than all its runs still have a value (early stopping, divergence); optional
+    per-step thresholds as dashed lines of the config's colour. Panels without a finite value are left out
+    (named in a note). Long curves are decimated."""
     colors = _config_colors(cfg for panel in curves.values() for cfg in panel)
-    n = max(1, len(curves))
-    fig, axes = plt.subplots(1, n, figsize=(1.5 + 3.8 * n, 4.2), sharey=True, squeeze=False,
-                             constrained_layout=True)
-    any_threshold = False
-    lo, hi = math.inf, -math.inf  # the range drawn: explosions to 1e30 must not squash everything else
-    for ax, (lr, panel) in zip(axes[0], curves.items()):
-        missing = []
-        for cfg, runs in panel.items():
-            arr = finite(np.atleast_2d(np.asarray(runs, dtype=float)), log)
-            stride = max(1, -(-arr.shape[1] // max_points))
-            steps, arr = np.arange(1, arr.shape[1] + 1)[::stride], arr[:, ::stride]
-            ok = np.isfinite(arr).any(axis=0)
-            if ok.any():
-                q25, med, q75 = np.full((3, arr.shape[1]), np.nan)
-                q25[ok], med[ok], q75[ok] = quantiles(arr[:, ok], (0.25, 0.5, 0.75))
-                lo, hi = min(lo, float(np.nanmin(q25))), max(hi, float(np.nanmax(q75)))
-                ax.plot(steps, med, color=colors[cfg], lw=1.2)
-                ax.fill_between(steps, np.ma.masked_invalid(q25), np.ma.masked_invalid(q75), where=ok,
-                                color=colors[cfg], alpha=0.2, lw=0)
-            else:
-                missing.append(cfg)
-            thr = (thresholds or {}).get(lr, {}).get(cfg)
-            if thr is not None and np.isfinite(thr_a := finite(np.ravel(thr), log)).any():
-                ax.plot(np.arange(1, thr_a.size + 1)[::stride], thr_a[::stride], color=colors[cfg], ls="--", lw=0.9)
-                any_threshold = True
-        if missing or not panel:
-            ax.text(0.02, 0.02, "no finite values: " + ", ".join(missing) if panel else "no runs",
-                    transform=ax.transAxes, fontsize=7, color="0.4", va="bottom")
+    drawn = {lr: panel for lr, panel in curves.items()
+             if any(np.isfinite(finite(np.atleast_2d(np.asarray(a, dtype=float)), log)).any() for a in panel.values())}
+    empty = [lr for lr in curves if lr not in drawn]
+    n = max(1, len(drawn))
+    fig, axes = plt.subplots(1, n, figsize=(1.5 + 3.8 * n, 4.2), squeeze=False, constrained_layout=True)
+    flags = {"threshold": False, "partial": False}
+    for ax, (lr, panel) in zip(axes[0], drawn.items()):
+        _band_panel(ax, panel, colors, (thresholds or {}).get(lr, {}), log=log, max_points=max_points, flags=flags)
         ax.set_title(lr, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, lw=0.5)
+    if not drawn:
+        axes[0, 0].text(0.5, 0.5, "no finite values", transform=axes[0, 0].transAxes, ha="center", va="center")
     axes[0, 0].set_ylabel(ylabel)
-    if log:
-        log_y(axes[0, 0])
-        if math.isfinite(lo) and lo > 0 and hi > 0:  # at most 4 decades above the lowest quartile
-            axes[0, 0].set_ylim(lo / 1.5, min(hi, lo * 1e4) * 1.5)
-    elif math.isfinite(lo) and math.isfinite(hi) and hi > lo:
-        pad = 0.05 * (hi - lo)
-        axes[0, 0].set_ylim(lo - pad, hi + pad)
     handles = [plt.Line2D([], [], color=c, lw=2, label=cfg) for cfg, c in colors.items()]
-    if any_threshold:
+    if flags["partial"]:
+        handles.append(plt.Line2D([], [], color="0.4", ls=":", lw=1.2, label="median of fewer runs\n(others stopped)"))
+    if flags["threshold"]:
         handles.append(plt.Line2D([], [], color="0.4", ls="--", lw=0.9, label="effective threshold"))
     if handles:
         fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="median, IQR band", title_fontsize=8)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title + (f"\n(no finite values at {', '.join(empty)}: not drawn)" if empty and drawn else ""),
+                 fontsize=11)
     return save_figure(fig, path)
+
+
+def _band_panel(ax, panel: dict[str, np.ndarray], colors: dict, thresholds: dict, *, log: bool, max_points: int,
+                flags: dict) -> None:
+    lo, hi = math.inf, -math.inf  # the range drawn: explosions to 1e30 must not squash everything else
+    missing = []
+    for cfg, runs in panel.items():
+        arr = finite(np.atleast_2d(np.asarray(runs, dtype=float)), log)
+        stride = max(1, -(-arr.shape[1] // max_points))
+        steps, arr = np.arange(1, arr.shape[1] + 1)[::stride], arr[:, ::stride]
+        count = np.isfinite(arr).sum(axis=0)
+        ok = count > 0
+        if ok.any():
+            q25, med, q75 = np.full((3, arr.shape[1]), np.nan)
+            q25[ok], med[ok], q75[ok] = quantiles(arr[:, ok], (0.25, 0.5, 0.75))
+            lo, hi = min(lo, float(np.nanmin(q25))), max(hi, float(np.nanmax(q75)))
+            full = count == arr.shape[0]
+            ax.plot(steps, np.where(full, med, np.nan), color=colors[cfg], lw=1.2)
+            partial = ok & ~full
+            if partial.any():  # dotted from the last step every run reached (joined to the solid line)
+                join = partial | np.r_[partial[1:], False]
+                ax.plot(steps, np.where(join, med, np.nan), color=colors[cfg], lw=1.2, ls=":")
+                flags["partial"] = True
+            ax.fill_between(steps, np.ma.masked_invalid(q25), np.ma.masked_invalid(q75), where=ok,
+                            color=colors[cfg], alpha=0.2, lw=0)
+        else:
+            missing.append(cfg)
+        thr = thresholds.get(cfg)
+        if thr is not None and np.isfinite(thr_a := finite(np.ravel(thr), log)).any():
+            ax.plot(np.arange(1, thr_a.size + 1)[::stride], thr_a[::stride], color=colors[cfg], ls="--", lw=0.9)
+            flags["threshold"] = True
+    if missing:
+        ax.text(0.02, 0.02, "no finite values: " + ", ".join(missing), transform=ax.transAxes, fontsize=7,
+                color="0.4", va="bottom")
+    if log:
+        log_y(ax)
+        if math.isfinite(lo) and lo > 0 and hi > 0:  # at most 4 decades above the lowest quartile
+            ax.set_ylim(lo / 1.5, min(hi, lo * 1e4) * 1.5)
+    elif math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+        pad = 0.05 * (hi - lo)
+        ax.set_ylim(lo - pad, hi + pad)
 
 
 def distributions(path: str | Path, values: dict[str, np.ndarray], counts: dict[str, float] | None = None, *,
