@@ -65,6 +65,7 @@ def forecast_stats(y_true, y_pred, y_mean, *, horizon: int = 1) -> pd.Series:
     e, e0 = f - y, -y
     rmse, rmse0 = math.sqrt(np.mean(e**2)), math.sqrt(np.mean(e0**2))
     hits = np.where(f == 0, 0.5, (np.sign(f) == np.sign(y)).astype(float))
+    up = np.where(y == 0, 0.5, (y > 0).astype(float))  # always forecasting a rise
     denom = np.sum((y - m) ** 2)
     dm, p = diebold_mariano(e, e0, horizon) if np.any(f != 0) else (math.nan, math.nan)
     return pd.Series({
@@ -74,6 +75,7 @@ def forecast_stats(y_true, y_pred, y_mean, *, horizon: int = 1) -> pd.Series:
         "MAE": float(np.mean(np.abs(e))),
         "RMSE vs Naive [%]": 100 * (rmse / rmse0 - 1) if rmse0 > 0 else math.nan,
         "Directional Accuracy [%]": 100 * float(np.mean(hits)),
+        "Always-Long Accuracy [%]": 100 * float(np.mean(up)),
         "R2 OOS [%]": 100 * (1 - np.sum(e**2) / denom) if denom > 0 else math.nan,
         "DM Stat": dm,
         "DM p-value": p,
@@ -108,16 +110,18 @@ def positions(forecast, *, rule: str, max_position: float = 1.0, scale=None, vol
     return pos.astype(float) + 0.0  # no negative zeros
 
 
-def strategy_returns(returns, held, cost_bps: float) -> pd.DataFrame:
+def strategy_returns(returns, held, cost_bps: float, borrow_bps: float = 0.0, periods: int = 252) -> pd.DataFrame:
     """Daily strategy returns: ``held[t]`` is the position over day t (decided before it), ``returns[t]``
-    the asset's simple return that day. Net = held x return - cost_bps/1e4 x |held[t] - held[t-1]|."""
+    the asset's simple return that day. Net = held x return - cost_bps/1e4 x |held[t] - held[t-1]|
+    - borrow_bps/1e4/periods x max(-held[t], 0) (a short position pays its borrow every bar)."""
     r = pd.Series(returns, dtype=float)
     pos = pd.Series(np.asarray(held, float), index=r.index)
     turnover = (pos - pos.shift(1, fill_value=0.0)).abs()
     gross = pos * r
     cost = cost_bps / 1e4 * turnover
-    return pd.DataFrame({"position": pos, "asset": r, "gross": gross, "cost": cost, "net": gross - cost,
-                         "turnover": turnover})
+    borrow = borrow_bps / 1e4 / periods * np.maximum(-pos, 0.0)
+    return pd.DataFrame({"position": pos, "asset": r, "gross": gross, "cost": cost, "borrow": borrow,
+                         "net": gross - cost - borrow, "turnover": turnover})
 
 
 def drawdown(equity) -> np.ndarray:

@@ -61,7 +61,7 @@ def clip_configs(cfg: PipelineConfig) -> tuple[ClipConfig, ...]:
     return (none, clipped)
 
 
-def lstm_names(cfg: PipelineConfig) -> list[str]:
+def lstm_families(cfg: PipelineConfig) -> list[str]:
     """lstm-<clip label> per clip config; distinct configs that share a label (settings the label leaves out,
     e.g. zclip's alpha) are told apart by a suffix: lstm-zclip-z2.5, lstm-zclip-z2.5-2."""
     names: list[str] = []
@@ -71,6 +71,27 @@ def lstm_names(cfg: PipelineConfig) -> list[str]:
             name, k = f"{lstm_name(c)}-{k}", k + 1
         names.append(name)
     return names
+
+
+SEED_SEP = "/seed"
+
+
+def lstm_runs(cfg: PipelineConfig) -> list[tuple[str, ClipConfig, int]]:
+    """(model name, clip config, training seed) of every LSTM a fold trains: each clip config once per seed of
+    backtest.seeds (train.seed, train.seed + 1, ...), named <family>/seed<s> when there are several seeds, else
+    <family>."""
+    seeds = [cfg.train.seed + i for i in range(cfg.backtest.seeds)]
+    return [(f"{fam}{SEED_SEP}{s}" if len(seeds) > 1 else fam, clip, s)
+            for fam, clip in zip(lstm_families(cfg), clip_configs(cfg)) for s in seeds]
+
+
+def lstm_names(cfg: PipelineConfig) -> list[str]:
+    return [name for name, _, _ in lstm_runs(cfg)]
+
+
+def family(model: str) -> str:
+    """The model a seed's LSTM belongs to: lstm-none/seed2 -> lstm-none (other names unchanged)."""
+    return model.split(SEED_SEP)[0]
 
 
 def model_names(cfg: PipelineConfig) -> list[str]:
@@ -231,6 +252,7 @@ class FitRequest:
     val: Split  # the fold's inner validation (early stopping)
     warm: dict | None  # warm-start weights, or None: a fresh model
     epochs: int  # at most
+    seed: int = 0  # the model's initialisation and the training's shuffling
 
 
 # stacks of requests -> their fits, one list per stack in order and one FoldFit per request in it: each stack the
@@ -280,8 +302,8 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
     b = cfg.backtest
     end = np.datetime64(b.end, "ns") if b.end else None
     rolling = None if b.window == "expanding" else int(b.window)
-    clips = clip_configs(cfg)
-    lstms = lstm_names(cfg)
+    runs = lstm_runs(cfg)
+    lstms = [name for name, _, _ in runs]
     seconds["features"] += time.perf_counter() - t0
 
     notes = _calendar_notes(panel)
@@ -299,7 +321,7 @@ def walk_forward(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, *, fit_ls
             done = {k: d for k in todo if store is not None and (d := store.get(k + 1)) is not None}
             t = time.perf_counter()
             folds = {k: _prepare(k, panel, cuts, rolling, cfg, end) for k in todo if k not in done}
-            requests = _requests(clips, lstms, {k: f for k, f in folds.items() if f is not None}, previous, cfg)
+            requests = _requests(runs, {k: f for k, f in folds.items() if f is not None}, previous, cfg)
             seconds["split"] += time.perf_counter() - t
             pending.append((todo, done, folds, requests))
             yield [r for _, _, r in requests]
@@ -401,16 +423,17 @@ def _prepare(k: int, panel: dict[str, TickerPanel], cuts: np.ndarray, rolling: i
     return _Fold(parts, train, val, test, full, base)
 
 
-def _requests(clips, lstms, folds: dict[int, _Fold], previous: dict, cfg: PipelineConfig) -> list[tuple]:
-    """(fold, LSTM name, FitRequest) of every LSTM (one per clip config) of every fold in ``folds``; warm starts
-    from ``previous``."""
+def _requests(runs: list[tuple[str, ClipConfig, int]], folds: dict[int, _Fold], previous: dict,
+              cfg: PipelineConfig) -> list[tuple]:
+    """(fold, LSTM name, FitRequest) of every LSTM (one per clip config and seed) of every fold in ``folds``;
+    warm starts from ``previous``."""
     b = cfg.backtest
     out = []
     for k, fold in folds.items():
-        for clip, name in zip(clips, lstms):
+        for name, clip, seed in runs:
             warm = previous.get(name) if b.warm_start else None
             epochs = b.warm_epochs if warm is not None and b.warm_epochs is not None else cfg.train.epochs
-            out.append((k, name, FitRequest(clip, fold.train, fold.val, warm, epochs)))
+            out.append((k, name, FitRequest(clip, fold.train, fold.val, warm, epochs, seed)))
     return out
 
 

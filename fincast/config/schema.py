@@ -243,6 +243,10 @@ class BacktestConfig:
     clips: tuple[ClipConfig, ...] | None = _opt(
         None, "LSTMs compared, one per clip config: a method name or a clip mapping, each over the spec's clip "
               "section; null = unclipped and the spec's clip", entries=ClipConfig)
+    seeds: int = _opt(
+        3, "training seeds of every LSTM (train.seed, train.seed + 1, ...): each clip config is trained once per "
+           "seed and the report gives the median and range across seeds (one seed's trading numbers can be luck)",
+        ge=1, le=100)
     resume: bool = _opt(
         True, "keep each finished fold in train.checkpoint_dir/backtest/ until the backtest ends, so that a killed "
               "backtest run again (same config and data) refits only the folds it had not finished")
@@ -256,7 +260,17 @@ class BacktestConfig:
     vol_window: int = _opt(21, "vol_target rule: bars of realised volatility (up to the day before)", ge=2, le=1000)
     max_position: float = _opt(1.0, "cap on |position| in units of capital (1 = no leverage)", gt=0, le=100)
     cost_bps: float = _opt(
-        5.0, "transaction cost in basis points per unit of turnover (|position change|)", ge=0, le=10000)
+        5.0, "transaction cost in basis points per unit of turnover (|position change|): spread, commission and "
+             "slippage of a liquid ETF; raise it for crypto or single stocks", ge=0, le=10000)
+    borrow_bps: float = _opt(
+        50.0, "cost of holding a short position, basis points a year on its size (stock borrow and financing; "
+              "general collateral ETFs ~25-50)", ge=0, le=100000)
+    bootstrap: int = _opt(
+        2000, "stationary-bootstrap resamples of the daily returns behind the trading intervals and the reality "
+              "check", ge=100, le=100000)
+    block_days: float = _opt(
+        20.0, "stationary bootstrap: mean block length in bars (keeps volatility clustering within blocks)", ge=1,
+        le=1000)
     sharpe_window: int = _opt(126, "bars in the report's rolling Sharpe ratio", ge=10, le=5000)
 
 

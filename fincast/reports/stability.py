@@ -208,7 +208,7 @@ def verdict_table(comps: dict[str, list[stats.Verdict]]) -> pd.DataFrame:
             common = {"group": g, "lr": c.lr, "clip": c.config, "outcome": v.outcome}
             rows.append(common | {"metric": "divergence_rate_pp", "metric_outcome": v.div_outcome,
                                   "effect": v.div_effect, "ci_low": v.div_low, "ci_high": v.div_high,
-                                  "p": c.fisher_p, "p_adjusted": v.div_p_adj, "test": "Fisher exact",
+                                  "p": c.boschloo_p, "p_adjusted": v.div_p_adj, "test": "Boschloo exact",
                                   "n_treated": c.n_treated, "n_control": c.n_control,
                                   "diverged_treated": c.diverged_treated, "diverged_control": c.diverged_control})
             rows.append(common | {"metric": "final_val_loss_pct", "metric_outcome": v.loss_outcome,

@@ -18,19 +18,20 @@ e = html.escape
 def _effect(v: stats.Verdict) -> str:
     """The effect that decided (divergence in points when it did, else the loss) and its simultaneous interval."""
     c = v.comparison
-    if v.div_outcome in ("helped", "hurt"):
+    if v.div_outcome in ("helped", "hurt") or (c.n_pairs < 2 and c.diverged_treated + c.diverged_control):
         return (f"diverged {c.diverged_treated}/{c.n_treated} vs {c.diverged_control}/{c.n_control}<br>"
                 f"<small>{v.div_effect:+.0f} pts [{v.div_low:+.0f}, {v.div_high:+.0f}], "
                 f"p<sub>adj</sub> {stats.format_p(v.div_p_adj)}</small>")
     if c.n_pairs < 2:
         return f"<small>{c.n_pairs} comparable pair{'' if c.n_pairs == 1 else 's'}</small>"
-    return (f"loss {num(c.diff_pct, '{:+.1f}%')}<br><small>[{num(v.loss_low, '{:+.1f}')}, "
-            f"{num(v.loss_high, '{:+.1f}')}]%, p<sub>adj</sub> {stats.format_p(v.loss_p_adj)}</small>")
+    return (f"loss {stats.pct(c.diff_pct)}<br><small>[{stats.pct(v.loss_low)}, {stats.pct(v.loss_high)}], "
+            f"p<sub>adj</sub> {stats.format_p(v.loss_p_adj)}</small>")
 
 
-def verdict_grid(comps: dict[str, list[stats.Verdict]]) -> str:
+def verdict_grid(comps: dict[str, list[stats.Verdict]], useless: set[str] = frozenset(),
+                 reference: str = "the zero forecast") -> str:
     """Learning rates as rows, clip configs as columns; each cell the outcome in colour, its effect and the
-    simultaneous interval."""
+    simultaneous interval; ``useless``: learning rates where no model compared beat the reference forecast."""
     configs = list(dict.fromkeys(v.comparison.config for vs in comps.values() for v in vs))
     rows = ["<table class='grid'><tr><th class='l'>learning rate</th>"
             + "".join(f"<th>{e(c)}</th>" for c in configs) + "</tr>"]
@@ -41,7 +42,8 @@ def verdict_grid(comps: dict[str, list[stats.Verdict]]) -> str:
             v = by.get(c)
             cells.append("<td>-</td>" if v is None else
                          f"<td class='o-{v.outcome}'><b>{v.outcome}</b><br>{_effect(v)}</td>")
-        rows.append(f"<tr><td class='l'>{e(g)}</td>{''.join(cells)}</tr>")
+        mark = f"<br><small class='hurt'>no model beat {e(reference)}</small>" if g in useless else ""
+        rows.append(f"<tr><td class='l'>{e(g)}{mark}</td>{''.join(cells)}</tr>")
     rows.append("</table>")
     return "".join(rows)
 
@@ -52,9 +54,9 @@ def _method(settings: Any, comps: dict[str, list[stats.Verdict]]) -> str:
     defs = "".join(f"<li><span class='o-{k}'><b>{k}</b></span>: {e(t)}.</li>" for k, t in stats.OUTCOMES.items())
     return (
         f"<p class='note'>Each clip config is compared with <b>none</b> at the same learning rate, paired by seed, on "
-        f"two metrics: divergence rate (Fisher's exact test; Newcombe's score interval of the difference) and final "
+        f"two metrics: divergence rate (Boschloo's exact test, Boschloo 1970; Newcombe's score interval of the difference, Newcombe 1998) and final "
         f"validation loss (relative difference, paired t-test; interval: percentile bootstrap widened to at least "
-        f"the Student-t interval). The study makes <b>{m}</b> such tests; their p-values are adjusted with Holm's "
+        f"the Student-t interval; Holm 1979 for the adjustment). The study makes <b>{m}</b> such tests; their p-values are adjusted with Holm's "
         f"step-down method, so the chance of any false helped or hurt in this study is at most "
         f"{settings.family_alpha:g} (family-wise). Intervals are simultaneous: each at the Bonferroni level "
         f"{100 * level:.4g}%. Minimum effect size (equivalence margin): +-{settings.equivalence_pct:g}% of the "
@@ -67,7 +69,11 @@ def page(study: str, parent, store, settings: Any, verdict_lines: list[str], cel
          out: Path) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Stability report: {e(study)}</title>"
              f"<style>{CSS}</style></head><body>",
-             f"<h1>Stability report: {e(study)}</h1>", "<h2 id='verdict'>1. Verdict</h2>", verdict_grid(comps)]
+             f"<h1>Stability report: {e(study)}</h1>", "<h2 id='verdict'>1. Verdict</h2>",
+             verdict_grid(comps, {g for g in groups if not (cells.loc[cells["group"] == g, "test_rmse_vs_naive_pct"]
+                                                            < 0).any()},
+                          "BS with hist vol" if "task" in runs and (runs["task"] == "options").all() else
+                          "the zero forecast")]
     parts += [f"<p class='verdict'>{e(v)}</p>" for v in verdict_lines]
     parts.append(_method(settings, comps))
     parts.append(
@@ -132,7 +138,7 @@ def _statistics(comps: dict[str, list[stats.Verdict]]) -> list[str]:
              "ones; intervals are simultaneous (see the method above). Wilcoxon signed-rank p is shown for reference "
              "only (with 5 pairs its smallest two-sided p is 0.0625); the verdict uses the paired t-test.</p>",
              "<table><tr><th class='l'>learning rate</th><th class='l'>clip</th><th>outcome</th>"
-             "<th>diverged (clip vs none)</th><th>Fisher p</th><th>adjusted</th><th>pairs</th><th>loss difference</th>"
+             "<th>diverged (clip vs none)</th><th>Boschloo p</th><th>adjusted</th><th>pairs</th><th>loss difference</th>"
              "<th>simultaneous interval</th><th>t-test p</th><th>adjusted</th><th>Wilcoxon p</th></tr>"]
     for g, vs in comps.items():
         for v in vs:
@@ -140,7 +146,7 @@ def _statistics(comps: dict[str, list[stats.Verdict]]) -> list[str]:
             parts.append(
                 f"<tr><td class='l'>{e(g)}</td><td class='l'>{e(c.config)}</td><td class='o-{v.outcome}'>"
                 f"{v.outcome}</td><td>{c.diverged_treated} of {c.n_treated} vs {c.diverged_control} of "
-                f"{c.n_control}</td><td>{stats.format_p(c.fisher_p)}</td><td>{stats.format_p(v.div_p_adj)}</td>"
+                f"{c.n_control}</td><td>{stats.format_p(c.boschloo_p)}</td><td>{stats.format_p(v.div_p_adj)}</td>"
                 f"<td>{c.n_pairs}</td><td>{num(c.diff_pct, '{:+.2f}%')}</td>"
                 f"<td>[{num(v.loss_low, '{:+.2f}%')}, {num(v.loss_high, '{:+.2f}%')}]</td>"
                 f"<td>{stats.format_p(c.t_p)}</td><td>{stats.format_p(v.loss_p_adj)}</td>"

@@ -12,6 +12,7 @@ interval of the loss difference lies inside +-margin and the divergence counts a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class Comparison:
     wilcoxon_p: float
     confidence: float
     t_p: float = math.nan  # paired t-test of the relative differences (the test the verdict adjusts)
+    boschloo_p: float = math.nan  # Boschloo's exact test of the divergence counts (the test the verdict adjusts)
     diffs: tuple[float, ...] = ()  # the pairs' relative differences (percent), for intervals at other levels
 
 
@@ -67,6 +69,15 @@ def _fisher(dt: int, nt: int, dc: int, nc: int) -> float:
     return float(stats.fisher_exact([[dt, nt - dt], [dc, nc - dc]]).pvalue)
 
 
+@functools.lru_cache(maxsize=4096)  # a study repeats the same few counts
+def _boschloo(dt: int, nt: int, dc: int, nc: int) -> float:
+    """Boschloo's exact unconditional test (Boschloo 1970, Statistica Neerlandica 24:1): uniformly more powerful
+    than Fisher's; 1 when nothing (or everything) diverged on both sides."""
+    if nt == 0 or nc == 0 or dt + dc in (0, nt + nc):
+        return 1.0
+    return float(stats.boschloo_exact([[dt, dc], [nt - dt, nc - dc]]).pvalue)  # columns: the two samples
+
+
 def compare(lr: float, config: str, treated: dict[int, tuple[float, bool]], control: dict[int, tuple[float, bool]],
             *, confidence=0.95, n_boot=10000, seed=0) -> Comparison:
     """treated/control: seed -> (final validation loss, diverged). Loss is compared on seeds present on both
@@ -92,7 +103,8 @@ def compare(lr: float, config: str, treated: dict[int, tuple[float, bool]], cont
     return Comparison(lr=lr, config=config, n_treated=len(treated), n_control=len(control),
                       diverged_treated=dt, diverged_control=dc, fisher_p=_fisher(dt, len(treated), dc, len(control)),
                       n_pairs=len(pairs), diff_pct=diff, ci_low=low, ci_high=high, wilcoxon_p=w,
-                      confidence=confidence, t_p=t_test_p(d), diffs=tuple(float(x) for x in d))
+                      confidence=confidence, t_p=t_test_p(d), diffs=tuple(float(x) for x in d),
+                      boschloo_p=_boschloo(dt, len(treated), dc, len(control)))
 
 
 def t_test_p(d) -> float:
@@ -174,8 +186,8 @@ class Verdict:
 
 
 def _divergence_tested(c: Comparison) -> bool:
-    """Fisher's test conditions on the total diverged count; a margin of none (or all) can never reject, so
-    it is left out of the family (Tarone's argument)."""
+    """A divergence count with nothing (or everything) diverged on both sides can never be rejected (p = 1):
+    it is left out of the family (the simulated null studies in the tests check the family-wise rate)."""
     total = c.diverged_treated + c.diverged_control
     return c.n_treated > 0 and c.n_control > 0 and 0 < total < c.n_treated + c.n_control
 
@@ -184,7 +196,7 @@ def judge(comps: list[Comparison], *, alpha: float = 0.05, margin_pct: float = 2
           seed: int = 0) -> list[Verdict]:
     """Every comparison of a study judged together: Holm-adjusted p-values over the family (each tested
     divergence count and each loss difference with at least 2 pairs), simultaneous intervals at 1 - alpha/m."""
-    p = [c.fisher_p if _divergence_tested(c) else math.nan for c in comps] + \
+    p = [c.boschloo_p if _divergence_tested(c) else math.nan for c in comps] + \
         [c.t_p if c.n_pairs >= 2 else math.nan for c in comps]
     adj = holm(p)
     m = int(np.isfinite(np.asarray(p, dtype=float)).sum())
@@ -251,18 +263,21 @@ def _p(p: float) -> str:
     return f"p{text}" if text.startswith("<") else f"p={text}"
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
+    """'+1.2%', '-0.5%', '0.0%' (no signed zero); 'n/a' for nan."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
     return "0.0%" if round(x, 1) == 0 else f"{x:+.1f}%"
 
 
 def _interval(v: Verdict) -> str:
-    return f"simultaneous {100 * v.level:.4g}% interval [{_pct(v.loss_low)}, {_pct(v.loss_high)}]"
+    return f"simultaneous {100 * v.level:.4g}% interval [{pct(v.loss_low)}, {pct(v.loss_high)}]"
 
 
 def _sentences(v: Verdict) -> list[str]:
     c, result = v.comparison, v.outcome
     change = _divergence_change(c)
-    fisher = f"Fisher exact {_p(c.fisher_p)}, Holm-adjusted {_p(v.div_p_adj)}"
+    fisher = f"Boschloo exact {_p(c.boschloo_p)}, Holm-adjusted {_p(v.div_p_adj)}"
     if v.div_outcome in ("helped", "hurt"):
         return [f"{c.config} {result}: it diverged in {c.diverged_treated} of {c.n_treated} seeds ({fisher})."]
     out = []
@@ -272,6 +287,8 @@ def _sentences(v: Verdict) -> list[str]:
     elif c.diverged_treated:
         out.append(f"{c.config} also diverged in {c.diverged_treated} of {c.n_treated}.")
     if c.n_pairs < 2:
+        if change != 0 and c.diverged_control == c.n_control:
+            return out  # every unclipped run diverged: the divergence counts are all there is to say
         if c.diverged_control == c.n_control and c.diverged_treated == c.n_treated:
             out.append(f"{c.config}: every run on both sides diverged, so there is no loss to compare.")
         else:
@@ -279,7 +296,7 @@ def _sentences(v: Verdict) -> list[str]:
             out.append(f"{c.config}: inconclusive: too few comparable runs to tell ({pairs} where neither run "
                        "diverged); more seeds are needed.")
         return out
-    numbers = (f"difference {_pct(c.diff_pct)}, {_interval(v)}, Holm-adjusted {_p(v.loss_p_adj)}, "
+    numbers = (f"difference {pct(c.diff_pct)}, {_interval(v)}, Holm-adjusted {_p(v.loss_p_adj)}, "
                f"{c.n_pairs} pairs")
     if result == "inconclusive" and v.loss_outcome in ("helped", "hurt"):
         out.append(f"{c.config}: inconclusive: its final validation loss differed ({numbers}) in the opposite "

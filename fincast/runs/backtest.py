@@ -114,12 +114,12 @@ def stack_trainer(cfg: PipelineConfig, device: torch.device, precision: str = "f
         on training and validation samples together."""
         models = []
         for r in requests:
-            seed_everything(cfg.train.seed)
+            seed_everything(r.seed)
             model = build_model(cfg.model, r.train.x.shape[2]).to(device)
             if r.warm is not None:
                 model.load_state_dict(r.warm)
             models.append(model)
-        cfgs = [dataclasses.replace(cfg.train, epochs=r.epochs,
+        cfgs = [dataclasses.replace(cfg.train, epochs=r.epochs, seed=r.seed,
                                     **({"patience": None, "max_steps": None} if refit else {})) for r in requests]
         joined: dict[tuple[int, int], features.Split] = {}  # a fold's LSTMs share its samples
         trains = [joined.setdefault((id(r.train), id(r.val)), concat_splits(r.train, r.val)) if refit else r.train

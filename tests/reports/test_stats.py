@@ -39,6 +39,29 @@ def fisher_two_sided(a: int, n1: int, b: int, n2: int) -> float:
     return min(1.0, sum(prob(x) for x in xs if prob(x) <= observed * (1 + 1e-9)))
 
 
+def boschloo_two_sided(a: int, n1: int, b: int, n2: int, grid: int = 20001) -> float:
+    """Boschloo's test from its definition: the statistic is Fisher's one-sided p (hypergeometric tail of the
+    treated count given the margins); the p-value the largest, over the common divergence probability pi, binomial
+    probability of tables whose statistic is no larger; two-sided = twice the smaller one-sided p."""
+    def tail(x1, x2, lower):
+        k, n = x1 + x2, n1 + n2
+        xs = range(max(0, k - n2), min(k, n1) + 1)
+        pick = [x for x in xs if (x <= x1 if lower else x >= x1)]
+        return sum(math.comb(n1, x) * math.comb(n2, k - x) for x in pick) / math.comb(n, k)
+
+    pis = np.linspace(0, 1, grid)
+    sides = []
+    for lower in (True, False):
+        obs = tail(a, b, lower)
+        prob = np.zeros(grid)
+        for x1 in range(n1 + 1):
+            for x2 in range(n2 + 1):
+                if tail(x1, x2, lower) <= obs * (1 + 1e-12):
+                    prob += math.comb(n1, x1) * math.comb(n2, x2) * pis ** (x1 + x2) * (1 - pis) ** (n1 + n2 - x1 - x2)
+        sides.append(float(prob.max()))
+    return min(1.0, 2 * min(sides))
+
+
 def wilcoxon_exact(d) -> float:
     """Two-sided exact p of the signed-rank statistic, by enumerating every sign assignment of the ranks."""
     ranks = np.argsort(np.argsort(np.abs(d))) + 1  # distinct |d| assumed
@@ -67,6 +90,15 @@ def test_fisher_matches_hand_enumeration(dt, nt, dc, nc):
     c = compare(1e-2, "x", treated, control, n_boot=200)
     assert (c.n_treated, c.n_control, c.diverged_treated, c.diverged_control) == (nt, nc, dt, dc)
     assert c.fisher_p == pytest.approx(fisher_two_sided(dt, nt, dc, nc), rel=1e-9)
+
+
+@pytest.mark.parametrize("dt,nt,dc,nc", [(0, 5, 5, 5), (1, 5, 5, 5), (0, 5, 3, 5), (2, 10, 7, 8), (3, 40, 12, 40)])
+def test_boschloo_matches_its_definition(dt, nt, dc, nc):
+    treated = {s: (1.0, s < dt) for s in range(nt)}
+    control = {s: (1.0, s < dc) for s in range(nc)}
+    got = compare(1e-2, "x", treated, control, n_boot=200).boschloo_p
+    assert got == pytest.approx(boschloo_two_sided(dt, nt, dc, nc), rel=2e-3)
+    assert got <= compare(1e-2, "x", treated, control, n_boot=200).fisher_p + 1e-12  # never less powerful
 
 
 def test_fisher_known_values_and_no_divergence():
@@ -222,7 +254,7 @@ def test_helped_by_divergence():
     text = verdict([v])
     assert text.startswith("At lr=1e-2: unclipped training diverged in 4 of 5 seeds.")
     assert text.count("4 of 5") == 1
-    for phrase in ("norm1.0 helped", "0 of 5", "Fisher exact p=0.048", "Holm-adjusted"):
+    for phrase in ("norm1.0 helped", "0 of 5", "Boschloo exact p=0.", "Holm-adjusted"):
         assert phrase in text
     assert "p=0.000" not in text
 
@@ -276,7 +308,7 @@ def test_nonsignificant_divergence_is_called_not_conclusive():
     v = one(compare(3.0, "zclip", runs([0.9] * 5, diverged={0, 1, 2}), runs(CONTROL)))
     assert v.comparison.fisher_p == pytest.approx(fisher_two_sided(3, 5, 0, 5))  # 1/6
     text = verdict([v])
-    assert "At lr=3:" in text and "3 of 5 vs 0 of 5 (Fisher exact p=0.17, Holm-adjusted" in text
+    assert "At lr=3:" in text and "3 of 5 vs 0 of 5 (Boschloo exact p=0.062" in text
     assert "not conclusive with this many seeds" in text and v.outcome == "inconclusive"
 
 
@@ -296,10 +328,10 @@ def test_verdict_states_control_once_for_several_configs():
                      runs(CONTROL, diverged={0, 1, 2, 3})), helped_by_divergence()]
     text = verdict(judge(comps, n_boot=500))
     assert text.count("unclipped training") == 1 and text.count("diverged in 4 of 5 seeds") == 1
-    assert "autoclip-p10 diverged in 3 of 5 vs 4 of 5 (Fisher exact p=1" in text
+    assert "autoclip-p10 diverged in 3 of 5 vs 4 of 5 (Boschloo exact p=" in text
     assert "autoclip-p10: inconclusive: too few comparable runs to tell (1 pair where" in text
-    # alone norm1.0 helped (p=0.048); as one of two tests, Holm's adjusted p is 0.095
-    assert "norm1.0 diverged in 0 of 5 vs 4 of 5 (Fisher exact p=0.048, Holm-adjusted p=0.095)" in text
+    # alone norm1.0 helped (p=0.021); as one of two tests, Holm's adjusted p is 0.043
+    assert "norm1.0 helped: it diverged in 0 of 5 seeds (Boschloo exact p=0.021, Holm-adjusted p=0.043)" in text
     assert verdict([]) == ""
 
 
