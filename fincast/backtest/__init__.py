@@ -8,6 +8,7 @@ from fincast.backtest.evaluate import (
     strategy_returns,
     trading_stats,
 )
+from fincast.backtest.naming import clip_configs, family, lstm_families, model_names
 from fincast.backtest.stacking import stack_folds
 from fincast.backtest.walkforward import (
     BacktestError,
@@ -15,11 +16,9 @@ from fincast.backtest.walkforward import (
     FoldFit,
     LSTMFitter,
     WalkForward,
-    clip_configs,
-    model_names,
     walk_forward,
 )
 
 __all__ = ["BacktestError", "FitRequest", "FoldFit", "LSTMFitter", "WalkForward", "clip_configs", "diebold_mariano",
-           "forecast_stats", "model_names", "periods_per_year", "positions", "stack_folds", "strategy_returns",
+           "family", "forecast_stats", "lstm_families", "model_names", "periods_per_year", "positions", "stack_folds", "strategy_returns",
            "trading_stats", "walk_forward"]

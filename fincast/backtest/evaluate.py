@@ -17,6 +17,9 @@ Units are in the labels (``Return [%]``). Conventions:
 
 from __future__ import annotations
 
+__all__ = ["BUY_AND_HOLD", "MEAN", "NAIVE", "RIDGE", "Evaluation", "diebold_mariano", "drawdown", "evaluate",
+           "fold_errors", "forecast_stats", "periods_per_year", "positions", "strategy_returns", "trading_stats"]
+
 import math
 from dataclasses import dataclass
 
@@ -24,7 +27,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-NAIVE, MEAN, RIDGE, BUY_AND_HOLD = "naive", "hist_mean", "ridge", "buy_and_hold"
+from fincast.backtest.naming import BUY_AND_HOLD, MEAN, NAIVE, RIDGE, SEED_SEP, family
+from fincast.backtest.uncertainty import seed_spread, sharpe, trading_uncertainty
 
 
 def periods_per_year(dates) -> int:
@@ -179,8 +183,11 @@ class Evaluation:
 
 def evaluate(table: pd.DataFrame, frames: dict[str, pd.DataFrame], *, models: list[str], horizon: int,
              rule: str, max_position: float, cost_bps: float, vol_target: float, vol_window: int,
-             price: str = "adj_close") -> Evaluation:
-    """Forecast statistics, strategy returns and trading statistics of every model, per ticker."""
+             price: str = "adj_close", borrow_bps: float = 0.0, n_boot: int = 2000, block: float = 20.0,
+             seed: int = 0) -> Evaluation:
+    """Forecast statistics, strategy returns and trading statistics of every model, per ticker, with bootstrap
+    intervals, the reality check against buy and hold and the cost sensitivity (``uncertainty``); then, per model
+    trained with several seeds, the median and range across its seeds (rows named by the family)."""
     stats_rows, daily, periods = [], [], {}
     for ticker, tab in table.groupby("ticker", sort=True):
         df = frames[ticker]
@@ -191,7 +198,7 @@ def evaluate(table: pd.DataFrame, frames: dict[str, pd.DataFrame], *, models: li
         vol = logret.rolling(vol_window, min_periods=vol_window).std()  # known at each bar's close
         nxt = pd.Series(df.index[1:].append(pd.DatetimeIndex([pd.NaT])), index=df.index)  # the bar after
         mean_fc = tab[tab["model"] == MEAN].set_index("date")["y_pred"]
-        days = None
+        days, rows, strategies = None, [], {}
         for model in models:
             t = tab[tab["model"] == model].sort_values("origin")
             fs = forecast_stats(t["y_true"], t["y_pred"], mean_fc.reindex(t["date"]).to_numpy(), horizon=horizon)
@@ -205,17 +212,49 @@ def evaluate(table: pd.DataFrame, frames: dict[str, pd.DataFrame], *, models: li
                 days = held_on[keep]
                 span = df.index[(df.index >= days.min()) & (df.index <= days.max())]
             held = pd.Series(pos[keep], index=held_on[keep]).reindex(span, fill_value=0.0)
-            sr = strategy_returns(asset.reindex(span), held, cost_bps)
+            sr = strategy_returns(asset.reindex(span), held, cost_bps, borrow_bps, ppy)
             ts = trading_stats(sr["net"], sr["position"], ppy)
-            stats_rows.append(pd.concat([pd.Series({"ticker": ticker, "model": model}), fs, ts]))
+            rows.append(pd.concat([pd.Series({"ticker": ticker, "model": model}), fs, ts]))
+            strategies[model] = sr
             daily.append(sr.assign(date=span, ticker=ticker, model=model, equity=(1 + sr["net"]).cumprod()))
-        bh = strategy_returns(asset.reindex(span), np.ones(len(span)), cost_bps)
+        bh = strategy_returns(asset.reindex(span), np.ones(len(span)), cost_bps, borrow_bps, ppy)
         ts = trading_stats(bh["net"], bh["position"], ppy)
-        stats_rows.append(pd.concat([pd.Series({"ticker": ticker, "model": BUY_AND_HOLD}), ts]))
+        rows.append(pd.concat([pd.Series({"ticker": ticker, "model": BUY_AND_HOLD}), ts]))
+        strategies[BUY_AND_HOLD] = bh
         daily.append(bh.assign(date=span, ticker=ticker, model=BUY_AND_HOLD, equity=(1 + bh["net"]).cumprod()))
-    stats = pd.DataFrame(stats_rows).reset_index(drop=True)
+        stats_rows.append(_with_uncertainty(pd.DataFrame(rows), strategies, ppy, cost_bps, n_boot, block, seed))
+    stats = pd.concat(stats_rows, ignore_index=True)
+    spread = seed_spread(stats, family, SPREAD_COLS)
+    if len(spread):
+        stats["seed"] = [float(m.split(SEED_SEP)[1]) if SEED_SEP in m else math.nan for m in stats["model"]]
+        stats = pd.concat([spread, stats], ignore_index=True)
+        order = {m: i for i, m in enumerate(dict.fromkeys(family(m) for m in stats["model"]))}
+        stats = stats.sort_values(["ticker", "model"], key=lambda c: c.map(order) if c.name == "model" else c,
+                                  kind="stable").reset_index(drop=True)
     daily_frame = pd.concat(daily, ignore_index=True)
     return Evaluation(stats, daily_frame, fold_errors(table), periods)
+
+
+SPREAD_COLS = ["RMSE", "RMSE vs Naive [%]", "Directional Accuracy [%]", "R2 OOS [%]", "Total Return [%]", "CAGR [%]",
+               "Sharpe Ratio", "Max. Drawdown [%]", "Sharpe vs B&H", "Best 10 Days Share [%]"]
+COST_MULTIPLES = (0, 2, 4)
+
+
+def _with_uncertainty(rows: pd.DataFrame, strategies: dict[str, pd.DataFrame], periods: int, cost_bps: float,
+                      n_boot: int, block: float, seed: int) -> pd.DataFrame:
+    """One ticker's stats rows with the bootstrap intervals, the reality check and the Sharpe ratio at other
+    costs (0, 2 and 4 times cost_bps; the borrow cost unchanged)."""
+    unc = trading_uncertainty({m: sr["net"].to_numpy() for m, sr in strategies.items()}, BUY_AND_HOLD, periods,
+                              n_boot=n_boot, block=block, seed=seed)
+    out = pd.concat([rows.reset_index(drop=True), unc.reindex(rows["model"]).reset_index(drop=True)], axis=1)
+    for k in COST_MULTIPLES:
+        if k * cost_bps == cost_bps:
+            continue
+        out[f"Sharpe @ {k * cost_bps:g} bp"] = [
+            float(sharpe((sr["gross"] - k * sr["cost"] - sr["borrow"]).to_numpy(), periods))
+            for sr in (strategies[m] for m in rows["model"])]
+    out["Strategies Tested"] = float(unc.attrs["strategies_tested"])
+    return out
 
 
 def fold_errors(table: pd.DataFrame) -> pd.DataFrame:

@@ -74,7 +74,7 @@ def trading_uncertainty(returns: dict[str, np.ndarray], bench: str, periods: int
     R = np.stack([np.asarray(returns[m], float) for m in names])  # strategies x days
     n = R.shape[1]
     b = names.index(bench)
-    obs_s, obs_c, obs_m = sharpe(R, periods), cagr(R, periods), max_drawdown(R)
+    obs_s = sharpe(R, periods)
     obs_d = obs_s - obs_s[b]
     rng = np.random.default_rng(seed)
     boot_s, boot_c, boot_m = [], [], []
@@ -92,7 +92,7 @@ def trading_uncertainty(returns: dict[str, np.ndarray], bench: str, periods: int
     centred = np.where(tested, D - obs_d, -np.inf)
     max_stat = centred.max(axis=1) if tested.any() else np.full(len(D), -np.inf)
     rows = []
-    for i, m in enumerate(names):
+    for i in range(len(names)):
         lo_s, hi_s = np.nanpercentile(S[:, i], q) if np.isfinite(S[:, i]).any() else (math.nan, math.nan)
         lo_d, hi_d = np.nanpercentile(D[:, i], q) if i != b and np.isfinite(D[:, i]).any() else (math.nan, math.nan)
         rows.append({

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fincast.backtest import diebold_mariano
+from fincast.backtest import diebold_mariano, family
 from fincast.backtest.evaluate import BUY_AND_HOLD, Evaluation
 from fincast.config import atomic_write
 from fincast.reports import figures
@@ -39,6 +39,10 @@ class Context:
     vol_target: float
     sharpe_window: int
     refit_full: bool = True
+    borrow_bps: float = 0.0
+    seeds: int = 1
+    bootstrap: int = 2000
+    block_days: float = 20.0
     device: str = "cpu"
     run_id: str | None = None
     tracking_uri: str = ""
@@ -46,12 +50,54 @@ class Context:
     notes: list[str] = field(default_factory=list)
 
 
-FORECAST_COLS = [("RMSE", "{:.5f}"), ("RMSE vs Naive [%]", "{:+.2f}"), ("Directional Accuracy [%]", "{:.1f}"),
-                 ("R2 OOS [%]", "{:+.2f}"), ("DM Stat", "{:+.2f}"), ("DM p-value", "{:.3f}"), ("Missing [%]", "{:.1f}")]
-TRADING_COLS = [("Total Return [%]", "{:+.1f}"), ("CAGR [%]", "{:+.1f}"), ("Volatility (ann.) [%]", "{:.1f}"),
-                ("Sharpe Ratio", "{:.2f}"), ("Sortino Ratio", "{:.2f}"), ("Max. Drawdown [%]", "{:.1f}"),
-                ("Calmar Ratio", "{:.2f}"), ("Hit Rate [%]", "{:.1f}"), ("Turnover (ann.) [x]", "{:.1f}"),
-                ("Exposure [%]", "{:.0f}")]
+EDGE_ALPHA = 0.05
+
+
+def _family_rows(stats: pd.DataFrame) -> pd.Series:
+    """Rows that aggregate a model's seeds (median across them)."""
+    return stats["Seeds"].notna() if "Seeds" in stats else pd.Series(False, index=stats.index)
+
+
+def _seed_rows(stats: pd.DataFrame) -> pd.Series:
+    return stats["seed"].notna() if "seed" in stats else pd.Series(False, index=stats.index)
+
+
+def edge_verdict(stats: pd.DataFrame, ticker: str) -> str:
+    """One line: is there evidence that any strategy beat buy and hold on its Sharpe ratio, after adjusting for
+    every strategy compared (White's reality check)? 'No evidence' unless the adjusted test says so."""
+    s = stats[(stats["ticker"] == ticker) & ~_family_rows(stats)]
+    if "Edge p (reality check)" not in s:
+        return f"{ticker}: no test against buy-and-hold was possible."
+    tested = s[s["Edge p (reality check)"].notna()]
+    if tested.empty:
+        return f"{ticker}: no strategy's returns varied, so there is nothing to test against buy-and-hold."
+    best = tested.sort_values(["Edge p (reality check)", "Sharpe vs B&H"], ascending=[True, False]).iloc[0]
+    n = len(tested)
+    bh = s.loc[s["model"] == BUY_AND_HOLD, "Sharpe Ratio"]
+    numbers = (f"Sharpe {best['Sharpe Ratio']:.2f} vs buy-and-hold's {bh.iloc[0]:.2f}, difference "
+               f"{best['Sharpe vs B&H']:+.2f}, 95% CI [{best['Sharpe vs B&H CI low']:+.2f}, "
+               f"{best['Sharpe vs B&H CI high']:+.2f}]; reality-check p = {best['Edge p (reality check)']:.3f} "
+               f"adjusted for the {n} strategies compared")
+    if best["Edge p (reality check)"] < EDGE_ALPHA and best["Sharpe vs B&H"] > 0:
+        return f"{ticker}: evidence of an edge over buy-and-hold: {best['model']} ({numbers})."
+    return f"{ticker}: no evidence of an edge over buy-and-hold. The most promising of the strategies, " \
+           f"{best['model']} ({numbers})."
+
+
+def _spread(r: pd.Series, col: str, fmt: str) -> str:
+    """'1.23' or, for a model trained with several seeds, 'median [min, max]'."""
+    value = num(r.get(col, np.nan), fmt)
+    lo, hi = r.get(f"{col} min", np.nan), r.get(f"{col} max", np.nan)
+    if isinstance(lo, float) and np.isfinite(lo) and pd.notna(r.get("Seeds")):
+        return f"{value} <small>[{num(lo, fmt)}, {num(hi, fmt)}]</small>"
+    return value
+
+
+def _ci(r: pd.Series, col: str, fmt: str) -> str:
+    lo, hi = r.get(f"{col} CI low", np.nan), r.get(f"{col} CI high", np.nan)
+    if not (isinstance(lo, float) and np.isfinite(lo)):
+        return ""
+    return f"<br><small>CI [{num(lo, fmt)}, {num(hi, fmt)}]</small>"
 
 
 def _slug(text: str) -> str:
@@ -85,16 +131,15 @@ def training_summary(folds: pd.DataFrame, lstms: list[str]) -> pd.DataFrame:
 
 
 def _versus(forecasts: pd.DataFrame, ticker: str, lstms: list[str], horizon: int) -> list[str]:
-    """Clipped LSTMs against the unclipped one on the same forecasts: a Diebold-Mariano test between them."""
-    control = "lstm-none"
-    if control not in lstms:
-        return []
+    """Clipped LSTMs against the unclipped one of the same seed on the same forecasts: Diebold-Mariano tests."""
     t = forecasts[forecasts["ticker"] == ticker]
-    base = t[t["model"] == control].set_index("date")
     out = []
     for m in lstms:
-        if m == control:
+        fam = family(m)
+        control = "lstm-none" + m[len(fam):]
+        if fam == "lstm-none" or control not in lstms:
             continue
+        base = t[t["model"] == control].set_index("date")
         other = t[t["model"] == m].set_index("date").reindex(base.index)
         y = base["y_true"].to_numpy()
         e1 = other["y_pred"].fillna(0.0).to_numpy() - y
@@ -124,6 +169,7 @@ def build(out: Path, ctx: Context, forecasts: pd.DataFrame, folds: pd.DataFrame,
     train = training_summary(folds, lstms) if train is None else train
     atomic_write(out / "training.csv", train.to_csv(index=False))
     parts = _intro(ctx, folds, ev)
+    parts[1:1] = ["<h2 id='verdict'>Verdict</h2>", *_verdicts(ev)]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in ctx.notes]
     for ticker in sorted(ev.periods):
         parts += _ticker_section(out, ctx, ticker, forecasts, ev, lstms)
@@ -131,6 +177,23 @@ def build(out: Path, ctx: Context, forecasts: pd.DataFrame, folds: pd.DataFrame,
     parts.append("</table><p class='note'>Files beside this page: stats.csv, forecasts.csv (the walk-forward table), "
                  "folds.csv, training.csv, daily.csv.</p></body></html>")
     return atomic_write(out / "index.html", "\n".join(parts))
+
+
+def verdict_lines(ev: Evaluation) -> list[str]:
+    """Per ticker: the edge verdict, then each LSTM's Sharpe ratio across its seeds."""
+    lines = []
+    for ticker in sorted(ev.periods):
+        lines.append(edge_verdict(ev.stats, ticker))
+        fam = ev.stats[(ev.stats["ticker"] == ticker) & _family_rows(ev.stats)]
+        if len(fam):
+            lines.append(f"{ticker}: Sharpe ratio across training seeds: " + "; ".join(
+                f"{r['model']} median {r['Sharpe Ratio']:.2f} (range {r['Sharpe Ratio min']:.2f} to "
+                f"{r['Sharpe Ratio max']:.2f}, {int(r['Seeds'])} seeds)" for _, r in fam.iterrows()) + ".")
+    return lines
+
+
+def _verdicts(ev: Evaluation) -> list[str]:
+    return [f"<p class='verdict'>{html.escape(line)}</p>" for line in verdict_lines(ev)]
 
 
 def _intro(ctx: Context, folds: pd.DataFrame, ev: Evaluation) -> list[str]:
@@ -156,7 +219,8 @@ def _intro(ctx: Context, folds: pd.DataFrame, ev: Evaluation) -> list[str]:
              "its origin, at or after its fold's cutoff, by models and scalers fit only on targets known at the "
              "cutoff. "
              f"Trading: {rule}, |position| capped at {ctx.max_position:g}; the position for day t uses the forecast "
-             f"made at the close of t-1 and earns day t's return; costs {ctx.cost_bps:g} bp per unit of turnover. "
+             f"made at the close of t-1 and earns day t's return; costs {ctx.cost_bps:g} bp per unit of turnover and "
+             f"{ctx.borrow_bps:g} bp a year on short positions. "
              "Ratios use a zero risk-free rate and the data's calendar (" + ", ".join(
                  f"{t}: {p} bars a year" for t, p in ev.periods.items()) + f"). Trained on {e(ctx.device)}."
              + (f" MLflow run {ui_link(ctx.tracking_uri, ctx.experiment_id, ctx.run_id)}." if ctx.run_id else "")
@@ -177,8 +241,9 @@ def _ticker_section(out: Path, ctx: Context, ticker: str, forecasts: pd.DataFram
                  + (", a rolling mean with this window" if ctx.window != "expanding" else "") + "). DM: Diebold-Mariano test of squared errors against naive (negative: "
                  "smaller errors; HAC variance for h &gt; 1, Harvey-Leybourne-Newbold correction). Missing: "
                  "forecasts of folds whose LSTM never validated finitely, counted as zero (no view).</p>")
-    parts.append(_table(s[s["model"] != BUY_AND_HOLD], FORECAST_COLS))
-    parts.append("<h3>Trading</h3>" + _table(s, TRADING_COLS))
+    main = s[~_seed_rows(s)]
+    parts.append(_forecast_table(main[main["model"] != BUY_AND_HOLD]))
+    parts += _trading_tables(ctx, main, s[_seed_rows(s)])
     versus = _versus(forecasts, ticker, lstms, ctx.horizon)
     if versus:
         parts.append("<h3>Clipped vs unclipped LSTM</h3>" + "".join(f"<p class='verdict'>{e(v)}</p>" for v in versus))
@@ -202,6 +267,69 @@ def _ticker_section(out: Path, ctx: Context, ticker: str, forecasts: pd.DataFram
               img(out, f"sharpe_{tag}.png", f"{ticker} rolling Sharpe"),
               img(out, f"scatter_{tag}.png", f"{ticker} forecast vs realised"),
               img(out, f"folds_{tag}.png", f"{ticker} per-fold error")]
+    return parts
+
+
+def _forecast_table(rows: pd.DataFrame) -> str:
+    e = html.escape
+    head = ["model", "RMSE", "vs naive", "directional accuracy", "always long", "R2 OOS", "DM stat", "DM p",
+            "missing"]
+    out = ["<table><tr>" + "".join(f"<th{' class=l' if i == 0 else ''}>{h}</th>" for i, h in enumerate(head))
+           + "</tr>"]
+    for _, r in rows.iterrows():
+        out.append(
+            f"<tr><td class='l'>{e(str(r['model']))}</td><td>{_spread(r, 'RMSE', '{:.5f}')}</td>"
+            f"<td>{_spread(r, 'RMSE vs Naive [%]', '{:+.2f}%')}</td>"
+            f"<td>{_spread(r, 'Directional Accuracy [%]', '{:.1f}%')}</td>"
+            f"<td>{num(r.get('Always-Long Accuracy [%]', np.nan), '{:.1f}%')}</td>"
+            f"<td>{_spread(r, 'R2 OOS [%]', '{:+.2f}%')}</td><td>{num(r.get('DM Stat', np.nan), '{:+.2f}')}</td>"
+            f"<td>{num(r.get('DM p-value', np.nan), '{:.3f}')}</td>"
+            f"<td>{num(r.get('Missing [%]', np.nan), '{:.1f}%')}</td></tr>")
+    return "".join(out) + "</table>"
+
+
+def _trading_tables(ctx: Context, rows: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
+    e = html.escape
+    parts = [f"<h3>Trading</h3><p class='note'>After costs ({ctx.cost_bps:g} bp per unit of turnover, shorts "
+             f"{ctx.borrow_bps:g} bp a year). "
+             + (f"LSTMs: median across {ctx.seeds} training seeds, [min, max] beside it; their intervals and "
+                "p-values are those of the median seed (by Sharpe). " if ctx.seeds > 1 else "")
+             + f"CI: 95% stationary-bootstrap interval ({ctx.bootstrap} resamples, mean block {ctx.block_days:g} "
+             "bars). vs B&amp;H: Sharpe ratio minus buy-and-hold's. Edge p: one-sided, White's reality check "
+             "adjusted for every strategy compared (for a model with seeds: its best seed's). Best 10 days: share "
+             "of the log outperformance over buy-and-hold earned on the 10 best days relative to it.</p>"]
+    head = ["model", "Sharpe", "CAGR", "max drawdown", "vs B&amp;H (Sharpe)", "edge p", "best 10 days",
+            "volatility", "turnover", "exposure"]
+    out = ["<table><tr>" + "".join(f"<th{' class=l' if i == 0 else ''}>{h}</th>" for i, h in enumerate(head))
+           + "</tr>"]
+    for _, r in rows.iterrows():
+        out.append(
+            f"<tr><td class='l'>{e(str(r['model']))}</td>"
+            f"<td>{_spread(r, 'Sharpe Ratio', '{:.2f}')}{_ci(r, 'Sharpe', '{:.2f}')}</td>"
+            f"<td>{_spread(r, 'CAGR [%]', '{:+.1f}%')}{_ci(r, 'CAGR [%]', '{:+.1f}%')}</td>"
+            f"<td>{_spread(r, 'Max. Drawdown [%]', '{:.1f}%')}{_ci(r, 'Max. Drawdown [%]', '{:.1f}%')}</td>"
+            f"<td>{_spread(r, 'Sharpe vs B&H', '{:+.2f}')}{_ci(r, 'Sharpe vs B&H', '{:+.2f}')}</td>"
+            f"<td>{num(r.get('Edge p (reality check)', np.nan), '{:.3f}')}</td>"
+            f"<td>{_spread(r, 'Best 10 Days Share [%]', '{:.0f}%')}</td>"
+            f"<td>{num(r.get('Volatility (ann.) [%]', np.nan), '{:.1f}%')}</td>"
+            f"<td>{num(r.get('Turnover (ann.) [x]', np.nan), '{:.1f}x')}</td>"
+            f"<td>{num(r.get('Exposure [%]', np.nan), '{:.0f}%')}</td></tr>")
+    parts.append("".join(out) + "</table>")
+    costs = [c for c in rows.columns if c.startswith("Sharpe @ ")]
+    if costs:
+        at = sorted([(float(c.split()[2]), c) for c in costs] + [(ctx.cost_bps, "Sharpe Ratio")])
+        parts.append("<h3>Cost sensitivity</h3><p class='note'>Sharpe ratio at other transaction costs (bp per unit "
+                     "of turnover; borrow unchanged); the report's cost in bold.</p><table><tr><th class='l'>model"
+                     "</th>" + "".join(f"<th>{'<b>' if c == 'Sharpe Ratio' else ''}{bp:g} bp</th>" for bp, c in at)
+                     + "</tr>" + "".join(f"<tr><td class='l'>{e(str(r['model']))}</td>"
+                                         + "".join(f"<td>{num(r.get(c, np.nan), '{:.2f}')}</td>" for _, c in at)
+                                         + "</tr>" for _, r in rows.iterrows()) + "</table>")
+    if len(seeds):
+        parts.append("<h3>Each training seed</h3>" + _table(seeds, [
+            ("Sharpe Ratio", "{:.2f}"), ("Sharpe CI low", "{:.2f}"), ("Sharpe CI high", "{:.2f}"),
+            ("CAGR [%]", "{:+.1f}"), ("Max. Drawdown [%]", "{:.1f}"), ("Sharpe vs B&H", "{:+.2f}"),
+            ("Edge p (reality check)", "{:.3f}"), ("RMSE vs Naive [%]", "{:+.2f}"),
+            ("Directional Accuracy [%]", "{:.1f}")]))
     return parts
 
 

@@ -52,6 +52,7 @@ class BacktestOutcome:
     device: str
     seconds: dict[str, float]  # where the time went; "total" and "model_training" included
     warnings: list[str] = field(default_factory=list)
+    verdict: list[str] = field(default_factory=list)  # per ticker: the edge over buy and hold; seed spread
 
 
 class FoldFiles:
@@ -289,7 +290,8 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
         t = time.perf_counter()
         ev = bt_eval.evaluate(wf.forecasts, prices.frames, models=wf.models, horizon=cfg.features.horizon,
                               rule=b.position, max_position=b.max_position, cost_bps=b.cost_bps,
-                              vol_target=b.vol_target, vol_window=b.vol_window, price=cfg.data.price)
+                              vol_target=b.vol_target, vol_window=b.vol_window, price=cfg.data.price,
+                              borrow_bps=b.borrow_bps, n_boot=b.bootstrap, block=b.block_days, seed=cfg.train.seed)
         t_eval = time.perf_counter() - t
         t = time.perf_counter()
         exp_id = tracking.get_run(run.run_id, cfg.tracking).info.experiment_id
@@ -298,7 +300,8 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
             window=b.window, refit_every=b.refit_every, warm_start=b.warm_start, rule=b.position,
             cost_bps=b.cost_bps, max_position=b.max_position, vol_target=b.vol_target, sharpe_window=b.sharpe_window,
             device=f"{device} ({precision})", run_id=run.run_id, tracking_uri=run.uri, experiment_id=exp_id,
-            refit_full=b.refit_full, notes=[*wf.notes, *prices.warnings])
+            refit_full=b.refit_full, borrow_bps=b.borrow_bps, seeds=b.seeds, bootstrap=b.bootstrap,
+            block_days=b.block_days, notes=[*wf.notes, *prices.warnings])
         out = Path(out_dir) / "backtest" / cfg.name
         training = report_mod.training_summary(wf.folds, wf.lstms)
         index = report_mod.build(out, ctx, wf.forecasts, wf.folds, ev, wf.lstms, training)
@@ -312,7 +315,8 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
     seconds["total"] = time.perf_counter() - t_start
     seconds["model_training"] = wf.seconds["lstm_fit"] + wf.seconds["ridge"]
     return BacktestOutcome(run.run_id, experiment, run.uri, index, ev.stats, training, int(wf.folds["fold"].nunique()),
-                           len(wf.forecasts), f"{device} ({precision})", seconds, [*wf.notes, *prices.warnings])
+                           len(wf.forecasts), f"{device} ({precision})", seconds, [*wf.notes, *prices.warnings],
+                           report_mod.verdict_lines(ev))
 
 
 def _tags(cfg: PipelineConfig, prices, device: torch.device, precision: str, workers: int = 1,
@@ -334,7 +338,7 @@ def _log_results(run: tracking.Run, cfg: PipelineConfig, ev, out: Path) -> None:
     for r in ev.stats.to_dict("records"):
         prefix = f"{r['ticker']}/{r['model']}" if multi else r["model"]
         final += [(f"{prefix}/{metric_name(k)}", float(v), 0) for k, v in r.items()
-                  if k not in ("ticker", "model") and isinstance(v, float | int) and math.isfinite(v)]
+                  if k not in ("ticker", "model", "seed") and isinstance(v, float | int) and math.isfinite(v)]
     run.log_metrics(final)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(config_mod.dump_yaml(cfg))
@@ -357,7 +361,9 @@ def summary(out: BacktestOutcome) -> str:
             ("Total Return [%]", "return", "{:+.0f}%"), ("CAGR [%]", "CAGR", "{:+.1f}%"),
             ("Sharpe Ratio", "Sharpe", "{:.2f}"), ("Max. Drawdown [%]", "max DD", "{:.1f}%"),
             ("Turnover (ann.) [x]", "turnover", "{:.0f}x")]
-    for ticker, rows in out.stats.groupby("ticker", sort=True):
+    lines[2:2] = [f"  {line}" for line in out.verdict] + [""]
+    main = out.stats[out.stats["seed"].isna()] if "seed" in out.stats else out.stats
+    for ticker, rows in main.groupby("ticker", sort=True):
         table = [[ticker, *(h for _, h, _ in cols)]]
         for r in rows.to_dict("records"):
             table.append([r["model"], *(fmt.format(v) if isinstance(v := r.get(key), float) and v == v else ""

@@ -35,7 +35,7 @@ TINY = ("data.source=synthetic", "data.tickers=[BTC-USD, ETH-USD]", "data.start=
         "features.lookback=5", "features.vol_windows=[7, 30]", "features.volume=true",
         "model.hidden_size=4", "train.epochs=2", "train.batch_size=64", "train.warmup_steps=5",
         "train.device=cpu", "backtest.window=expanding", "backtest.start=2021-01-01", "backtest.refit_every=40",
-        "backtest.refit_full=false")  # one fit per fold and LSTM here; the refit has its own test
+        "backtest.refit_full=false", "backtest.seeds=1")  # one fit per fold and LSTM; the refit and seeds: own tests
 LOOKBACK = 5
 # vol_windows [7, 30] and volume (log volume less its 21-bar mean): bar 30 is the first complete feature row
 FIRST_FEATURE_BAR = 30
@@ -515,7 +515,7 @@ def test_backtest_cli_end_to_end(tmp_path, capsys):
     store = [f"tracking.uri={uri}", f"tracking.artifact_dir={tmp_path / 'art'}"]
     reports = tmp_path / "reports"
     code = cli.main(["backtest", str(SPEC), "--quiet", "--out", str(reports),
-                     *[f"--set={o}" for o in (*CLI, *store)]])
+                     *[f"--set={o}" for o in (*CLI, *store, "backtest.seeds=2")]])
     out = capsys.readouterr()
     assert code == 0, out.err
     first = out.out.strip().splitlines()[0]
@@ -528,12 +528,27 @@ def test_backtest_cli_end_to_end(tmp_path, capsys):
         assert (folder / f).is_file() and (folder / f).stat().st_size > 0, f
     for png in folder.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    models = ["lstm-none", "lstm-norm1.0", "ridge", "hist_mean", "naive"]
+    models = ["lstm-none", "lstm-norm1.0", "ridge", "hist_mean", "naive"]  # the LSTMs: medians of 2 seeds
+    seeded = ["lstm-none/seed0", "lstm-none/seed1", "lstm-norm1.0/seed0", "lstm-norm1.0/seed1"]
     stats = pd.read_csv(folder / "stats.csv")
-    assert sorted(stats["model"]) == sorted([*models, "buy_and_hold"])
+    assert sorted(stats["model"]) == sorted([*models, *seeded, "buy_and_hold"])
     assert (stats["ticker"] == "BTC-USD").all()
+    by_model = stats.set_index("model")
+    for fam in ("lstm-none", "lstm-norm1.0"):  # median across seeds, range beside it
+        two = by_model.loc[[f"{fam}/seed0", f"{fam}/seed1"], "Sharpe Ratio"]
+        assert by_model.loc[fam, "Sharpe Ratio"] == pytest.approx(two.mean())
+        assert (by_model.loc[fam, "Sharpe Ratio min"], by_model.loc[fam, "Sharpe Ratio max"]) == \
+            pytest.approx((two.min(), two.max()))
+        assert by_model.loc[fam, "Seeds"] == 2
+    assert {"Sharpe CI low", "Sharpe CI high", "CAGR [%] CI low", "Max. Drawdown [%] CI high",
+            "Edge p (reality check)", "Best 10 Days Share [%]", "Always-Long Accuracy [%]"} <= set(stats.columns)
+    assert (stats["Sharpe CI low"] <= stats["Sharpe Ratio"]).all() or stats["Sharpe CI low"].isna().any()
     forecasts = pd.read_csv(folder / "forecasts.csv")
-    assert list(dict.fromkeys(forecasts["model"])) == models
+    assert list(dict.fromkeys(forecasts["model"])) == [*seeded, "ridge", "hist_mean", "naive"]
+    # the seeds train differently (initial weights and shuffling)
+    f0, f1 = (forecasts[forecasts["model"] == f"lstm-none/seed{k}"]["y_pred"].to_numpy() for k in (0, 1))
+    assert not np.allclose(f0, f1)
+    assert "no evidence of an edge over buy-and-hold" in out.out or "evidence of an edge" in out.out
     folds = pd.read_csv(folder / "folds.csv")
     n_folds = folds["fold"].nunique()
     assert n_folds >= 3 and sorted(folds["fold"].unique()) == list(range(1, n_folds + 1))
@@ -551,9 +566,8 @@ def test_backtest_cli_end_to_end(tmp_path, capsys):
 
     header = [lines[head].split()[0]] + [lines[head][:e].rsplit("  ", 1)[-1].strip() for e in ends[1:]]
     assert header[1:] == ["vs naive", "dir.acc", "R2 OOS", "DM p", "return", "CAGR", "Sharpe", "max DD", "turnover"]
-    body = [cells(line) for line in lines[head + 1:head + 1 + len(stats)]]
+    body = [cells(line) for line in lines[head + 1:head + 2 + len(models)]]
     assert [r[0] for r in body] == [*models, "buy_and_hold"]
-    by_model = stats.set_index("model")
     for r in body:
         sharpe = by_model.loc[r[0], "Sharpe Ratio"]
         assert r[header.index("Sharpe")] == ("" if np.isnan(sharpe) else f"{sharpe:.2f}"), r
@@ -564,21 +578,21 @@ def test_backtest_cli_end_to_end(tmp_path, capsys):
     run = tracking.get_run(run_id, cfg_t)
     assert run.info.status == "FINISHED"
     assert run.data.tags["fincast.kind"] == "backtest"
-    assert run.data.tags["fincast.models"] == ",".join(models)
+    assert run.data.tags["fincast.models"] == ",".join([*seeded, "ridge", "hist_mean", "naive"])
     assert run.data.tags["fincast.data_source"] == "synthetic"
     assert run.data.params["backtest.refit_every"] == "60"
     arts = set(tracking.list_artifacts(run_id, cfg_t, "backtest"))
     for f in ("index.html", "stats.csv", "forecasts.csv", "folds.csv", "equity_BTC-USD.png"):
         assert f"backtest/{f}" in arts, (f, arts)
     assert "config.yaml" in set(tracking.list_artifacts(run_id, cfg_t))
-    for m in models:
+    for m in [*seeded, "ridge", "hist_mean", "naive"]:
         for key in ("test_rmse", "test_rmse_vs_naive_pct"):
             hist = tracking.metric_history(run_id, f"fold/{m}/{key}", cfg_t)
             assert [s for s, _ in hist] == list(range(1, n_folds + 1)), (m, key, hist)
-    rmse = tracking.metric_history(run_id, "fold/lstm-none/test_rmse", cfg_t)
-    expect = folds[folds["model"] == "lstm-none"].sort_values("fold")["test_rmse"].to_numpy()
+    rmse = tracking.metric_history(run_id, "fold/lstm-none/seed1/test_rmse", cfg_t)
+    expect = folds[folds["model"] == "lstm-none/seed1"].sort_values("fold")["test_rmse"].to_numpy()
     np.testing.assert_allclose([v for _, v in rmse], expect, rtol=1e-6)
-    steps = tracking.metric_history(run_id, "fold/lstm-none/steps", cfg_t)
+    steps = tracking.metric_history(run_id, "fold/lstm-none/seed0/steps", cfg_t)
     assert [s for s, _ in steps] == list(range(1, n_folds + 1))
     metrics = run.data.metrics
     for m in models:
@@ -592,6 +606,8 @@ def test_backtest_cli_end_to_end(tmp_path, capsys):
 
     html = (folder / "index.html").read_text()
     assert run_id in html and html.count("data:image/png;base64,") == 4
+    assert html.index("id='verdict'") < html.index("<h3>Forecasts</h3>")
+    assert "Cost sensitivity" in html and "Each training seed" in html
 
     from browser import check_page, find_chromium
 
@@ -600,6 +616,7 @@ def test_backtest_cli_end_to_end(tmp_path, capsys):
     page = check_page(folder / "index.html")
     assert page.images == 4 and page.images_loaded == page.images, page.broken_images
     assert page.broken_images == [] and page.console_errors == []
+    assert page.verdict_first, (page.headings, page.verdict_top)
 
 
 # ---------------------------------------------------------------------------------------------

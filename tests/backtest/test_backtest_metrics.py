@@ -645,10 +645,12 @@ def test_backtest_ranges(key, value):
 def test_distinct_clip_configs_with_one_label_are_kept_apart():
     cfg = from_dict({"backtest": {"clips": [{"method": "zclip", "zclip": {"alpha": 0.9}},
                                             {"method": "zclip", "zclip": {"alpha": 0.99}}]}})
-    from fincast.backtest import model_names
+    from fincast.backtest import family, model_names
 
     lstms = [m for m in model_names(cfg) if m.startswith("lstm-")]
-    assert len(lstms) == len(set(lstms)) == 2
+    assert len(lstms) == len(set(lstms)) == 2 * cfg.backtest.seeds
+    assert list(dict.fromkeys(map(family, lstms))) == ["lstm-zclip-z2.5", "lstm-zclip-z2.5-2"]
+    assert lstms[:3] == ["lstm-zclip-z2.5/seed0", "lstm-zclip-z2.5/seed1", "lstm-zclip-z2.5/seed2"]
 
 
 def test_a_stray_weekend_bar_does_not_make_an_equity_calendar_365():

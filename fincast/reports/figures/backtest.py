@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 import numpy as np
 
 from fincast.backtest.evaluate import drawdown
+from fincast.backtest.naming import family
 from fincast.reports.figures.canvas import finite, legend_right, mticker, plt, robust_lim, save_figure
 
 _FIXED_STYLES = {"buy_and_hold": {"color": "k", "ls": "--", "lw": 1.4}, "naive": {"color": "0.6", "lw": 1.0},
@@ -32,7 +33,12 @@ def _model_colors(names) -> dict[str, dict]:
         if name in _FIXED_STYLES:
             styles[name] = dict(_FIXED_STYLES[name])
         elif str(name).startswith("lstm-"):
+            fam = family(str(name))
+            if fam != name and fam in styles:  # another seed of a model already drawn: its colour, fainter
+                styles[name] = {"color": styles[fam]["color"], "lw": 0.8, "alpha": 0.55}
+                continue
             styles[name] = {"color": _LSTM_COLORS[n_lstm % len(_LSTM_COLORS)], "lw": 1.0}
+            styles.setdefault(fam, styles[name])
             n_lstm += 1
         else:
             styles[name] = {"color": f"C{9 - n_other % 10}", "lw": 1.0}
