@@ -197,3 +197,16 @@ def build(contracts: pd.DataFrame, windows: np.ndarray, cfg: OptionsConfig, fcfg
     return OptionSet(splits["train"], splits["val"], splits["test"], frames, names, len(CONTRACT_FEATURES), L,
                      1 + int(cfg.abs_returns), val_start.date(), test_start.date(), cfg.target, tscale, rscale,
                      mean, std)
+
+
+def previous_day_iv(contracts: pd.DataFrame) -> np.ndarray:
+    """Each contract's market implied vol on the chain's previous quote date (the last day before its own on
+    which the chain was quoted), NaN where it was not quoted that day or had no implied vol: information known
+    before the quote date, the baseline a practitioner would price with. Needs contract, quote_date and iv."""
+    qd = pd.to_datetime(contracts["quote_date"])
+    dates = np.sort(qd.unique())
+    previous = pd.Series(dates[:-1], index=dates[1:])
+    known = contracts.assign(quote_date=qd).groupby(["contract", "quote_date"])["iv"].mean()
+    keys = pd.MultiIndex.from_arrays([contracts["contract"].astype(str), qd.map(previous)])
+    return known.reindex(keys).to_numpy(float)
+

@@ -64,7 +64,7 @@ def build_option_model(cfg: ModelConfig, n_contract: int, lookback: int, channel
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
-STATS = ["Contracts", "Price RMSE", "Price MAE", "Price RMSE / market RMS [%]", "IV RMSE [vol pts]", "IV MAE [vol pts]",
+STATS = ["Contracts", "Priced [%]", "Price RMSE", "Price MAE", "Price RMSE / market RMS [%]", "IV RMSE [vol pts]", "IV MAE [vol pts]",
          "IV defined [%]", "Below lower bound [%]", "Above upper bound [%]", "Non-monotone in strike [%]",
          "Any violation [%]"]
 
@@ -143,14 +143,15 @@ def evaluate(contracts: pd.DataFrame, predictions: dict[str, np.ndarray], *, mon
         both = np.isfinite(iv) & np.isfinite(market_iv)
         ive = (iv - market_iv)[both] * 100
         v = violations(pred, c)
-        finite = np.isfinite(err)
+        finite = np.isfinite(err)  # a baseline without an input for a contract (no previous-day IV) skips it
         any_v = v["below"] | v["above"] | v["monotone"]
+        e, mk = err[finite], market[finite]
         rows.append({
-            "model": name, "Contracts": int(len(c)),
-            "Price RMSE": float(np.sqrt(np.mean(err**2))) if finite.all() else np.nan,
-            "Price MAE": float(np.mean(np.abs(err))) if finite.all() else np.nan,
-            "Price RMSE / market RMS [%]": 100 * float(np.sqrt(np.mean(err**2)) / np.sqrt(np.mean(market**2)))
-            if finite.all() else np.nan,
+            "model": name, "Contracts": int(len(c)), "Priced [%]": 100 * float(np.mean(finite)) if len(c) else np.nan,
+            "Price RMSE": float(np.sqrt(np.mean(e**2))) if finite.any() else np.nan,
+            "Price MAE": float(np.mean(np.abs(e))) if finite.any() else np.nan,
+            "Price RMSE / market RMS [%]": 100 * float(np.sqrt(np.mean(e**2)) / np.sqrt(np.mean(mk**2)))
+            if finite.any() else np.nan,
             "IV RMSE [vol pts]": float(np.sqrt(np.mean(ive**2))) if len(ive) else np.nan,
             "IV MAE [vol pts]": float(np.mean(np.abs(ive))) if len(ive) else np.nan,
             "IV defined [%]": 100 * float(np.mean(np.isfinite(iv))),

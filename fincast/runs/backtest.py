@@ -361,7 +361,7 @@ def summary(out: BacktestOutcome) -> str:
             ("Total Return [%]", "return", "{:+.0f}%"), ("CAGR [%]", "CAGR", "{:+.1f}%"),
             ("Sharpe Ratio", "Sharpe", "{:.2f}"), ("Max. Drawdown [%]", "max DD", "{:.1f}%"),
             ("Turnover (ann.) [x]", "turnover", "{:.0f}x")]
-    lines[2:2] = [f"  {line}" for line in out.verdict] + [""]
+    lines[2:2] = [f"  {line}" for line in out.verdict]
     main = out.stats[out.stats["seed"].isna()] if "seed" in out.stats else out.stats
     for ticker, rows in main.groupby("ticker", sort=True):
         table = [[ticker, *(h for _, h, _ in cols)]]

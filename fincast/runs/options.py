@@ -135,6 +135,8 @@ def align(cfg: PipelineConfig, market: Market) -> tuple[option_features.OptionSe
     contracts, windows, dropped = option_features.prepare(market.chain, market.close, o, cfg.features.lookback,
                                                 rates=market.rates, vol_index=market.vol_index)
     contracts["iv"] = option_model.implied_vols(contracts["price"].to_numpy(float), contracts)
+    if "contract" in contracts:
+        contracts["prev_iv"] = option_features.previous_day_iv(contracts)
     samples = option_features.build(contracts, windows, o, cfg.features, market.underlying)
     return samples, contracts, dropped
 
@@ -147,6 +149,10 @@ def baseline_prices(c: pd.DataFrame, hist_vols: tuple[int, ...]) -> dict[str, np
     out = {f"bs_hv{w}": pricing.bs_price(*args, c[f"hv{w}"].to_numpy(float), call, q) for w in hist_vols}
     if "vol_index" in c and c["vol_index"].notna().all():
         out["bs_vol_index"] = pricing.bs_price(*args, c["vol_index"].to_numpy(float), call, q)
+    if "prev_iv" in c and c["prev_iv"].notna().any():  # NaN where the contract has no previous-day IV
+        prev = c["prev_iv"].to_numpy(float)
+        out["bs_prev_iv"] = np.where(np.isfinite(prev), pricing.bs_price(*args, np.nan_to_num(prev, nan=0.2), call, q),
+                                     np.nan)
     if "true_price" in c and c["true_price"].notna().all():
         out["true_model"] = c["true_price"].to_numpy(float)
     return out
