@@ -120,6 +120,14 @@ def _bucket_labels(values: np.ndarray, edges: tuple, fmt: str) -> np.ndarray:
 MONEYNESS_FMT, MATURITY_FMT = "{:g}", "{:d}d"
 
 
+def bucket_labels(c: pd.DataFrame, moneyness_edges: tuple, maturity_edges: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Each contract's moneyness (K/S) and maturity (days to expiry) bucket, as ``evaluate`` labels them."""
+    mny = _bucket_labels(c["strike"].to_numpy(float) / c["S"].to_numpy(float), moneyness_edges, MONEYNESS_FMT)
+    days = (pd.to_datetime(c["expiry"]) - pd.to_datetime(c["quote_date"])).dt.days.to_numpy() if "expiry" in c \
+        else np.round(c["tau"].to_numpy(float) * 365)
+    return mny, _bucket_labels(days, tuple(int(e) for e in maturity_edges), MATURITY_FMT)
+
+
 def evaluate(contracts: pd.DataFrame, predictions: dict[str, np.ndarray], *, moneyness_edges: tuple = (0.9, 0.97, 1.03, 1.1),
              maturity_edges: tuple = (14, 30, 60, 120)) -> OptionEvaluation:
     """Score each model's prices against the market price of the same contracts.

@@ -28,6 +28,7 @@ from fincast.features import options as option_features
 from fincast.models import options as option_model
 from fincast.models import pricing
 from fincast.reports import figures
+from fincast.reports import options as options_report
 from fincast.runs.record import TrainOutcome, metric_name, summary_head, summary_tail
 from fincast.runs.task import Description, Finished
 from fincast.training import FitResult, predict
@@ -227,7 +228,25 @@ def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.M
     files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
                           draw_figures=draw_figures)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
-    return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped})
+    verdict = option_verdict(cfg, splits.set, ev, table)
+    if draw_figures:
+        files.append(options_report.page(out_dir, name, ev.stats, ev.buckets,
+                                         options_report.versus_baselines(table, list(ev.stats.index)), verdict,
+                                         ["bucket_errors.png", "predicted_vs_market.png", "training_curves.png"]))
+    return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped,
+                                                   "verdict": verdict})
+
+
+def option_verdict(cfg: PipelineConfig, samples: option_features.OptionSet, ev: option_model.OptionEvaluation,
+                   table: pd.DataFrame) -> list[str]:
+    """The headline against the best baseline, buckets where the LSTM's prices collapsed, and the notes."""
+    test = samples.frames["test"]
+    lines = [options_report.headline(options_report.versus_baselines(table, list(ev.stats.index)))]
+    mny, mat = option_model.bucket_labels(test, cfg.options.moneyness_buckets, cfg.options.maturity_buckets)
+    flat = options_report.collapsed_buckets(table, mny, mat)
+    if flat:
+        lines.append("Collapsed predictions: the LSTM's prices barely vary in " + "; ".join(flat) + ".")
+    return lines + options_report.notes(test, samples.frames["train"], list(ev.stats.index), ev.stats)
 
 
 def _stat_metrics(stats: pd.DataFrame) -> list[tuple[str, float]]:
@@ -248,7 +267,8 @@ def baselines(cfg: PipelineConfig, data: Market, splits: Samples) -> list[tuple[
     return _stat_metrics(ev.stats)
 
 
-OPTION_NAMES = {"lstm": "LSTM", "bs_vol_index": "BS vol index", "true_model": "true model"}
+OPTION_NAMES = {"lstm": "LSTM", "bs_vol_index": "BS vol index", "true_model": "true model",
+                "bs_prev_iv": "BS prev-day IV"}
 
 
 def summary(out: TrainOutcome, seconds: float) -> str:
@@ -265,15 +285,9 @@ def summary(out: TrainOutcome, seconds: float) -> str:
             continue
         lines.append(f"  {label:<14}{m['Price RMSE']:>12.4f}{m['Price MAE']:>10.4f}{m['IV RMSE [vol pts]']:>10.2f}"
                      f"{m['Any violation [%]']:>14.2f}")
-    lstm = out.metrics.get("lstm", {}).get("Price RMSE", math.nan)
-    for name in [k for k in out.metrics if k.startswith("bs_hv")]:
-        ref = out.metrics[name]["Price RMSE"]
-        if math.isfinite(lstm) and ref > 0:
-            rel = lstm / ref - 1
-            lines.append(f"  LSTM price RMSE vs BS hist vol {name[len('bs_hv'):]}: {100 * rel:+.1f}% "
-                         f"({'better' if rel < 0 else 'not better'})")
-    lines += ["", f"  tables and figures: {out.report}/ (stats.csv, buckets.csv, bucket_errors.png, "
-                  "predicted_vs_market.png), also in the run's artifacts",
+    lines += [""] + [f"  {line}" for line in out.verdict]
+    lines += ["", f"  tables and figures: {out.report}/ (index.html, stats.csv, buckets.csv, "
+                  "predictions.csv, figures), also in the run's artifacts",
               "  look: make ui  (MLflow UI at http://127.0.0.1:5000; PORT=... to change)"]
     return "\n".join(lines + summary_tail(out))
 

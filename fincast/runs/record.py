@@ -54,6 +54,7 @@ class TrainOutcome:
     task: str = "forecast"
     report: str | None = None  # options task: folder of its tables and figures
     dropped: dict[str, int] = field(default_factory=dict)  # options task: chain rows dropped, per reason
+    verdict: list[str] = field(default_factory=list)  # options task: the headline against the best baseline, notes
     zero_val_loss: float = math.nan  # validation loss of predicting 0 (training units): the scale of val losses
 
 

@@ -802,6 +802,19 @@ def test_train_options_end_to_end(tmp_path, monkeypatch, capsys):
     nums = _test_numbers(run)
     assert nums["task"] == "options" and nums["naive_rmse"] == m["baseline_bs_hv10/price_rmse"]
 
+    # the HTML report: the verdict first, against the best baseline (the true model is not one)
+    assert "for the best baseline, BS hist vol" in out
+    page_html = (report / "index.html").read_text()
+    assert page_html.index("id='verdict'") < page_html.index("Test prices, every model")
+    assert "report/index.html" in arts or "index.html" in {a.split("/")[-1] for a in arts}
+    from browser import check_page, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("Chromium not installed: the report was not opened in a browser")
+    page = check_page(report / "index.html")
+    assert page.images == 3 and page.images_loaded == 3 and page.console_errors == []
+    assert page.verdict_first, (page.headings, page.verdict_top)
+
 
 # --------------------------------------------------------------------------------------------- 8. CLI exit codes
 
