@@ -270,12 +270,16 @@ def _ticker_section(out: Path, ctx: Context, ticker: str, forecasts: pd.DataFram
     return parts
 
 
+def _head(names: list[str]) -> str:
+    """A table's opening and header row, the first column left-aligned."""
+    return "<table><tr>" + "".join(f"<th{' class=l' if i == 0 else ''}>{h}</th>" for i, h in enumerate(names)) \
+        + "</tr>"
+
+
 def _forecast_table(rows: pd.DataFrame) -> str:
     e = html.escape
-    head = ["model", "RMSE", "vs naive", "directional accuracy", "always long", "R2 OOS", "DM stat", "DM p",
-            "missing"]
-    out = ["<table><tr>" + "".join(f"<th{' class=l' if i == 0 else ''}>{h}</th>" for i, h in enumerate(head))
-           + "</tr>"]
+    out = [_head(["model", "RMSE", "vs naive", "directional accuracy", "always long", "R2 OOS", "DM stat", "DM p",
+                  "missing"])]
     for _, r in rows.iterrows():
         out.append(
             f"<tr><td class='l'>{e(str(r['model']))}</td><td>{_spread(r, 'RMSE', '{:.5f}')}</td>"
@@ -298,10 +302,8 @@ def _trading_tables(ctx: Context, rows: pd.DataFrame, seeds: pd.DataFrame) -> li
              "bars). vs B&amp;H: Sharpe ratio minus buy-and-hold's. Edge p: one-sided, White's reality check "
              "adjusted for every strategy compared (for a model with seeds: its best seed's). Best 10 days: share "
              "of the log outperformance over buy-and-hold earned on the 10 best days relative to it.</p>"]
-    head = ["model", "Sharpe", "CAGR", "max drawdown", "vs B&amp;H (Sharpe)", "edge p", "best 10 days",
-            "volatility", "turnover", "exposure"]
-    out = ["<table><tr>" + "".join(f"<th{' class=l' if i == 0 else ''}>{h}</th>" for i, h in enumerate(head))
-           + "</tr>"]
+    out = [_head(["model", "Sharpe", "CAGR", "max drawdown", "vs B&amp;H (Sharpe)", "edge p", "best 10 days",
+                  "volatility", "turnover", "exposure"])]
     for _, r in rows.iterrows():
         out.append(
             f"<tr><td class='l'>{e(str(r['model']))}</td>"

@@ -182,6 +182,15 @@ def comparisons(runs: pd.DataFrame, groups: list[str], clips: list[str], setting
     return out
 
 
+def _mark_diverged(store, runs: pd.DataFrame) -> None:
+    """Runs the report counts as diverged because their final loss exploded (training stayed finite, so the
+    trainer did not name them) get the same run-name suffix as non-finite ones: recognisable in the MLflow UI."""
+    for r in runs[runs["diverged"] & runs["diverged_how"].str.startswith("val loss")].itertuples():
+        if r.run_name and not r.run_name.endswith(tracking.DIVERGED_SUFFIX):
+            store.client.set_tag(r.run_id, "mlflow.runName", f"{r.run_name} {tracking.DIVERGED_SUFFIX}")
+            store.client.set_tag(r.run_id, "fincast.diverged_reason", r.diverged_how)
+
+
 def judged(comps: dict[str, list[stats.Comparison]], settings: Settings) -> dict[str, list[stats.Verdict]]:
     """Every group's comparisons judged as one family (Holm across the whole study)."""
     flat = [c for cs in comps.values() for c in cs]
@@ -351,6 +360,7 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
     index = out / "index.html"
     atomic_write(index, stability_page.page(study, parent, store, settings, verdict_lines, cells, comps, runs, figures, groups, out))
     if log_to_mlflow:
+        _mark_diverged(store, runs)
         for f in ["index.html", "summary.csv", "summary.json", "verdicts.csv", *figures.values()]:
             store.client.log_artifact(parent.info.run_id, str(out / f), "report")
     return Report(index, len(runs), parent.info.run_id, "\n".join(verdict_lines))

@@ -20,7 +20,7 @@ from fincast.config import PipelineConfig
 from fincast.training import FitResult, dist_info
 
 BATCH_TAG = "fincast.batch_runs"
-DIVERGED_SUFFIX = "[diverged]"  # appended to a diverged run's MLflow name
+DIVERGED_SUFFIX = tracking.DIVERGED_SUFFIX  # appended to a diverged run's MLflow name
 
 
 @dataclass(frozen=True)

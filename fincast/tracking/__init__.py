@@ -20,6 +20,7 @@ Modules: ``common`` (store location, errors, limits), ``store`` (mlflow: runs, m
 """
 
 from fincast.tracking.common import (
+    DIVERGED_SUFFIX,
     HASH_TAG,
     ROLE_TAG,
     STUDY_TAG,
@@ -46,6 +47,6 @@ from fincast.tracking.store import (
 )
 from fincast.tracking.writer import MetricWriter
 
-__all__ = ["HASH_TAG", "ROLE_TAG", "STUDY_TAG", "MetricWriter", "Run", "StudyStore", "TrackingError", "WriterError",
+__all__ = ["DIVERGED_SUFFIX", "HASH_TAG", "ROLE_TAG", "STUDY_TAG", "MetricWriter", "Run", "StudyStore", "TrackingError", "WriterError",
            "_log_rows", "attach", "child_runs", "delete_runs", "download_artifact", "get_run", "list_artifacts", "metric_histories",
            "metric_history", "open_store", "pid_alive", "preload_store", "resolve_uri", "start_run"]

@@ -82,3 +82,4 @@ def _param_str(v: Any) -> str:
 
 
 STUDY_TAG, ROLE_TAG, HASH_TAG = "fincast.study", "fincast.study_role", "fincast.config_hash"
+DIVERGED_SUFFIX = "[diverged]"  # appended to a diverged run's MLflow name

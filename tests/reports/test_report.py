@@ -96,6 +96,14 @@ def test_report_numbers_follow_from_the_runs(tmp_path):
     assert {"lr", "clip", "metric", "outcome", "effect", "ci_low", "ci_high", "p_adjusted"} <= set(verdicts.columns)
     html = (tmp_path / "out" / STUDY / "index.html").read_text()
     assert "val loss &gt; 3 x zero forecast" in html  # the exploded run, named for why it counts as diverged
+    # ... and recognisable in the MLflow UI by its name, like the runs whose training went non-finite
+    names = {r.info.run_name for r in MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name(STUDY).experiment_id])}
+    assert "none lr=3 s4 [diverged]" in names and "none lr=0.1 s4" in names
+    stability.build(STUDY, tracking_uri=uri, out_dir=tmp_path / "out")  # again: not suffixed twice
+    assert not any(n.endswith("[diverged] [diverged]") for n in
+                   (r.info.run_name for r in MlflowClient(uri).search_runs(
+                       [MlflowClient(uri).get_experiment_by_name(STUDY).experiment_id])))
 
 
 def test_verdict_says_when_the_models_compared_do_not_beat_the_zero_forecast(tmp_path):
