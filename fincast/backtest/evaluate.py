@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from fincast.backtest.naming import BUY_AND_HOLD, MEAN, NAIVE, RIDGE, SEED_SEP, family
-from fincast.backtest.uncertainty import seed_spread, sharpe, trading_uncertainty
+from fincast.backtest.uncertainty import drawdown, seed_spread, sharpe, trading_uncertainty
 
 
 def periods_per_year(dates) -> int:
@@ -128,15 +128,6 @@ def strategy_returns(returns, held, cost_bps: float, borrow_bps: float = 0.0, pe
                          "net": gross - cost - borrow, "turnover": turnover})
 
 
-def drawdown(equity) -> np.ndarray:
-    """Drawdown from the running peak, as a fraction (0 at a peak, -0.5 when half is lost); the starting capital 1
-    counts as a peak; nan stays nan. The one drawdown of fincast: statistics and figures use it."""
-    eq = np.asarray(equity, dtype=float)
-    peak = np.fmax.accumulate(np.fmax(eq, 1.0))  # fmax ignores nan
-    with np.errstate(invalid="ignore"):  # inf / inf
-        return eq / peak - 1.0
-
-
 def trading_stats(net, position, periods: int) -> pd.Series:
     """Statistics of a daily return series (and the positions behind it), annualised with ``periods``."""
     r = np.asarray(net, float)
@@ -157,7 +148,7 @@ def trading_stats(net, position, periods: int) -> pd.Series:
         "Total Return [%]": 100 * total,
         "CAGR [%]": 100 * cagr,
         "Volatility (ann.) [%]": 100 * sd * math.sqrt(periods),
-        "Sharpe Ratio": np.mean(r) / sd * math.sqrt(periods) if sd > 0 else math.nan,
+        "Sharpe Ratio": float(sharpe(r, periods)) if n > 1 else math.nan,
         "Sortino Ratio": np.mean(r) * periods / (downside * math.sqrt(periods)) if downside > 0 else math.nan,
         "Max. Drawdown [%]": 100 * mdd,
         "Calmar Ratio": cagr / -mdd if mdd < 0 else math.nan,

@@ -47,11 +47,19 @@ def cagr(r: np.ndarray, periods: int) -> np.ndarray:
         return np.expm1(growth * periods / r.shape[-1])
 
 
+def drawdown(equity) -> np.ndarray:
+    """Drawdown from the running peak, as a fraction (0 at a peak, -0.5 when half is lost), along the last axis;
+    the starting capital 1 counts as a peak; nan stays nan. The one drawdown of fincast: statistics and figures
+    use it."""
+    eq = np.asarray(equity, dtype=float)
+    peak = np.fmax.accumulate(np.fmax(eq, 1.0), axis=-1)  # fmax ignores nan
+    with np.errstate(invalid="ignore"):  # inf / inf
+        return eq / peak - 1.0
+
+
 def max_drawdown(r: np.ndarray) -> np.ndarray:
-    """Worst fall from a running peak (fraction, <= 0) along the last axis, the starting capital a peak."""
-    eq = np.cumprod(1.0 + r, axis=-1)
-    peak = np.maximum.accumulate(np.maximum(eq, 1.0), axis=-1)
-    return np.min(eq / peak - 1.0, axis=-1)
+    """Worst fall from a running peak (fraction, <= 0) along the last axis of daily returns."""
+    return np.min(drawdown(np.cumprod(1.0 + r, axis=-1)), axis=-1)
 
 
 def best_days_share(r: np.ndarray, bench: np.ndarray, days: int = 10) -> float:

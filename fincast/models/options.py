@@ -138,10 +138,7 @@ def evaluate(contracts: pd.DataFrame, predictions: dict[str, np.ndarray], *, mon
     c = contracts
     market = c["price"].to_numpy(float)
     market_iv = c["iv"].to_numpy(float) if "iv" in c else implied_vols(market, c)
-    mny = _bucket_labels(c["strike"].to_numpy(float) / c["S"].to_numpy(float), moneyness_edges, MONEYNESS_FMT)
-    days = (pd.to_datetime(c["expiry"]) - pd.to_datetime(c["quote_date"])).dt.days.to_numpy() if "expiry" in c \
-        else np.round(c["tau"].to_numpy(float) * 365)
-    mat = _bucket_labels(days, tuple(int(e) for e in maturity_edges), MATURITY_FMT)
+    mny, mat = bucket_labels(c, moneyness_edges, maturity_edges)
     rows, bucket_rows, ivs = [], [], {}
     for name, pred in predictions.items():
         pred = np.asarray(pred, float)

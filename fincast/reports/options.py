@@ -74,7 +74,7 @@ def collapsed_buckets(table: pd.DataFrame, moneyness: np.ndarray, maturity: np.n
     return out
 
 
-def notes(test: pd.DataFrame, train: pd.DataFrame, models: list[str], stats: pd.DataFrame) -> list[str]:
+def notes(test: pd.DataFrame, train: pd.DataFrame, models: list[str]) -> list[str]:
     """What a reader must know: contracts lacking a previous-day IV, contracts already seen in training."""
     out = []
     if "bs_prev_iv" in models and "prev_iv" in test:

@@ -328,7 +328,7 @@ def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = 
                                for r, t in zip(runs["run_id"], targets)]
     cells = cell_table(runs, groups, clips)
     comps = judged(comparisons(runs, groups, clips, settings), settings)
-    ref = "Black-Scholes with historical vol" if (runs["task"] == "options").all() else "the zero forecast"
+    ref = "Black-Scholes with historical vol" if stability_page.is_options(runs) else "the zero forecast"
     verdicts = {g: " ".join(filter(None, [stats.verdict(cs, label=g), _no_better_than_reference(cells, g, ref)]))
                 for g, cs in comps.items() if cs}
     for g in groups:

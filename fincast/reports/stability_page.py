@@ -15,6 +15,12 @@ from fincast.reports.html import CSS, img, num, ui_link
 e = html.escape
 
 
+def is_options(runs: pd.DataFrame) -> bool:
+    """A study of option-pricing runs (their reference is Black-Scholes with historical vol, not the zero
+    forecast)."""
+    return bool(len(runs)) and "task" in runs and bool((runs["task"] == "options").all())
+
+
 def _effect(v: stats.Verdict) -> str:
     """The effect that decided (divergence in points when it did, else the loss) and its simultaneous interval."""
     c = v.comparison
@@ -72,8 +78,7 @@ def page(study: str, parent, store, settings: Any, verdict_lines: list[str], cel
              f"<h1>Stability report: {e(study)}</h1>", "<h2 id='verdict'>1. Verdict</h2>",
              verdict_grid(comps, {g for g in groups if not (cells.loc[cells["group"] == g, "test_rmse_vs_naive_pct"]
                                                             < 0).any()},
-                          "BS with hist vol" if "task" in runs and (runs["task"] == "options").all() else
-                          "the zero forecast")]
+                          "BS with hist vol" if is_options(runs) else "the zero forecast")]
     parts += [f"<p class='verdict'>{e(v)}</p>" for v in verdict_lines]
     parts.append(_method(settings, comps))
     parts.append(
@@ -103,7 +108,7 @@ def _cells(settings: Any, cells: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
                 f"loss {settings.loss_target:g}")
              + ". Time per step relative to <b>none</b> at the same learning rate (runs share the machine, so "
              "this is indicative).</p>"]
-    options = "task" in runs and (runs["task"] == "options").all() and len(runs)
+    options = is_options(runs)
     ref, third = ("BS hist vol", "IV RMSE [vol pts]") if options else ("zero forecast", "dir. acc.")
     head = ["learning rate", "clip", "diverged", "final val loss", "best val loss",
             "test price RMSE" if options else "test RMSE", f"vs {ref}", third,

@@ -228,25 +228,26 @@ def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.M
     files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
                           draw_figures=draw_figures)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
-    verdict = option_verdict(cfg, splits.set, ev, table)
+    versus = options_report.versus_baselines(table, list(ev.stats.index))
+    verdict = option_verdict(cfg, splits.set, ev, table, versus)
     if draw_figures:
-        files.append(options_report.page(out_dir, name, ev.stats, ev.buckets,
-                                         options_report.versus_baselines(table, list(ev.stats.index)), verdict,
+        files.append(options_report.page(out_dir, name, ev.stats, ev.buckets, versus, verdict,
                                          ["bucket_errors.png", "predicted_vs_market.png", "training_curves.png"]))
     return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped,
                                                    "verdict": verdict})
 
 
 def option_verdict(cfg: PipelineConfig, samples: option_features.OptionSet, ev: option_model.OptionEvaluation,
-                   table: pd.DataFrame) -> list[str]:
-    """The headline against the best baseline, buckets where the LSTM's prices collapsed, and the notes."""
+                   table: pd.DataFrame, versus: pd.DataFrame) -> list[str]:
+    """The headline against the best baseline (``versus``: options_report.versus_baselines), buckets where the
+    LSTM's prices collapsed, and the notes."""
     test = samples.frames["test"]
-    lines = [options_report.headline(options_report.versus_baselines(table, list(ev.stats.index)))]
+    lines = [options_report.headline(versus)]
     mny, mat = option_model.bucket_labels(test, cfg.options.moneyness_buckets, cfg.options.maturity_buckets)
     flat = options_report.collapsed_buckets(table, mny, mat)
     if flat:
         lines.append("Collapsed predictions: the LSTM's prices barely vary in " + "; ".join(flat) + ".")
-    return lines + options_report.notes(test, samples.frames["train"], list(ev.stats.index), ev.stats)
+    return lines + options_report.notes(test, samples.frames["train"], list(ev.stats.index))
 
 
 def _stat_metrics(stats: pd.DataFrame) -> list[tuple[str, float]]:

@@ -61,6 +61,6 @@ def test_collapsed_buckets_are_flagged():
 def test_notes_count_contracts_without_a_previous_iv_and_seen_in_training():
     test = pd.DataFrame({"contract": ["A", "B", "C", "D"], "prev_iv": [0.2, np.nan, 0.3, np.nan]})
     train = pd.DataFrame({"contract": ["A", "C", "X"]})
-    text = " ".join(rep.notes(test, train, ["lstm", "bs_prev_iv"], pd.DataFrame()))
+    text = " ".join(rep.notes(test, train, ["lstm", "bs_prev_iv"]))
     assert "2 of 4 test contracts (50.0%) have no previous-day implied vol" in text
     assert "2 of 4 test contracts (50%) were quoted in the training period" in text
