@@ -124,3 +124,18 @@ def test_fold_errors_turn_symlog_when_a_fold_explodes(tmp_path, monkeypatch):
     plots.fold_errors(tmp_path / "b.png", pd.DataFrame({"lstm-none": [1.0, 25000.0, 3.0, 0.5]}, index=idx), title="t")
     assert seen["scales"][0] == "symlog"
     assert plt.get_fignums() == []
+
+
+@pytest.mark.parametrize("high", [1.3, 2.5, 12.0, 300.0])
+def test_equity_log_axis_labels_are_plain_numbers_at_several_ticks(tmp_path, captured, high):
+    """matplotlib's default log axis labels a 0.9-1.3 range at one tick (as 10^0); a reader needs several."""
+    equity = {"buy_and_hold": pd.Series(np.geomspace(0.9, high, DATES.size), index=DATES)}
+    plots.equity_drawdown(tmp_path / "eq.png", equity, title="t")
+    ax = captured[0].axes[0]
+    captured[0].canvas.draw()
+    lo, hi = ax.get_ylim()
+    shown = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels() + ax.yaxis.get_minorticklabels()
+             if t.get_text() and lo <= t.get_position()[1] <= hi]
+    assert 4 <= len(shown) <= 9
+    for value, text in shown:
+        assert float(text) == pytest.approx(value)  # "1.1", "20": no math text, no exponent

@@ -13,7 +13,7 @@ import numpy as np
 
 from fincast.backtest.evaluate import drawdown
 from fincast.backtest.naming import family
-from fincast.reports.figures.canvas import finite, legend_right, mticker, plt, robust_lim, save_figure
+from fincast.reports.figures.canvas import finite, legend_right, log_y, mticker, plt, robust_lim, save_figure
 
 _FIXED_STYLES = {"buy_and_hold": {"color": "k", "ls": "--", "lw": 1.4}, "naive": {"color": "0.6", "lw": 1.0},
                  "hist_mean": {"color": "0.4", "ls": ":", "lw": 1.0}, "ridge": {"color": "tab:purple", "lw": 1.0}}
@@ -64,12 +64,7 @@ def equity_drawdown(path: str | Path, equity: dict[str, pd.Series], *, title: st
         ax1.plot(series.index, finite(values, True), label=str(name), **styles[name])
         ax2.plot(series.index, 100 * drawdown(values), **styles[name])
     ax1.axhline(1.0, color="0.5", lw=0.6)
-    ax1.set_yscale("log")
-    ax1.yaxis.set_major_formatter(mticker.StrMethodFormatter("{x:g}"))  # plain numbers, minor ticks too when
-    if 0 < (lim := ax1.get_ylim())[0] < lim[1] < lim[0] * 1e3:  # it spans < 3 decades (all of them if < 5x)
-        keep = range(2, 10) if lim[1] < 5 * lim[0] else (2, 3, 5)
-        ax1.yaxis.set_minor_formatter(mticker.FuncFormatter(
-            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v)), 6) in keep else ""))
+    _equity_log_ticks(ax1)
     ax1.set_ylabel("value of 1 unit (log)")
     ax2.set_ylabel("drawdown [%]")
     for ax in (ax1, ax2):
@@ -77,6 +72,21 @@ def equity_drawdown(path: str | Path, equity: dict[str, pd.Series], *, title: st
     legend_right(fig, ax1)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
+
+
+def _equity_log_ticks(ax) -> None:
+    """Log y with 4-8 plain-number labels: over less than a decade (most backtests) evenly stepped values
+    (0.9, 1, 1.1, ...), otherwise 1, 2 and 5 x 10^k. matplotlib's default labels a narrow log axis at one tick."""
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    if 0 < lo < hi < 10 * lo:
+        ticks = mticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+        ax.yaxis.set_major_locator(mticker.FixedLocator([t for t in ticks if t > 0]))
+        ax.yaxis.set_minor_locator(mticker.NullLocator())
+        ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    else:
+        log_y(ax)
+    ax.set_ylim(lo, hi)
 
 
 def rolling_sharpe(path: str | Path, returns: dict[str, pd.Series], *, window: int, periods: int,
