@@ -361,6 +361,10 @@ class OptionsConfig:
         (0.9, 0.97, 1.03, 1.1), "bucket edges of K/S in the error tables and heatmap", min_len=1)
     maturity_buckets: tuple[int, ...] = _opt(
         (14, 30, 60, 120), "bucket edges of calendar days to expiry in the error tables and heatmap", min_len=1)
+    seeds: int = _opt(
+        3, "training seeds of a `fincast train` options run: the run's model is train.seed's; train.seed + 1, ... "
+           "train again beside it in one stack (same data, clip and schedule) for the report's seed spread "
+           "(1 = none; a study's runs never do, their seeds are the study's)", ge=1, le=100)
     heston: HestonConfig = field(default_factory=HestonConfig)
 
 

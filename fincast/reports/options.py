@@ -90,13 +90,46 @@ def notes(test: pd.DataFrame, train: pd.DataFrame, models: list[str]) -> list[st
             out.append(f"{int(seen.sum()):,} of {len(test):,} test contracts ({100 * seen.mean():.0f}%) were quoted in "
                        "the training period at earlier dates: the LSTM learned a price surface that includes them. "
                        "That is fine for a surface model, but these are not unseen instruments.")
-    out.append("One training seed: the spread across seeds of this setup is what a stability study with the options "
-               "spec measures (pipelines/stability_options.yaml).")
     return out
 
 
+def seed_spread(table: pd.DataFrame, models: list[str], prices: dict[int, np.ndarray]) -> pd.DataFrame:
+    """Per training seed (``prices``: the LSTM's test prices by seed, NaN where unpriced): its price RMSE on the
+    contracts it prices and, as in :func:`headline`, its difference to the best baseline on shared contracts."""
+    market = table["market_price"].to_numpy(float)
+    rows = []
+    for seed, p in prices.items():
+        ok = np.isfinite(p)
+        versus = versus_baselines(table.assign(**{f"{LSTM}_price": p}), models)
+        versus = versus[np.isfinite(versus["lstm_vs_baseline_pct"].astype(float))]
+        best = versus.sort_values("lstm_vs_baseline_pct", ascending=False).iloc[0] if len(versus) else None
+        rows.append({"seed": seed, "contracts": int(ok.sum()),
+                     "lstm_rmse": float(np.sqrt(np.mean((p[ok] - market[ok]) ** 2))) if ok.any() else np.nan,
+                     "best_baseline": None if best is None else best["baseline"],
+                     "lstm_vs_best_pct": np.nan if best is None else float(best["lstm_vs_baseline_pct"])})
+    return pd.DataFrame(rows, columns=["seed", "contracts", "lstm_rmse", "best_baseline", "lstm_vs_best_pct"])
+
+
+def seed_line(seeds: pd.DataFrame) -> str:
+    """One sentence: how far the headline holds across training seeds (``seeds``: :func:`seed_spread`)."""
+    if len(seeds) < 2:
+        return ("One training seed (options.seeds = 1): a second seed can score differently; set options.seeds, "
+                "or run the options stability study (pipelines/stability_options.yaml) for the spread.")
+    names = ", ".join(str(s) for s in seeds["seed"])
+    rmse, rel = seeds["lstm_rmse"].dropna(), seeds["lstm_vs_best_pct"].dropna()
+    if rmse.empty:
+        return f"Across {len(seeds)} training seeds ({names}) the LSTM priced no test contract."
+    text = (f"Across {len(seeds)} training seeds ({names}): LSTM price RMSE median {rmse.median():.4g} "
+            f"({rmse.min():.4g} to {rmse.max():.4g})")
+    if rel.empty:
+        return text + "."
+    return (text + f"; against the best baseline median {rel.median():+.1f}% ({rel.min():+.1f}% to "
+            f"{rel.max():+.1f}%), better in {int((rel < 0).sum())} of {len(seeds)} seeds"
+            + (f", {len(seeds) - len(rmse)} priced nothing" if len(rmse) < len(seeds) else "") + ".")
+
+
 def page(out: Path, name: str, stats: pd.DataFrame, buckets: pd.DataFrame, versus: pd.DataFrame,
-         verdict: list[str], figures: list[str]) -> Path:
+         verdict: list[str], figures: list[str], seeds: pd.DataFrame | None = None) -> Path:
     """index.html in ``out`` (the figures inlined): verdict, then the statistics, buckets and figures."""
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Options report: {e(name)}</title>"
@@ -121,6 +154,15 @@ def page(out: Path, name: str, stats: pd.DataFrame, buckets: pd.DataFrame, versu
                          f"<td class='{'helped' if r.lstm_vs_baseline_pct < 0 else 'hurt'}'>"
                          f"{num(r.lstm_vs_baseline_pct, '{:+.1f}%')}</td></tr>" for r in versus.itertuples())
                      + "</table>")
+    if seeds is not None and len(seeds) > 1:
+        parts.append("<h3>Across training seeds</h3><p class='note'>The same setup trained once per seed (weights "
+                     "and data order); the run's own model is the first. Best baseline: the one the seed's LSTM "
+                     "compares worst with on shared contracts.</p><table><tr><th>seed</th><th>contracts priced</th>"
+                     "<th>LSTM RMSE</th><th class='l'>best baseline</th><th>LSTM vs it</th></tr>" + "".join(
+                         f"<tr><td>{r.seed}</td><td>{r.contracts:,}</td><td>{num(r.lstm_rmse)}</td>"
+                         f"<td class='l'>{e(label(r.best_baseline)) if isinstance(r.best_baseline, str) else '-'}</td>"
+                         f"<td>{num(r.lstm_vs_best_pct, '{:+.1f}%')}</td></tr>" for r in seeds.itertuples())
+                     + "</table>")
     if len(buckets):
         wide = buckets.pivot_table(index=["moneyness", "maturity"], columns="model", values="price_rmse",
                                    sort=False)
@@ -135,5 +177,6 @@ def page(out: Path, name: str, stats: pd.DataFrame, buckets: pd.DataFrame, versu
     parts.append("<h2>Figures</h2>")
     parts += [img(out, f, f) for f in figures if (out / f).is_file()]
     parts.append("<p class='note'>Files beside this page: stats.csv, buckets.csv, predictions.csv (every test "
-                 "contract with each model's price and implied vol), config.yaml.</p></body></html>")
+                 "contract with each model's price and implied vol; lstm_seed&lt;n&gt;_price for the other seeds), seeds.csv, "
+                 "config.yaml.</p></body></html>")
     return atomic_write(out / "index.html", "\n".join(parts))

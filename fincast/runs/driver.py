@@ -171,7 +171,8 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
         checkpoint, path = checkpointer(cfg, run.run_id, data.fingerprint)
         result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics, progress=progress,
                      checkpoint=checkpoint, **fit_args)
-        out = close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep)
+        out = close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep,
+                        progress=progress)
     parent = extra_tags.get("mlflow.parentRunId")
     _save_weights(cfg, parent, keep, [(out, model)])
     _save_series(cfg, parent, keep, [(run.run_id, result)])
@@ -200,12 +201,14 @@ def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Mo
 
 def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, splits: Splits,
               model: torch.nn.Module, device: torch.device, precision: str, result: FitResult,
-              path: Path | None, *, keep: Keeping = KEEP_ALL, shared: dict | None = None) -> TrainOutcome:
+              path: Path | None, *, keep: Keeping = KEEP_ALL, shared: dict | None = None,
+              progress: bool = False) -> TrainOutcome:
     """After training: the task's test evaluation beside its baselines, the closing metrics and tags, the
     artifacts (the run's series file among them unless it goes to the parent), the model."""
     with tempfile.TemporaryDirectory() as tmp:
         done = task_named(cfg.task).finish(cfg, data, splits, model, device, result, name, Path(tmp),
-                                           draw_figures=keep.figures, shared=shared)
+                                           draw_figures=keep.figures, shared=shared, precision=precision,
+                                           progress=progress)
         zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics, name)
         files = list(done.files)
         if keep.series == "run":

@@ -66,7 +66,8 @@ def describe(cfg: PipelineConfig, data: Prices, splits: features.FeatureSet) -> 
 
 def finish(cfg: PipelineConfig, data: Prices, splits: features.FeatureSet, model: torch.nn.Module,
            device: torch.device, result: FitResult, name: str, artifact_dir: Path, *,
-           draw_figures: bool = True, shared: dict | None = None) -> Finished:
+           draw_figures: bool = True, shared: dict | None = None, precision: str = "fp32",
+           progress: bool = False) -> Finished:
     metrics, predictions = evaluate_test(model, splits, cfg, device, result, shared=shared)
     files = write_artifacts(artifact_dir, cfg, splits, result, predictions, data.warnings, name,
                             draw_figures=draw_figures)

@@ -31,7 +31,7 @@ from fincast.reports import figures
 from fincast.reports import options as options_report
 from fincast.runs.record import TrainOutcome, metric_name, summary_head, summary_tail
 from fincast.runs.task import Description, Finished
-from fincast.training import FitResult, predict
+from fincast.training import FitResult, dist_info, predict, seed_everything, train_runs
 
 LSTM = "lstm"
 
@@ -218,23 +218,60 @@ def describe(cfg: PipelineConfig, data: Market, splits: Samples) -> Description:
 
 def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.Module, device: torch.device,
            result: FitResult, name: str, artifact_dir: Path, *, draw_figures: bool = True,
-           shared: dict | None = None) -> Finished:
+           shared: dict | None = None, precision: str = "fp32", progress: bool = False) -> Finished:
     """Test prices of the LSTM and the baselines; tables and figures into reports/options/<name>/ (the run's
     artifacts too). A study's run (no figures) writes its tables into ``artifact_dir`` only: its workers would
-    otherwise write one folder at once, and each run could log another's files."""
+    otherwise write one folder at once, and each run could log another's files. A single run also trains the
+    other options.seeds (:func:`other_seeds`) for the seed spread."""
     ev, table = evaluate_test(model, splits.set, cfg, device, usable=result.best_epoch > 0, shared=shared)
     test_metrics = _stat_metrics(ev.stats)
+    models = list(ev.stats.index)
+    seeds = None
+    if draw_figures:
+        prices = {cfg.train.seed: table[f"{LSTM}_price"].to_numpy(float),
+                  **other_seeds(cfg, splits, device, precision, progress)}
+        for s, p in list(prices.items())[1:]:
+            table[f"{LSTM}_seed{s}_price"] = p
+        seeds = options_report.seed_spread(table, models, prices)
+        test_metrics += [(f"test/seeds/{k}", float(f(seeds[col].dropna()))) for col, key in
+                         (("lstm_rmse", "price_rmse"), ("lstm_vs_best_pct", "vs_best_baseline_pct"))
+                         for k, f in ((f"{key}_median", np.median), (f"{key}_min", np.min), (f"{key}_max", np.max))
+                         if len(seeds) > 1 and seeds[col].notna().any()]
     out_dir = Path("reports") / "options" / cfg.name if draw_figures else artifact_dir
     files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
                           draw_figures=draw_figures)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
-    versus = options_report.versus_baselines(table, list(ev.stats.index))
+    versus = options_report.versus_baselines(table, models)
     verdict = option_verdict(cfg, splits.set, ev, table, versus)
     if draw_figures:
+        verdict.insert(1, options_report.seed_line(seeds))
+        files.append(config_mod.atomic_write(out_dir / "seeds.csv", seeds.to_csv(index=False)))
         files.append(options_report.page(out_dir, name, ev.stats, ev.buckets, versus, verdict,
-                                         ["bucket_errors.png", "predicted_vs_market.png", "training_curves.png"]))
+                                         ["bucket_errors.png", "predicted_vs_market.png", "training_curves.png"],
+                                         seeds=seeds))
     return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped,
                                                    "verdict": verdict})
+
+
+def other_seeds(cfg: PipelineConfig, splits: Samples, device: torch.device, precision: str,
+                progress: bool) -> dict[int, np.ndarray]:
+    """The LSTM trained again for seeds train.seed + 1 .. + options.seeds - 1, all in one stack (same samples,
+    clip, schedule and early stopping; each its own initial weights and data order): test prices by seed, NaN
+    where no epoch validated finitely. None under torchrun (the other ranks are not training them)."""
+    if cfg.options.seeds < 2 or dist_info()[1] > 1:
+        return {}
+    seeds = [cfg.train.seed + i for i in range(1, cfg.options.seeds)]
+    models = []
+    for s in seeds:
+        seed_everything(s)
+        models.append(build_model(cfg, splits).to(device))
+    results = train_runs(models, splits.train, splits.val, [dataclasses.replace(cfg.train, seed=s) for s in seeds],
+                         [cfg.clip] * len(seeds), device=device, precision=precision,
+                         log_every=cfg.tracking.log_every, monitor=dataclasses.replace(cfg.monitor, every=None),
+                         cuda_graphs=cfg.train.cuda_graphs, progress=progress)
+    c, s = splits.set.frames["test"], splits.set
+    return {seed: to_prices(predict(m, s.test.x, device) * s.target_scale, c, s.target) if r.best_epoch > 0
+            else np.full(len(c), np.nan) for seed, m, r in zip(seeds, models, results, strict=True)}
 
 
 def option_verdict(cfg: PipelineConfig, samples: option_features.OptionSet, ev: option_model.OptionEvaluation,

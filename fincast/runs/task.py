@@ -72,11 +72,13 @@ class Task(Protocol):
 
     def finish(self, cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Module,
                device: torch.device, result: FitResult, name: str, artifact_dir: Path, *,
-               draw_figures: bool = True, shared: dict | None = None) -> Finished:
+               draw_figures: bool = True, shared: dict | None = None, precision: str = "fp32",
+               progress: bool = False) -> Finished:
         """Test evaluation beside the baselines, and the files to log (written into ``artifact_dir``, a
         temporary folder, or the task's own report folder); ``draw_figures=False``: no figures (a study's runs,
         whose curves its report draws). ``shared``: one dict for the runs of a stack (same data and samples):
-        the baselines' test predictions are computed by the first run and kept there for the others."""
+        the baselines' test predictions are computed by the first run and kept there for the others.
+        ``precision`` and ``progress``: the run's, for any training the task does after the run's own."""
 
     def baselines(self, cfg: PipelineConfig, data: Data, splits: Splits) -> list[tuple[str, float]]:
         """The baselines' test metrics, as ``finish`` names them (``baseline_<name>/<metric>``), without a model:

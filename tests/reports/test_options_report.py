@@ -64,3 +64,26 @@ def test_notes_count_contracts_without_a_previous_iv_and_seen_in_training():
     text = " ".join(rep.notes(test, train, ["lstm", "bs_prev_iv"]))
     assert "2 of 4 test contracts (50.0%) have no previous-day implied vol" in text
     assert "2 of 4 test contracts (50%) were quoted in the training period" in text
+
+
+def test_seed_spread_scores_each_seed_against_its_best_baseline_and_the_line_says_how_often_it_wins(tmp_path):
+    table, models = _table(), ["lstm", "bs_hv20", "bs_prev_iv", "true_model"]
+    market = table["market_price"].to_numpy()
+    prices = {0: table["lstm_price"].to_numpy(), 1: market + [0.1, -0.1, 0.1, -0.1],
+              2: np.array([np.nan, np.nan, np.nan, np.nan])}
+    seeds = rep.seed_spread(table, models, prices)
+    assert list(seeds["seed"]) == [0, 1, 2] and list(seeds["contracts"]) == [4, 4, 0]
+    # seed 0: RMSE 1 on all four; best baseline on shared contracts bs_prev_iv (0.5 vs 1 on 3): +100%
+    assert seeds.loc[0, "lstm_rmse"] == pytest.approx(1.0) and seeds.loc[0, "best_baseline"] == "bs_prev_iv"
+    assert seeds.loc[0, "lstm_vs_best_pct"] == pytest.approx(100.0)
+    # seed 1: 0.1 on the 3 shared with bs_prev_iv (0.5): -80%; vs bs_hv20 (3): -96.7%; the best is bs_prev_iv
+    assert seeds.loc[1, "lstm_rmse"] == pytest.approx(0.1) and seeds.loc[1, "lstm_vs_best_pct"] == pytest.approx(-80)
+    assert np.isnan(seeds.loc[2, "lstm_rmse"]) and pd.isna(seeds.loc[2, "best_baseline"])
+    line = rep.seed_line(seeds)
+    assert line.startswith("Across 3 training seeds (0, 1, 2): LSTM price RMSE median 0.55 (0.1 to 1)")
+    assert "median +10.0% (-80.0% to +100.0%), better in 1 of 3 seeds, 1 priced nothing." in line
+    assert rep.seed_line(seeds.iloc[:1]).startswith("One training seed (options.seeds = 1)")
+    page = rep.page(tmp_path, "run", pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), [line], [], seeds=seeds)
+    text = page.read_text()
+    assert "<h3>Across training seeds</h3>" in text and "<td>BS previous-day IV</td>" not in text
+    assert text.count("<td class='l'>BS previous-day IV</td>") == 2 and "<td class='l'>-</td>" in text

@@ -796,7 +796,20 @@ def test_train_options_end_to_end(tmp_path, monkeypatch, capsys):
     assert len(tracking.metric_history(run_id, "val/loss", cfg_t)) == 2
 
     arts = set(tracking.list_artifacts(run_id, cfg_t))
-    assert arts >= FILES
+    assert arts >= FILES | {"seeds.csv"}
+
+    # the seed spread (options.seeds = 3 by default): seeds 1 and 2 trained beside the run, each scored like it
+    seeds = pd.read_csv(report / "seeds.csv")
+    assert list(seeds["seed"]) == [0, 1, 2]
+    assert seeds.loc[0, "lstm_rmse"] == pytest.approx(stats.loc["lstm", "Price RMSE"], rel=1e-9)
+    rmse = {s: math.sqrt(((pred[f"lstm_seed{s}_price"] - pred["market_price"]) ** 2).mean()) for s in (1, 2)}
+    assert list(seeds["lstm_rmse"].iloc[1:]) == pytest.approx([rmse[1], rmse[2]], rel=1e-9)
+    assert len({round(v, 9) for v in seeds["lstm_rmse"]}) == 3  # three different models
+    best = (seeds["lstm_rmse"] / stats.loc[seeds["best_baseline"], "Price RMSE"].to_numpy() - 1) * 100
+    assert list(seeds["lstm_vs_best_pct"]) == pytest.approx(list(best), rel=1e-9)  # all priced every contract
+    assert m["test/seeds/price_rmse_median"] == pytest.approx(float(np.median(seeds["lstm_rmse"])), rel=1e-9)
+    assert m["test/seeds/price_rmse_max"] == pytest.approx(float(seeds["lstm_rmse"].max()), rel=1e-9)
+    assert "Across 3 training seeds (0, 1, 2): LSTM price RMSE median" in out
 
     # the stability report's numbers for this run
     nums = _test_numbers(run)
