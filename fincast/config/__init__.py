@@ -20,6 +20,7 @@ from fincast.config.build import (
 )
 from fincast.config.files import ConfigError, FincastError, atomic_file, atomic_write, read_yaml
 from fincast.config.keys import describe_keys, reference_markdown
+from fincast.config.names import name_problem, ticker_problem
 from fincast.config.schema import (
     CLIP_METHODS,
     AGCConfig,
@@ -35,8 +36,6 @@ from fincast.config.schema import (
     NormClip,
     OptionsConfig,
     PipelineConfig,
-    StudySettings,
-    SweepSettings,
     TrackingConfig,
     TrainConfig,
     ValueClip,
@@ -46,10 +45,11 @@ from fincast.config.schema import (
     short_float,
     to_dict,
 )
+from fincast.config.settings import StudySettings, SweepSettings
 
 __all__ = ["AGCConfig", "AutoClipConfig", "BacktestConfig", "CLIP_METHODS", "ChainColumns", "ClipConfig", "ConfigError",
            "DataConfig", "FeaturesConfig", "FincastError", "HestonConfig", "ModelConfig", "MonitorConfig", "NormClip",
            "OptionsConfig", "PipelineConfig", "StudySettings", "SweepSettings", "TrackingConfig", "TrainConfig",
            "ValueClip", "ZClipConfig", "apply_overrides", "atomic_file", "atomic_write", "build_section",
-           "clip_section", "describe_keys", "dump_yaml", "fields", "flatten", "from_dict", "load", "parse_override",
-           "read_yaml", "reference_markdown", "set_key", "short_float", "to_dict"]
+           "clip_section", "describe_keys", "dump_yaml", "fields", "flatten", "from_dict", "load", "name_problem", "parse_override",
+           "read_yaml", "reference_markdown", "set_key", "short_float", "ticker_problem", "to_dict"]

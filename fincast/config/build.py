@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fincast.config import names
 from fincast.config.files import ConfigError, read_yaml
 from fincast.config.keys import describe_keys
 from fincast.config.schema import PipelineConfig, _describe, _fmt, clip_section, fields, to_dict
@@ -236,8 +237,11 @@ def _cross_checks(cfg: PipelineConfig, errors: list[str]) -> None:
         errors.append(f"data.end = {d.end}: must be after data.start = {d.start}")
     if d.source == "csv" and not d.path:
         errors.append("data.path: required when data.source = 'csv' (a directory with one <TICKER>.csv per ticker)")
-    if len(set(d.tickers)) != len(d.tickers):
-        errors.append(f"data.tickers = {list(d.tickers)}: duplicate tickers")
+    if dup := names.duplicate_tickers(d.tickers):
+        errors.append(f"data.tickers = {list(d.tickers)}: duplicate tickers (compared ignoring case): "
+                      + "; ".join(dup))
+    errors.extend(p for t in d.tickers if (p := names.ticker_problem(t, "data.tickers")))
+    errors.extend(p for p in [names.name_problem(cfg.name, "name")] if p)
     o = cfg.options
     if cfg.task == "options":
         if o.source == "csv" and not o.path:
@@ -245,6 +249,8 @@ def _cross_checks(cfg: PipelineConfig, errors: list[str]) -> None:
         if o.source != "synthetic" and len(d.tickers) != 1:
             errors.append(f"data.tickers = {list(d.tickers)}: the options task prices one underlying; name exactly "
                           "its price history (e.g. [^GSPC] for SPX options)")
+        errors.extend(p for key in ("rate_ticker", "vol_index")
+                      if getattr(o, key) and (p := names.ticker_problem(getattr(o, key), f"options.{key}")))
         if o.min_days >= o.max_days:
             errors.append(f"options.max_days = {o.max_days}: must be above options.min_days = {o.min_days}")
         for key, edges in (("moneyness_buckets", o.moneyness_buckets), ("maturity_buckets", o.maturity_buckets)):

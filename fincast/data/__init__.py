@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from fincast.config import DataConfig
-from fincast.data import cache, csvsource, synthetic
+from fincast.data import cache, csvsource, plausible, synthetic
 from fincast.data.validate import COLUMNS, DataError, normalize_columns, validate
 
 __all__ = ["COLUMNS", "DataError", "Prices", "fingerprint", "load_prices", "offline_hint"]
@@ -83,7 +83,7 @@ def _from_csv(cfg: DataConfig) -> dict[str, tuple[pd.DataFrame, str, Callable]]:
     out = {}
     for ticker in cfg.tickers:
         p = csvsource.find_file(directory, ticker)
-        frame, lines = csvsource.read_csv(p, ticker)
+        frame, lines = csvsource.read_csv(p, ticker, cfg.date_format)
         out[ticker] = (normalize_columns(frame, str(p)), str(p), lines.get)
     return out
 
@@ -186,6 +186,12 @@ def load_prices(cfg: DataConfig, *, min_rows: int = 1, refresh: bool = False, pr
                            min_rows=min_rows, row_of=row_of, positive=positive)
         out[ticker] = checked.frame
         warnings.extend(checked.warnings)
+        found = plausible.findings(checked.frame, f"{ticker} ({where})", max_gap_days=cfg.max_gap_days,
+                                   max_move=cfg.max_move, today=now.date(), moves=positive)
+        if found and cfg.strict:
+            raise DataError("data.strict = true and the data look wrong:\n  " + "\n  ".join(found)
+                            + "\n(set data.strict=false to train anyway with these as warnings)")
+        warnings.extend(found)
     for w in warnings:
         log.warning(w)
     return Prices(out, cfg.source, fingerprint(out), warnings, counter[0])

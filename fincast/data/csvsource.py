@@ -25,10 +25,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from fincast.config import ticker_problem
+from fincast.data import dates as dates_mod
 from fincast.data.validate import DataError
 
 
 def find_file(directory: Path, ticker: str) -> Path:
+    if ticker_problem(ticker, "ticker"):  # the config refuses such tickers; this guards other callers
+        raise DataError(f"csv source: {ticker!r} is not a ticker name; refusing to read a path built from it")
     candidates = [directory / f"{ticker}.csv", directory / f"{ticker.lstrip('^')}.csv",
                   directory / f"{ticker.upper()}.csv", directory / f"{ticker.lower()}.csv"]
     for p in candidates:
@@ -38,9 +42,11 @@ def find_file(directory: Path, ticker: str) -> Path:
                     f"{' or ' + candidates[1].name if candidates[1] != candidates[0] else ''})")
 
 
-def read_csv(path: Path, ticker: str) -> tuple[pd.DataFrame, dict[pd.Timestamp, int]]:
+def read_csv(path: Path, ticker: str, date_format: str | None = None) -> tuple[pd.DataFrame, dict[pd.Timestamp, int]]:
     """Read one ticker file. Returns (frame indexed by date with the file's columns as strings,
-    date -> line number in the file). Values are left as text; ``validate`` parses them."""
+    date -> line number in the file). Values are left as text; ``validate`` parses them. ``date_format``
+    (data.date_format): the strptime format of the Date column; None = YYYY-MM-DD, or numeric day/month dates
+    in the one order the file's own dates allow (:mod:`fincast.data.dates`)."""
     try:
         with open(path, newline="") as fh:
             head = [row for _, row in zip(range(3), csv.reader(fh))]
@@ -65,17 +71,7 @@ def read_csv(path: Path, ticker: str) -> tuple[pd.DataFrame, dict[pd.Timestamp, 
         raw = raw.rename(columns={raw.columns[0]: "date"})
     if raw.empty:
         raise DataError(f"{path}: no data rows")
-    text = raw["date"].str.strip()
-    if text.str.match(r"^\d{4}-\d{2}-\d{2}").all():
-        # the bar's own calendar day, whatever time or UTC offset follows (2020-01-06 00:00:00+01:00 is the
-        # Monday 6 January of a European exchange, not Sunday the 5th in UTC)
-        dates = pd.to_datetime(text.str.slice(0, 10), errors="coerce", format="%Y-%m-%d")
-    else:
-        dates = pd.to_datetime(text, errors="coerce", format="mixed")
-    if dates.isna().any():
-        i = int(dates.isna().to_numpy().argmax())
-        raise DataError(f"{path}: line {i + header_lines + 1}: unparseable date {raw['date'].iloc[i]!r} in column "
-                        "Date; expected YYYY-MM-DD")
+    dates = _parse_dates(raw["date"].str.strip(), path, header_lines, date_format)
     index = pd.DatetimeIndex(dates)
     if index.tz is not None:
         index = index.tz_localize(None)  # local wall time, not UTC
@@ -84,3 +80,32 @@ def read_csv(path: Path, ticker: str) -> tuple[pd.DataFrame, dict[pd.Timestamp, 
     frame = frame.replace({"": None, "null": None, "NaN": None, "nan": None})
     lines = {d: i + header_lines + 1 for i, d in enumerate(index)}
     return frame, lines
+
+
+def _parse_dates(text: pd.Series, path: Path, header_lines: int, date_format: str | None) -> pd.Series:
+    def line(i: int) -> int:
+        return i + header_lines + 1
+
+    how = f"data.date_format = {date_format!r}" if date_format else "YYYY-MM-DD"
+    if date_format:
+        dates = pd.to_datetime(text, errors="coerce", format=date_format)
+    elif text.str.match(r"^\d{4}-\d{2}-\d{2}").all():
+        # the bar's own calendar day, whatever time or UTC offset follows (2020-01-06 00:00:00+01:00 is the
+        # Monday 6 January of a European exchange, not Sunday the 5th in UTC)
+        dates = pd.to_datetime(text.str.slice(0, 10), errors="coerce", format="%Y-%m-%d")
+    elif text.str.match(dates_mod.SLASHED).any():
+        order = dates_mod.day_month_order(text, str(path), line)
+        if order is None:
+            i = int(text.str.match(dates_mod.SLASHED).to_numpy().argmax())
+            raise DataError(f"{path}: dates such as {text.iloc[i]!r} (line {line(i)}) read day-first and month-first "
+                            "alike, and no date in the file has a day above 12 to tell which; declare the format: "
+                            "--set data.date_format=%d/%m/%Y (day first) or %m/%d/%Y (month first)")
+        dates = dates_mod.parse_ordered(text, order)
+        how = "DD/MM/YYYY (day first, as the file's own dates show)" if order == "dmy" else \
+            "MM/DD/YYYY (month first, as the file's own dates show)"
+    else:
+        dates = pd.to_datetime(text, errors="coerce", format="mixed")
+    if dates.isna().any():
+        i = int(dates.isna().to_numpy().argmax())
+        raise DataError(f"{path}: line {line(i)}: unparseable date {text.iloc[i]!r} in column Date; expected {how}")
+    return dates

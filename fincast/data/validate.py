@@ -19,6 +19,7 @@ Calendars are never aligned across tickers: each ticker keeps its own bars, so m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,11 +30,17 @@ from fincast.config import FincastError
 COLUMNS = ("open", "high", "low", "close", "adj_close", "volume")
 PRICE_COLUMNS = ("open", "high", "low", "close", "adj_close")
 
-# Yahoo / vendor spellings -> contract names
+# Yahoo / vendor spellings -> contract names, keyed by the lower-cased name without spaces, '_', '-' and '.'
 ALIASES = {
-    "date": "date", "datetime": "date", "open": "open", "high": "high", "low": "low", "close": "close",
-    "adj close": "adj_close", "adj_close": "adj_close", "adjclose": "adj_close", "volume": "volume",
+    "date": "date", "datetime": "date", "timestamp": "date", "open": "open", "high": "high", "low": "low",
+    "close": "close", "adjclose": "adj_close", "adjustedclose": "adj_close", "adjclosing": "adj_close",
+    "adjustedclosingprice": "adj_close", "adjcloseprice": "adj_close", "closeadj": "adj_close",
+    "closeadjusted": "adj_close", "volume": "volume", "vol": "volume",
 }
+
+
+def _key(name: object) -> str:
+    return re.sub(r"[\s_.\-]", "", str(name).lower())
 
 
 class DataError(FincastError):
@@ -48,11 +55,18 @@ class Checked:
 
 def normalize_columns(df: pd.DataFrame, where: str) -> pd.DataFrame:
     """Rename Yahoo-style columns to the contract names; error on missing ones."""
-    rename = {}
+    rename: dict = {}
     for col in df.columns:
-        key = str(col).strip().lower()
-        if key in ALIASES:
-            rename[col] = ALIASES[key]
+        target = ALIASES.get(_key(col))
+        if target in rename.values():
+            other = next(c for c, t in rename.items() if t == target)
+            raise DataError(f"{where}: columns {other!r} and {col!r} are both read as {target}; keep one")
+        if target:
+            rename[col] = target
+        elif "adj" in _key(col):  # an adjusted price we cannot place: never fall back to Close silently
+            raise DataError(f"{where}: column {col!r} looks like an adjusted price but is not one of the known names "
+                            f"(Adj Close, Adjusted Close, Adj_Close, adjclose, ...); found columns: "
+                            f"{', '.join(map(str, df.columns))}. Rename it to Adj Close")
     df = df.rename(columns=rename)
     if "adj_close" not in df.columns and "close" in df.columns:
         df = df.assign(adj_close=df["close"])

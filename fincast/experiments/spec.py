@@ -52,6 +52,8 @@ def read_spec(path: str | Path, overrides: list[str] | tuple[str, ...], keys: tu
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         errors.append(f"name: required, the {kind}'s name (also its MLflow experiment)")
+    elif problem := config_mod.name_problem(name, "name"):
+        errors.append(problem)
     base = raw.get("base")
     base_path = None
     if not isinstance(base, str):

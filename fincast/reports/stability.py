@@ -21,7 +21,7 @@ import pandas as pd
 
 from fincast import tracking
 from fincast.clipping import bounds_global_l2_of
-from fincast.config import FincastError, TrackingConfig, atomic_write
+from fincast.config import FincastError, TrackingConfig, atomic_write, name_problem
 from fincast.reports import figures, stability_page, stats
 from fincast.reports.html import plain as _plain
 
@@ -292,6 +292,8 @@ def _stack(per_run: dict[str, tuple[np.ndarray, np.ndarray]], run_ids: list[str]
 
 def build(study: str, *, tracking_uri: str | None = None, out_dir: str | Path = "reports/stability",
           log_to_mlflow: bool = True) -> Report:
+    if problem := name_problem(study, "study name"):  # it names the report's folder
+        raise FincastError(problem)
     cfg = TrackingConfig(uri=tracking_uri)
     store = tracking.StudyStore(cfg, study, create=False)
     parents = store.runs("parent")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-import string
 from pathlib import Path
 
 import pytest
@@ -384,7 +383,8 @@ def test_to_dict_is_plain_yaml_data():
 # random valid configs ------------------------------------------------------------------------
 
 _dates = st.dates(min_value=dt.date(1970, 1, 1), max_value=dt.date(2100, 12, 31))
-_ticker = st.text(alphabet=string.ascii_uppercase + string.digits + "-.^=", min_size=1, max_size=9)
+_ticker = st.from_regex(r"\^?[A-Z0-9][A-Z0-9.=_-]{0,8}", fullmatch=True).filter(lambda t: ".." not in t)
+_name = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True).filter(lambda t: ".." not in t)
 _text = st.text(max_size=20)
 # plain tickers; YAML 1.1 reads a bare ON / NO / YES / OFF as a boolean (see test_yaml_boolean_words_as_tickers)
 _plain_ticker = st.from_regex(r"[A-Z]{1,5}(-[A-Z]{2,4})?", fullmatch=True).filter(
@@ -465,7 +465,7 @@ def valid_raw_configs(draw):
         metric_every=st.integers(1, 100000),
     ))
     if draw(st.booleans()):
-        raw["name"] = draw(_text)
+        raw["name"] = draw(_name)
     return raw
 
 

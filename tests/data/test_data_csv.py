@@ -232,7 +232,9 @@ def test_shared_crypto_files_load():
         assert eth.at[d, "volume"] == eth.at[prev, "volume"]  # the whole last good bar, volume included
         assert eth.at[d, "close"] == eth.at[prev, "close"]
     warnings = [w for w in prices.warnings if "ETH-USD" in w]
-    assert len(warnings) == 1 and "forward-filled 4 bar(s)" in warnings[0]
+    # the repair, and the plausibility check's one finding: ETH's first trading day (x0.27 on 2015-08-08)
+    assert len(warnings) == 2 and "forward-filled 4 bar(s)" in warnings[0]
+    assert "one-bar move(s) of close" in warnings[1] and "2015-08-08 x0.272" in warnings[1]
     for d in holes:
         assert f"{d:%Y-%m-%d}" in warnings[0]
     assert not any("BTC-USD" in w for w in prices.warnings)
