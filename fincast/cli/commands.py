@@ -15,6 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fincast import config as config_mod
 from fincast.cli.parser import build_parser
 from fincast.config import FincastError
+from fincast.runs import stopping
 
 
 class _Format(logging.Formatter):
@@ -91,7 +92,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.storage:
         from fincast.experiments import team
 
-        out = team.run(spec, args.storage, progress=_progress(args.quiet))
+        out = team.run(spec, args.storage, progress=_progress(args.quiet),
+                       reports=[("the stability report folder", Path("reports") / "stability" / spec.name)])
     else:
         out = study_mod.run(spec, progress=_progress(args.quiet))
     print(f"parent run {out.parent_run_id}  (experiment {out.experiment!r} in {out.tracking_uri})")
@@ -229,19 +231,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(getattr(args, "quiet", False))
-    try:
-        # log lines go above the progress bars (tqdm.write) instead of through them
-        with logging_redirect_tqdm(loggers=[logging.getLogger("fincast")]):
-            return COMMANDS[args.command](args)
-    except FincastError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `fincast keys | head`: the reader left; nothing more to say
-        sys.stdout = None
-        return 0
+    # SIGTERM and SIGHUP interrupt as Ctrl-C does (runs end KILLED); the handlers before come back at the end
+    with stopping.stop_on_signals():
+        try:
+            # log lines go above the progress bars (tqdm.write) instead of through them
+            with logging_redirect_tqdm(loggers=[logging.getLogger("fincast")]):
+                return COMMANDS[args.command](args)
+        except FincastError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except stopping.Stopped as exc:  # exit status 128 + the signal, as the shell reports a signal's death
+            print(f"stopped by {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `fincast keys | head`: the reader left; nothing more to say
+            sys.stdout = None
+            return 0
 
 
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "data": cmd_data, "study": cmd_study, "sweep": cmd_sweep,

@@ -56,6 +56,8 @@ def advise(cfg: PipelineConfig, *, steps: int = DEFAULT_STEPS, percentile: float
     """Run the probe and propose thresholds. ``percentile`` defaults to the spec's clip.autoclip.percentile."""
     t0 = time.perf_counter()
     q = cfg.clip.autoclip.percentile if percentile is None else percentile
+    folder = Path(out_dir) / "advise" / cfg.name
+    driver.check_outputs([probe_config(cfg, steps)], reports=[("the advisor's report folder", folder)])
     out = driver.train(probe_config(cfg, steps), progress=progress, parent_run_id=parent_run_id,
                          tags={"fincast.kind": "advise-clip", **(tags or {})})
     if out is None:  # a non-zero rank under torchrun
@@ -67,7 +69,6 @@ def advise(cfg: PipelineConfig, *, steps: int = DEFAULT_STEPS, percentile: float
         raise FincastError(f"advise-clip: the probe run {out.run_id} gave too few usable gradient norms: {exc}"
                            + (f"; it went non-finite at step {out.fit.diverged_step}: lower train.lr"
                               if out.fit.diverged else "")) from None
-    folder = Path(out_dir) / "advise" / cfg.name
     folder.mkdir(parents=True, exist_ok=True)
     marks = {
         f"AutoClip p{q:g}": advice.percentile,

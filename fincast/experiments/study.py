@@ -45,7 +45,7 @@ from fincast.clipping import label as clip_label
 from fincast.config import ConfigError, FincastError, PipelineConfig, StudySettings, short_float
 from fincast.experiments.spec import _UNHASHED, _merge, base_config, config_hash, read_spec, spec_common
 from fincast.experiments.workers import Progress, plan_chunks, progress_feed, worker_count, worker_pool
-from fincast.runs import driver
+from fincast.runs import driver, stopping
 from fincast.runs.record import Keeping, ended
 from fincast.runs.setup import visible_gpus
 from fincast.tracking import HASH_TAG, ROLE_TAG, STUDY_TAG
@@ -267,6 +267,7 @@ def _lock(study: Study):
 def run(study: Study, *, progress: bool = False) -> StudyOutcome:
     """Run every job of the study not finished before, in ``study.workers`` processes."""
     t0 = time.perf_counter()
+    check_outputs(study)
     workers, threads, gpus = prepare(study)
     # the bar shows from the start (kernel build, data, store, worker start-up), then moves once per run
     bar = tqdm(total=len(study.jobs), desc=f"study {study.name} (starting)", unit="run", disable=not progress)
@@ -274,6 +275,12 @@ def run(study: Study, *, progress: bool = False) -> StudyOutcome:
         return _run(study, bar, workers, threads, progress, t0, gpus)
     finally:
         bar.close()
+
+
+def check_outputs(study: Study, *, stores: list[tuple[str, str]] = (), reports: list[tuple[str, Path]] = ()) -> None:
+    """Before any work: the study's store, artifact and checkpoint folders (and ``stores``, ``reports``) can be
+    written."""
+    driver.check_outputs([j.cfg for j in study.jobs], keep=keeping(study), stores=stores, reports=reports)
 
 
 def prepare(study: Study) -> tuple[int, int, int]:
@@ -437,6 +444,7 @@ def _run_chunk(jobs: list[Job], parent_id: str, study: str, threads: int, keep: 
                closed: Callable[[str], None] | None = None) -> list[dict]:
     """Train the chunk's jobs, stacked when there are several: one result dict per job. ``closed(name)`` is
     called as each run ends (its progress)."""
+    stopping.refuse_if_stopped()  # a worker stopped with its driver opens no more runs
     if len(jobs) == 1:
         return [_run_job(jobs[0], parent_id, study, threads, keep)]
     names = [j.cfg.tracking.run_name for j in jobs]

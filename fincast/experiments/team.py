@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -37,10 +38,11 @@ from fincast.runs.record import ended
 log = logging.getLogger("fincast.study")
 
 
-def run(study: Study, url: str, *, progress: bool = False) -> StudyOutcome:
+def run(study: Study, url: str, *, progress: bool = False, reports: list[tuple[str, Path]] = ()) -> StudyOutcome:
     """This driver's share of the study in the Optuna storage ``url`` (and, when it gets the finisher, the end
-    of the study)."""
+    of the study). ``reports``: folders the caller writes afterwards (checked with the rest before any work)."""
     t0 = time.perf_counter()
+    study_mod.check_outputs(study, stores=[("--storage", url)], reports=reports)
     workers, threads, gpus = study_mod.prepare(study)
     bar = tqdm(total=len(study.jobs), desc=f"study {study.name} (starting)", unit="run", disable=not progress)
     try:

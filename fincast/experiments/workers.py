@@ -23,7 +23,7 @@ from fincast.config import (
 )
 from fincast.models import LSTMForecaster
 from fincast.reports import figures
-from fincast.runs import driver
+from fincast.runs import driver, stopping
 from fincast.runs.setup import cores, start_worker, take_gpu, worker_context
 
 
@@ -57,6 +57,10 @@ def worker_pool(workers: int, threads: int, uri: str, *, fork_ok: bool = True, g
     try:
         pool.submit(int)  # start the workers now (a fork pool starts all of them at once)
         yield pool, store_ready
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # interrupted (Ctrl-C, SIGTERM, SIGHUP): the workers end their runs KILLED
+            stopping.stop_workers(pool)
+        raise
     finally:
         ready.set()  # workers still waiting go on (without opening the store) and exit
         pool.shutdown(wait=True, cancel_futures=True)
@@ -213,14 +217,16 @@ def progress_feed(pool: cf.ProcessPoolExecutor | None, progress: Progress | None
     feed = manager.Queue()
 
     def drain() -> None:
-        while (name := feed.get()) is not None:
-            progress.advance(name)
+        with contextlib.suppress(OSError, EOFError):  # the manager was stopped with the process group
+            while (name := feed.get()) is not None:
+                progress.advance(name)
 
     reader = threading.Thread(target=drain, name="study-progress", daemon=True)
     reader.start()
     try:
         yield feed
     finally:
-        feed.put(None)
+        with contextlib.suppress(OSError, EOFError):  # (the stop of a process group ends the manager too)
+            feed.put(None)
         reader.join(timeout=5)
         manager.shutdown()

@@ -127,6 +127,19 @@ def ticker_features(df: pd.DataFrame, cfg: FeaturesConfig, price: str = "adj_clo
     return feats[keep], target[keep]
 
 
+def check_target(y: np.ndarray, ticker: str, what: str, where: str = "the training split") -> None:
+    """Refuse a target that cannot be learned: constant (zero variance) over ``where``. A price that never moves
+    has every return 0: the model would fit noise around it, and every metric relative to the zero forecast
+    (whose error is then 0) would divide by zero."""
+    y = np.asarray(y, float)
+    y = y[np.isfinite(y)]
+    if len(y) > 1 and float(np.std(y)) <= 1e-12 * max(1.0, float(np.max(np.abs(y)))):
+        split = " or the split (data.start, features.val_start)" if where == "the training split" else ""
+        raise FeatureError(f"{ticker}: the target ({what}) is constant in {where} ({len(y)} samples, all "
+                           f"{float(np.mean(y)):.6g}: zero variance), nothing to learn; check the data (prices that "
+                           f"never move?){split}")
+
+
 def _split_dates(ends: list[np.ndarray], cfg: FeaturesConfig) -> tuple[pd.Timestamp, pd.Timestamp]:
     if cfg.val_start is not None and cfg.test_start is not None:
         return pd.Timestamp(cfg.val_start), pd.Timestamp(cfg.test_start)
@@ -179,6 +192,7 @@ def build(frames: dict[str, pd.DataFrame], cfg: FeaturesConfig, price: str = "ad
         if len(train_pos) == 0:
             raise FeatureError(f"{ticker}: no training samples before {val_start:%Y-%m-%d}; use an earlier "
                                "data.start or later features.val_start")
+        check_target(y[train_pos], ticker, f"log return over {cfg.horizon} bar(s)")
         last_train_origin = origin[train_pos[-1]]
         fit_rows = feats.index <= last_train_origin  # inputs of training samples, nothing later
         scaler = StandardScaler().fit(feats.to_numpy(float)[fit_rows])

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from fincast.config import FeaturesConfig, OptionsConfig
-from fincast.features import FeatureError, Split, _split_dates
+from fincast.features import FeatureError, Split, _split_dates, check_target
 
 CONTRACT_FEATURES = ["log_moneyness", "tau", "rate", "call"]
 
@@ -58,6 +58,21 @@ def log_returns(close: pd.Series) -> pd.Series:
     return np.log(close / close.shift(1)).iloc[1:]
 
 
+def _refuse_quotes_after_prices(quote_dates: pd.Series, close: pd.Series) -> None:
+    """Quote dates after the underlying's last price would see a stale return window (and S): refused."""
+    if close.empty:
+        raise FeatureError("the underlying has no prices; check data.tickers and data.start/end")
+    last = close.index[-1]
+    after = pd.DatetimeIndex(quote_dates[quote_dates > last])
+    if len(after):
+        qd = pd.DatetimeIndex(quote_dates)
+        raise FeatureError(
+            f"{len(after):,} option contracts on {after.nunique()} quote date(s) ({after.min():%Y-%m-%d} .. "
+            f"{after.max():%Y-%m-%d}) lie after the underlying's last price: chain quote dates {qd.min():%Y-%m-%d} .. "
+            f"{qd.max():%Y-%m-%d}, underlying prices {close.index[0]:%Y-%m-%d} .. {last:%Y-%m-%d}. Their return "
+            "windows would be stale: extend the underlying's history (data.end, `make data`) or cut the chain")
+
+
 def prepare(chain: pd.DataFrame, close: pd.Series, cfg: OptionsConfig, lookback: int, *,
             rates: pd.Series | None = None, vol_index: pd.Series | None = None,
             periods_per_year: int = 252) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
@@ -75,6 +90,7 @@ def prepare(chain: pd.DataFrame, close: pd.Series, cfg: OptionsConfig, lookback:
             dropped[reason] = dropped.get(reason, 0) + int(mask.sum())
 
     close = close.dropna().sort_index()
+    _refuse_quotes_after_prices(chain["quote_date"], close)
     rets = log_returns(close)
     ret_dates = rets.index.to_numpy()
     ret_vals = rets.to_numpy(float)
@@ -154,6 +170,7 @@ def build(contracts: pd.DataFrame, windows: np.ndarray, cfg: OptionsConfig, fcfg
                                f"{test_start:%Y-%m-%d}, quote dates {pd.Timestamp(dates[0]):%Y-%m-%d} .. "
                                f"{pd.Timestamp(dates[-1]):%Y-%m-%d}); adjust features.val_start/test_start or the fracs")
     train = split_of == 0
+    check_target(y_raw[train], ticker, "implied vol" if cfg.target == "iv" else "option price / strike")
 
     contract = np.column_stack([df["log_moneyness"].to_numpy(float), df["tau"].to_numpy(float),
                                 df["r"].to_numpy(float), np.where(df["call"].to_numpy(bool), 1.0, -1.0)])

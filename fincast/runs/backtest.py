@@ -31,7 +31,7 @@ from fincast.backtest.walkforward import concat_splits
 from fincast.config import FincastError, PipelineConfig
 from fincast.models import build_model
 from fincast.reports import backtest as report_mod
-from fincast.runs import forecast, setup
+from fincast.runs import forecast, preflight, setup, stopping
 from fincast.runs.checkpoints import save_checkpoint
 from fincast.runs.record import device_tag, ended, git_commit, metric_name
 from fincast.training import predict, seed_everything, train_runs
@@ -205,6 +205,10 @@ def _stack_pool(workers: int, threads: int, gpus: int):
                                   initargs=(threads, gpus, started))
     try:
         yield pool
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # interrupted (Ctrl-C, SIGTERM, SIGHUP): the workers stop too
+            stopping.stop_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -212,6 +216,7 @@ def _stack_pool(workers: int, threads: int, gpus: int):
 def _fit_in_worker(cfg: PipelineConfig, precision: str, requests: list[bt.FitRequest]) -> list[tuple]:
     """A stack trained in a worker process: per request (its model's final weights on the CPU or None when it
     never validated, usable, info)."""
+    stopping.refuse_if_stopped()  # (a stopped worker trains none of the stacks still queued for it)
     fits = stack_trainer(cfg, setup.device(cfg), precision)(requests)
     return [({k: v.cpu() for k, v in f.weights.items()} if f.weights is not None else None, f.usable, f.info)
             for f in fits]
@@ -253,8 +258,13 @@ def backtest(cfg: PipelineConfig, *, progress: bool = False, out_dir: str | Path
     if cfg.task != "forecast":
         raise FincastError(f"{cfg.name}: task = {cfg.task}; walk-forward backtests trade return forecasts "
                            "(task: forecast)")
+    preflight.check_outputs([cfg], checkpoints=cfg.backtest.resume,  # before any work: nothing half-written
+                            reports=[("the backtest report folder", Path(out_dir) / "backtest" / cfg.name)])
     t_start = time.perf_counter()
     prices = forecast.load(cfg, progress=progress)
+    for ticker, frame in prices.frames.items():  # a target that cannot be learned: refused before the run starts
+        y = features.ticker_features(frame, cfg.features, price=cfg.data.price)[1]["y"].to_numpy(float)
+        features.check_target(y, ticker, f"log return over {cfg.features.horizon} bar(s)", "its whole history")
     t_data = time.perf_counter() - t_start
     device, precision, workers, threads, gpus = _machine(cfg)
     b = cfg.backtest

@@ -1,11 +1,15 @@
-"""A run's checkpoint files (layer L4, runs): what they hold, written atomically, read with clear errors."""
+"""A run's checkpoint files (layer L4, runs): what they hold, written atomically, read with clear errors, and
+the lock a resume holds beside them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 import fincast
 from fincast import config as config_mod
@@ -34,6 +38,29 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise FincastError(f"checkpoint {path}: not a fincast checkpoint of format {CHECKPOINT_FORMAT}")
     return saved
+
+
+@contextlib.contextmanager
+def resume_lock(path: Path, run_id: str) -> Iterator[None]:
+    """Hold run ``run_id``'s resume lock (``<run id>.lock`` beside its checkpoint ``path``) for the block: a second
+    resume of the run meanwhile is refused (it would train the same steps again into the same MLflow run). The
+    lock is the OS's: it goes with the process, also when it crashes. Under torchrun rank 0 takes it for all ranks;
+    without a checkpoint file there is nothing to lock (``load_checkpoint`` says so)."""
+    if int(os.environ.get("RANK", "0")) != 0 or not path.is_file():
+        yield
+        return
+    lock = path.with_suffix(".lock")
+    held = FileLock(lock, timeout=0)
+    try:
+        held.acquire()
+    except Timeout:
+        raise FincastError(f"run {run_id} is being resumed by another process, which holds {lock}; a second resume "
+                           "would train its steps again into the same MLflow run. Wait for that one to end (or stop "
+                           "it), then resume again if the run is not finished") from None
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def checkpointer(cfg: PipelineConfig, run_id: str, fingerprint: str) -> tuple[Callable[[dict], None] | None,

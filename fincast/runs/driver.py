@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ import torch
 from fincast import config as config_mod
 from fincast import tracking
 from fincast.config import FincastError, PipelineConfig
-from fincast.runs import setup, weights
-from fincast.runs.checkpoints import RESUME_KEYS, checkpointer, load_checkpoint
+from fincast.runs import preflight, setup, weights
+from fincast.runs.checkpoints import RESUME_KEYS, checkpointer, load_checkpoint, resume_lock
 from fincast.runs.record import (
     BATCH_TAG,
     Keeping,
@@ -59,6 +59,15 @@ def baselines(cfg: PipelineConfig, data: Data) -> list[tuple[str, float]]:
     return task.baselines(cfg, data, task.prepare(cfg, data))
 
 
+def check_outputs(cfgs: list[PipelineConfig], *, keep: Keeping = KEEP_ALL,
+                  reports: Iterable[tuple[str, Path]] = (), stores: Iterable[tuple[str, str]] = ()) -> None:
+    """Before any work: every place runs of ``cfgs`` write (store, artifacts, checkpoints, the task's report
+    folders unless ``keep`` draws no figures) and ``reports``/``stores`` besides can be written, else one
+    ``preflight.OutputError`` naming each that cannot."""
+    tasks = [task_named(c.task).outputs(c) for c in cfgs] if keep.figures else []
+    preflight.check_outputs(cfgs, reports=[*(o for t in tasks for o in t), *reports], stores=stores)
+
+
 def train(cfg: PipelineConfig, *, progress: bool = False, tags: dict[str, str] | None = None,
           parent_run_id: str | None = None, on_epoch: OnEpoch | None = None,
           keep: Keeping = KEEP_ALL) -> TrainOutcome | None:
@@ -80,18 +89,20 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, checkpoi
            progress: bool = False) -> TrainOutcome | None:
     """Continue a run from its checkpoint (``checkpoint_dir/<run_id>.pt``) into the same MLflow run, exactly
     as if it had not stopped: same data (checked by fingerprint), weights, optimizer, schedule, scaler,
-    clipper state, data order and RNG. ``overrides`` may change only RESUME_KEYS (e.g. more epochs)."""
+    clipper state, data order and RNG. ``overrides`` may change only RESUME_KEYS (e.g. more epochs). One resume
+    of a run at a time (``checkpoints.resume_lock``; the checkpoint is read under the lock)."""
     path = Path(checkpoint_dir) / f"{run_id}.pt"
-    saved = load_checkpoint(path)
-    raw = config_mod.apply_overrides(saved["config"], list(overrides))
-    raw["train"]["checkpoint_dir"] = str(checkpoint_dir)  # new checkpoints go beside the one resumed from
-    for text in overrides:
-        key = ".".join(config_mod.parse_override(text)[0])
-        if key not in RESUME_KEYS:
-            raise config_mod.ConfigError(f"--set {text!r}: a resumed run keeps its config; only "
-                                         f"{', '.join(sorted(RESUME_KEYS))} may change")
-    cfg = config_mod.from_dict(raw, f"checkpoint {path}")
-    return _run(cfg, progress=progress, resume=saved, resume_overrides=list(overrides))
+    with resume_lock(path, run_id):
+        saved = load_checkpoint(path)
+        raw = config_mod.apply_overrides(saved["config"], list(overrides))
+        raw["train"]["checkpoint_dir"] = str(checkpoint_dir)  # new checkpoints go beside the one resumed from
+        for text in overrides:
+            key = ".".join(config_mod.parse_override(text)[0])
+            if key not in RESUME_KEYS:
+                raise config_mod.ConfigError(f"--set {text!r}: a resumed run keeps its config; only "
+                                             f"{', '.join(sorted(RESUME_KEYS))} may change")
+        cfg = config_mod.from_dict(raw, f"checkpoint {path}")
+        return _run(cfg, progress=progress, resume=saved, resume_overrides=list(overrides))
 
 
 def resume_spec(cfg: PipelineConfig, run_id: str, *, checkpoint_dir: str = "checkpoints",
@@ -118,6 +129,7 @@ def resume_spec(cfg: PipelineConfig, run_id: str, *, checkpoint_dir: str = "chec
 def _run(cfg: PipelineConfig, *, progress: bool, resume: dict | None = None,
          resume_overrides: list[str] | None = None, extra_tags: dict[str, str] | None = None,
          on_epoch: OnEpoch | None = None, keep: Keeping = KEEP_ALL) -> TrainOutcome | None:
+    check_outputs([cfg], keep=keep)  # (every rank: they fail together, before joining the group)
     owns_group = setup.init_distributed(cfg)
     rank, _ = dist_info()
     writer = tracking.MetricWriter.maybe(cfg.tracking) if rank == 0 else None  # opens the store while data loads

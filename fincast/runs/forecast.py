@@ -143,7 +143,7 @@ def summary(out: TrainOutcome, seconds: float) -> str:
             lines.append(f"  {names[key]:<16}{'(no finite epoch)':>30}")
             continue
         lines.append(f"  {names[key]:<16}{m['rmse']:>10.5f}{m['mae']:>10.5f}{m['directional_accuracy']:>10.3f}")
-    if "test" in out.metrics:
+    if "test" in out.metrics and out.metrics["baseline_naive"]["rmse"] > 0:  # (0: a test split without moves)
         rel = out.metrics["test"]["rmse"] / out.metrics["baseline_naive"]["rmse"] - 1
         lines.append(f"  LSTM RMSE vs naive: {100 * rel:+.2f}% ({'better' if rel < 0 else 'not better'})")
     lines += ["", "  look: make ui  (MLflow UI at http://127.0.0.1:5000; PORT=... to change)"]
@@ -154,3 +154,7 @@ def missing_local_data(cfg: PipelineConfig) -> list[str]:
     if cfg.data.source == "csv" and cfg.data.path and not Path(cfg.data.path).exists():
         return [f"data.path {cfg.data.path}"]
     return []
+
+
+def outputs(cfg: PipelineConfig) -> list[tuple[str, Path]]:
+    return []  # the run's files are all MLflow artifacts

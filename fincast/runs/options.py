@@ -136,10 +136,32 @@ def align(cfg: PipelineConfig, market: Market) -> tuple[option_features.OptionSe
     contracts, windows, dropped = option_features.prepare(market.chain, market.close, o, cfg.features.lookback,
                                                 rates=market.rates, vol_index=market.vol_index)
     contracts["iv"] = option_model.implied_vols(contracts["price"].to_numpy(float), contracts)
+    _check_quotes(cfg, market, contracts)
     if "contract" in contracts:
         contracts["prev_iv"] = option_features.previous_day_iv(contracts)
     samples = option_features.build(contracts, windows, o, cfg.features, market.underlying)
     return samples, contracts, dropped
+
+
+def _check_quotes(cfg: PipelineConfig, market: Market, contracts: pd.DataFrame) -> None:
+    """Market quotes outside the no-arbitrage bounds (a call above the discounted underlying, a put above the
+    discounted strike, either below its discounted intrinsic value, by more than 1% of the bound and a cent): a
+    data warning, or with data.strict an error."""
+    c = contracts
+    lower, upper = pricing.bounds(c["S"].to_numpy(float), c["strike"].to_numpy(float), c["tau"].to_numpy(float),
+                                  c["r"].to_numpy(float), c["call"].to_numpy(bool), c["q"].to_numpy(float))
+    p = c["price"].to_numpy(float)
+    above, below = p > upper * 1.01 + 0.01, p < lower * 0.99 - 0.01
+    if not (above.any() or below.any()):
+        return
+    first = c.loc[above | below].iloc[0]
+    line = (f"{market.underlying} option chain: {int(above.sum()):,} quote(s) above the no-arbitrage upper bound "
+            f"(a call above the underlying, a put above the strike, discounted) and {int(below.sum()):,} below the "
+            f"lower bound (discounted intrinsic value), of {len(c):,}; the first: {first['quote_date']:%Y-%m-%d} "
+            f"{'call' if first['call'] else 'put'} K={first['strike']:g} at {first['price']:g} with S={first['S']:g}")
+    if cfg.data.strict:
+        raise FincastError(f"data.strict = true and the data look wrong:\n  {line}")
+    market.warnings.append(line)
 
 
 def baseline_prices(c: pd.DataFrame, hist_vols: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -237,7 +259,7 @@ def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.M
                          (("lstm_rmse", "price_rmse"), ("lstm_vs_best_pct", "vs_best_baseline_pct"))
                          for k, f in ((f"{key}_median", np.median), (f"{key}_min", np.min), (f"{key}_max", np.max))
                          if len(seeds) > 1 and seeds[col].notna().any()]
-    out_dir = Path("reports") / "options" / cfg.name if draw_figures else artifact_dir
+    out_dir = report_folder(cfg) if draw_figures else artifact_dir
     files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
                           draw_figures=draw_figures)
     metrics = {m: {k: float(v) for k, v in row.items()} for m, row in ev.stats.iterrows()}
@@ -341,6 +363,15 @@ def missing_local_data(cfg: PipelineConfig) -> list[str]:
             and (o.rate_ticker or o.vol_index):
         missing.append(f"options.aux_path {o.aux_path}")
     return missing
+
+
+def report_folder(cfg: PipelineConfig) -> Path:
+    """Where a single run writes its report: reports/options/<name> under the working directory."""
+    return Path("reports") / "options" / cfg.name
+
+
+def outputs(cfg: PipelineConfig) -> list[tuple[str, Path]]:
+    return [("the options report folder", report_folder(cfg))]
 
 
 def evaluate_test(model, samples: option_features.OptionSet, cfg: PipelineConfig, device, *, usable: bool,

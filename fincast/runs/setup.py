@@ -13,6 +13,7 @@ import time
 import torch
 
 from fincast.config import PipelineConfig
+from fincast.runs import stopping
 from fincast.training import dist_info, resolve_device
 
 
@@ -117,7 +118,8 @@ def worker_context(threads: int, gpus: int, preload: str, fork_ok: bool = True):
 
 def start_worker(threads: int, gpus: int, started) -> None:
     """A worker process's start: its torch threads, its GPU (the i-th worker started, counted by the shared
-    ``started`` value: GPU i mod ``gpus``), quiet fincast logs (the driver reports) and death with its driver."""
+    ``started`` value: GPU i mod ``gpus``), quiet fincast logs (the driver reports), death with its driver, and
+    SIGINT, SIGTERM or SIGHUP ending its runs KILLED (``stopping.in_worker``)."""
     import logging
 
     torch.set_num_threads(threads)
@@ -128,3 +130,4 @@ def start_worker(threads: int, gpus: int, started) -> None:
         take_gpu(index, gpus)
     logging.getLogger("fincast").setLevel(logging.ERROR)
     die_with_parent()
+    stopping.in_worker()

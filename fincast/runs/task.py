@@ -89,3 +89,7 @@ class Task(Protocol):
 
     def missing_local_data(self, cfg: PipelineConfig) -> list[str]:
         """Local files the config reads that are not there (``--skip-missing-data``)."""
+
+    def outputs(self, cfg: PipelineConfig) -> list[tuple[str, Path]]:
+        """Folders a run writes itself besides its MLflow artifacts (its report), as (what, folder): checked
+        before the run loads its data (``runs.preflight``). A study's runs (no figures) write none of them."""

@@ -8,8 +8,11 @@ import logging
 import os
 import queue
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from fincast.config import FincastError, TrackingConfig
 
@@ -45,6 +48,47 @@ def _tune_sqlite(uri: str) -> None:
             con.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as exc:  # e.g. a file system without shared memory: the default journal still works
         log.debug("could not switch %s to WAL: %s", uri, exc)
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store (``sqlite:///PATH``); None for any other store."""
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _in_wal(path: Path) -> bool:
+    """Whether the SQLite file ``path`` is in WAL mode (bytes 18 and 19 of its header are 2)."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[18] == 2 and header[19] == 2
+
+
+STORE_LOCK_SECONDS = 300.0
+
+
+def ensure_store(uri: str, open_store: Callable[[], object]) -> None:
+    """Create a local SQLite store once, however many processes start on it at once: its first open
+    (``open_store()``: MLflow creates the tables of a new file) and the switch to WAL run under a lock file beside
+    the database (``<db>.lock``), one process at a time. Unserialised, processes opening a new store together
+    collide in MLflow's schema migrations (``table _alembic_tmp_experiments already exists``) and lose their runs.
+    A file in WAL mode is done: the switch comes only after a first open has created every table (the check reads
+    20 bytes, so a created store costs its openers nothing). Other stores: nothing to do."""
+    path = sqlite_file(uri)
+    if path is None or _in_wal(path):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)  # (as MLflow would)
+    lock = f"{path}.lock"
+    try:
+        with FileLock(lock, timeout=STORE_LOCK_SECONDS):
+            if not _in_wal(path):
+                open_store()
+                _tune_sqlite(uri)
+    except Timeout:
+        raise TrackingError(f"cannot open the MLflow store {path}: another process has been creating it for "
+                            f"{STORE_LOCK_SECONDS:.0f} s (it holds {lock}); retry when it is done, or stop it") from None
 
 
 class TrackingError(FincastError):

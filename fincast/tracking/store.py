@@ -36,12 +36,19 @@ from fincast.tracking.common import (  # noqa: E402
     _is_local,
     _param_str,
     _receive,
-    _tune_sqlite,
+    ensure_store,
     resolve_uri,
 )
 
 log = logging.getLogger("fincast.tracking")
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import; keep its chatter out
+
+
+def _client(uri: str) -> MlflowClient:
+    """A client of the store ``uri`` (whose making opens the store). A new local SQLite store is created first, by
+    one process at a time (``common.ensure_store``): every client of this module comes from here."""
+    ensure_store(uri, lambda: MlflowClient(tracking_uri=uri))
+    return MlflowClient(tracking_uri=uri)  # (MLflow keeps the store it opened: this costs nothing more)
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str, artifact_dir: str) -> str:
@@ -181,8 +188,9 @@ class Run:
         """Wait for every metric, then close the run; a run whose metrics could not be stored is FAILED."""
         try:
             self.flush()
-        except BaseException:
-            self.client.set_terminated(self.run_id, "FAILED" if status == "FINISHED" else status)
+        except BaseException as exc:  # (stopped meanwhile: KILLED)
+            stopped = isinstance(exc, KeyboardInterrupt)
+            self.client.set_terminated(self.run_id, "KILLED" if stopped else "FAILED" if status == "FINISHED" else status)
             raise
         self.client.set_terminated(self.run_id, status)
 
@@ -233,14 +241,13 @@ def start_run(cfg: TrackingConfig, experiment: str, run_name: str, tags: dict[st
             log.warning("%s; logging metrics from the training process instead", exc)
             writer = None
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = _client(uri)
         if resume_run_id is not None:
             client.update_run(resume_run_id, status="RUNNING")
             for k, v in (tags or {}).items():
                 client.set_tag(resume_run_id, k, str(v))
             return Run(client, resume_run_id, uri, writer)
         exp_id = _experiment_id(client, experiment, uri, cfg.artifact_dir)
-        _tune_sqlite(uri)
         run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
     except MlflowException as exc:
         raise TrackingError(f"cannot start an MLflow run in {uri}: {exc}") from None
@@ -255,8 +262,10 @@ def _log_rows(client: MlflowClient, run_id: str, rows: list[tuple[str, float, in
 
 
 def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
-    # Ctrl-C reaches the whole process group; the trainer handles it and still flushes through us
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C (SIGTERM, SIGHUP) may reach the whole process group; the trainer handles it and still flushes
+    # through us (and we end when it is gone)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     while True:  # the store is opened only when asked: a run that fails before tracking leaves no store
         message = _receive(inbox, parent)
         if message is None:
@@ -267,7 +276,7 @@ def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
         if message[0] == "close":
             return
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = _client(uri)
         client.search_experiments(max_results=1)  # open (and on first use create) the store now
     except Exception as exc:
         outbox.put(("error", f"cannot open the MLflow store {uri}: {type(exc).__name__}: {exc}"))
@@ -291,16 +300,16 @@ def _writer_main(uri: str, inbox: Any, outbox: Any, parent: int) -> None:
 
 def get_run(run_id: str, cfg: TrackingConfig) -> Any:
     """The stored run (info, data.params, data.tags, data.metrics) for tests and reports."""
-    return MlflowClient(tracking_uri=resolve_uri(cfg)).get_run(run_id)
+    return _client(resolve_uri(cfg)).get_run(run_id)
 
 
 def metric_history(run_id: str, key: str, cfg: TrackingConfig) -> list[tuple[int, float]]:
-    client = MlflowClient(tracking_uri=resolve_uri(cfg))
+    client = _client(resolve_uri(cfg))
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
 def list_artifacts(run_id: str, cfg: TrackingConfig, path: str | None = None) -> list[str]:
-    client = MlflowClient(tracking_uri=resolve_uri(cfg))
+    client = _client(resolve_uri(cfg))
     return [a.path for a in client.list_artifacts(run_id, path)]
 
 
@@ -325,7 +334,7 @@ def preload_store(uri: str) -> None:
 
 def open_store(uri: str) -> None:
     """Open (and cache, per process) the store's client: schema checks and engine set-up take ~1 s once."""
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _client(uri).search_experiments(max_results=1)
 
 
 class StudyStore:
@@ -336,10 +345,9 @@ class StudyStore:
     def __init__(self, cfg: TrackingConfig, study: str, *, create: bool = True):
         self.cfg, self.study, self.uri = cfg, study, resolve_uri(cfg)
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = _client(self.uri)
             if create:
                 self.experiment_id = _experiment_id(self.client, study, self.uri, cfg.artifact_dir)
-                _tune_sqlite(self.uri)
             else:
                 exp = self.client.get_experiment_by_name(study)
                 if exp is None or exp.lifecycle_stage == "deleted":
@@ -434,7 +442,7 @@ def metric_histories(uri: str, run_ids: list[str], keys: list[str]) -> dict[str,
     For runs of a study prefer :meth:`StudyStore.histories`, which reads the stacks' series files."""
     from concurrent.futures import ThreadPoolExecutor
 
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     out: dict[str, dict[str, list[tuple[int, int, float]]]] = {k: {} for k in keys}
     pairs = [(r, k) for r in run_ids for k in keys]
     with ThreadPoolExecutor(16) as pool:
@@ -456,19 +464,19 @@ def metric_histories(uri: str, run_ids: list[str], keys: list[str]) -> dict[str,
 def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
     """An artifact of a run into ``dst``; a clear error when the run has none by that name."""
     try:
-        return Path(MlflowClient(tracking_uri=uri).download_artifacts(run_id, path, str(dst)))
+        return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"run {run_id} in {uri} has no artifact {path!r} ({type(exc).__name__})") from None
 
 
 def attach(uri: str, run_id: str) -> Run:
     """A handle to log more into an existing run (also a finished one) without changing its status."""
-    return Run(MlflowClient(tracking_uri=uri), run_id, uri)
+    return Run(_client(uri), run_id, uri)
 
 
 def child_runs(uri: str, parent_run_id: str) -> list[Any]:
     """The active child runs of a run (tag ``mlflow.parentRunId``), oldest first."""
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     try:
         exp = client.get_run(parent_run_id).info.experiment_id
     except MlflowException as exc:
@@ -478,6 +486,6 @@ def child_runs(uri: str, parent_run_id: str) -> list[Any]:
 
 def delete_runs(uri: str, run_ids: Iterable[str]) -> None:
     """Delete runs (restorable until `mlflow gc`)."""
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     for run_id in run_ids:
         client.delete_run(run_id)

@@ -110,4 +110,4 @@ class MetricWriter:
             self._inbox.cancel_join_thread()  # nothing left to deliver; a dead reader must not block exit
             self._proc.join(timeout=10)
             if self._proc.is_alive():
-                self._proc.terminate()
+                self._proc.kill()  # (it ignores SIGTERM: a stop of the trainer's process group is the trainer's)

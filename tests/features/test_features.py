@@ -461,3 +461,36 @@ def test_explicit_test_start_with_val_frac_takes_val_frac_of_all_dates():
     n_all = len(fs.train) + len(fs.val) + len(fs.test)
     assert fs.test_start == dt.date(2019, 1, 2)
     assert abs(len(fs.val) - 0.2 * n_all) <= 2  # not 0.2 / (1 - 0.5) of the dates before the test start
+
+
+def test_a_ticker_whose_price_never_moves_in_training_is_refused():
+    """A constant training target (every log return 0 until the validation split starts) cannot be learned and
+    gives the zero forecast an error of 0: refused, naming the ticker, whatever the other tickers do."""
+    cfg = fcfg(val_start=dt.date(2018, 6, 1), test_start=dt.date(2019, 3, 1))
+    flat = frame("SPY")
+    before = flat.index < pd.Timestamp(cfg.val_start)  # every price a training target spans
+    for col in ("open", "high", "low", "close", "adj_close"):
+        flat.loc[before, col] = 100.0
+    with pytest.raises(F.FeatureError, match=r"^SPY: the target \(log return over 1 bar\(s\)\) is constant in the "
+                                             r"training split \(\d+ samples, all 0: zero variance\)"):
+        F.build({"BTC-USD": frame("BTC-USD"), "SPY": flat}, cfg)
+    flat.loc[before, "adj_close"] = 100.0 * np.exp(np.arange(before.sum()) % 2 * 1e-3)
+    F.build({"SPY": flat}, cfg)  # a tiny but real variance trains
+
+
+def test_a_constant_option_target_is_refused():
+    from fincast.config import OptionsConfig
+    from fincast.features import options as ofeat
+
+    days = pd.bdate_range("2020-01-01", periods=30)
+    n = 2 * len(days)
+    strike = np.tile([90.0, 110.0], len(days))
+    contracts = pd.DataFrame({"quote_date": np.repeat(days, 2), "strike": strike, "price": strike * 0.05,
+                              "log_moneyness": np.log(strike / 100.0), "tau": np.full(n, 0.25), "r": 0.03,
+                              "q": 0.0, "call": np.tile([True, False], len(days)), "S": 100.0,
+                              "_window": np.repeat(np.arange(len(days)), 2)})
+    windows = np.random.default_rng(0).normal(0, 0.01, (len(days), 3))
+    with pytest.raises(F.FeatureError, match=r"^X: the target \(option price / strike\) is constant in the training"):
+        ofeat.build(contracts, windows, OptionsConfig(), fcfg(lookback=3), "X")
+    contracts["price"] = strike * np.linspace(0.04, 0.06, n)
+    assert len(ofeat.build(contracts, windows, OptionsConfig(), fcfg(lookback=3), "X").train) > 0

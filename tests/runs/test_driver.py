@@ -37,7 +37,8 @@ def _toy(finish_error: BaseException | None = None, calls: list | None = None):
     def describe(cfg, data, splits):
         return Description(f"toy-s{cfg.train.seed}", "TOY", {"fincast.kind": "toy"}, {"toy.samples": len(splits.train)})
 
-    def finish(cfg, data, splits, model, device, result, name, artifact_dir, *, draw_figures=True, shared=None):
+    def finish(cfg, data, splits, model, device, result, name, artifact_dir, *, draw_figures=True, shared=None,
+               precision="fp32", progress=False):
         if calls is not None:
             calls.append((name, result.steps))
         if finish_error is not None:
@@ -48,13 +49,14 @@ def _toy(finish_error: BaseException | None = None, calls: list | None = None):
 
     return SimpleNamespace(load=forecast.load, fetch=forecast.fetch, prepare=forecast.prepare,
                            build_model=forecast.build_model, describe=describe, finish=finish,
-                           summary=lambda out, seconds: "toy", missing_local_data=lambda cfg: [])
+                           summary=lambda out, seconds: "toy", missing_local_data=lambda cfg: [],
+                           outputs=lambda cfg: [])
 
 
 def test_every_registered_task_implements_the_protocol():
     wanted = {n: inspect.signature(f) for n, f in vars(Task).items() if inspect.isfunction(f) and not n.startswith("_")}
     assert set(wanted) == {"load", "fetch", "prepare", "build_model", "describe", "finish", "summary",
-                           "missing_local_data", "baselines"}
+                           "missing_local_data", "baselines", "outputs"}
     for name, module in registry.TASKS.items():
         for fn, sig in wanted.items():
             own = inspect.signature(getattr(module, fn))

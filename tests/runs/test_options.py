@@ -819,6 +819,7 @@ def test_train_options_end_to_end(tmp_path, monkeypatch, capsys):
     assert "for the best baseline, BS hist vol" in out
     page_html = (report / "index.html").read_text()
     assert page_html.index("id='verdict'") < page_html.index("Test prices, every model")
+    assert "<h3>Across training seeds</h3>" in page_html and page_html.count("<tr><td>") >= 3
     assert "report/index.html" in arts or "index.html" in {a.split("/")[-1] for a in arts}
     from browser import check_page, find_chromium
 

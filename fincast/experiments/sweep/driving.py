@@ -283,6 +283,9 @@ def run(sweep: Sweep, *, storage: str | None = None, progress: bool = False,
     and in any worker that joins from elsewhere), then the summary into the parent run and ``out_dir``."""
     t0 = time.perf_counter()
     url = storage_url(sweep, storage)
+    check_outputs(sweep, url, [("the sweep report folder", Path(out_dir) / "sweep" / sweep.name)]
+                  + ([("the advisor's report folder", Path("reports") / "advise" / sweep.base_cfg.name)]
+                     if sweep.settings.range == "advised" else []))
     store = _storage(url)
     study = _open_study(sweep, store, sweep.settings.seed, create=True)
     _check_same(sweep, study, url)
@@ -342,6 +345,14 @@ def run(sweep: Sweep, *, storage: str | None = None, progress: bool = False,
             if bar is not None:
                 bar.close()
     return out
+
+
+def check_outputs(sweep: Sweep, url: str, reports: list[tuple[str, Path]] = ()) -> None:
+    """Before any work: the Optuna storage, the trials' store, artifact and checkpoint folders (and ``reports``)
+    can be written."""
+    trials = dataclasses.replace(sweep.base_cfg, tracking=dataclasses.replace(sweep.base_cfg.tracking,
+                                                                              experiment=sweep.name))
+    driver.check_outputs([trials], reports=reports, stores=[("sweep.storage", url)])
 
 
 def _gave_up(results: list[dict]) -> bool:
@@ -405,6 +416,7 @@ def join(sweep: Sweep, *, storage: str | None = None, progress: bool = False) ->
     Trains trials until the sweep's budget is spent; the process that started the sweep writes its summary."""
     t0 = time.perf_counter()
     url = storage_url(sweep, storage)
+    check_outputs(sweep, url)
     study = _open_study(sweep, _storage(url), sweep.settings.seed, create=False)
     _check_same(sweep, study, url)
     parent_id = None
