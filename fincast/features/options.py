@@ -59,18 +59,21 @@ def log_returns(close: pd.Series) -> pd.Series:
 
 
 def _refuse_quotes_after_prices(quote_dates: pd.Series, close: pd.Series) -> None:
-    """Quote dates after the underlying's last price would see a stale return window (and S): refused."""
+    """Quote dates outside the underlying's prices are refused: after its last price a contract would see a
+    stale return window (and S), before its first price none at all."""
     if close.empty:
         raise FeatureError("the underlying has no prices; check data.tickers and data.start/end")
-    last = close.index[-1]
-    after = pd.DatetimeIndex(quote_dates[quote_dates > last])
-    if len(after):
-        qd = pd.DatetimeIndex(quote_dates)
-        raise FeatureError(
-            f"{len(after):,} option contracts on {after.nunique()} quote date(s) ({after.min():%Y-%m-%d} .. "
-            f"{after.max():%Y-%m-%d}) lie after the underlying's last price: chain quote dates {qd.min():%Y-%m-%d} .. "
-            f"{qd.max():%Y-%m-%d}, underlying prices {close.index[0]:%Y-%m-%d} .. {last:%Y-%m-%d}. Their return "
-            "windows would be stale: extend the underlying's history (data.end, `make data`) or cut the chain")
+    first, last = close.index[0], close.index[-1]
+    for outside, where in ((quote_dates > last, "after the underlying's last price (their return windows would "
+                            "be stale)"), (quote_dates < first, "before the underlying's first price")):
+        out = pd.DatetimeIndex(quote_dates[outside])
+        if len(out):
+            qd = pd.DatetimeIndex(quote_dates)
+            raise FeatureError(
+                f"{len(out):,} option contracts on {out.nunique()} quote date(s) ({out.min():%Y-%m-%d} .. "
+                f"{out.max():%Y-%m-%d}) lie {where}: chain quote dates {qd.min():%Y-%m-%d} .. {qd.max():%Y-%m-%d}, "
+                f"underlying prices {first:%Y-%m-%d} .. {last:%Y-%m-%d}. Extend the underlying's history "
+                "(data.start, data.end, `make data`) or cut the chain")
 
 
 def prepare(chain: pd.DataFrame, close: pd.Series, cfg: OptionsConfig, lookback: int, *,

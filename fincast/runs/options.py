@@ -158,7 +158,9 @@ def _check_quotes(cfg: PipelineConfig, market: Market, contracts: pd.DataFrame) 
     line = (f"{market.underlying} option chain: {int(above.sum()):,} quote(s) above the no-arbitrage upper bound "
             f"(a call above the underlying, a put above the strike, discounted) and {int(below.sum()):,} below the "
             f"lower bound (discounted intrinsic value), of {len(c):,}; the first: {first['quote_date']:%Y-%m-%d} "
-            f"{'call' if first['call'] else 'put'} K={first['strike']:g} at {first['price']:g} with S={first['S']:g}")
+            f"{'call' if first['call'] else 'put'} K={first['strike']:g} at {first['price']:g} with S={first['S']:g}"
+            + (" (options.dividend_yield = 0: for an underlying that pays dividends the true bounds are lower for "
+               "puts and higher for calls; set its yield)" if below.any() and cfg.options.dividend_yield == 0 else ""))
     if cfg.data.strict:
         raise FincastError(f"data.strict = true and the data look wrong:\n  {line}")
     market.warnings.append(line)

@@ -184,9 +184,14 @@ def test_a_chain_quoted_after_the_underlyings_last_price_is_refused():
                           "call": True, "price": 3.0})
     cfg = from_dict({"task": "options"}).options
     with pytest.raises(FeatureError, match=r"6 option contracts on 6 quote date\(s\) \(2024-03-25 .. 2024-04-01\) "
-                                           r"lie after the underlying's last price: chain quote dates 2024-02-20 .. "
-                                           r"2024-04-01, underlying prices 2024-01-01 .. 2024-03-22"):
+                                           r"lie after the underlying's last price \(their return windows would be "
+                                           r"stale\): chain quote dates 2024-02-20 .. 2024-04-01, underlying prices "
+                                           r"2024-01-01 .. 2024-03-22"):
         prepare(chain, close, cfg, lookback=5)
+    early = chain.assign(quote_date=chain["quote_date"] - pd.Timedelta(days=60))  # Feb 20..29 (8 dates) move to Dec 22..31
+    with pytest.raises(FeatureError, match=r"8 option contracts on 8 quote date\(s\) \(2023-12-22 .. 2023-12-31\) "
+                                           r"lie before the underlying's first price: chain quote dates 2023-12-22"):
+        prepare(early, close, cfg, lookback=5)
 
 
 def test_quotes_outside_no_arbitrage_bounds_are_a_warning_and_with_strict_an_error():
