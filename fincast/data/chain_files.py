@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from fincast.config import ChainColumns, OptionsConfig
+from fincast.data import dates as dates_mod
 from fincast.data.validate import DataError
 
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -109,14 +110,19 @@ def _resolve(columns: list[str], cfg: OptionsConfig, path: Path, *, skip: set[st
     return out
 
 
-def _parse_dates(text: pd.Series) -> pd.Series:
-    """Text -> datetime64[ns] (normalised; NaT where empty or unparseable). Each distinct value is parsed once."""
+def _parse_dates(text: pd.Series, order: str | None = None) -> pd.Series:
+    """Text -> datetime64[ns] (normalised; NaT where empty or unparseable). Each distinct value is parsed once.
+    Slashed dates are month-first (US chain files) unless ``order`` is "dmy" (the file's own dates show
+    day-first: a day above 12 in the first field; ``dates.day_month_order``)."""
     text = text.astype("str").str.strip()
     uniq = pd.Series(pd.unique(text), dtype="str")
     token = uniq.str.split(r"[ T]", n=1, regex=True).str[0].fillna("")
     parsed = pd.Series(pd.to_datetime(uniq.str.slice(0, 10), format="%Y-%m-%d", errors="coerce")
                        .astype("datetime64[ns]"))
-    for fmt in _DATE_FORMATS:
+    formats = _DATE_FORMATS
+    if order == "dmy":
+        formats = tuple(f.replace("%m/%d/", "%d/%m/") for f in _DATE_FORMATS)
+    for fmt in formats:
         todo = parsed.isna() & token.ne("")
         if not todo.any():
             break
@@ -213,11 +219,13 @@ def _parse_file(path: Path, cfg: OptionsConfig) -> tuple[pd.DataFrame, list[str]
         return _parse_numbers(long[cols[key]]) if key in cols else pd.Series(np.nan, index=long.index)
 
     notes: list[str] = []
-    quote_date = _parse_dates(text("quote_date"))
+    date_cols = [k for k in ("quote_date", "expiry", "last_trade_date") if k in cols]  # one order for the file
+    order = dates_mod.day_month_order(pd.concat([text(k) for k in date_cols], ignore_index=True), str(path))
+    quote_date = _parse_dates(text("quote_date"), order)
     _check_dates(quote_date, text("quote_date"), lines, path, cols["quote_date"], "quote date", blanks_count=True)
     expiry = pd.Series(pd.NaT, index=long.index, dtype="datetime64[ns]")
     if "expiry" in cols:
-        expiry = _parse_dates(text("expiry"))
+        expiry = _parse_dates(text("expiry"), order)
         _check_dates(expiry, text("expiry"), lines, path, cols["expiry"], "expiry",
                      blanks_count="days_to_expiry" not in cols)
     if "days_to_expiry" in cols:
@@ -225,7 +233,7 @@ def _parse_file(path: Path, cfg: OptionsConfig) -> tuple[pd.DataFrame, list[str]
         expiry = expiry.fillna(quote_date + pd.to_timedelta(days, unit="D")).dt.normalize()
     last_trade = pd.Series(pd.NaT, index=long.index, dtype="datetime64[ns]")
     if "last_trade_date" in cols:
-        last_trade = _parse_dates(text("last_trade_date"))
+        last_trade = _parse_dates(text("last_trade_date"), order)
         _check_dates(last_trade, text("last_trade_date"), lines, path, cols["last_trade_date"], "last trade date",
                      blanks_count=False)
     kind = text("type").str.lower()

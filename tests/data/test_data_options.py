@@ -541,3 +541,19 @@ def test_real_rnd_wide_chains(name):
     assert chain.frame["call"].any() and (~chain.frame["call"]).any() and (chain.frame["price"] > 0).all()
     iv = chain.frame["implied_vol"].dropna()
     assert iv.empty or iv.between(0.01, 1).all()
+
+
+def test_slashed_dates_read_day_first_when_the_files_own_dates_say_so(tmp_path):
+    # 31/01/2018 can only be day-first, so 02/01/2018 is 2 January; month-first files read as before
+    rows = [spxw_row(2600, quotedate="02/01/2018", expiration="31/01/2018"),
+            spxw_row(2650, quotedate="03/01/2018", expiration="28/02/2018")]
+    f = options.load_chain(opts(path=str(write_rows(tmp_path / "dmy.csv", rows)))).frame
+    assert sorted(f["quote_date"].dt.strftime("%Y-%m-%d")) == ["2018-01-02", "2018-01-03"]
+    assert sorted(f["expiry"].dt.strftime("%Y-%m-%d")) == ["2018-01-31", "2018-02-28"]
+    us = [spxw_row(2600, quotedate="01/02/2018", expiration="01/31/2018")]
+    f = options.load_chain(opts(path=str(write_rows(tmp_path / "mdy.csv", us)))).frame
+    assert f["quote_date"].iloc[0] == pd.Timestamp("2018-01-02") and f["expiry"].iloc[0] == pd.Timestamp("2018-01-31")
+    both = [spxw_row(2600, quotedate="13/01/2018"), spxw_row(2650, quotedate="01/13/2018")]
+    with pytest.raises(DataError, match=r"both.csv: dates in both orders: '13/01/2018' is "
+                                        r"day-first, '01/13/2018' month-first"):
+        options.load_chain(opts(path=str(write_rows(tmp_path / "both.csv", both))))
