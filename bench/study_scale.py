@@ -43,13 +43,13 @@ DATA = Path(os.environ.get("DATA") or ROOT.parent / "shared" / "data" / "crypto"
 LRS = "[0.01, 0.03, 0.1, 0.3, 1.0]"
 
 
-def load(tmp: Path, seeds: int):
+def load(tmp: Path, seeds: int, extra: list[str] = ()):
     from fincast.experiments import study as study_mod
 
     data = ["data.source=csv", f"data.path={DATA}"] if (DATA / "BTC-USD.csv").is_file() else ["data.source=synthetic"]
     return study_mod.load(ROOT / "pipelines" / "stability_crypto.yaml", [
         f"matrix.lr={LRS}", f"matrix.seeds={seeds}", "train.epochs=15", *data,
-        f"tracking.uri=sqlite:///{tmp}/m.db", f"tracking.artifact_dir={tmp}/art"])
+        f"tracking.uri=sqlite:///{tmp}/m.db", f"tracking.artifact_dir={tmp}/art", *extra])
 
 
 def _fresh_store(tmp: Path) -> None:
@@ -90,14 +90,14 @@ def _time_mlflow(spent) -> None:
         setattr(MlflowClient, name, wrap(i, getattr(MlflowClient, name)))
 
 
-def measure(part: str, seeds: int, sample: int) -> dict:
+def measure(part: str, seeds: int, sample: int, extra: list[str] = ()) -> dict:
     from fincast.runs import driver
 
     tmp = Path(tempfile.mkdtemp(prefix=f"fincast-bench-scale-{part}-"))
     os.chdir(tmp)
     _fresh_store(tmp)
     try:
-        study = load(tmp, seeds)
+        study = load(tmp, seeds, extra)
         if part == "plain":
             jobs = study.jobs
             picks = [jobs[round(i * (len(jobs) - 1) / max(1, sample - 1))] for i in range(sample)]
@@ -135,19 +135,23 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=40, help="seeds per cell (default 40: 5 x 5 x 40 = 1,000 runs)")
     ap.add_argument("--plain-sample", type=int, default=20, help="plain-loop runs timed (default 20)")
     ap.add_argument("--quick", action="store_true", help="4 seeds (100 runs), 6 plain runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a study or pipeline key for both parts (repeatable), e.g. --set tracking.metric_every=50")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # one measurement, in a child process
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.plain_sample = 4, 6
     if args.part:
-        print("RESULT " + json.dumps(measure(args.part, args.seeds, args.plain_sample)))
+        print("RESULT " + json.dumps(measure(args.part, args.seeds, args.plain_sample, args.set)))
         return
     print(f"data: {'BTC-USD csv from ' + str(DATA) if (DATA / 'BTC-USD.csv').is_file() else 'synthetic'}; "
-          f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
+          f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}"
+          + (f"; --set {' '.join(args.set)}" if args.set else ""))
     res = {}
     for part in ("plain", "study"):
         proc = subprocess.run([sys.executable, __file__, "--part", part, "--seeds", str(args.seeds),
-                               "--plain-sample", str(args.plain_sample)], capture_output=True, text=True)
+                               "--plain-sample", str(args.plain_sample), *[f"--set={x}" for x in args.set]],
+                              capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{part} failed:\n{proc.stderr[-3000:]}")
