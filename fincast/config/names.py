@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_TICKER = re.compile(r"\^?[A-Za-z0-9][A-Za-z0-9.=_-]{0,31}")  # ^GSPC, BTC-USD, BRK.B, EURUSD=X, ES=F
+_TICKER = re.compile(r"\^?[A-Za-z0-9][A-Za-z0-9.=&_-]{0,31}")  # ^GSPC, BTC-USD, BRK.B, EURUSD=X, ES=F, M&M.NS
 
 
 def name_problem(value: object, key: str) -> str | None:
@@ -22,7 +22,7 @@ def ticker_problem(value: object, key: str) -> str | None:
     """One error line when ``value`` is not a plausible ticker (and could reach outside a data folder)."""
     if isinstance(value, str) and _TICKER.fullmatch(value) and ".." not in value:
         return None
-    return (f"{key}: {value!r} is not a ticker: expected 1-32 letters, digits, '.', '=', '_' or '-', optionally "
+    return (f"{key}: {value!r} is not a ticker: expected 1-32 letters, digits, '.', '=', '&', '_' or '-', optionally "
             "after a '^' (e.g. SPY, ^GSPC, BTC-USD, BRK.B, EURUSD=X), no path separators or '..'")
 
 

@@ -87,8 +87,13 @@ def _parse_dates(text: pd.Series, path: Path, header_lines: int, date_format: st
         return i + header_lines + 1
 
     how = f"data.date_format = {date_format!r}" if date_format else "YYYY-MM-DD"
-    if date_format:
-        dates = pd.to_datetime(text, errors="coerce", format=date_format)
+    if date_format:  # the date part may be followed by a time the format does not spell (exact=False)
+        try:
+            dates = pd.to_datetime(text, errors="coerce", format=date_format, exact=False)
+        except ValueError as exc:  # e.g. offsets that change with daylight saving under %z
+            raise DataError(f"{path}: column Date with data.date_format = {date_format!r}: {exc}") from None
+        if getattr(dates.dt, "tz", None) is not None:
+            dates = dates.dt.tz_localize(None)
     elif text.str.match(r"^\d{4}-\d{2}-\d{2}").all():
         # the bar's own calendar day, whatever time or UTC offset follows (2020-01-06 00:00:00+01:00 is the
         # Monday 6 January of a European exchange, not Sunday the 5th in UTC)
@@ -97,9 +102,11 @@ def _parse_dates(text: pd.Series, path: Path, header_lines: int, date_format: st
         order = dates_mod.day_month_order(text, str(path), line)
         if order is None:
             i = int(text.str.match(dates_mod.SLASHED).to_numpy().argmax())
+            sep, year = dates_mod.spelling(text.iloc[i])
             raise DataError(f"{path}: dates such as {text.iloc[i]!r} (line {line(i)}) read day-first and month-first "
                             "alike, and no date in the file has a day above 12 to tell which; declare the format: "
-                            "--set data.date_format=%d/%m/%Y (day first) or %m/%d/%Y (month first)")
+                            f"--set data.date_format=%d{sep}%m{sep}{year} (day first) or %m{sep}%d{sep}{year} "
+                            "(month first)")
         dates = dates_mod.parse_ordered(text, order)
         how = "DD/MM/YYYY (day first, as the file's own dates show)" if order == "dmy" else \
             "MM/DD/YYYY (month first, as the file's own dates show)"

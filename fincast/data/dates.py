@@ -40,3 +40,10 @@ def parse_ordered(text: pd.Series, order: str) -> pd.Series:
     year = year.where(~((parts[2].str.len() == 2) & (parts[2].astype(float) >= 69)), "19" + parts[2])
     return pd.to_datetime(year + "-" + month.str.zfill(2) + "-" + day.str.zfill(2), format="%Y-%m-%d",
                           errors="coerce")
+
+
+def spelling(date: str) -> tuple[str, str]:
+    """(separator, %Y or %y) of one numeric day/month date, for a format hint."""
+    parts = pd.Series([date]).str.strip().str.extract(SLASHED).iloc[0]
+    sep = date.strip()[len(parts[0])]
+    return sep, "%Y" if len(parts[2]) == 4 else "%y"

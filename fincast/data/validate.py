@@ -63,10 +63,11 @@ def normalize_columns(df: pd.DataFrame, where: str) -> pd.DataFrame:
             raise DataError(f"{where}: columns {other!r} and {col!r} are both read as {target}; keep one")
         if target:
             rename[col] = target
-        elif "adj" in _key(col):  # an adjusted price we cannot place: never fall back to Close silently
-            raise DataError(f"{where}: column {col!r} looks like an adjusted price but is not one of the known names "
-                            f"(Adj Close, Adjusted Close, Adj_Close, adjclose, ...); found columns: "
-                            f"{', '.join(map(str, df.columns))}. Rename it to Adj Close")
+    unplaced = [c for c in df.columns if c not in rename and "adj" in _key(c) and "close" in _key(c)]
+    if unplaced and "adj_close" not in rename.values():  # never fall back to Close when the file has an adjusted one
+        raise DataError(f"{where}: column {unplaced[0]!r} looks like an adjusted close but is not one of the known "
+                        f"names (Adj Close, Adjusted Close, Adj_Close, adjclose, ...); found columns: "
+                        f"{', '.join(map(str, df.columns))}. Rename it to Adj Close")
     df = df.rename(columns=rename)
     if "adj_close" not in df.columns and "close" in df.columns:
         df = df.assign(adj_close=df["close"])

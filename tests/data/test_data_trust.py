@@ -85,9 +85,25 @@ def test_adjusted_close_spellings_are_read_as_adj_close(tmp_path, header):
 
 def test_an_unknown_adjusted_column_is_an_error_naming_the_columns(tmp_path):
     write(tmp_path / "SPY.csv", bars(), names={"adj_close": "Adj Close (div only)"})
-    with pytest.raises(DataError, match=r"column 'Adj Close \(div only\)' looks like an adjusted price.*found "
+    with pytest.raises(DataError, match=r"column 'Adj Close \(div only\)' looks like an adjusted close.*found "
                                         "columns: Open, High, Low, Close, Adj Close \\(div only\\), Volume"):
         load(tmp_path)
+
+
+def test_other_adjusted_columns_are_ignored_as_in_tiingo_files(tmp_path):
+    frame = bars()
+    tiingo = frame.rename(columns={"adj_close": "adjClose"}).assign(
+        adjOpen=frame["open"] * 0.9, adjHigh=frame["high"] * 0.9, adjLow=frame["low"] * 0.9, adjVolume=frame["volume"])
+    write(tmp_path / "SPY.csv", tiingo, names={"adjClose": "adjClose"})
+    np.testing.assert_allclose(load(tmp_path).frames["SPY"]["adj_close"], frame["adj_close"])
+
+
+def test_the_format_hint_follows_the_files_spelling_and_a_declared_format_ignores_a_time_after_it(tmp_path):
+    frame = bars(dt.date(2020, 1, 1), dt.date(2020, 1, 12)).iloc[:6]
+    write(tmp_path / "SPY.csv", frame, date_fmt="%d.%m.%y 00:00")
+    with pytest.raises(DataError, match=r"data.date_format=%d\.%m\.%y \(day first\) or %m\.%d\.%y"):
+        load(tmp_path)
+    assert list(load(tmp_path, date_format="%d.%m.%y").frames["SPY"].index) == list(frame.index)
 
 
 def test_two_columns_read_as_one_are_an_error(tmp_path):
@@ -114,7 +130,7 @@ def test_tickers_that_are_paths_are_refused(ticker, tmp_path):
         csvsource.find_file(tmp_path, ticker)
 
 
-@pytest.mark.parametrize("ticker", ["^GSPC", "BTC-USD", "BRK.B", "EURUSD=X", "ES=F", "spy"])
+@pytest.mark.parametrize("ticker", ["^GSPC", "BTC-USD", "BRK.B", "EURUSD=X", "ES=F", "spy", "M&M.NS", "0700.HK"])
 def test_real_ticker_spellings_pass(ticker):
     assert from_dict({"data": {"tickers": [ticker]}}).data.tickers == (ticker,)
 
