@@ -41,12 +41,13 @@ def load_checkpoint(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def resume_lock(path: Path, run_id: str) -> Iterator[None]:
+def resume_lock(path: Path, run_id: str, *, training: bool = False) -> Iterator[None]:
     """Hold run ``run_id``'s resume lock (``<run id>.lock`` beside its checkpoint ``path``) for the block: a second
     resume of the run meanwhile is refused (it would train the same steps again into the same MLflow run). The
     lock is the OS's: it goes with the process, also when it crashes. Under torchrun rank 0 takes it for all ranks;
-    without a checkpoint file there is nothing to lock (``load_checkpoint`` says so)."""
-    if int(os.environ.get("RANK", "0")) != 0 or not path.is_file():
+    without a checkpoint file there is nothing to lock (``load_checkpoint`` says so). ``training``: the run's
+    first training holds it too (its checkpoint is still to come), so a resume cannot start beside it."""
+    if int(os.environ.get("RANK", "0")) != 0 or not (training or path.is_file()):
         yield
         return
     lock = path.with_suffix(".lock")
@@ -54,9 +55,9 @@ def resume_lock(path: Path, run_id: str) -> Iterator[None]:
     try:
         held.acquire()
     except Timeout:
-        raise FincastError(f"run {run_id} is being resumed by another process, which holds {lock}; a second resume "
-                           "would train its steps again into the same MLflow run. Wait for that one to end (or stop "
-                           "it), then resume again if the run is not finished") from None
+        raise FincastError(f"run {run_id} is being trained or resumed by another process, which holds {lock}; a "
+                           "second resume would train its steps again into the same MLflow run. Wait for that one to "
+                           "end (or stop it), then resume again if the run is not finished") from None
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ evaluation, artifacts) comes from the task module that ``cfg.task`` names (``fin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -181,8 +182,12 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
                          hold=keep.series == "parent")
     with ended(run):  # FINISHED, or FAILED / KILLED with the exception re-raised
         checkpoint, path = checkpointer(cfg, run.run_id, data.fingerprint)
-        result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics, progress=progress,
-                     checkpoint=checkpoint, **fit_args)
+        with contextlib.ExitStack() as held:  # a resume of this run is refused while its first training goes on
+            if path is not None and resume is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(resume_lock(path, run.run_id, training=True))
+            result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics,
+                         progress=progress, checkpoint=checkpoint, **fit_args)
         out = close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep,
                         progress=progress)
     parent = extra_tags.get("mlflow.parentRunId")

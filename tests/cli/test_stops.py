@@ -147,7 +147,7 @@ def test_a_second_resume_of_a_run_being_resumed_is_refused(tmp_path, capsys):
         code = cli.main(resume)
         err = capsys.readouterr().err
     assert code == 2
-    assert run_id in err and str(lock) in err and "being resumed" in err, err
+    assert run_id in err and str(lock) in err and "being trained or resumed" in err, err
     assert tracking.metric_history(run_id, "train/loss", cfg) == history
     assert tracking.get_run(run_id, cfg).info.status == "FINISHED"
 
@@ -156,3 +156,32 @@ def test_a_second_resume_of_a_run_being_resumed_is_refused(tmp_path, capsys):
     after = tracking.metric_history(run_id, "train/loss", cfg)
     steps = [s for s, _ in after]
     assert after[:len(history)] == history and len(steps) == len(set(steps)) and len(steps) > len(history)
+
+
+def test_a_runs_first_training_holds_its_resume_lock(tmp_path, capsys, monkeypatch):
+    """`fincast resume RUN` must not start while the `fincast train` that made RUN still trains: the training
+    holds the lock a resume takes (and lets it go when it ends)."""
+    from fincast.runs import driver
+
+    held = []
+    real_fit = driver.fit
+
+    def fit(*args, **kwargs):
+        out = real_fit(*args, **kwargs)
+        (lock,) = (tmp_path / "ckpt").glob("*.lock")
+        with open(lock, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return out
+
+    monkeypatch.setattr(driver, "fit", fit)
+    code = cli.main(["train", str(ROOT / "pipelines/price_crypto.yaml"), "--quiet",
+                     *[f"--set={o}" for o in (*_store(tmp_path), *TINY, "train.epochs=1")]])
+    assert code == 0, capsys.readouterr().err
+    assert held == [True]
+    (lock,) = (tmp_path / "ckpt").glob("*.lock")
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the run ended
