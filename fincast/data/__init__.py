@@ -188,9 +188,7 @@ def load_prices(cfg: DataConfig, *, min_rows: int = 1, refresh: bool = False, pr
         warnings.extend(checked.warnings)
         found = plausible.findings(checked.frame, f"{ticker} ({where})", max_gap_days=cfg.max_gap_days,
                                    max_move=cfg.max_move, today=now.date(), moves=positive)
-        if found and cfg.strict:
-            raise DataError("data.strict = true and the data look wrong:\n  " + "\n  ".join(found)
-                            + "\n(set data.strict=false to train anyway with these as warnings)")
+        plausible.refuse_if_strict(found, cfg.strict)
         warnings.extend(found)
     for w in warnings:
         log.warning(w)

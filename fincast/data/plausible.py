@@ -16,13 +16,17 @@ import datetime as dt
 import numpy as np
 import pandas as pd
 
+from fincast.data.validate import DataError, fmt_dates
+
 MAD_TO_SD = 1.4826  # the normal distribution's sd / MAD
 MAX_LISTED = 3
 
 
-def _dates(idx, limit: int = MAX_LISTED) -> str:
-    shown = ", ".join(f"{d:%Y-%m-%d}" for d in idx[:limit])
-    return shown + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
+def refuse_if_strict(found: list[str], strict: bool) -> None:
+    """With ``data.strict``, findings (this module's or the option chain's) are one error listing them."""
+    if found and strict:
+        raise DataError("data.strict = true and the data look wrong:\n  " + "\n  ".join(found)
+                        + "\n(set data.strict=false to train anyway with these as warnings)")
 
 
 def findings(df: pd.DataFrame, label: str, *, max_gap_days: int, max_move: float, today: dt.date,
@@ -46,14 +50,14 @@ def findings(df: pd.DataFrame, label: str, *, max_gap_days: int, max_move: float
         v = df[col].to_numpy()
         bad = (v < lo - tol) | (v > hi + tol)
         if bad.any():
-            out.append(f"{label}: {col} outside [low, high] on {int(bad.sum())} bar(s): {_dates(idx[bad])}")
+            out.append(f"{label}: {col} outside [low, high] on {int(bad.sum())} bar(s): {fmt_dates(idx[bad], MAX_LISTED)}")
     weekend = idx.day_of_week >= 5
     if len(idx) >= 5 and weekend.mean() > 0.5:
         out.append(f"{label}: {100 * weekend.mean():.0f}% of the bars fall on a Saturday or Sunday (crypto trades "
                    "2 days in 7): are the dates shifted, e.g. by a time zone?")
     future = idx > pd.Timestamp(today)
     if future.any():
-        out.append(f"{label}: {int(future.sum())} bar(s) dated after today ({today:%Y-%m-%d}): {_dates(idx[future])}")
+        out.append(f"{label}: {int(future.sum())} bar(s) dated after today ({today:%Y-%m-%d}): {fmt_dates(idx[future], MAX_LISTED)}")
     return out
 
 

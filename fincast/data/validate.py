@@ -82,7 +82,7 @@ def normalize_columns(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return df[list(COLUMNS)]
 
 
-def _fmt_dates(idx: pd.Index, limit: int = 5) -> str:
+def fmt_dates(idx: pd.Index, limit: int = 5) -> str:
     dates = [d.strftime("%Y-%m-%d") for d in idx[:limit]]
     more = f" and {len(idx) - limit} more" if len(idx) > limit else ""
     return ", ".join(dates) + more
@@ -129,7 +129,7 @@ def _dated(df: pd.DataFrame, label: str, warnings: list[str]) -> pd.DataFrame:
 
     dup = df.index[df.index.duplicated()]
     if len(dup):
-        raise DataError(f"{label}: duplicate date(s) {_fmt_dates(dup.unique())}; each date must appear once")
+        raise DataError(f"{label}: duplicate date(s) {fmt_dates(dup.unique())}; each date must appear once")
     if not df.index.is_monotonic_increasing:
         warnings.append(f"{label}: dates were not in ascending order; sorted")
         df = df.sort_index()
@@ -181,7 +181,7 @@ def _fill_missing(df: pd.DataFrame, label: str, at, max_fill_gap: int, warnings:
                 f"(column {col}); at most data.max_fill_gap = {max_fill_gap} are forward-filled")
         filled = df.index[missing_rows]
         df[list(COLUMNS)] = df[list(COLUMNS)].ffill()
-        warnings.append(f"{label}: forward-filled {len(filled)} bar(s) with missing values: {_fmt_dates(filled)}")
+        warnings.append(f"{label}: forward-filled {len(filled)} bar(s) with missing values: {fmt_dates(filled)}")
 
     return df
 

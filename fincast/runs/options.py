@@ -22,7 +22,7 @@ from fincast.clipping import bounds_global_l2
 from fincast.clipping import label as clip_label
 from fincast.config import FincastError, PipelineConfig, short_float
 from fincast.data import fingerprint as frames_fingerprint
-from fincast.data import heston, load_prices
+from fincast.data import heston, load_prices, plausible
 from fincast.data import options as chains
 from fincast.features import options as option_features
 from fincast.models import options as option_model
@@ -161,8 +161,7 @@ def _check_quotes(cfg: PipelineConfig, market: Market, contracts: pd.DataFrame) 
             f"{'call' if first['call'] else 'put'} K={first['strike']:g} at {first['price']:g} with S={first['S']:g}"
             + (" (options.dividend_yield = 0: for an underlying that pays dividends the true bounds are lower for "
                "puts and higher for calls; set its yield)" if below.any() and cfg.options.dividend_yield == 0 else ""))
-    if cfg.data.strict:
-        raise FincastError(f"data.strict = true and the data look wrong:\n  {line}")
+    plausible.refuse_if_strict([line], cfg.data.strict)
     market.warnings.append(line)
 
 
@@ -257,10 +256,7 @@ def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.M
         for s, p in list(prices.items())[1:]:
             table[f"{LSTM}_seed{s}_price"] = p
         seeds = options_report.seed_spread(table, models, prices)
-        test_metrics += [(f"test/seeds/{k}", float(f(seeds[col].dropna()))) for col, key in
-                         (("lstm_rmse", "price_rmse"), ("lstm_vs_best_pct", "vs_best_baseline_pct"))
-                         for k, f in ((f"{key}_median", np.median), (f"{key}_min", np.min), (f"{key}_max", np.max))
-                         if len(seeds) > 1 and seeds[col].notna().any()]
+        test_metrics += _seed_metrics(seeds)
     out_dir = report_folder(cfg) if draw_figures else artifact_dir
     files = write_outputs(out_dir, cfg, splits.set, ev, table, result, name, splits.dropped, data.warnings,
                           draw_figures=draw_figures)
@@ -275,6 +271,17 @@ def finish(cfg: PipelineConfig, data: Market, splits: Samples, model: torch.nn.M
                                          seeds=seeds))
     return Finished(test_metrics, metrics, files, {"report": str(out_dir), "dropped": splits.dropped,
                                                    "verdict": verdict})
+
+
+def _seed_metrics(seeds: pd.DataFrame) -> list[tuple[str, float]]:
+    """``test/seeds/<stat>_{median,min,max}`` across the seeds (none for one seed)."""
+    out = []
+    for col, key in (("lstm_rmse", "price_rmse"), ("lstm_vs_best_pct", "vs_best_baseline_pct")):
+        values = seeds[col].dropna().to_numpy(float)
+        if len(seeds) > 1 and len(values):
+            out += [(f"test/seeds/{key}_{name}", float(f(values)))
+                    for name, f in (("median", np.median), ("min", np.min), ("max", np.max))]
+    return out
 
 
 def other_seeds(cfg: PipelineConfig, splits: Samples, device: torch.device, precision: str,

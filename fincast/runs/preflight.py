@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from fincast.config import FincastError, PipelineConfig
-from fincast.tracking import resolve_uri
+from fincast.tracking import resolve_uri, sqlite_file
 
 Location = tuple[str, Path, str]  # (what it is for, path, "dir" | "file")
 
@@ -30,10 +30,10 @@ def store_locations(key: str, uri: str, name: str = "the MLflow store") -> list[
     in-memory database."""
     folder = f"{key} ({name}'s folder)"
     if uri.startswith("sqlite:"):
-        path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-        if not path or path == ":memory:":
+        path = sqlite_file(uri)
+        if path is None:
             return []
-        return [(folder, Path(path).parent, "dir"), (f"{key} ({name}'s database)", Path(path), "file")]
+        return [(folder, path.parent, "dir"), (f"{key} ({name}'s database)", path, "file")]
     scheme = urlparse(uri).scheme
     if scheme == "file":
         return [(folder, Path(unquote(urlparse(uri).path)), "dir")]

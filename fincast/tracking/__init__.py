@@ -28,6 +28,7 @@ from fincast.tracking.common import (
     WriterError,
     pid_alive,
     resolve_uri,
+    sqlite_file,
 )
 from fincast.tracking.store import (
     Run,
@@ -49,4 +50,4 @@ from fincast.tracking.writer import MetricWriter
 
 __all__ = ["DIVERGED_SUFFIX", "HASH_TAG", "ROLE_TAG", "STUDY_TAG", "MetricWriter", "Run", "StudyStore", "TrackingError", "WriterError",
            "_log_rows", "attach", "child_runs", "delete_runs", "download_artifact", "get_run", "list_artifacts", "metric_histories",
-           "metric_history", "open_store", "pid_alive", "preload_store", "resolve_uri", "start_run"]
+           "metric_history", "open_store", "pid_alive", "preload_store", "resolve_uri", "sqlite_file", "start_run"]

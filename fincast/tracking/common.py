@@ -41,10 +41,11 @@ def _is_local(uri: str) -> bool:
 def _tune_sqlite(uri: str) -> None:
     """Put a local SQLite store in WAL mode (a persistent setting of the file): commits cost one fsync instead
     of three, and readers (the report, the UI) never block the runs writing. Study workers write at once."""
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_file(uri)
+    if path is None:
         return
     try:
-        with contextlib.closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=30)) as con:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as con:
             con.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as exc:  # e.g. a file system without shared memory: the default journal still works
         log.debug("could not switch %s to WAL: %s", uri, exc)
