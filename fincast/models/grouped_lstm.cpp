@@ -1,8 +1,10 @@
 // The time loops of fincast.models.grouped_lstm.GroupedLSTM, one LSTM layer for K runs at once (CPU).
 //
-// Built on first use by torch.utils.cpp_extension (g++ with OpenMP, and ninja; cached per machine). Per time step,
-// in one parallel loop over the runs: each run's matrix product (BLAS, the library torch links) and then every
-// elementwise op of its step in one pass over the gates. torch's per-op dispatch (~10 ops per step, each a
+// Built on first use by torch.utils.cpp_extension (g++ with OpenMP, and ninja; cached per machine). In one parallel
+// loop over the runs, each run's whole time loop: per step its matrix product (BLAS, the library torch links) and
+// then every elementwise op of the step in one pass over the gates. Run by run, a run's weights and its
+// weight-gradient sum stay in cache for all T steps (step by step over all K runs, K x 20 KB of weights went
+// through cache every step: 7-11% slower at K = 125). torch's per-op dispatch (~10 ops per step, each a
 // separate pass over memory; and ~4 us per small product) is what made the Python loop of the same algorithm
 // slower than a run trained alone; see bench/run_axis.py.
 //
@@ -118,36 +120,46 @@ void forward_impl(const at::Tensor& w, at::Tensor& z, at::Tensor& pre, at::Tenso
   T* tp = tanh_c.data_ptr<T>();
   const int64_t hb = hid * b;
   const bool blas = have_blas<T>();
-  for (int64_t t = 0; t < steps; ++t) {
-    if (!blas) at::bmm_out(pre, w, z.select(0, t));
+  // one time step of run k (its product already in pre's slot k when there is no BLAS)
+  auto step = [&](int64_t k, int64_t t) {
+    T* g = pp + k * 4 * hb;
+    if (blas)  // pre_k = w_k z_t,k: [4H x (H+F+1)] x [(H+F+1) x B]
+      gemm<T>(false, false, 4 * hid, b, zrows, T(1), wp + k * 4 * hid * zrows, zrows,
+              zp + (t * k_runs + k) * zrows * b, b, T(0), g, b);
+    T* s = sp + (t * k_runs + k) * 4 * hb;
+    T* ag = gp + (t * k_runs + k) * hb;
+    const T* c_prev = cp + (t * k_runs + k) * hb;
+    T* c = cp + ((t + 1) * k_runs + k) * hb;
+    T* tc = tp + (t * k_runs + k) * hb;
+    T* h = zp + ((t + 1) * k_runs + k) * zrows * b;  // rows 0..H-1 of z[t+1]
+#pragma omp simd
+    for (int64_t i = 0; i < hb; ++i) {
+      const T si = sigmoid(g[i]), sf = sigmoid(g[hb + i]), gg = tanh_(g[2 * hb + i]), so = sigmoid(g[3 * hb + i]);
+      const T cn = sf * c_prev[i] + si * gg;
+      const T tcn = tanh_(cn);
+      s[i] = si;
+      s[hb + i] = sf;
+      s[3 * hb + i] = so;
+      ag[i] = gg;
+      c[i] = cn;
+      tc[i] = tcn;
+      h[i] = so * tcn;
+    }
+  };
+  if (blas) {  // run by run, each its whole time loop
     for_runs(k_runs, [&](int64_t k0, int64_t k1) {
       SequentialBlas one;
-      for (int64_t k = k0; k < k1; ++k) {
-        if (live != nullptr && !live[k]) continue;  // a stopped run: its slot stays, its work is skipped
-        T* g = pp + k * 4 * hb;
-        if (blas)  // pre_k = w_k z_t,k: [4H x (H+F+1)] x [(H+F+1) x B]
-          gemm<T>(false, false, 4 * hid, b, zrows, T(1), wp + k * 4 * hid * zrows, zrows,
-                  zp + (t * k_runs + k) * zrows * b, b, T(0), g, b);
-        T* s = sp + (t * k_runs + k) * 4 * hb;
-        T* ag = gp + (t * k_runs + k) * hb;
-        const T* c_prev = cp + (t * k_runs + k) * hb;
-        T* c = cp + ((t + 1) * k_runs + k) * hb;
-        T* tc = tp + (t * k_runs + k) * hb;
-        T* h = zp + ((t + 1) * k_runs + k) * zrows * b;  // rows 0..H-1 of z[t+1]
-#pragma omp simd
-        for (int64_t i = 0; i < hb; ++i) {
-          const T si = sigmoid(g[i]), sf = sigmoid(g[hb + i]), gg = tanh_(g[2 * hb + i]), so = sigmoid(g[3 * hb + i]);
-          const T cn = sf * c_prev[i] + si * gg;
-          const T tcn = tanh_(cn);
-          s[i] = si;
-          s[hb + i] = sf;
-          s[3 * hb + i] = so;
-          ag[i] = gg;
-          c[i] = cn;
-          tc[i] = tcn;
-          h[i] = so * tcn;
-        }
-      }
+      for (int64_t k = k0; k < k1; ++k)
+        if (live == nullptr || live[k])  // (a stopped run: its slot stays, its work is skipped)
+          for (int64_t t = 0; t < steps; ++t) step(k, t);
+    });
+    return;
+  }
+  for (int64_t t = 0; t < steps; ++t) {  // step by step: one batched product of every run, then their passes
+    at::bmm_out(pre, w, z.select(0, t));
+    for_runs(k_runs, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        if (live == nullptr || live[k]) step(k, t);
     });
   }
 }
@@ -179,46 +191,54 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
   T* dwp = d_w_t.data_ptr<T>();
   T* dxp = x_grad ? d_x.data_ptr<T>() : nullptr;
   const bool blas = have_blas<T>();
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  // one time step of run k, backwards (with BLAS its products too; without, the batched ones follow)
+  auto step = [&](int64_t k, int64_t t) {
+    if (live != nullptr && !live[k]) {  // a stopped run: zero gradients (d_w_t starts at zero)
+      if (x_grad) std::memset(dxp + (t * k_runs + k) * feats * b, 0, sizeof(T) * feats * b);
+      return;
+    }
+    const T* s = sp + (t * k_runs + k) * 4 * hb;
+    const T* ag = gp + (t * k_runs + k) * hb;
+    const T* c_prev = cp + (t * k_runs + k) * hb;
+    const T* tc = tp + (t * k_runs + k) * hb;
+    const T* dout = op + (t * k_runs + k) * hb;
+    T* dz = dzp + k * dz_rows * b;
+    const T* dh_in = dz;
+    T* dd = dp + k * 4 * hb;
+    T* dc = dcp + k * hb;
+#pragma omp simd
+    for (int64_t i = 0; i < hb; ++i) {
+      const T dh = dh_in[i] + dout[i];
+      const T si = s[i], sf = s[hb + i], so = s[3 * hb + i], g = ag[i], th = tc[i];
+      const T dcn = dc[i] + dh * so * (T(1) - th * th);
+      dd[i] = dcn * g * si * (T(1) - si);
+      dd[hb + i] = dcn * c_prev[i] * sf * (T(1) - sf);
+      dd[2 * hb + i] = dcn * si * (T(1) - g * g);
+      dd[3 * hb + i] = dh * th * so * (T(1) - so);
+      dc[i] = dcn * sf;
+    }
+    if (!blas) return;
+    const T* zt = zp + (t * k_runs + k) * zrows * b;
+    // d_w^T_k += z_t,k d_k^T: [(H+F+1) x B] x [B x 4H] (transposed: 1.6x the speed of d_w += d z^T)
+    gemm<T>(false, true, zrows, 4 * hid, b, T(1), zt, b, dd, b, T(1), dwp + k * zrows * 4 * hid, 4 * hid);
+    if (x_grad || t > 0) {  // d_z_k = w[:, :rows]_k^T d_k: [rows x 4H] x [4H x B]
+      gemm<T>(true, false, dz_rows, b, 4 * hid, T(1), wp + k * 4 * hid * zrows, zrows, dd, b, T(0), dz, b);
+      if (x_grad)
+        std::memcpy(dxp + (t * k_runs + k) * feats * b, dz + hid * b, sizeof(T) * feats * b);
+    }
+  };
+  if (blas) {  // run by run, each its whole time loop
     for_runs(k_runs, [&](int64_t k0, int64_t k1) {
       SequentialBlas one;
-      for (int64_t k = k0; k < k1; ++k) {
-        if (live != nullptr && !live[k]) {  // a stopped run: zero gradients (d_w_t starts at zero)
-          if (x_grad) std::memset(dxp + (t * k_runs + k) * feats * b, 0, sizeof(T) * feats * b);
-          continue;
-        }
-        const T* s = sp + (t * k_runs + k) * 4 * hb;
-        const T* ag = gp + (t * k_runs + k) * hb;
-        const T* c_prev = cp + (t * k_runs + k) * hb;
-        const T* tc = tp + (t * k_runs + k) * hb;
-        const T* dout = op + (t * k_runs + k) * hb;
-        T* dz = dzp + k * dz_rows * b;
-        const T* dh_in = dz;
-        T* dd = dp + k * 4 * hb;
-        T* dc = dcp + k * hb;
-#pragma omp simd
-        for (int64_t i = 0; i < hb; ++i) {
-          const T dh = dh_in[i] + dout[i];
-          const T si = s[i], sf = s[hb + i], so = s[3 * hb + i], g = ag[i], th = tc[i];
-          const T dcn = dc[i] + dh * so * (T(1) - th * th);
-          dd[i] = dcn * g * si * (T(1) - si);
-          dd[hb + i] = dcn * c_prev[i] * sf * (T(1) - sf);
-          dd[2 * hb + i] = dcn * si * (T(1) - g * g);
-          dd[3 * hb + i] = dh * th * so * (T(1) - so);
-          dc[i] = dcn * sf;
-        }
-        if (!blas) continue;
-        const T* zt = zp + (t * k_runs + k) * zrows * b;
-        // d_w^T_k += z_t,k d_k^T: [(H+F+1) x B] x [B x 4H] (transposed: 1.6x the speed of d_w += d z^T)
-        gemm<T>(false, true, zrows, 4 * hid, b, T(1), zt, b, dd, b, T(1), dwp + k * zrows * 4 * hid, 4 * hid);
-        if (x_grad || t > 0) {  // d_z_k = w[:, :rows]_k^T d_k: [rows x 4H] x [4H x B]
-          gemm<T>(true, false, dz_rows, b, 4 * hid, T(1), wp + k * 4 * hid * zrows, zrows, dd, b, T(0), dz, b);
-          if (x_grad)
-            std::memcpy(dxp + (t * k_runs + k) * feats * b, dz + hid * b, sizeof(T) * feats * b);
-        }
-      }
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t t = steps - 1; t >= 0; --t) step(k, t);
     });
-    if (blas) continue;
+    return;
+  }
+  for (int64_t t = steps - 1; t >= 0; --t) {  // step by step: every run's pass, then the batched products
+    for_runs(k_runs, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) step(k, t);
+    });
     d_w_t.baddbmm_(z.select(0, t), d.transpose(1, 2));  // [K, H+F+1, 4H]: 1.6x the speed of d_w += d z^T
     if (x_grad) {
       at::bmm_out(d_z, w_t, d);
@@ -228,7 +248,6 @@ void backward_impl(const at::Tensor& d_out, const at::Tensor& w, const at::Tenso
     }
   }
 }
-
 
 const bool* live_runs(const at::Tensor& live, int64_t k_runs) {
   if (!live.defined() || live.numel() == 0) return nullptr;
