@@ -188,10 +188,10 @@ def _train(cfg: PipelineConfig, writer: tracking.MetricWriter | None, *, progres
                 held.enter_context(resume_lock(path, run.run_id, training=True))
             result = fit(model, splits.train, splits.val, cfg.train, cfg.clip, sink=run.log_metrics,
                          progress=progress, checkpoint=checkpoint, **fit_args)
+        parent = extra_tags.get("mlflow.parentRunId")
+        saved = _save_weights(cfg, parent, keep, [(run.run_id, result, model)])
         out = close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep,
-                        progress=progress)
-    parent = extra_tags.get("mlflow.parentRunId")
-    _save_weights(cfg, parent, keep, [(out, model)])
+                        progress=progress, tags=saved.get(run.run_id))
     _save_series(cfg, parent, keep, [(run.run_id, result)])
     return out
 
@@ -219,14 +219,15 @@ def open_one(cfg: PipelineConfig, data: Data, splits: Splits, model: torch.nn.Mo
 def close_one(run: tracking.Run, name: str, cfg: PipelineConfig, data: Data, splits: Splits,
               model: torch.nn.Module, device: torch.device, precision: str, result: FitResult,
               path: Path | None, *, keep: Keeping = KEEP_ALL, shared: dict | None = None,
-              progress: bool = False) -> TrainOutcome:
-    """After training: the task's test evaluation beside its baselines, the closing metrics and tags, the
-    artifacts (the run's series file among them unless it goes to the parent), the model."""
+              progress: bool = False, tags: dict[str, str] | None = None) -> TrainOutcome:
+    """After training: the task's test evaluation beside its baselines, the closing metrics and tags (``tags``
+    among them, in the same MLflow call), the artifacts (the run's series file among them unless it goes to the
+    parent), the model."""
     with tempfile.TemporaryDirectory() as tmp:
         done = task_named(cfg.task).finish(cfg, data, splits, model, device, result, name, Path(tmp),
                                            draw_figures=keep.figures, shared=shared, precision=precision,
                                            progress=progress)
-        zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics, name)
+        zero_val = log_fit_outcome(run, result, splits.val.y, done.test_metrics, name, tags)
         files = list(done.files)
         if keep.series == "run":
             files.append(series.write([_series(run.run_id, result)], Path(tmp) / series.FILE))
@@ -294,12 +295,14 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
                              metric_every=cfg0.tracking.metric_every,
                              sinks=[r.log_metrics for r, *_ in runs], monitor=cfg0.monitor, progress=progress,
                              checkpoints=[save for _, _, save, _ in runs], cuda_graphs=cfg0.train.cuda_graphs)
+        saved = _save_weights(cfg0, parent_run_id, keep, [(r.run_id, res, m) for (r, *_), res, m in
+                                                          zip(runs, results, models)])
 
     shared: dict = {}  # the baselines, computed by the first run to close
 
     def close(run, name, cfg, model, result, path):
         return close_one(run, name, cfg, data, splits, model, device, precision, result, path, keep=keep,
-                         shared=shared)
+                         shared=shared, tags=saved.get(run.run_id))
 
     outcomes: list = []
     try:
@@ -308,17 +311,20 @@ def train_batch(cfgs: list[PipelineConfig], *, tags: list[dict[str, str]] | None
         outcomes = exc.outcomes
         raise
     finally:
-        _save_weights(cfg0, parent_run_id, keep, list(zip(outcomes, models)))
         _save_series(cfg0, parent_run_id, keep, [(r.run_id, res) for (r, *_), res in zip(runs, results)])
     return outcomes
 
 
-def _save_weights(cfg: PipelineConfig, parent_run_id: str | None, keep: Keeping, trained: list) -> None:
-    """With models="weights" and a parent run: the usable runs' weights in one file on the parent."""
+def _save_weights(cfg: PipelineConfig, parent_run_id: str | None, keep: Keeping,
+                  trained: list[tuple[str, FitResult, torch.nn.Module]]) -> dict[str, dict[str, str]]:
+    """With models="weights" and a parent run: the weights of the trained runs ((run id, result, model)) whose
+    validation was finite once, in one file on the parent, before the runs close. Returns each such run's tag
+    saying where (sent with its closing values: no MLflow call of its own)."""
     if keep.models != "weights" or parent_run_id is None or not cfg.tracking.log_model:
-        return
-    usable = [(o.run_id, m) for o, m in trained if isinstance(o, TrainOutcome) and o.fit.best_epoch > 0]
-    weights.save_batch(tracking.resolve_uri(cfg.tracking), parent_run_id, usable)
+        return {}
+    usable = [(run_id, m) for run_id, result, m in trained if result.best_epoch > 0]
+    where = weights.save_batch(tracking.resolve_uri(cfg.tracking), parent_run_id, usable)
+    return {run_id: {weights.WEIGHTS_TAG: where} for run_id, _ in usable} if where else {}
 
 
 def _series(run_id: str, result: FitResult) -> Any:

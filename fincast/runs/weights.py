@@ -19,7 +19,8 @@ FORMAT = 1
 
 def save_batch(uri: str, parent_run_id: str, trained: list[tuple[str, torch.nn.Module]]) -> str | None:
     """One file with the weights of ``trained`` runs ((run id, model)), logged to the parent run under
-    ``weights/``; each run gets the tag ``fincast.weights``. Returns the artifact path (None: nothing to save)."""
+    ``weights/``. Returns its artifact path (None: nothing to save), which each run records as its tag
+    ``fincast.weights`` (``WEIGHTS_TAG``) when it closes."""
     if not trained:
         return None
     name = f"{trained[0][0]}.pt"
@@ -30,10 +31,7 @@ def save_batch(uri: str, parent_run_id: str, trained: list[tuple[str, torch.nn.M
         path = Path(tmp) / name
         torch.save(payload, path)
         tracking.attach(uri, parent_run_id).log_artifact(path, "weights")
-    where = f"weights/{name}"
-    for run_id, _ in trained:
-        tracking.attach(uri, run_id).set_tags({WEIGHTS_TAG: where})
-    return where
+    return f"weights/{name}"
 
 
 def load(uri: str, run_id: str, parent_run_id: str, where: str) -> dict[str, torch.Tensor]:
